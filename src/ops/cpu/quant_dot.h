@@ -1,0 +1,54 @@
+// Internal pieces of the CPU weight products: activation quantisation, scalar reference dots and
+// dequantisation (the ground truth the SIMD kernels are tested against), and the per-level kernel
+// tables. Everything works on whole rows; cols must be a multiple of the weight's block size.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "gguf/quants.h"
+
+namespace tw::ops::detail {
+
+// Activation block for the 32-element types (llama.cpp's block_q8_0 / block_q8_1, unpacked to
+// floats so kernels need no fp16 conversion). d is already rounded to fp16 precision like the
+// fp16 field llama.cpp stores; s = fp16(d_unrounded * sum(qs)) as in block_q8_1 (only Q4_1/Q5_1 use it).
+struct ActQ8 {
+  float d;
+  float s;
+  int8_t qs[32];
+};
+static_assert(sizeof(ActQ8) == 40);
+
+// Activation kind a weight type is paired with.
+enum class ActKind { Q8_0, Q8_1, Q8_K, F32, F16, BF16 };
+ActKind act_kind(gguf::Type wt);  // tw::Error for an unsupported weight type
+
+// Bytes of one quantised activation row of `cols` elements for weight type wt.
+size_t act_row_bytes(gguf::Type wt, int64_t cols);
+
+// Quantise x[cols] into dst (act_row_bytes bytes) for weight type wt. One implementation for all
+// SIMD levels, so every level sees the same quantised activations (llama.cpp x86 numerics:
+// Q8_0/Q8_1 use id = 127/amax and round-half-even; Q8_K follows quantize_row_q8_K_ref; F16/BF16
+// round x to that format; F32 copies).
+void quantize_act_row(gguf::Type wt, const float* x, int64_t cols, uint8_t* dst);
+
+// Reference scalar dequantisation of one row (n elements) of weight type t.
+void dequantize_row_ref(gguf::Type t, const uint8_t* src, int64_t n, float* dst);
+
+// Reference scalar dot of one weight row with one quantised activation row: integer dot product per
+// block, scaled in fp32, accumulated in the order of llama.cpp's generic C kernels.
+float dot_ref(gguf::Type wt, const uint8_t* wrow, const uint8_t* act, int64_t cols);
+
+// A SIMD row kernel: out[c] = dot(wrow, acts[c]) for c < nc (1 <= nc <= kMaxCols). The weight row
+// is read once for all nc activation rows (the register-level reuse of the prefill GEMM).
+constexpr int kMaxCols = 4;
+using RowKernel = void (*)(const uint8_t* wrow, const uint8_t* const* acts, int nc, int64_t cols, float* out);
+
+// Kernel tables per level; nullptr when the type has no kernel at that level or the build lacks it.
+RowKernel avx2_kernel(gguf::Type wt);
+RowKernel avx512_kernel(gguf::Type wt);
+
+// Q4_K/Q5_K 6-bit scales and mins of a super-block: sc[0..7] scales, sc[8..15] mins.
+void unpack_k4_scales(const uint8_t* scales12, uint8_t* sc16);
+
+}  // namespace tw::ops::detail

@@ -1,0 +1,45 @@
+// Row kernels for the avx2 level: AVX2 + FMA + F16C (Haswell / Zen 1 and later).
+// The code is quant_dot_kernels.h; this file only sets the target ISA around it.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "ops/cpu/quant_dot.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define TW_VNNI 0
+#include "ops/cpu/quant_dot_kernels.h"
+#undef TW_VNNI
+#pragma GCC pop_options
+#define TW_HAVE_KERNELS 1
+#endif
+
+namespace tw::ops::detail {
+
+RowKernel avx2_kernel(gguf::Type wt) {
+#if TW_HAVE_KERNELS
+  switch (wt) {
+    case gguf::Type::Q4_0: return row_q4_0;
+    case gguf::Type::Q4_1: return row_q4_1;
+    case gguf::Type::Q5_0: return row_q5_0;
+    case gguf::Type::Q5_1: return row_q5_1;
+    case gguf::Type::Q8_0: return row_q8_0;
+    case gguf::Type::Q4_K: return row_q4_K;
+    case gguf::Type::Q5_K: return row_q5_K;
+    case gguf::Type::Q6_K: return row_q6_K;
+    case gguf::Type::F32: return row_f32;
+    case gguf::Type::F16: return row_f16;
+    case gguf::Type::BF16: return row_bf16;
+    default: return nullptr;
+  }
+#else
+  (void)wt;
+  return nullptr;
+#endif
+}
+
+}  // namespace tw::ops::detail

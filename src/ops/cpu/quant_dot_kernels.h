@@ -1,0 +1,366 @@
+// SIMD row kernels, written once and compiled twice: quant_dot_avx2.cpp (AVX2 + FMA + F16C) and
+// quant_dot_avx512.cpp (adds AVX-512 VL/BW/VNNI). Both files include every system header first and
+// then switch the target with #pragma GCC target, so nothing outside this code is compiled for the
+// wider ISA; everything here has internal linkage (anonymous namespace) so no AVX-512 code can be
+// merged into a generic inline function by the linker.
+//
+// TW_VNNI=1 replaces the AVX2 multiply-add chains (maddubs+madd+add) by vpdpbusd / vpdpwssd.
+// Vectors stay 256 bits wide at both levels: on Zen 4 a 512-bit op is two 256-bit halves, and the
+// 32-element block layout of the quant formats maps onto 256-bit registers without shuffles.
+//
+// Every kernel computes out[c] = dot(w, act_c) for NC activation rows at once: each weight block is
+// loaded and unpacked once and reused NC times (register blocking for the prefill GEMM).
+// Block integer sums are exact, so the only difference from dot_ref is the fp32 summation order.
+// No include guard: included once per SIMD level.
+
+namespace {
+
+using tw::gguf::block_q4_K;
+using tw::gguf::block_q5_K;
+using tw::gguf::block_q6_K;
+using tw::gguf::block_q8_K;
+using tw::gguf::QK;
+using tw::gguf::QK_K;
+using tw::ops::detail::ActQ8;
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hsum4(__m128 s) {
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float h2f(const void* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline __m256i loadu256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// Sum of u8*s8 products in groups of 4 -> 8 x i32. u <= 255 for VNNI; the AVX2 path needs
+// 2*u*|s| <= 32767 (maddubs saturates): u <= 128 with |s| <= 127 holds for every caller.
+inline __m256i mul_sum_us8(__m256i u, __m256i s) {
+#if TW_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// acc += pairwise i16 products (p16 * scale16) as i32.
+inline __m256i madd_acc(__m256i acc, __m256i p16, __m256i scale16) {
+#if TW_VNNI
+  return _mm256_dpwssd_epi32(acc, p16, scale16);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, scale16));
+#endif
+}
+
+// 32 bits -> 32 bytes of 0xFF (bit set) / 0x00 (ggml's bytes_from_bits_32).
+inline __m256i bytes_from_bits_32(const uint8_t* x) {
+  uint32_t x32;
+  std::memcpy(&x32, x, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000);
+  __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x32)), shuf);
+  bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+// 16 packed nibbles -> 32 bytes: low nibbles are elements 0..15, high nibbles 16..31.
+inline __m256i nibbles_32(const uint8_t* qs) {
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(0x0F));
+}
+
+// ---- 32-element types (activations: ActQ8) ------------------------------------------------------
+
+enum class W32 { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 };
+
+template <W32 T> constexpr size_t kBlockBytes = T == W32::Q4_0 ? 18 : T == W32::Q4_1 ? 20 : T == W32::Q5_0 ? 22 : T == W32::Q5_1 ? 24 : 34;
+template <W32 T> constexpr bool kHasMin = T == W32::Q4_1 || T == W32::Q5_1;
+
+// The 32 weights of a block as bytes: signed (q - offset) for the _0 types, unsigned q for _1.
+template <W32 T>
+inline __m256i unpack32(const uint8_t* p) {
+  if constexpr (T == W32::Q4_0) {
+    return _mm256_sub_epi8(nibbles_32(p + 2), _mm256_set1_epi8(8));
+  } else if constexpr (T == W32::Q4_1) {
+    return nibbles_32(p + 4);
+  } else if constexpr (T == W32::Q5_0) {
+    // 0xF0 where the 5th bit is clear: as int8, (q | 0xF0) = q - 16 and q | 0x10 - 16 = q.
+    const __m256i hi = _mm256_andnot_si256(bytes_from_bits_32(p + 2), _mm256_set1_epi8(static_cast<char>(0xF0)));
+    return _mm256_or_si256(nibbles_32(p + 6), hi);
+  } else if constexpr (T == W32::Q5_1) {
+    const __m256i hi = _mm256_and_si256(bytes_from_bits_32(p + 4), _mm256_set1_epi8(0x10));
+    return _mm256_or_si256(nibbles_32(p + 8), hi);
+  } else {
+    return loadu256(p + 2);
+  }
+}
+
+template <W32 T, int NC>
+void kern32(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* out) {
+  const ActQ8* y[NC];
+  __m256 acc[NC][2];
+  float summ[NC];
+  for (int c = 0; c < NC; ++c) {
+    y[c] = reinterpret_cast<const ActQ8*>(acts[c]);
+    acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+    summ[c] = 0.0f;
+  }
+  const int64_t nb = cols / QK;
+  auto block = [&](int64_t b, int k) {
+    const uint8_t* p = w + b * kBlockBytes<T>;
+    const __m256i qx = unpack32<T>(p);
+    const float dx = h2f(p);
+    if constexpr (kHasMin<T>) {
+      const float mx = h2f(p + 2);
+      for (int c = 0; c < NC; ++c) {
+        const __m256i s = mul_sum_us8(qx, loadu256(y[c][b].qs));  // q <= 31: no saturation
+        acc[c][k] = _mm256_fmadd_ps(_mm256_set1_ps(dx * y[c][b].d), _mm256_cvtepi32_ps(s), acc[c][k]);
+        summ[c] += mx * y[c][b].s;
+      }
+    } else {
+      // Signed x signed via |x| * sign(y, x): |x| <= 128, |y| <= 127 keeps maddubs exact.
+      const __m256i ax = _mm256_sign_epi8(qx, qx);
+      for (int c = 0; c < NC; ++c) {
+        const __m256i sy = _mm256_sign_epi8(loadu256(y[c][b].qs), qx);
+        const __m256i s = mul_sum_us8(ax, sy);
+        acc[c][k] = _mm256_fmadd_ps(_mm256_set1_ps(dx * y[c][b].d), _mm256_cvtepi32_ps(s), acc[c][k]);
+      }
+    }
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {  // two accumulator chains hide the FMA latency
+    block(b, 0);
+    block(b + 1, 1);
+  }
+  if (b < nb) block(b, 0);
+  for (int c = 0; c < NC; ++c) out[c] = hsum8(_mm256_add_ps(acc[c][0], acc[c][1])) + summ[c];
+}
+
+// ---- k-quants (activations: block_q8_K) ---------------------------------------------------------
+
+// Scales (bytes 0..7) and mins (bytes 8..15) of a Q4_K/Q5_K super-block (ggml's kmask trick).
+inline __m256i k4_scales_mins(const uint8_t* scales12) {
+  uint32_t u[4];
+  std::memcpy(u, scales12, 12);
+  constexpr uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & kmask2) | (((u[1] >> 6) & kmask3) << 4);
+  const uint32_t uaux = u[1] & kmask1;
+  u[1] = (u[2] & kmask2) | (((u[0] >> 6) & kmask3) << 4);
+  u[2] = uaux;
+  u[0] &= kmask1;
+  return _mm256_cvtepu8_epi16(_mm_set_epi32(static_cast<int>(u[3]), static_cast<int>(u[2]), static_cast<int>(u[1]), static_cast<int>(u[0])));
+}
+
+// Broadcast i16 element k of each 128-bit lane.
+inline __m256i bcast16(__m256i v, int k) {
+  return _mm256_shuffle_epi8(v, _mm256_set1_epi16(static_cast<short>(((2 * k + 1) << 8) | (2 * k))));
+}
+
+template <bool Q5, int NC>
+void kern_q45K(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* out) {
+  using Block = std::conditional_t<Q5, block_q5_K, block_q4_K>;
+  const block_q8_K* y[NC];
+  __m256 acc[NC];
+  __m128 accm[NC];
+  for (int c = 0; c < NC; ++c) {
+    y[c] = reinterpret_cast<const block_q8_K*>(acts[c]);
+    acc[c] = _mm256_setzero_ps();
+    accm[c] = _mm_setzero_ps();
+  }
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const int64_t nb = cols / QK_K;
+  for (int64_t b = 0; b < nb; ++b) {
+    const Block& x = reinterpret_cast<const Block*>(w)[b];
+    const float d = h2f(&x.d), dmin = h2f(&x.dmin);
+    const __m256i sm = k4_scales_mins(x.scales);
+    const __m128i mins = _mm256_extracti128_si256(sm, 1);
+    const __m128i sc128 = _mm256_castsi256_si128(sm);
+    const __m256i scales = _mm256_set_m128i(sc128, sc128);
+    __m256i sumi[NC];
+    for (int c = 0; c < NC; ++c) {
+      // Min term: sum over sub-blocks of m_j * sum(q8 of sub-block j), from the 16-element bsums.
+      const __m256i bs = loadu256(y[c][b].bsums);
+      const __m128i s32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+      accm[c] = _mm_fmadd_ps(_mm_set1_ps(dmin * y[c][b].d), _mm_cvtepi32_ps(_mm_madd_epi16(mins, s32)), accm[c]);
+      sumi[c] = _mm256_setzero_si256();
+    }
+    __m256i hbits;
+    if constexpr (Q5) hbits = loadu256(x.qh);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256i scale_l = bcast16(scales, 2 * j), scale_h = bcast16(scales, 2 * j + 1);
+      const __m256i qb = loadu256(x.qs + 32 * j);
+      __m256i ql = _mm256_and_si256(qb, m4);
+      __m256i qh = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+      if constexpr (Q5) {
+        const __m256i one = _mm256_set1_epi8(1);
+        ql = _mm256_or_si256(ql, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4));
+        qh = _mm256_or_si256(qh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
+      }
+      for (int c = 0; c < NC; ++c) {
+        const __m256i p16l = _mm256_maddubs_epi16(ql, loadu256(y[c][b].qs + 64 * j));
+        const __m256i p16h = _mm256_maddubs_epi16(qh, loadu256(y[c][b].qs + 64 * j + 32));
+        sumi[c] = madd_acc(madd_acc(sumi[c], p16l, scale_l), p16h, scale_h);
+      }
+    }
+    for (int c = 0; c < NC; ++c)
+      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * y[c][b].d), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) out[c] = hsum8(acc[c]) - hsum4(accm[c]);
+}
+
+// Byte shuffles selecting Q6_K scale s for elements 0..7 and s+1 for 8..15 (then sign-extended).
+alignas(16) const uint8_t kQ6ScaleShuf[8][16] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13}, {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
+};
+
+template <int NC>
+void kern_q6K(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* out) {
+  const block_q8_K* y[NC];
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) {
+    y[c] = reinterpret_cast<const block_q8_K*>(acts[c]);
+    acc[c] = _mm256_setzero_ps();
+  }
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i m2 = _mm256_set1_epi8(0x03);
+  const int64_t nb = cols / QK_K;
+  for (int64_t b = 0; b < nb; ++b) {
+    const block_q6_K& x = reinterpret_cast<const block_q6_K*>(w)[b];
+    const float d = h2f(&x.d);
+    const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.scales));
+    // The weights are q6 - 32 with q6 unsigned: sum sc*(q6.y) - 32 * sum sc*bsum, all integer.
+    const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+    __m256i sumi[NC];
+    for (int c = 0; c < NC; ++c)
+      sumi[c] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(loadu256(y[c][b].bsums), sc16), 5));
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      const __m256i b1 = loadu256(x.ql + 64 * half);
+      const __m256i b2 = loadu256(x.ql + 64 * half + 32);
+      const __m256i bh = loadu256(x.qh + 32 * half);
+      __m256i q[4];
+      q[0] = _mm256_or_si256(_mm256_and_si256(b1, m4), _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4));
+      q[1] = _mm256_or_si256(_mm256_and_si256(b2, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4));
+      q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4));
+      q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4));
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m256i scale = _mm256_cvtepi8_epi16(
+            _mm_shuffle_epi8(sc8, _mm_load_si128(reinterpret_cast<const __m128i*>(kQ6ScaleShuf[4 * half + k]))));
+        for (int c = 0; c < NC; ++c) {
+          const __m256i p16 = _mm256_maddubs_epi16(q[k], loadu256(y[c][b].qs + 128 * half + 32 * k));  // q6 <= 63
+          sumi[c] = madd_acc(sumi[c], p16, scale);
+        }
+      }
+    }
+    for (int c = 0; c < NC; ++c)
+      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * y[c][b].d), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) out[c] = hsum8(acc[c]);
+}
+
+// ---- float weights (activations: fp32, already rounded to the weight's precision) ---------------
+
+enum class WF { F32, F16, BF16 };
+
+template <WF T>
+inline __m256 loadw8(const uint8_t* w, int64_t i) {
+  if constexpr (T == WF::F32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(w) + i);
+  } else if constexpr (T == WF::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i)));
+  } else {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+}
+
+template <WF T>
+inline float loadw1(const uint8_t* w, int64_t i) {
+  if constexpr (T == WF::F32) {
+    float v;
+    std::memcpy(&v, w + 4 * i, 4);
+    return v;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, w + 2 * i, 2);
+    if constexpr (T == WF::F16) return _cvtsh_ss(h);
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+  }
+}
+
+template <WF T, int NC>
+void kern_float(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* out) {
+  const float* a[NC];
+  __m256 acc[NC][2];
+  for (int c = 0; c < NC; ++c) {
+    a[c] = reinterpret_cast<const float*>(acts[c]);
+    acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + 16 <= cols; i += 16) {
+    const __m256 w0 = loadw8<T>(w, i), w1 = loadw8<T>(w, i + 8);
+    for (int c = 0; c < NC; ++c) {
+      acc[c][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(a[c] + i), acc[c][0]);
+      acc[c][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(a[c] + i + 8), acc[c][1]);
+    }
+  }
+  for (; i + 8 <= cols; i += 8) {
+    const __m256 w0 = loadw8<T>(w, i);
+    for (int c = 0; c < NC; ++c) acc[c][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(a[c] + i), acc[c][0]);
+  }
+  for (int c = 0; c < NC; ++c) {
+    float s = hsum8(_mm256_add_ps(acc[c][0], acc[c][1]));
+    for (int64_t t = i; t < cols; ++t) s += loadw1<T>(w, t) * a[c][t];
+    out[c] = s;
+  }
+}
+
+// ---- nc dispatch ----------------------------------------------------------------------------
+
+template <template <int> class K>
+void dispatch_nc(const uint8_t* w, const uint8_t* const* acts, int nc, int64_t cols, float* out) {
+  switch (nc) {
+    case 1: K<1>::run(w, acts, cols, out); return;
+    case 2: K<2>::run(w, acts, cols, out); return;
+    case 3: K<3>::run(w, acts, cols, out); return;
+    default: K<4>::run(w, acts, cols, out); return;
+  }
+}
+
+template <W32 T> struct K32 { template <int NC> struct R { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern32<T, NC>(w, a, n, o); } }; };
+template <bool Q5> struct K45 { template <int NC> struct R { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern_q45K<Q5, NC>(w, a, n, o); } }; };
+template <int NC> struct K6 { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern_q6K<NC>(w, a, n, o); } };
+template <WF T> struct KF { template <int NC> struct R { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern_float<T, NC>(w, a, n, o); } }; };
+
+// The table (generic code, see the .cpp) takes the addresses of these.
+void row_q4_0(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<K32<W32::Q4_0>::R>(w, a, nc, n, o); }
+void row_q4_1(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<K32<W32::Q4_1>::R>(w, a, nc, n, o); }
+void row_q5_0(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<K32<W32::Q5_0>::R>(w, a, nc, n, o); }
+void row_q5_1(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<K32<W32::Q5_1>::R>(w, a, nc, n, o); }
+void row_q8_0(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<K32<W32::Q8_0>::R>(w, a, nc, n, o); }
+void row_q4_K(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<K45<false>::R>(w, a, nc, n, o); }
+void row_q5_K(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<K45<true>::R>(w, a, nc, n, o); }
+void row_q6_K(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<K6>(w, a, nc, n, o); }
+void row_f32(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<KF<WF::F32>::R>(w, a, nc, n, o); }
+void row_f16(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<KF<WF::F16>::R>(w, a, nc, n, o); }
+void row_bf16(const uint8_t* w, const uint8_t* const* a, int nc, int64_t n, float* o) { dispatch_nc<KF<WF::BF16>::R>(w, a, nc, n, o); }
+
+}  // namespace
