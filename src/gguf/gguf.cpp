@@ -59,7 +59,7 @@ size_t scalar_size(ValueType t) {
 
 bool valid_value_type(uint32_t t) { return t <= static_cast<uint32_t>(ValueType::F64); }
 
-// Reads one scalar of type t into (i, u, f); returns false for non-scalar types.
+// Reads one scalar of type t into (i, u, f); throws for non-scalar types.
 void read_scalar(Reader& r, ValueType t, Value& v, const std::string& key) {
   switch (t) {
     case ValueType::U8: v.u = r.read<uint8_t>("u8"); v.i = (int64_t)v.u; break;
@@ -207,7 +207,11 @@ File File::parse(const uint8_t* data, size_t size, const std::string& what) {
   if (size < 4 || std::memcmp(data, "GGUF", 4) != 0) fail(what, ": not a GGUF file (wrong magic)");
   r.pos = 4;
   f.version_ = r.read<uint32_t>("version");
-  if (f.version_ != 2 && f.version_ != 3) fail(what, ": unsupported GGUF version ", f.version_, " (supported: 2, 3)");
+  if (f.version_ != 2 && f.version_ != 3) {
+    const uint32_t swapped = __builtin_bswap32(f.version_);
+    fail(what, ": unsupported GGUF version ", f.version_, " (supported: 2, 3)",
+         swapped == 2 || swapped == 3 ? "; this looks like a big-endian GGUF file, which is not supported" : "");
+  }
   const uint64_t n_tensors = r.read<uint64_t>("tensor count");
   const uint64_t n_kv = r.read<uint64_t>("metadata count");
   // Every key-value pair takes at least 8 + 1 + 4 bytes, every tensor info at least 8 + 4 + 4 + 8.

@@ -219,6 +219,10 @@ TEST(GgufReader, BadMagicAndVersion) {
     std::memcpy(c.data() + 4, &ver, 4);
     EXPECT_GGUF_ERROR(c, "version");
   }
+  std::vector<uint8_t> be = valid_file();
+  be[4] = 0;
+  be[7] = 3;
+  EXPECT_GGUF_ERROR(be, "big-endian");
   std::vector<uint8_t> v2 = valid_file();  // version 2 has the same layout as 3
   v2[4] = 2;
   EXPECT_EQ(parse_exact(v2, v2.size()).version(), 2u);

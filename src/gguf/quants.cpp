@@ -35,6 +35,12 @@ TypeTraits type_traits(uint32_t id) {
 // through byte offsets + memcpy, never by casting src to a block pointer: rows inside a mapped file
 // or a fuzzer buffer need not be 2-byte aligned, and a misaligned half load would be UB.
 
+// Keep a*b+c as two roundings like ggml's reference and numpy (clang would otherwise fuse it into
+// an FMA on FMA-capable targets; GCC in ISO mode does not contract).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
 namespace {
 
 inline float load_half(const uint8_t* p) {
