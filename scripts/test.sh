@@ -6,7 +6,8 @@
 # CPU tests always run; GPU tests (label `gpu`, built when nvcc is found) skip without a GPU and
 # ctest reports them as skipped, never as passed. A build with no tests at all is a FAILURE
 # (ctest --no-tests=error, set in CMakePresets.json): "nothing ran" must not look green.
-# The fuzz smoke runs fuzz/run.sh, when it exists, for $TWILIGHT_FUZZ_SECONDS (default 60) seconds.
+# The fuzz smoke runs `fuzz/run.sh SECONDS`, when it exists, with SECONDS = $TWILIGHT_FUZZ_SECONDS
+# (default 60).
 # Env: TWILIGHT_JOBS (default: number of cores) for the build and for ctest.
 # Exit status: 0 only when every stage passed; a summary of the stages is printed at the end.
 set -uo pipefail
@@ -24,6 +25,10 @@ for a in "$@"; do
   esac
 done
 JOBS=${TWILIGHT_JOBS:-$(nproc)}
+if [[ -n "${TWILIGHT_CACHE:-}" ]]; then CACHE=$TWILIGHT_CACHE
+elif [[ -n "${XDG_CACHE_HOME:-}" ]]; then CACHE=$XDG_CACHE_HOME/twilight
+else CACHE=${HOME:-.}/.cache/twilight; fi
+FUZZ_SECONDS=${TWILIGHT_FUZZ_SECONDS:-60}
 T0=$SECONDS
 RESULTS=()
 FAILED=0
@@ -43,6 +48,9 @@ if ((SETUP)); then
   stage "setup" scripts/setup.sh || { echo "[test.sh] set-up failed: stopping" >&2; exit 1; }
 fi
 
+# Tests and fuzz/ call python3 with gguf/numpy: use the pinned tooling venv set up above.
+if [[ -x "$CACHE/venv/bin/python3" ]]; then export PATH="$CACHE/venv/bin:$PATH"; fi
+
 build_and_test() {  # $1: preset
   stage "configure ($1)" cmake --preset "$1" &&
     stage "build ($1)" cmake --build --preset "$1" -j "$JOBS" &&
@@ -52,7 +60,7 @@ build_and_test default
 if ((ASAN)); then build_and_test asan; fi
 
 if ((FUZZ)) && [[ -f fuzz/run.sh ]]; then
-  stage "fuzz smoke (${TWILIGHT_FUZZ_SECONDS:-60}s)" env TWILIGHT_FUZZ_SECONDS="${TWILIGHT_FUZZ_SECONDS:-60}" bash fuzz/run.sh
+  stage "fuzz smoke (${FUZZ_SECONDS}s)" bash fuzz/run.sh "$FUZZ_SECONDS"
 elif ((FUZZ)); then
   RESULTS+=("$(printf '%-28s %-6s' "fuzz smoke" "absent (no fuzz/run.sh)")")
 fi
