@@ -36,7 +36,7 @@ echo "build done in $(( $(date +%s) - t0 )) s"
 
 rc=0
 "$BUILD/cuda_tests" --gtest_filter='-QmatvecCudaModel.*:QmatvecCudaFixture.*' >"$OUT/tests.log" 2>&1 || rc=$?
-grep -E '^\[  (PASSED|FAILED|SKIPPED) \]|Failure|error|seed' "$OUT/tests.log" | head -40
+grep -E '^\[ *(OK|PASSED|FAILED|SKIPPED) *\]|Failure|error|seed' "$OUT/tests.log" | head -40
 echo "tests rc=$rc"
 
 if command -v compute-sanitizer >/dev/null; then
