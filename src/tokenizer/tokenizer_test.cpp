@@ -492,5 +492,27 @@ TEST(Tokenizer, EncodeSpeed) {
   }
 }
 
+// Degenerate inputs: one huge pre-tokenizer word (a heap merge over 100k symbols) or 100k pieces.
+TEST(Tokenizer, EncodeSpeedDegenerate) {
+  const std::string cjk = "\xE6\x97\xA5";
+  std::string cjk_run;
+  while (cjk_run.size() < 100000) cjk_run += cjk;
+  for (const std::string& doc : {std::string(100000, ' '), std::string(100000, 'a'), std::string(100000, '7'),
+                                 std::string(100000, '\n'), std::string(100000, '!'), cjk_run}) {
+    for (const char* file : {kSmolLM2File, kQwen15File}) {
+      const Tokenizer& tok = model(file).tok;
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto ids = tok.encode(doc, false);
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      EXPECT_EQ(tok.decode(ids), doc);
+#if defined(__SANITIZE_ADDRESS__)
+      EXPECT_LT(s, 20.0) << file << " '" << show(doc.substr(0, 3)) << "'";
+#else
+      EXPECT_LT(s, 1.0) << file << " '" << show(doc.substr(0, 3)) << "'";
+#endif
+    }
+  }
+}
+
 }  // namespace
 }  // namespace tw
