@@ -1,0 +1,127 @@
+// The forward pass against llama.cpp (the reference implementation of GGUF): logits on fixed
+// prompts and greedy continuations. Fixtures: scripts/make_llamacpp_fixtures.py.
+//
+// Tolerance: both engines quantise activations to 8 bits per 32-value block before the integer dot
+// products, but they round in different places (llama.cpp rounds q to fp16 for the KQ product,
+// sums in another order, uses a different exp/rope), so logits differ by accumulated float noise,
+// not by method. We require every top-40 reference logit within 2% of the logit vector's standard
+// deviation plus 0.05 (measured: see docs/ACCURACY.md) and the same argmax.
+#include "model/model.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/paths.h"
+
+namespace tw {
+namespace {
+
+using nlohmann::json;
+
+json load_fixture(const std::string& name) {
+  std::ifstream in(std::string(TW_SOURCE_DIR) + "/tests/fixtures/llamacpp/" + name + ".json");
+  EXPECT_TRUE(in.good()) << "missing fixture " << name;
+  return json::parse(in);
+}
+
+void check_model(const std::string& fixture, const char* model_file, int threads) {
+  const json fx = load_fixture(fixture);
+  std::unique_ptr<Model> m = Model::load(require_model(model_file));
+  const int V = m->config().n_vocab;
+  ASSERT_EQ(V, fx["n_vocab"].get<int>());
+  ThreadPool tp(threads);
+  for (const json& p : fx["prompts"]) {
+    SCOPED_TRACE(fixture + "/" + p["name"].get<std::string>());
+    const std::vector<int32_t> toks = p["tokens"].get<std::vector<int32_t>>();
+    const int64_t n = (int64_t)toks.size();
+    kv::KVPool pool = m->make_kv(n + 64);
+    kv::SeqPages seq;
+    // Prefill in chunks of 256 (several chunks for the long prompt); all logits of the last chunk.
+    const int64_t last0 = n - (n - 1) % 256 - 1;  // start of the last chunk
+    std::vector<float> logits((size_t)(n - last0) * V);
+    for (int64_t i = 0; i < n; i += 256) {
+      const int64_t c = std::min<int64_t>(256, n - i);
+      m->forward(toks.data() + i, c, pool, seq, logits.data(), tp, /*all_logits=*/i == last0);
+    }
+    double worst = 0;
+    for (const json& pos : p["positions"]) {
+      const int64_t at = pos["pos"].get<int64_t>();
+      ASSERT_GE(at, last0);
+      const float* row = logits.data() + (size_t)(at - last0) * V;
+      const double tol = 0.02 * pos["std"].get<double>() + 0.05;
+      const auto ids = pos["ids"].get<std::vector<int>>();
+      const auto ref = pos["logits"].get<std::vector<double>>();
+      int best = 0;
+      for (int i = 1; i < V; ++i)
+        if (row[i] > row[best]) best = i;
+      EXPECT_EQ(best, ids[0]) << "argmax differs at position " << at;
+      for (size_t k = 0; k < ids.size(); ++k) {
+        const double diff = std::fabs(row[ids[k]] - ref[k]);
+        worst = std::max(worst, diff / pos["std"].get<double>());
+        EXPECT_LE(diff, tol) << "position " << at << " token " << ids[k] << ": ours " << row[ids[k]] << " llama.cpp " << ref[k];
+      }
+    }
+    // Greedy continuation through the decode path (single-token steps).
+    const auto greedy = p["greedy"].get<std::vector<int>>();
+    std::vector<float> lg(V);
+    std::copy(logits.end() - V, logits.end(), lg.begin());
+    int agree = 0;
+    for (size_t s = 0; s < greedy.size(); ++s) {
+      int32_t best = 0;
+      for (int i = 1; i < V; ++i)
+        if (lg[i] > lg[best]) best = i;
+      if (best != greedy[s]) break;
+      ++agree;
+      m->forward(&best, 1, pool, seq, lg.data(), tp);
+    }
+    EXPECT_GE(agree, 32) << "greedy continuation diverges from llama.cpp after " << agree << " tokens";
+    std::printf("[ %s / %s ] max |logit diff| over top-40 = %.4f std; greedy agrees for %d / %zu tokens\n", fixture.c_str(),
+                p["name"].get<std::string>().c_str(), worst, agree, greedy.size());
+  }
+}
+
+TEST(ModelVsLlamaCpp, SmolLM2) { check_model("smollm2", kSmolLM2File, 2); }
+TEST(ModelVsLlamaCpp, Qwen25Coder15B) { check_model("qwen15", kQwen15File, 2); }
+
+TEST(ModelConfig, SmolLM2FromMetadata) {
+  std::unique_ptr<Model> m = Model::load(require_model(kSmolLM2File));
+  const ModelConfig& c = m->config();
+  EXPECT_EQ(c.arch, "llama");
+  EXPECT_EQ(c.n_layers, 30);
+  EXPECT_EQ(c.n_heads, 9);
+  EXPECT_EQ(c.n_kv_heads, 3);
+  EXPECT_EQ(c.head_dim, 64);
+  EXPECT_EQ(c.rope.style, ops::RopeStyle::Interleaved);
+  EXPECT_TRUE(c.tied_output);
+  EXPECT_FALSE(c.qkv_bias);
+}
+
+TEST(ModelConfig, QwenFromMetadata) {
+  std::unique_ptr<Model> m = Model::load(require_model(kQwen15File));
+  const ModelConfig& c = m->config();
+  EXPECT_EQ(c.arch, "qwen2");
+  EXPECT_EQ(c.n_layers, 28);
+  EXPECT_EQ(c.n_heads, 12);
+  EXPECT_EQ(c.n_kv_heads, 2);
+  EXPECT_EQ(c.head_dim, 128);
+  EXPECT_EQ(c.rope.style, ops::RopeStyle::NeoX);
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_EQ(c.n_ctx_train, 32768);
+}
+
+TEST(Model, TokenOutOfRangeIsAnError) {
+  std::unique_ptr<Model> m = Model::load(require_model(kSmolLM2File));
+  kv::KVPool pool = m->make_kv(32);
+  kv::SeqPages seq;
+  ThreadPool tp(1);
+  std::vector<float> lg(m->config().n_vocab);
+  const int32_t bad = m->config().n_vocab;
+  EXPECT_THROW(m->forward(&bad, 1, pool, seq, lg.data(), tp), Error);
+}
+
+}  // namespace
+}  // namespace tw
