@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "gguf/gguf.h"
+#include "tokenizer/chat_template.h"  // ChatMessage, apply_chat_template: part of this interface
 #include "tokenizer/pretokenize.h"
 
 namespace tw {
