@@ -11,6 +11,7 @@
 #include "engine/sampler.h"
 #include "kv/kv_cache.h"
 #include "model/model.h"
+#include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace tw {
