@@ -24,11 +24,15 @@ mkdir -p "$build/corpus" "$build/crashes"
   -artifact_prefix="$build/crashes/" -print_final_stats=1 2>&1 | tee "$build/fuzz.log"
 
 # Source coverage of the reader reached by the corpus (replayed once, no mutation).
-if command -v llvm-profdata >/dev/null && command -v llvm-cov >/dev/null; then
+profdata=$(command -v llvm-profdata || command -v llvm-profdata-14 || true)
+cov=$(command -v llvm-cov || command -v llvm-cov-14 || true)
+if [[ -n "$profdata" && -n "$cov" ]]; then
   rm -f "$build"/cov-*.profraw
   LLVM_PROFILE_FILE="$build/cov-%p.profraw" "$build/fuzz/gguf_fuzz_cov" -runs=0 "$build/corpus" "$build/seeds" \
     >"$build/cov-replay.log" 2>&1
-  llvm-profdata merge -sparse "$build"/cov-*.profraw -o "$build/cov.profdata"
-  llvm-cov report "$build/fuzz/gguf_fuzz_cov" -instr-profile="$build/cov.profdata" \
+  "$profdata" merge -sparse "$build"/cov-*.profraw -o "$build/cov.profdata"
+  "$cov" report "$build/fuzz/gguf_fuzz_cov" -instr-profile="$build/cov.profdata" \
     "$root/src/gguf/gguf.cpp" "$root/src/gguf/quants.cpp" | tee "$build/coverage.txt"
+else
+  echo "llvm-profdata / llvm-cov not found (Debian package llvm-14): no coverage report"
 fi
