@@ -64,6 +64,9 @@ TEXTS = [
     "CamelCaseIdentifier snake_case_name SCREAMING_CASE kebab-case",
     "$$$ %%% ^^^ &&& *** ((( ))) --- +++ === ~~~ ``` ||| \\\\\\",
     "....... ,,,,,, !!!!!! ?????? ;;;;;; :::::",
+    # Unicode-version probes: letters of 15.0 / 15.1 are letters to llama.cpp, letters new in 16.0
+    # are not (its tables are Unicode 15.1), which decides whether "'s" splits off.
+    "\U0001E030's \U00011F04's \U0002EBF0's \u1c8a's \U00010D50's",
 ]
 
 

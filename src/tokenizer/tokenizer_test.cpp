@@ -443,6 +443,8 @@ TEST(Tokenizer, ToyVocabulary) {
   EXPECT_EQ(tok.encode("a<|x|>b", true), (std::vector<int32_t>{'a', 258, 'b'}));
   EXPECT_EQ(tok.encode("a<|x|>b", false).size(), 7u);
   EXPECT_EQ(tok.decode(tok.encode("a\xff", false)), "a\xEF\xBF\xBD");
+  // A 4-byte form above U+10FFFF: llama.cpp aborts ("invalid codepoint"); we read 4 bad bytes.
+  EXPECT_EQ(tok.decode(tok.encode("\xF5\x80\x80\x80", false)), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
   EXPECT_FALSE(tok.is_eog(258));
   EXPECT_EQ(tok.bos(), 11);  // llama.cpp's BPE default when the metadata has none
 }
