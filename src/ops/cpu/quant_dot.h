@@ -19,6 +19,16 @@ struct ActQ8 {
 };
 static_assert(sizeof(ActQ8) == 40);
 
+// Activation super-block for the k-quants: llama.cpp's block_q8_K plus sum32[j] = d * (sum of the
+// 32 qs of sub-block j), which lets the SIMD kernels fold the Q4_K/Q5_K min term into one fp32 FMA.
+struct ActQ8K {
+  float d;
+  int8_t qs[256];
+  int16_t bsums[16];  // sums of 16 qs
+  float sum32[8];
+};
+static_assert(sizeof(ActQ8K) == 324);
+
 // Activation kind a weight type is paired with.
 enum class ActKind { Q8_0, Q8_1, Q8_K, F32, F16, BF16 };
 ActKind act_kind(gguf::Type wt);  // tw::Error for an unsupported weight type
@@ -41,7 +51,10 @@ float dot_ref(gguf::Type wt, const uint8_t* wrow, const uint8_t* act, int64_t co
 
 // A SIMD row kernel: out[c] = dot(wrow, acts[c]) for c < nc (1 <= nc <= kMaxCols). The weight row
 // is read once for all nc activation rows (the register-level reuse of the prefill GEMM).
-constexpr int kMaxCols = 4;
+constexpr int kMaxCols = 8;
+// Activation rows per kernel call the GEMM should use at a level (what fits in the registers:
+// 8 with AVX-512's 32 vector registers, 4 with AVX2's 16).
+int cols_per_call(int simd_level);
 using RowKernel = void (*)(const uint8_t* wrow, const uint8_t* const* acts, int nc, int64_t cols, float* out);
 
 // Kernel tables per level; nullptr when the type has no kernel at that level or the build lacks it.

@@ -18,10 +18,10 @@ namespace {
 using tw::gguf::block_q4_K;
 using tw::gguf::block_q5_K;
 using tw::gguf::block_q6_K;
-using tw::gguf::block_q8_K;
 using tw::gguf::QK;
 using tw::gguf::QK_K;
 using tw::ops::detail::ActQ8;
+using tw::ops::detail::ActQ8K;
 
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -138,15 +138,17 @@ void kern32(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* o
     }
   };
   int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {  // two accumulator chains hide the FMA latency
-    block(b, 0);
-    block(b + 1, 1);
+  if constexpr (NC <= 2) {
+    for (; b + 2 <= nb; b += 2) {  // two accumulator chains hide the FMA latency
+      block(b, 0);
+      block(b + 1, 1);
+    }
   }
-  if (b < nb) block(b, 0);
+  for (; b < nb; ++b) block(b, 0);
   for (int c = 0; c < NC; ++c) out[c] = hsum8(_mm256_add_ps(acc[c][0], acc[c][1])) + summ[c];
 }
 
-// ---- k-quants (activations: block_q8_K) ---------------------------------------------------------
+// ---- k-quants (activations: ActQ8K) ---------------------------------------------------------
 
 // Scales (bytes 0..7) and mins (bytes 8..15) of a Q4_K/Q5_K super-block (ggml's kmask trick).
 inline __m256i k4_scales_mins(const uint8_t* scales12) {
@@ -169,13 +171,13 @@ inline __m256i bcast16(__m256i v, int k) {
 template <bool Q5, int NC>
 void kern_q45K(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* out) {
   using Block = std::conditional_t<Q5, block_q5_K, block_q4_K>;
-  const block_q8_K* y[NC];
+  // One vpdpwssd chain per column is latency-bound when few columns share the loop: split it.
+  constexpr int kChains = NC <= 2 ? 2 : 1;
+  const ActQ8K* y[NC];
   __m256 acc[NC];
-  __m128 accm[NC];
   for (int c = 0; c < NC; ++c) {
-    y[c] = reinterpret_cast<const block_q8_K*>(acts[c]);
+    y[c] = reinterpret_cast<const ActQ8K*>(acts[c]);
     acc[c] = _mm256_setzero_ps();
-    accm[c] = _mm_setzero_ps();
   }
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const int64_t nb = cols / QK_K;
@@ -183,16 +185,14 @@ void kern_q45K(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float
     const Block& x = reinterpret_cast<const Block*>(w)[b];
     const float d = h2f(&x.d), dmin = h2f(&x.dmin);
     const __m256i sm = k4_scales_mins(x.scales);
-    const __m128i mins = _mm256_extracti128_si256(sm, 1);
     const __m128i sc128 = _mm256_castsi256_si128(sm);
     const __m256i scales = _mm256_set_m128i(sc128, sc128);
-    __m256i sumi[NC];
+    // Min term, in fp32: sum_j (dmin * m_j) * (d_y * sum of q8 in sub-block j) (ActQ8K::sum32).
+    const __m256 mins = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1))));
+    __m256i sumi[NC][kChains];
     for (int c = 0; c < NC; ++c) {
-      // Min term: sum over sub-blocks of m_j * sum(q8 of sub-block j), from the 16-element bsums.
-      const __m256i bs = loadu256(y[c][b].bsums);
-      const __m128i s32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
-      accm[c] = _mm_fmadd_ps(_mm_set1_ps(dmin * y[c][b].d), _mm_cvtepi32_ps(_mm_madd_epi16(mins, s32)), accm[c]);
-      sumi[c] = _mm256_setzero_si256();
+      acc[c] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(y[c][b].sum32), acc[c]);
+      for (int k = 0; k < kChains; ++k) sumi[c][k] = _mm256_setzero_si256();
     }
     __m256i hbits;
     if constexpr (Q5) hbits = loadu256(x.qh);
@@ -208,15 +208,20 @@ void kern_q45K(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float
         qh = _mm256_or_si256(qh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
       }
       for (int c = 0; c < NC; ++c) {
-        const __m256i p16l = _mm256_maddubs_epi16(ql, loadu256(y[c][b].qs + 64 * j));
+        const __m256i p16l = _mm256_maddubs_epi16(ql, loadu256(y[c][b].qs + 64 * j));  // q <= 31: exact
         const __m256i p16h = _mm256_maddubs_epi16(qh, loadu256(y[c][b].qs + 64 * j + 32));
-        sumi[c] = madd_acc(madd_acc(sumi[c], p16l, scale_l), p16h, scale_h);
+        sumi[c][0] = madd_acc(sumi[c][0], p16l, scale_l);
+        sumi[c][kChains - 1] = madd_acc(sumi[c][kChains - 1], p16h, scale_h);
       }
     }
-    for (int c = 0; c < NC; ++c)
-      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * y[c][b].d), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int c = 0; c < NC; ++c) {
+      __m256i si = sumi[c][0];
+      if constexpr (kChains == 2) si = _mm256_add_epi32(si, sumi[c][1]);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_broadcast_ss(&y[c][b].d)), _mm256_cvtepi32_ps(si), acc[c]);
+    }
   }
-  for (int c = 0; c < NC; ++c) out[c] = hsum8(acc[c]) - hsum4(accm[c]);
+  for (int c = 0; c < NC; ++c) out[c] = hsum8(acc[c]);
 }
 
 // Byte shuffles selecting Q6_K scale s for elements 0..7 and s+1 for 8..15 (then sign-extended).
@@ -229,10 +234,10 @@ alignas(16) const uint8_t kQ6ScaleShuf[8][16] = {
 
 template <int NC>
 void kern_q6K(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* out) {
-  const block_q8_K* y[NC];
+  const ActQ8K* y[NC];
   __m256 acc[NC];
   for (int c = 0; c < NC; ++c) {
-    y[c] = reinterpret_cast<const block_q8_K*>(acts[c]);
+    y[c] = reinterpret_cast<const ActQ8K*>(acts[c]);
     acc[c] = _mm256_setzero_ps();
   }
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -244,7 +249,9 @@ void kern_q6K(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float*
     const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.scales));
     // The weights are q6 - 32 with q6 unsigned: sum sc*(q6.y) - 32 * sum sc*bsum, all integer.
     const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
-    __m256i sumi[NC];
+    constexpr bool kTwo = NC <= 2;  // two accumulation chains per column when few columns
+    __m256i sumi[NC], sum2[NC];
+    for (int c = 0; c < NC; ++c) sum2[c] = _mm256_setzero_si256();
     for (int c = 0; c < NC; ++c)
       sumi[c] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(loadu256(y[c][b].bsums), sc16), 5));
 #pragma GCC unroll 2
@@ -263,15 +270,156 @@ void kern_q6K(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float*
             _mm_shuffle_epi8(sc8, _mm_load_si128(reinterpret_cast<const __m128i*>(kQ6ScaleShuf[4 * half + k]))));
         for (int c = 0; c < NC; ++c) {
           const __m256i p16 = _mm256_maddubs_epi16(q[k], loadu256(y[c][b].qs + 128 * half + 32 * k));  // q6 <= 63
-          sumi[c] = madd_acc(sumi[c], p16, scale);
+          if (kTwo && (k & 1)) sum2[c] = madd_acc(sum2[c], p16, scale);
+          else sumi[c] = madd_acc(sumi[c], p16, scale);
         }
       }
     }
-    for (int c = 0; c < NC; ++c)
-      acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * y[c][b].d), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int c = 0; c < NC; ++c) {
+      const __m256i si = kTwo ? _mm256_add_epi32(sumi[c], sum2[c]) : sumi[c];
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_broadcast_ss(&y[c][b].d)), _mm256_cvtepi32_ps(si), acc[c]);
+    }
   }
   for (int c = 0; c < NC; ++c) out[c] = hsum8(acc[c]);
 }
+
+#if TW_VNNI
+// ---- k-quants, 512-bit (AVX-512 level) ---------------------------------------------------------
+// One zmm holds 64 consecutive elements: for Q4_K/Q5_K the low and high nibbles of 32 qs bytes
+// (sub-blocks 2j and 2j+1), for Q6_K the low or high nibbles of 64 ql bytes. So each activation
+// row needs one 64-byte load per maddubs and the multiply instruction count halves, which is what
+// bounds these kernels (Zen 4 runs a zmm op as two ymm halves, so no extra throughput is assumed).
+
+// i16 lane i of the result = v[idx(i)]; used to spread per-sub-block scales over their elements.
+inline __m512i spread16(__m512i v, const int16_t (&idx)[32]) {
+  return _mm512_permutexvar_epi16(_mm512_loadu_si512(idx), v);
+}
+
+// Scale index tables: Q4_K pair j -> lanes 0..15 scale 2j, 16..31 scale 2j+1.
+alignas(64) const int16_t kK4Spread[4][32] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+    {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
+    {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7},
+};
+// Q6_K group g (64 elements, 16 per scale) -> scales 4g..4g+3, 8 lanes each.
+alignas(64) const int16_t kK6Spread[4][32] = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13, 14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
+};
+
+inline __m256i fold512(__m512i v) {
+  return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
+template <bool Q5, int NC>
+void kern_q45K_512(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* out) {
+  using Block = std::conditional_t<Q5, block_q5_K, block_q4_K>;
+  constexpr int kChains = NC <= 2 ? 2 : 1;  // see kern_q45K
+  const ActQ8K* y[NC];
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) {
+    y[c] = reinterpret_cast<const ActQ8K*>(acts[c]);
+    acc[c] = _mm256_setzero_ps();
+  }
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const int64_t nb = cols / QK_K;
+  for (int64_t b = 0; b < nb; ++b) {
+    const Block& x = reinterpret_cast<const Block*>(w)[b];
+    const float d = h2f(&x.d), dmin = h2f(&x.dmin);
+    const __m256i sm = k4_scales_mins(x.scales);
+    const __m512i sm512 = _mm512_zextsi256_si512(sm);
+    const __m256 mins = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sm, 1))));
+    __m512i sumi[NC][kChains];
+    for (int c = 0; c < NC; ++c) {
+      acc[c] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(y[c][b].sum32), acc[c]);
+      for (int k = 0; k < kChains; ++k) sumi[c][k] = _mm512_setzero_si512();
+    }
+    __m256i hbits;
+    if constexpr (Q5) hbits = loadu256(x.qh);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256i qb = loadu256(x.qs + 32 * j);
+      __m256i ql = _mm256_and_si256(qb, m4);
+      __m256i qh = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+      if constexpr (Q5) {
+        const __m256i one = _mm256_set1_epi8(1);
+        ql = _mm256_or_si256(ql, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j), one), 4));
+        qh = _mm256_or_si256(qh, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hbits, 2 * j + 1), one), 4));
+      }
+      const __m512i q = _mm512_inserti64x4(_mm512_zextsi256_si512(ql), qh, 1);  // elements 64j..64j+63
+      const __m512i sc = spread16(sm512, kK4Spread[j]);
+      for (int c = 0; c < NC; ++c) {
+        const __m512i p16 = _mm512_maddubs_epi16(q, _mm512_loadu_si512(y[c][b].qs + 64 * j));  // q <= 31: exact
+        sumi[c][j % kChains] = _mm512_dpwssd_epi32(sumi[c][j % kChains], p16, sc);
+      }
+    }
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int c = 0; c < NC; ++c) {
+      __m512i si = sumi[c][0];
+      if constexpr (kChains == 2) si = _mm512_add_epi32(si, sumi[c][1]);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_broadcast_ss(&y[c][b].d)), _mm256_cvtepi32_ps(fold512(si)), acc[c]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) out[c] = hsum8(acc[c]);
+}
+
+template <int NC>
+void kern_q6K_512(const uint8_t* w, const uint8_t* const* acts, int64_t cols, float* out) {
+  constexpr int kChains = NC <= 2 ? 2 : 1;
+  const ActQ8K* y[NC];
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) {
+    y[c] = reinterpret_cast<const ActQ8K*>(acts[c]);
+    acc[c] = _mm256_setzero_ps();
+  }
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i m2 = _mm512_set1_epi8(0x03);
+  const int64_t nb = cols / QK_K;
+  for (int64_t b = 0; b < nb; ++b) {
+    const block_q6_K& x = reinterpret_cast<const block_q6_K*>(w)[b];
+    const float d = h2f(&x.d);
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x.scales)));
+    const __m512i sc512 = _mm512_zextsi256_si512(sc16);
+    __m512i sumi[NC][kChains];
+    for (int c = 0; c < NC; ++c) {
+      // q6 - 32 with q6 unsigned: subtract 32 * sum sc*bsum (integer, as in kern_q6K).
+      const __m256i corr = _mm256_slli_epi32(_mm256_madd_epi16(loadu256(y[c][b].bsums), sc16), 5);
+      sumi[c][0] = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), corr));
+      if constexpr (kChains == 2) sumi[c][1] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half) {
+      const __m512i ql = _mm512_loadu_si512(x.ql + 64 * half);
+      const __m256i qh = loadu256(x.qh + 32 * half);
+      // High bits of elements 0..31 are qh bits 0-1, of 32..63 bits 2-3 (and +4 for 64..127).
+      const __m512i qh2 = _mm512_inserti64x4(_mm512_zextsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+      const __m512i qa = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_slli_epi16(_mm512_and_si512(qh2, m2), 4));
+      const __m512i qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                         _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh2, 4), m2), 4));
+      const __m512i sa = spread16(sc512, kK6Spread[2 * half]);
+      const __m512i sb = spread16(sc512, kK6Spread[2 * half + 1]);
+      for (int c = 0; c < NC; ++c) {
+        const int8_t* q8 = y[c][b].qs + 128 * half;
+        const __m512i pa = _mm512_maddubs_epi16(qa, _mm512_loadu_si512(q8));  // q6 <= 63: exact
+        const __m512i pb = _mm512_maddubs_epi16(qb, _mm512_loadu_si512(q8 + 64));
+        sumi[c][0] = _mm512_dpwssd_epi32(sumi[c][0], pa, sa);
+        sumi[c][kChains - 1] = _mm512_dpwssd_epi32(sumi[c][kChains - 1], pb, sb);
+      }
+    }
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int c = 0; c < NC; ++c) {
+      __m512i si = sumi[c][0];
+      if constexpr (kChains == 2) si = _mm512_add_epi32(si, sumi[c][1]);
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_broadcast_ss(&y[c][b].d)), _mm256_cvtepi32_ps(fold512(si)), acc[c]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) out[c] = hsum8(acc[c]);
+}
+#endif  // TW_VNNI
 
 // ---- float weights (activations: fp32, already rounded to the weight's precision) ---------------
 
@@ -335,19 +483,31 @@ void kern_float(const uint8_t* w, const uint8_t* const* acts, int64_t cols, floa
 
 // ---- nc dispatch ----------------------------------------------------------------------------
 
+// nc activation rows per call: templates for 1..4 (and 8 with 32 vector registers); other counts
+// are split.
 template <template <int> class K>
 void dispatch_nc(const uint8_t* w, const uint8_t* const* acts, int nc, int64_t cols, float* out) {
-  switch (nc) {
-    case 1: K<1>::run(w, acts, cols, out); return;
-    case 2: K<2>::run(w, acts, cols, out); return;
-    case 3: K<3>::run(w, acts, cols, out); return;
-    default: K<4>::run(w, acts, cols, out); return;
+  while (nc > 0) {
+#if TW_VNNI
+    if (nc >= 8) { K<8>::run(w, acts, cols, out); acts += 8; out += 8; nc -= 8; continue; }
+#endif
+    switch (nc) {
+      case 1: K<1>::run(w, acts, cols, out); return;
+      case 2: K<2>::run(w, acts, cols, out); return;
+      case 3: K<3>::run(w, acts, cols, out); return;
+      default: K<4>::run(w, acts, cols, out); acts += 4; out += 4; nc -= 4; break;
+    }
   }
 }
 
 template <W32 T> struct K32 { template <int NC> struct R { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern32<T, NC>(w, a, n, o); } }; };
+#if TW_VNNI
+template <bool Q5> struct K45 { template <int NC> struct R { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern_q45K_512<Q5, NC>(w, a, n, o); } }; };
+template <int NC> struct K6 { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern_q6K_512<NC>(w, a, n, o); } };
+#else
 template <bool Q5> struct K45 { template <int NC> struct R { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern_q45K<Q5, NC>(w, a, n, o); } }; };
 template <int NC> struct K6 { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern_q6K<NC>(w, a, n, o); } };
+#endif
 template <WF T> struct KF { template <int NC> struct R { static void run(const uint8_t* w, const uint8_t* const* a, int64_t n, float* o) { kern_float<T, NC>(w, a, n, o); } }; };
 
 // The table (generic code, see the .cpp) takes the addresses of these.

@@ -28,10 +28,12 @@ ActKind act_kind(Type wt) {
 size_t act_row_bytes(Type wt, int64_t cols) {
   switch (act_kind(wt)) {
     case ActKind::Q8_0: case ActKind::Q8_1: return static_cast<size_t>(cols / QK) * sizeof(ActQ8);
-    case ActKind::Q8_K: return static_cast<size_t>(cols / QK_K) * sizeof(block_q8_K);
+    case ActKind::Q8_K: return static_cast<size_t>(cols / QK_K) * sizeof(ActQ8K);
     default: return static_cast<size_t>(cols) * sizeof(float);  // F32/F16/BF16: rounded floats
   }
 }
+
+int cols_per_call(int simd_level) { return simd_level >= 2 ? 8 : 4; }
 
 void unpack_k4_scales(const uint8_t* q, uint8_t* sc16) {
   // get_scale_min_k4 of ggml: 6-bit scale j and min j; j >= 4 borrow their top 2 bits from bytes 0..7.
@@ -48,15 +50,25 @@ void unpack_k4_scales(const uint8_t* q, uint8_t* sc16) {
 
 // ---- activation quantisation -------------------------------------------------------------------
 
+static inline int nearest_int(float f) {  // ggml's magic-number rounding (half to even), |f| < 2^22
+  float val = f + 12582912.f;
+  int i;
+  std::memcpy(&i, &val, sizeof(int));
+  return (i & 0x007fffff) - 0x00400000;
+}
+
 static void quantize_q8_32(const float* x, int64_t cols, ActQ8* y) {
   for (int64_t b = 0; b < cols / QK; ++b, x += QK) {
     float amax = 0.0f;
-    for (int j = 0; j < QK; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    for (int j = 0; j < QK; ++j) {
+      const float ax = std::fabs(x[j]);
+      amax = ax > amax ? ax : amax;  // not std::fmax: that is a libm call at the x86-64 baseline
+    }
     const float d = amax / 127.0f;
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;  // llama.cpp's AVX path: 127/amax, not 1/d
     int sum = 0;
     for (int j = 0; j < QK; ++j) {
-      const int q = static_cast<int>(std::nearbyint(x[j] * id));  // round half to even (_MM_ROUND_NEAREST)
+      const int q = nearest_int(x[j] * id);  // round half to even, like _mm256_round_ps(_MM_ROUND_NEAREST)
       y[b].qs[j] = static_cast<int8_t>(q);
       sum += q;
     }
@@ -65,14 +77,7 @@ static void quantize_q8_32(const float* x, int64_t cols, ActQ8* y) {
   }
 }
 
-static inline int nearest_int(float f) {  // ggml's magic-number rounding (half to even), |f| < 2^22
-  float val = f + 12582912.f;
-  int i;
-  std::memcpy(&i, &val, sizeof(int));
-  return (i & 0x007fffff) - 0x00400000;
-}
-
-static void quantize_q8_K(const float* x, int64_t cols, block_q8_K* y) {
+static void quantize_q8_K(const float* x, int64_t cols, ActQ8K* y) {
   for (int64_t b = 0; b < cols / QK_K; ++b, x += QK_K) {
     float max = 0, amax = 0;
     for (int j = 0; j < QK_K; ++j) {
@@ -94,6 +99,7 @@ static void quantize_q8_K(const float* x, int64_t cols, block_q8_K* y) {
       y[b].bsums[j] = static_cast<int16_t>(sum);
     }
     y[b].d = 1 / iscale;
+    for (int j = 0; j < 8; ++j) y[b].sum32[j] = y[b].d * static_cast<float>(y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
   }
 }
 
@@ -101,7 +107,7 @@ void quantize_act_row(Type wt, const float* x, int64_t cols, uint8_t* dst) {
   switch (act_kind(wt)) {
     case ActKind::Q8_0:
     case ActKind::Q8_1: quantize_q8_32(x, cols, reinterpret_cast<ActQ8*>(dst)); return;
-    case ActKind::Q8_K: quantize_q8_K(x, cols, reinterpret_cast<block_q8_K*>(dst)); return;
+    case ActKind::Q8_K: quantize_q8_K(x, cols, reinterpret_cast<ActQ8K*>(dst)); return;
     case ActKind::F32: std::memcpy(dst, x, static_cast<size_t>(cols) * sizeof(float)); return;
     case ActKind::F16: {
       float* o = reinterpret_cast<float*>(dst);
@@ -320,7 +326,7 @@ float dot_ref(Type wt, const uint8_t* w, const uint8_t* act, int64_t cols) {
     }
     case Type::Q4_K: case Type::Q5_K: {
       const bool q5 = wt == Type::Q5_K;
-      const block_q8_K* y = reinterpret_cast<const block_q8_K*>(act);
+      const ActQ8K* y = reinterpret_cast<const ActQ8K*>(act);
       for (int64_t b = 0; b < cols / QK_K; ++b) {
         const uint8_t *scales, *qs, *qh = nullptr;
         uint16_t dh, mh;
@@ -352,7 +358,7 @@ float dot_ref(Type wt, const uint8_t* w, const uint8_t* act, int64_t cols) {
     }
     case Type::Q6_K: {
       const block_q6_K* x = blocks<block_q6_K>(w);
-      const block_q8_K* y = reinterpret_cast<const block_q8_K*>(act);
+      const ActQ8K* y = reinterpret_cast<const ActQ8K*>(act);
       for (int64_t b = 0; b < cols / QK_K; ++b) {
         int q[QK_K];
         const uint8_t* ql = x[b].ql;
