@@ -52,9 +52,10 @@ struct Synthetic {
       for (auto& b : d) b = static_cast<uint8_t>(rng());
       const int bb = gguf::type_traits(t).block_bytes;
       const int f16_at = t == gguf::Type::Q6_K ? 208 : 0;  // keep the fp16 scales finite and small
+      const bool two = t == gguf::Type::Q4_K || t == gguf::Type::Q4_1;  // d and dmin / m
       for (size_t o = 0; o + bb <= d.size(); o += bb) {
         d[o + f16_at] = 0x00; d[o + f16_at + 1] = 0x20;
-        if (t == gguf::Type::Q4_K) { d[o + 2] = 0x00; d[o + 3] = 0x20; }
+        if (two) { d[o + 2] = 0x00; d[o + 3] = 0x20; }
       }
       gguf::TensorInfo ti;
       ti.name = name; ti.type = t; ti.ne = {cols, rows}; ti.data = d.data(); ti.nbytes = d.size();
@@ -63,6 +64,10 @@ struct Synthetic {
     for (int l = 0; l < 28; ++l) add("blk." + std::to_string(l) + ".ffn_up.weight", gguf::Type::Q4_K, 1536, 8960);
     add("blk.0.ffn_down.weight", gguf::Type::Q6_K, 8960, 1536);
     add("blk.0.attn_q.weight", gguf::Type::Q4_K, 1536, 1536);
+    // The other models' main types: Qwen2.5-0.5B ffn_up (Q5_0) / attn (Q8_0), SmolLM2 ffn_up (Q4_1).
+    add("q05.ffn_up.Q5_0", gguf::Type::Q5_0, 896, 4864);
+    add("q05.attn_q.Q8_0", gguf::Type::Q8_0, 896, 896);
+    add("smol.ffn_up.Q4_1", gguf::Type::Q4_1, 576, 1536);
   }
   const gguf::TensorInfo* find_tensor(const std::string& n) const {
     for (const auto& t : infos) if (t.name == n) return &t;
@@ -162,7 +167,9 @@ static int run(const Source& f, const std::string& path, bool quick) {
     }
 
     std::printf("\n== matmul (prefill): GFLOP/s ==\n");
-    for (const char* name : {"blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.0.attn_q.weight"}) {
+    for (const char* name : {"blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.0.attn_q.weight", "q05.ffn_up.Q5_0",
+                             "q05.attn_q.Q8_0", "smol.ffn_up.Q4_1"}) {
+      if (!f.find_tensor(name)) continue;  // the extra types exist only in --synthetic
       const ops::QMatrix W = ops::as_matrix(f.tensor(name));
       for (ops::Simd s : levels) {
         if (s == ops::Simd::Scalar) continue;

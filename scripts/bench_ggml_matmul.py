@@ -48,14 +48,17 @@ cpu.ggml_cpu_init()
 class SynTensor:
     """Random valid blocks (small positive fp16 scales) of a model tensor's shape and type."""
     SHAPES = {"blk.0.ffn_up.weight": (12, 1536, 8960, 144), "blk.0.ffn_down.weight": (14, 8960, 1536, 210),
-              "blk.0.attn_q.weight": (12, 1536, 1536, 144)}
+              "blk.0.attn_q.weight": (12, 1536, 1536, 144), "q05.ffn_up.Q5_0": (6, 896, 4864, 22),
+              "q05.attn_q.Q8_0": (8, 896, 896, 34), "smol.ffn_up.Q4_1": (3, 576, 1536, 20)}
+    BE = {12: 256, 14: 256, 6: 32, 8: 32, 3: 32}
 
     def __init__(self, name):
         ty, cols, rows, bb = self.SHAPES[name]
         self.name, self.shape = name, (cols, rows)
-        self.tensor_type = type("T", (), {"name": {12: "Q4_K", 14: "Q6_K"}[ty], "__int__": lambda s: ty})()
-        raw = np.random.default_rng(5).integers(0, 256, rows * cols // 256 * bb, dtype=np.uint8).reshape(-1, bb)
-        for off in ([0, 2] if ty == 12 else [208]):
+        self.tensor_type = type("T", (), {"name": {12: "Q4_K", 14: "Q6_K", 6: "Q5_0", 8: "Q8_0", 3: "Q4_1"}[ty],
+                                          "__int__": lambda s: ty})()
+        raw = np.random.default_rng(5).integers(0, 256, rows * cols // self.BE[ty] * bb, dtype=np.uint8).reshape(-1, bb)
+        for off in ([0, 2] if ty in (12, 3) else [208] if ty == 14 else [0]):
             raw[:, off], raw[:, off + 1] = 0x00, 0x20
         self.data = raw.reshape(-1)
 
@@ -100,7 +103,10 @@ def main():
         for th in [1, 2]:
             rows, cols, ty, nbytes, t = bench(reader, name, 1, th, 30)
             print(f"matvec {name:22s} {ty:5s} {rows}x{cols} threads={th}  {t*1e6:8.1f} us  {nbytes/t/1e9:6.2f} GB/s")
-    for name in ["blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.0.attn_q.weight"]:
+    names = ["blk.0.ffn_up.weight", "blk.0.ffn_down.weight", "blk.0.attn_q.weight"]
+    if isinstance(reader, SynReader):
+        names += ["q05.ffn_up.Q5_0", "q05.attn_q.Q8_0", "smol.ffn_up.Q4_1"]
+    for name in names:
         for n in [64, 256, 512]:
             for th in [1, 2]:
                 rows, cols, ty, nbytes, t = bench(reader, name, n, th, 3)
