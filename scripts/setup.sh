@@ -8,8 +8,8 @@
 #   2. a Python venv for the tooling at $TWILIGHT_CACHE/venv (default ~/.cache/twilight/venv) with
 #      the pinned requirements-tools.txt; --reference also installs llama-cpp-python
 #      (requirements-reference.txt; it compiles llama.cpp, ~15 min on 2 cores);
-#   3. the models, via scripts/fetch_models.py (default: smollm2 + qwen1.5b; pass --all for every
-#      model, --only NAME for one); already verified models are not fetched again.
+#   3. the models, via scripts/fetch_models.py (default: all three, as the tests use them; --only NAME
+#      for fewer); already verified models are not fetched again.
 # nvcc is optional: CMake builds the CUDA backend when it finds one.
 set -euo pipefail
 
