@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -108,6 +109,25 @@ QMatrix view(Type t, int64_t rows, int64_t cols, const std::vector<uint8_t>& d) 
   return QMatrix{t, rows, cols, d.data(), gguf::row_bytes(t, cols)};
 }
 
+// Values the quantised activation row a stands for (what the integer dots actually multiply).
+std::vector<float> dequantized_act(Type t, int64_t cols, const std::vector<uint8_t>& a) {
+  std::vector<float> v(cols);
+  switch (detail::act_kind(t)) {
+    case detail::ActKind::Q8_0: case detail::ActKind::Q8_1: {
+      const auto* b = reinterpret_cast<const detail::ActQ8*>(a.data());
+      for (int64_t j = 0; j < cols; ++j) v[j] = b[j / 32].d * b[j / 32].qs[j % 32];
+      break;
+    }
+    case detail::ActKind::Q8_K: {
+      const auto* b = reinterpret_cast<const detail::ActQ8K*>(a.data());
+      for (int64_t j = 0; j < cols; ++j) v[j] = b[j / 256].d * b[j / 256].qs[j % 256];
+      break;
+    }
+    default: std::memcpy(v.data(), a.data(), cols * sizeof(float));
+  }
+  return v;
+}
+
 // Error bounds for one row w (dequantised), offsets w0, activation x and its quantised form xq.
 //
 // (a) SIMD vs scalar reference: the integer block sums are exact in both, only the fp32 combination
@@ -190,23 +210,7 @@ struct Case {
     detail::quantize_act_row(t, x.data() + i * cols, cols, a.data());
     return a;
   }
-  std::vector<float> act_values(const std::vector<uint8_t>& a) const {
-    std::vector<float> v(cols);
-    switch (detail::act_kind(t)) {
-      case detail::ActKind::Q8_0: case detail::ActKind::Q8_1: {
-        const auto* b = reinterpret_cast<const detail::ActQ8*>(a.data());
-        for (int64_t j = 0; j < cols; ++j) v[j] = b[j / 32].d * b[j / 32].qs[j % 32];
-        break;
-      }
-      case detail::ActKind::Q8_K: {
-        const auto* b = reinterpret_cast<const detail::ActQ8K*>(a.data());
-        for (int64_t j = 0; j < cols; ++j) v[j] = b[j / 256].d * b[j / 256].qs[j % 256];
-        break;
-      }
-      default: std::memcpy(v.data(), a.data(), cols * sizeof(float));
-    }
-    return v;
-  }
+  std::vector<float> act_values(const std::vector<uint8_t>& a) const { return dequantized_act(t, cols, a); }
 
   // Check Y (n x rows) from the kernel under test.
   void check(const std::vector<float>& Y, const std::string& what) const {
@@ -268,6 +272,57 @@ TEST(Dequant, MatchesLlamaCppPythonReference) {
     get_row(QMatrix{t, 1, hdr[1], raw.data(), raw.size()}, 0, got.data());
     for (uint32_t i = 0; i < hdr[1]; ++i)
       ASSERT_NEAR(got[i], want[i], 1e-6f * std::fabs(want[i]) + 1e-12f) << gguf::type_traits(t).name << " element " << i;
+  }
+}
+
+// llama.cpp's own CPU result (ggml_mul_mat, see scripts/gen_ops_ggml_fixture.py) on small random
+// matrices: we must agree to fp32 rounding at every level, which holds only if the activations are
+// quantised exactly as llama.cpp does and every block dot is the same integer sum.
+TEST(Matmul, MatchesLlamaCppGgml) {
+  std::ifstream f(std::string(TW_SOURCE_DIR) + "/src/ops/cpu/testdata/ggml_matmul_ref.bin", std::ios::binary);
+  ASSERT_TRUE(f) << "missing fixture: run scripts/gen_ops_ggml_fixture.py";
+  char magic[4];
+  uint32_t count = 0;
+  f.read(magic, 4);
+  f.read(reinterpret_cast<char*>(&count), 4);
+  ASSERT_EQ(std::string(magic, 4), "TWGM");
+  ASSERT_EQ(count, std::size(kTypes));
+  for (uint32_t k = 0; k < count; ++k) {
+    uint32_t h[5];
+    f.read(reinterpret_cast<char*>(h), sizeof(h));
+    ASSERT_TRUE(f);
+    const Type t = static_cast<Type>(h[0]);
+    const int64_t rows = h[1], cols = h[2], n = h[3];
+    std::vector<uint8_t> w(h[4]);
+    std::vector<float> x(n * cols), want(n * rows);
+    f.read(reinterpret_cast<char*>(w.data()), w.size());
+    f.read(reinterpret_cast<char*>(x.data()), x.size() * 4);
+    f.read(reinterpret_cast<char*>(want.data()), want.size() * 4);
+    ASSERT_TRUE(f);
+    ASSERT_EQ(w.size(), gguf::row_bytes(t, cols) * rows);
+    const std::vector<uint8_t> w0 = offsets_only(t, w);
+    std::vector<float> wf(cols), w0f(cols);
+    double worst = 0;  // largest |difference| / tolerance, printed as evidence of how close we are
+    for (Simd s : levels()) {
+      ThreadPool pool(2);
+      std::vector<float> Y(n * rows, NAN);
+      matmul(view(t, rows, cols, w), x.data(), n, Y.data(), pool, s);
+      for (int64_t i = 0; i < n; ++i) {
+        std::vector<uint8_t> a(detail::act_row_bytes(t, cols));
+        detail::quantize_act_row(t, x.data() + i * cols, cols, a.data());
+        const std::vector<float> xq = dequantized_act(t, cols, a);
+        for (int64_t r = 0; r < rows; ++r) {
+          detail::dequantize_row_ref(t, w.data() + r * gguf::row_bytes(t, cols), cols, wf.data());
+          detail::dequantize_row_ref(t, w0.data() + r * gguf::row_bytes(t, cols), cols, w0f.data());
+          // Only the fp32 summation order may differ: the same bound as Bounds::fp32.
+          const double tol = bounds(t, wf.data(), w0f.data(), x.data() + i * cols, xq.data(), cols).fp32;
+          worst = std::max(worst, std::fabs(Y[i * rows + r] - want[i * rows + r]) / tol);
+          ASSERT_NEAR(Y[i * rows + r], want[i * rows + r], tol)
+              << gguf::type_traits(t).name << " " << simd_name(s) << " x row " << i << " W row " << r;
+        }
+      }
+    }
+    std::printf("  %-5s vs ggml: max |diff| = %.3f of the fp32 tolerance\n", gguf::type_traits(t).name, worst);
   }
 }
 
