@@ -61,6 +61,19 @@ using RowKernel = void (*)(const uint8_t* wrow, const uint8_t* const* acts, int 
 RowKernel avx2_kernel(gguf::Type wt);
 RowKernel avx512_kernel(gguf::Type wt);
 
+// Interleaved GEMM path (AVX-512 level, Q4_K): 8 weight rows are repacked so that one vector holds
+// 4 quant bytes of each of the 8 rows, with their scales, mins and d as 8-lane vectors. A vpdpbusd
+// with a broadcast group of 4 activation bytes then yields 8 rows' partial dots at once: no
+// horizontal sums, and scales/mins applied to 8 rows per instruction.
+struct Interleaved8 {
+  size_t (*packed_bytes)(int64_t cols) = nullptr;  // bytes of one repacked 8-row group
+  // Repack rows w, w + row_bytes, ..., w + 7 * row_bytes (cols columns) into dst.
+  void (*repack)(const uint8_t* w, size_t row_bytes, int64_t cols, uint8_t* dst) = nullptr;
+  // out[c][0..7] = the 8 rows' dots with activation row acts[c], c < nc (1 <= nc <= 4).
+  void (*kernel)(const uint8_t* packed, const uint8_t* const* acts, int nc, int64_t cols, float* const* out) = nullptr;
+};
+Interleaved8 avx512_interleaved8(gguf::Type wt);  // empty (nullptrs) when the type has none
+
 // Q4_K/Q5_K 6-bit scales and mins of a super-block: sc[0..7] scales, sc[8..15] mins.
 void unpack_k4_scales(const uint8_t* scales12, uint8_t* sc16);
 

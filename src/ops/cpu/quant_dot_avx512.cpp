@@ -46,4 +46,18 @@ RowKernel avx512_kernel(gguf::Type wt) {
 #endif
 }
 
+Interleaved8 avx512_interleaved8(gguf::Type wt) {
+  Interleaved8 r;
+#if TW_HAVE_KERNELS
+  if (wt == gguf::Type::Q4_K) {
+    r.packed_bytes = q4k8_bytes;
+    r.repack = q4k8_repack;
+    r.kernel = q4k8_kernel;
+  }
+#else
+  (void)wt;
+#endif
+  return r;
+}
+
 }  // namespace tw::ops::detail

@@ -441,6 +441,101 @@ void kern_q6K_512(const uint8_t* w, const uint8_t* const* acts, int64_t cols, fl
   }
   for (int c = 0; c < NC; ++c) out[c] = hsum8(acc[c]);
 }
+
+// ---- Q4_K, 8 rows interleaved (see Interleaved8) ------------------------------------------------
+
+// Repacked super-block of 8 rows: d[8] (fp32), mins[8][8] (fp32, dmin_r * m_rj, [j][r]),
+// scales[8][8] (i32, [j][r]), qs[4][8][32]: chunk j (64 elements), group k of 4 bytes, 8 rows x 4.
+struct Q4KPacked8 {
+  float d[8];
+  float mins[8][8];
+  int32_t scales[8][8];
+  uint8_t qs[4][8][32];
+};
+static_assert(sizeof(Q4KPacked8) == 32 + 256 + 256 + 1024);
+
+size_t q4k8_bytes(int64_t cols) { return static_cast<size_t>(cols / QK_K) * sizeof(Q4KPacked8); }
+
+void q4k8_repack(const uint8_t* w, size_t row_bytes, int64_t cols, uint8_t* dst) {
+  Q4KPacked8* out = reinterpret_cast<Q4KPacked8*>(dst);
+  const int64_t nb = cols / QK_K;
+  for (int r = 0; r < 8; ++r) {
+    const block_q4_K* x = reinterpret_cast<const block_q4_K*>(w + r * row_bytes);
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t sc[16];
+      tw::ops::detail::unpack_k4_scales(x[b].scales, sc);
+      const float dmin = h2f(&x[b].dmin);
+      out[b].d[r] = h2f(&x[b].d);
+      for (int j = 0; j < 8; ++j) {
+        out[b].scales[j][r] = sc[j];
+        out[b].mins[j][r] = dmin * sc[8 + j];
+      }
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 8; ++k) std::memcpy(&out[b].qs[j][k][4 * r], x[b].qs + 32 * j + 4 * k, 4);
+    }
+  }
+}
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int NC>
+void q4k8_kernel_nc(const uint8_t* packed, const uint8_t* const* acts, int64_t cols, float* const* out) {
+  const Q4KPacked8* x = reinterpret_cast<const Q4KPacked8*>(packed);
+  const ActQ8K* y[NC];
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) {
+    y[c] = reinterpret_cast<const ActQ8K*>(acts[c]);
+    acc[c] = _mm256_setzero_ps();
+  }
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const int64_t nb = cols / QK_K;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i isum[NC];
+    for (int c = 0; c < NC; ++c) isum[c] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      // Lanes = rows. lo nibbles: sub-block 2j (elements 64j + 4k..), hi: sub-block 2j+1 (+32).
+      __m256i slo[NC], shi[NC];
+      for (int c = 0; c < NC; ++c) slo[c] = shi[c] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].qs[j][k]));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int c = 0; c < NC; ++c) {
+          const int8_t* q8 = y[c][b].qs + 64 * j + 4 * k;
+          slo[c] = _mm256_dpbusd_epi32(slo[c], lo, bcast4(q8));
+          shi[c] = _mm256_dpbusd_epi32(shi[c], hi, bcast4(q8 + 32));
+        }
+      }
+      // Sub-block sums are at most 32 * 15 * 127 = 60960, times a 6-bit scale: exact in i32.
+      const __m256i sl = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].scales[2 * j]));
+      const __m256i sh = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].scales[2 * j + 1]));
+      for (int c = 0; c < NC; ++c)
+        isum[c] = _mm256_add_epi32(isum[c], _mm256_add_epi32(_mm256_mullo_epi32(slo[c], sl), _mm256_mullo_epi32(shi[c], sh)));
+    }
+    const __m256 vd = _mm256_load_ps(x[b].d);
+    for (int c = 0; c < NC; ++c) {
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_broadcast_ss(&y[c][b].d)), _mm256_cvtepi32_ps(isum[c]), acc[c]);
+      // Min term: sum_j (dmin m_j) * (d_y * sum of q8 in sub-block j), 8 rows per FMA.
+      for (int j = 0; j < 8; ++j)
+        acc[c] = _mm256_fnmadd_ps(_mm256_load_ps(x[b].mins[j]), _mm256_broadcast_ss(&y[c][b].sum32[j]), acc[c]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out[c], acc[c]);
+}
+
+void q4k8_kernel(const uint8_t* packed, const uint8_t* const* acts, int nc, int64_t cols, float* const* out) {
+  switch (nc) {
+    case 1: q4k8_kernel_nc<1>(packed, acts, cols, out); return;
+    case 2: q4k8_kernel_nc<2>(packed, acts, cols, out); return;
+    case 3: q4k8_kernel_nc<3>(packed, acts, cols, out); return;
+    default: q4k8_kernel_nc<4>(packed, acts, cols, out); return;
+  }
+}
 #endif  // TW_VNNI
 
 // ---- float weights (activations: fp32, already rounded to the weight's precision) ---------------
