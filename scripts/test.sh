@@ -51,10 +51,21 @@ fi
 # Tests and fuzz/ call python3 with gguf/numpy: use the pinned tooling venv set up above.
 if [[ -x "$CACHE/venv/bin/python3" ]]; then export PATH="$CACHE/venv/bin:$PATH"; fi
 
+run_ctest() {  # $1: preset; keeps ctest's own output and adds the counts to the stage summary
+  local log rc
+  log=$(mktemp)
+  ctest --preset "$1" -j "$JOBS" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  CTEST_NOTE="$(grep -oE '[0-9]+ tests failed out of [0-9]+' "$log" | tail -1), $(grep -cE '\((Skipped|Disabled)\)$' "$log") skipped/disabled"
+  rm -f "$log"
+  return "$rc"
+}
 build_and_test() {  # $1: preset
+  CTEST_NOTE=""
   stage "configure ($1)" cmake --preset "$1" &&
     stage "build ($1)" cmake --build --preset "$1" -j "$JOBS" &&
-    stage "ctest ($1)" ctest --preset "$1" -j "$JOBS"
+    stage "ctest ($1)" run_ctest "$1"
+  if [[ -n "$CTEST_NOTE" ]]; then RESULTS[-1]+="  ($CTEST_NOTE)"; fi
 }
 build_and_test default
 if ((ASAN)); then build_and_test asan; fi
