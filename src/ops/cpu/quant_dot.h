@@ -11,13 +11,15 @@ namespace tw::ops::detail {
 
 // Activation block for the 32-element types (llama.cpp's block_q8_0 / block_q8_1, unpacked to
 // floats so kernels need no fp16 conversion). d is already rounded to fp16 precision like the
-// fp16 field llama.cpp stores; s = fp16(d_unrounded * sum(qs)) as in block_q8_1 (only Q4_1/Q5_1 use it).
+// fp16 field llama.cpp stores; s = fp16(d_unrounded * sum(qs)) as in block_q8_1 (only Q4_1/Q5_1 use it);
+// sum = sum(qs) exactly (the interleaved GEMM subtracts offset * sum for the symmetric types).
 struct ActQ8 {
   float d;
   float s;
+  int32_t sum;
   int8_t qs[32];
 };
-static_assert(sizeof(ActQ8) == 40);
+static_assert(sizeof(ActQ8) == 44);
 
 // Activation super-block for the k-quants: llama.cpp's block_q8_K plus sum32[j] = d * (sum of the
 // 32 qs of sub-block j), which lets the SIMD kernels fold the Q4_K/Q5_K min term into one fp32 FMA.
@@ -61,7 +63,7 @@ using RowKernel = void (*)(const uint8_t* wrow, const uint8_t* const* acts, int 
 RowKernel avx2_kernel(gguf::Type wt);
 RowKernel avx512_kernel(gguf::Type wt);
 
-// Interleaved GEMM path (AVX-512 level, Q4_K): 8 weight rows are repacked so that one vector holds
+// Interleaved GEMM path (AVX-512 level; Q4_K and the 32-element types): 8 weight rows are repacked so that one vector holds
 // 4 quant bytes of each of the 8 rows, with their scales, mins and d as 8-lane vectors. A vpdpbusd
 // with a broadcast group of 4 activation bytes then yields 8 rows' partial dots at once: no
 // horizontal sums, and scales/mins applied to 8 rows per instruction.

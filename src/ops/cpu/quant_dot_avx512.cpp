@@ -49,10 +49,14 @@ RowKernel avx512_kernel(gguf::Type wt) {
 Interleaved8 avx512_interleaved8(gguf::Type wt) {
   Interleaved8 r;
 #if TW_HAVE_KERNELS
-  if (wt == gguf::Type::Q4_K) {
-    r.packed_bytes = q4k8_bytes;
-    r.repack = q4k8_repack;
-    r.kernel = q4k8_kernel;
+  switch (wt) {
+    case gguf::Type::Q4_K: r.packed_bytes = q4k8_bytes; r.repack = q4k8_repack; r.kernel = q4k8_kernel; break;
+    case gguf::Type::Q4_0: r.packed_bytes = p32_bytes<W32::Q4_0>; r.repack = p32_repack<W32::Q4_0>; r.kernel = p32_kernel<W32::Q4_0>; break;
+    case gguf::Type::Q4_1: r.packed_bytes = p32_bytes<W32::Q4_1>; r.repack = p32_repack<W32::Q4_1>; r.kernel = p32_kernel<W32::Q4_1>; break;
+    case gguf::Type::Q5_0: r.packed_bytes = p32_bytes<W32::Q5_0>; r.repack = p32_repack<W32::Q5_0>; r.kernel = p32_kernel<W32::Q5_0>; break;
+    case gguf::Type::Q5_1: r.packed_bytes = p32_bytes<W32::Q5_1>; r.repack = p32_repack<W32::Q5_1>; r.kernel = p32_kernel<W32::Q5_1>; break;
+    case gguf::Type::Q8_0: r.packed_bytes = p32_bytes<W32::Q8_0>; r.repack = p32_repack<W32::Q8_0>; r.kernel = p32_kernel<W32::Q8_0>; break;
+    default: break;
   }
 #else
   (void)wt;

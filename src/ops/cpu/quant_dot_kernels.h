@@ -536,6 +536,85 @@ void q4k8_kernel(const uint8_t* packed, const uint8_t* const* acts, int nc, int6
     default: q4k8_kernel_nc<4>(packed, acts, cols, out); return;
   }
 }
+
+// ---- 32-element types, 8 rows interleaved ---------------------------------------------------------
+
+// Repacked block of 8 rows: d[8], m[8] (Q4_1/Q5_1 min, else 0), q[k][4r + i] = unsigned quant of
+// element 4k + i of row r. The symmetric types store q + offset (Q4_0 q+8 = nibble, Q5_0 q+16,
+// Q8_0 q+128) and the kernel subtracts offset * sum(q8) (ActQ8::sum): exact integers, as llama.cpp.
+struct Packed32x8 {
+  float d[8];
+  float m[8];
+  uint8_t q[8][32];
+};
+static_assert(sizeof(Packed32x8) == 320);
+
+template <W32 T> constexpr int kOffset32 = T == W32::Q4_0 ? 8 : T == W32::Q5_0 ? 16 : T == W32::Q8_0 ? 128 : 0;
+
+template <W32 T>
+size_t p32_bytes(int64_t cols) { return static_cast<size_t>(cols / QK) * sizeof(Packed32x8); }
+
+template <W32 T>
+void p32_repack(const uint8_t* w, size_t row_bytes, int64_t cols, uint8_t* dst) {
+  Packed32x8* out = reinterpret_cast<Packed32x8*>(dst);
+  const int64_t nb = cols / QK;
+  for (int r = 0; r < 8; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = w + r * row_bytes + b * kBlockBytes<T>;
+      // unpack32 gives q - offset for the symmetric types: add the offset back (Q8_0: +128 = xor 0x80).
+      __m256i v = unpack32<T>(p);
+      if constexpr (T == W32::Q8_0) v = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));
+      else if constexpr (kOffset32<T> != 0) v = _mm256_add_epi8(v, _mm256_set1_epi8(kOffset32<T>));
+      alignas(32) uint8_t q[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), v);
+      out[b].d[r] = h2f(p);
+      out[b].m[r] = kHasMin<T> ? h2f(p + 2) : 0.0f;
+      for (int k = 0; k < 8; ++k) std::memcpy(&out[b].q[k][4 * r], q + 4 * k, 4);
+    }
+  }
+}
+
+template <W32 T, int NC>
+void p32_kernel_nc(const uint8_t* packed, const uint8_t* const* acts, int64_t cols, float* const* out) {
+  const Packed32x8* x = reinterpret_cast<const Packed32x8*>(packed);
+  const ActQ8* y[NC];
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) {
+    y[c] = reinterpret_cast<const ActQ8*>(acts[c]);
+    acc[c] = _mm256_setzero_ps();
+  }
+  const int64_t nb = cols / QK;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i s0[NC], s1[NC];  // two vpdpbusd chains per activation row (latency)
+    for (int c = 0; c < NC; ++c) s0[c] = s1[c] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].q[k]));  // q <= 255
+      for (int c = 0; c < NC; ++c) {
+        if (k & 1) s1[c] = _mm256_dpbusd_epi32(s1[c], v, bcast4(y[c][b].qs + 4 * k));
+        else s0[c] = _mm256_dpbusd_epi32(s0[c], v, bcast4(y[c][b].qs + 4 * k));
+      }
+    }
+    const __m256 vd = _mm256_load_ps(x[b].d);
+    for (int c = 0; c < NC; ++c) {
+      __m256i dot = _mm256_add_epi32(s0[c], s1[c]);
+      if constexpr (kOffset32<T> != 0) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(kOffset32<T> * y[c][b].sum));
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_broadcast_ss(&y[c][b].d)), _mm256_cvtepi32_ps(dot), acc[c]);
+      if constexpr (kHasMin<T>) acc[c] = _mm256_fmadd_ps(_mm256_load_ps(x[b].m), _mm256_broadcast_ss(&y[c][b].s), acc[c]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out[c], acc[c]);
+}
+
+template <W32 T>
+void p32_kernel(const uint8_t* packed, const uint8_t* const* acts, int nc, int64_t cols, float* const* out) {
+  switch (nc) {
+    case 1: p32_kernel_nc<T, 1>(packed, acts, cols, out); return;
+    case 2: p32_kernel_nc<T, 2>(packed, acts, cols, out); return;
+    case 3: p32_kernel_nc<T, 3>(packed, acts, cols, out); return;
+    default: p32_kernel_nc<T, 4>(packed, acts, cols, out); return;
+  }
+}
 #endif  // TW_VNNI
 
 // ---- float weights (activations: fp32, already rounded to the weight's precision) ---------------

@@ -74,6 +74,7 @@ static void quantize_q8_32(const float* x, int64_t cols, ActQ8* y) {
     }
     y[b].d = fp16_to_fp32(fp32_to_fp16(d));
     y[b].s = fp16_to_fp32(fp32_to_fp16(d * static_cast<float>(sum)));
+    y[b].sum = sum;
   }
 }
 
