@@ -37,7 +37,7 @@ T0=$SECONDS
 # ---- 1. system packages ---------------------------------------------------------------------------
 # libclang-rt-14-dev: libFuzzer for fuzz/; r-cran-janeaustenr: the evaluation text (plain English).
 PKGS=(cmake ninja-build g++ pkg-config git ca-certificates python3 python3-venv python3-pip
-      libgtest-dev libgmock-dev clang libclang-rt-14-dev r-cran-janeaustenr)
+      libgtest-dev libgmock-dev nlohmann-json3-dev clang libclang-rt-14-dev llvm-14 r-cran-janeaustenr)
 missing=()
 if command -v dpkg-query >/dev/null; then
   for p in "${PKGS[@]}"; do
