@@ -205,13 +205,16 @@ void matmul(const QMatrix& W, const float* X, int64_t n, float* Y, ThreadPool& p
     // rows of the chunk past them; rows left over (rows % 8) take the row-wise kernels. Below ~12
     // activation rows the repacking costs more than it saves (measured on Zen 4).
     const size_t pb = il.packed_bytes(W.cols);
+    // Each chunk of activation rows repacks the weights again, so chunks are large (activations up
+    // to ~4 MB, served from L3): with L2-sized chunks the Q6_K repack cost ~25% (ffn_down, 8960 cols).
+    const int64_t ichunk = std::max<int64_t>(64, static_cast<int64_t>((4u << 20) / arb));
     pool.parallel_for_grain(rows, 8, [&](int64_t r0, int64_t r1, int) {
       thread_local std::vector<uint8_t> store;
       if (store.size() < pb + 64) store.resize(pb + 64);
       uint8_t* packed = store.data() + (64 - reinterpret_cast<uintptr_t>(store.data()) % 64) % 64;  // 32-byte loads
       const int64_t r8 = r0 + (r1 - r0) / 8 * 8;
-      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-        const int64_t c1 = std::min(n, c0 + chunk);
+      for (int64_t c0 = 0; c0 < n; c0 += ichunk) {
+        const int64_t c1 = std::min(n, c0 + ichunk);
         for (int64_t g8 = r0; g8 < r8; g8 += 8) {
           il.repack(W.data + static_cast<size_t>(g8) * W.row_bytes, W.row_bytes, W.cols, packed);
           const uint8_t* ap[4];

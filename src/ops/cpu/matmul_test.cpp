@@ -401,17 +401,20 @@ TEST(Matmul, AllTypesAllLevels) {
   }
 }
 
-// Big enough to cross the GEMM's cache blocking: a 256-row activation chunk (n = 260) and a 64-row
-// weight tile (100 rows), both with ragged ends, and a last group of 4 (260 = 32 * 8 + 4).
+// Big enough to cross the GEMM's cache blocking: the row-wise path's 256-row activation chunk
+// (n = 260) and 64-row weight tile (100 rows), with ragged ends and a last group of 4 (260 = 32 * 8
+// + 4); the interleaved path's 8-row groups with a tail (100 = 12 * 8 + 4) and, with 8960 columns,
+// its ~360-row activation chunk (n = 400).
 TEST(Matmul, CrossesChunkAndTileBoundaries) {
-  for (Type t : {Type::Q4_K, Type::Q8_0, Type::Q6_K}) {
-    const int64_t cols = 256;
-    Case cs(t, 100, cols, 260, 900 + static_cast<uint32_t>(t));
+  struct Shape { Type t; int64_t rows, cols, n; };
+  for (const Shape& sh : {Shape{Type::Q4_K, 100, 256, 260}, Shape{Type::Q8_0, 100, 256, 260}, Shape{Type::Q6_K, 100, 256, 260},
+                          Shape{Type::Q5_K, 100, 256, 260}, Shape{Type::Q6_K, 17, 8960, 400}}) {
+    Case cs(sh.t, sh.rows, sh.cols, sh.n, 900 + static_cast<uint32_t>(sh.t) + static_cast<uint32_t>(sh.cols));
     for (Simd s : levels()) {
       ThreadPool pool(2);
       std::vector<float> Y(cs.n * cs.rows, NAN);
-      matmul(view(t, cs.rows, cols, cs.w), cs.x.data(), cs.n, Y.data(), pool, s);
-      cs.check(Y, label(t, s, cs.rows, cols, cs.n, 2));
+      matmul(view(sh.t, cs.rows, sh.cols, cs.w), cs.x.data(), cs.n, Y.data(), pool, s);
+      cs.check(Y, label(sh.t, s, cs.rows, sh.cols, cs.n, 2));
       if (HasFatalFailure()) return;
     }
   }

@@ -51,6 +51,7 @@ Interleaved8 avx512_interleaved8(gguf::Type wt) {
 #if TW_HAVE_KERNELS
   switch (wt) {
     case gguf::Type::Q4_K: r.packed_bytes = q4k8_bytes; r.repack = q4k8_repack; r.kernel = q4k8_kernel; break;
+    case gguf::Type::Q6_K: r.packed_bytes = q6k8_bytes; r.repack = q6k8_repack; r.kernel = q6k8_kernel; break;
     case gguf::Type::Q4_0: r.packed_bytes = p32_bytes<W32::Q4_0>; r.repack = p32_repack<W32::Q4_0>; r.kernel = p32_kernel<W32::Q4_0>; break;
     case gguf::Type::Q4_1: r.packed_bytes = p32_bytes<W32::Q4_1>; r.repack = p32_repack<W32::Q4_1>; r.kernel = p32_kernel<W32::Q4_1>; break;
     case gguf::Type::Q5_0: r.packed_bytes = p32_bytes<W32::Q5_0>; r.repack = p32_repack<W32::Q5_0>; r.kernel = p32_kernel<W32::Q5_0>; break;

@@ -615,6 +615,106 @@ void p32_kernel(const uint8_t* packed, const uint8_t* const* acts, int nc, int64
     default: p32_kernel_nc<T, 4>(packed, acts, cols, out); return;
   }
 }
+
+// ---- Q6_K, 8 rows interleaved ---------------------------------------------------------------------
+
+// Repacked super-block of 8 rows: d[8]; scpair[p][r] = scales 2p, 2p+1 of row r as two i16 in an
+// i32 (for the -32 correction with vpdpwssd against bsums pairs); sc[s][r] (i32); q[k][4r + i] =
+// the unsigned 6-bit quant (0..63) of element 4k + i of row r.
+struct Q6KPacked8 {
+  float d[8];
+  int32_t scpair[8][8];
+  int32_t sc[16][8];
+  uint8_t q[64][32];
+};
+static_assert(sizeof(Q6KPacked8) == 32 + 256 + 512 + 2048);
+
+size_t q6k8_bytes(int64_t cols) { return static_cast<size_t>(cols / QK_K) * sizeof(Q6KPacked8); }
+
+void q6k8_repack(const uint8_t* w, size_t row_bytes, int64_t cols, uint8_t* dst) {
+  Q6KPacked8* out = reinterpret_cast<Q6KPacked8*>(dst);
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+  const int64_t nb = cols / QK_K;
+  for (int r = 0; r < 8; ++r) {
+    const block_q6_K* x = reinterpret_cast<const block_q6_K*>(w + r * row_bytes);
+    for (int64_t b = 0; b < nb; ++b) {
+      out[b].d[r] = h2f(&x[b].d);
+      for (int sb = 0; sb < 16; ++sb) out[b].sc[sb][r] = x[b].scales[sb];
+      for (int pr = 0; pr < 8; ++pr) {
+        const uint16_t lo = static_cast<uint16_t>(static_cast<int16_t>(x[b].scales[2 * pr]));
+        const uint16_t hi = static_cast<uint16_t>(static_cast<int16_t>(x[b].scales[2 * pr + 1]));
+        out[b].scpair[pr][r] = static_cast<int32_t>(static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16));
+      }
+      alignas(32) uint8_t q[256];  // element order, as in kern_q6K
+      for (int half = 0; half < 2; ++half) {
+        const __m256i b1 = loadu256(x[b].ql + 64 * half), b2 = loadu256(x[b].ql + 64 * half + 32);
+        const __m256i bh = loadu256(x[b].qh + 32 * half);
+        __m256i* o = reinterpret_cast<__m256i*>(q + 128 * half);
+        _mm256_store_si256(o + 0, _mm256_or_si256(_mm256_and_si256(b1, m4), _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4)));
+        _mm256_store_si256(o + 1, _mm256_or_si256(_mm256_and_si256(b2, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4)));
+        _mm256_store_si256(o + 2, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4)));
+        _mm256_store_si256(o + 3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4)));
+      }
+      for (int k = 0; k < 64; ++k) std::memcpy(&out[b].q[k][4 * r], q + 4 * k, 4);
+    }
+  }
+}
+
+template <int NC>
+void q6k8_kernel_nc(const uint8_t* packed, const uint8_t* const* acts, int64_t cols, float* const* out) {
+  const Q6KPacked8* x = reinterpret_cast<const Q6KPacked8*>(packed);
+  const ActQ8K* y[NC];
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) {
+    y[c] = reinterpret_cast<const ActQ8K*>(acts[c]);
+    acc[c] = _mm256_setzero_ps();
+  }
+  const int64_t nb = cols / QK_K;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i isum[NC], corr[NC];
+    for (int c = 0; c < NC; ++c) {
+      // sum_s sc_s * bsum_s, two sub-blocks per vpdpwssd (|.| <= 16 * 128 * 2032: exact).
+      corr[c] = _mm256_setzero_si256();
+      for (int pr = 0; pr < 8; ++pr) {
+        int32_t bs;
+        std::memcpy(&bs, &y[c][b].bsums[2 * pr], 4);
+        corr[c] = _mm256_dpwssd_epi32(corr[c], _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].scpair[pr])), _mm256_set1_epi32(bs));
+      }
+      isum[c] = _mm256_setzero_si256();
+    }
+#pragma GCC unroll 2
+    for (int sb = 0; sb < 16; ++sb) {
+      const __m256i* q = reinterpret_cast<const __m256i*>(x[b].q[4 * sb]);
+      const __m256i q0 = _mm256_load_si256(q), q1 = _mm256_load_si256(q + 1);
+      const __m256i q2 = _mm256_load_si256(q + 2), q3 = _mm256_load_si256(q + 3);
+      const __m256i sc = _mm256_load_si256(reinterpret_cast<const __m256i*>(x[b].sc[sb]));
+      for (int c = 0; c < NC; ++c) {
+        const int8_t* q8 = y[c][b].qs + 16 * sb;
+        // 16 elements of sub-block sb; q6 <= 63 so each lane's sum is at most 16 * 63 * 127.
+        __m256i t0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q0, bcast4(q8));
+        __m256i t1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q1, bcast4(q8 + 4));
+        t0 = _mm256_dpbusd_epi32(t0, q2, bcast4(q8 + 8));
+        t1 = _mm256_dpbusd_epi32(t1, q3, bcast4(q8 + 12));
+        isum[c] = _mm256_add_epi32(isum[c], _mm256_mullo_epi32(_mm256_add_epi32(t0, t1), sc));
+      }
+    }
+    const __m256 vd = _mm256_load_ps(x[b].d);
+    for (int c = 0; c < NC; ++c) {
+      const __m256i tot = _mm256_sub_epi32(isum[c], _mm256_slli_epi32(corr[c], 5));  // q6 - 32
+      acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(vd, _mm256_broadcast_ss(&y[c][b].d)), _mm256_cvtepi32_ps(tot), acc[c]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(out[c], acc[c]);
+}
+
+void q6k8_kernel(const uint8_t* packed, const uint8_t* const* acts, int nc, int64_t cols, float* const* out) {
+  switch (nc) {
+    case 1: q6k8_kernel_nc<1>(packed, acts, cols, out); return;
+    case 2: q6k8_kernel_nc<2>(packed, acts, cols, out); return;
+    case 3: q6k8_kernel_nc<3>(packed, acts, cols, out); return;
+    default: q6k8_kernel_nc<4>(packed, acts, cols, out); return;
+  }
+}
 #endif  // TW_VNNI
 
 // ---- float weights (activations: fp32, already rounded to the weight's precision) ---------------
