@@ -107,6 +107,8 @@ int cmd_generate(int argc, char** argv) {
     if (e.tokenizer().add_bos()) toks.push_back(e.tokenizer().bos());
     const std::vector<int32_t> body = e.tokenizer().encode(prompt, false);
     toks.insert(toks.end(), body.begin(), body.end());
+    if ((int64_t)toks.size() > e.n_ctx())  // before echoing anything: no partial output on error
+      fail("prompt of ", toks.size(), " tokens is longer than the context of ", e.n_ctx(), " tokens (use -c)");
     Progress pr{now(), toks.size() >= 512 || isatty(2)};
     std::fwrite(prompt.data(), 1, prompt.size(), stdout);
     const GenStats st = e.generate(toks, (int)n_predict, sp, emit, std::ref(pr));
