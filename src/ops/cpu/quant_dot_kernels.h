@@ -4,12 +4,12 @@
 // wider ISA; everything here has internal linkage (anonymous namespace) so no AVX-512 code can be
 // merged into a generic inline function by the linker.
 //
-// TW_VNNI=1 replaces the AVX2 multiply-add chains (maddubs+madd+add) by vpdpbusd / vpdpwssd.
-// Vectors stay 256 bits wide at both levels: on Zen 4 a 512-bit op is two 256-bit halves, and the
-// 32-element block layout of the quant formats maps onto 256-bit registers without shuffles.
+// TW_VNNI=1 (the AVX-512 level) replaces the AVX2 multiply-add chains (maddubs+madd+add) by
+// vpdpbusd / vpdpwssd, uses 512-bit row kernels for the k-quants, and adds the interleaved 8-row
+// GEMM kernels (Interleaved8). The 32-element row kernels stay 256 bits wide: a block is one ymm.
 //
-// Every kernel computes out[c] = dot(w, act_c) for NC activation rows at once: each weight block is
-// loaded and unpacked once and reused NC times (register blocking for the prefill GEMM).
+// Every row kernel computes out[c] = dot(w, act_c) for NC activation rows at once: each weight block
+// is loaded and unpacked once and reused NC times (register blocking for the prefill GEMM).
 // Block integer sums are exact, so the only difference from dot_ref is the fp32 summation order.
 // No include guard: included once per SIMD level.
 
