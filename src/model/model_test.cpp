@@ -102,6 +102,7 @@ void check_model(const std::string& fixture, const char* model_file, int threads
 
 TEST(ModelVsLlamaCpp, SmolLM2) { check_model("smollm2", kSmolLM2File, 2); }
 TEST(ModelVsLlamaCpp, Qwen25Coder15B) { check_model("qwen15", kQwen15File, 2); }
+TEST(ModelVsLlamaCpp, Qwen25Coder05B) { check_model("qwen05", kQwen05File, 2); }  // Q5_0 / Q8_0 weights
 
 TEST(ModelConfig, SmolLM2FromMetadata) {
   std::unique_ptr<Model> m = Model::load(require_model(kSmolLM2File));
