@@ -1,0 +1,421 @@
+// Twilight pruner (INT4 estimate + exact top-p) against a brute-force reference that dequantises the
+// INT4 keys in double, takes the softmax in double and sorts; both GQA modes, floor / cap, the
+// current token, thread-count independence, the KeySide overload, bad input.
+#include "attention/pruner.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <numeric>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "common/error.h"
+#include "common/fp16.h"
+
+namespace tw::attn {
+namespace {
+
+using kv::kPageSize;
+
+// Test-owned INT4 mirror, quantised from the pool's fp16 K with the rule of TWILIGHT.md:
+// scale = max((max - min) / 15, 1e-8), zero = min, q = clamp(round((K - zero) / scale), 0, 15).
+struct TestMirror {
+  int d = 0, hkv = 0;
+  std::map<std::pair<int32_t, int>, std::vector<uint8_t>> codes;  // (phys, h) -> [16][d/2]
+  std::map<std::pair<int32_t, int>, std::vector<float>> scales, zeros;
+
+  TestMirror(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int64_t n) {
+    d = pool.shape().head_dim;
+    hkv = pool.shape().n_kv_heads;
+    for (int64_t t = 0; t < n; ++t)
+      for (int h = 0; h < hkv; ++h) {
+        const int32_t phys = seq.pages[t / kPageSize];
+        const int slot = (int)(t % kPageSize);
+        auto& c = codes[{phys, h}];
+        auto& s = scales[{phys, h}];
+        auto& z = zeros[{phys, h}];
+        c.resize((size_t)kPageSize * d / 2);
+        s.resize(kPageSize);
+        z.resize(kPageSize);
+        const uint16_t* k = pool.k_page(layer, phys, h) + (size_t)slot * d;
+        float mn = INFINITY, mx = -INFINITY;
+        for (int i = 0; i < d; ++i) {
+          mn = std::min(mn, fp16_to_fp32(k[i]));
+          mx = std::max(mx, fp16_to_fp32(k[i]));
+        }
+        const float sc = std::max((mx - mn) / 15.f, 1e-8f);
+        s[slot] = sc;
+        z[slot] = mn;
+        for (int i = 0; i < d; ++i) {
+          const int q = std::clamp((int)std::lround((fp16_to_fp32(k[i]) - mn) / sc), 0, 15);
+          uint8_t& byte = c[(size_t)slot * d / 2 + i / 2];
+          byte = (i % 2 == 0) ? (uint8_t)((byte & 0xf0) | q) : (uint8_t)((byte & 0x0f) | (q << 4));
+        }
+      }
+  }
+  const uint8_t* k4(int, int32_t phys, int h) const { return codes.at({phys, h}).data(); }
+  const float* k4_scale(int, int32_t phys, int h) const { return scales.at({phys, h}).data(); }
+  const float* k4_zero(int, int32_t phys, int h) const { return zeros.at({phys, h}).data(); }
+  double deq(int32_t phys, int h, int slot, int i) const {
+    const uint8_t b = codes.at({phys, h})[(size_t)slot * d / 2 + i / 2];
+    const int q = (i % 2 == 0) ? (b & 15) : (b >> 4);
+    return (double)zeros.at({phys, h})[slot] + q * (double)scales.at({phys, h})[slot];
+  }
+};
+
+void fill_random(kv::KVPool& pool, kv::SeqPages& seq, int layer, int64_t n, std::mt19937& rng, float kscale) {
+  const kv::KVShape& s = pool.shape();
+  std::normal_distribution<float> N(0.f, 1.f);
+  pool.reserve(seq, n);
+  std::vector<float> k(s.n_kv_heads * s.head_dim), v(k.size());
+  for (int64_t t = 0; t < n; ++t) {
+    for (auto& x : k) x = N(rng) * kscale;
+    for (auto& x : v) x = N(rng);
+    pool.write(layer, seq, t, k.data(), v.data());
+  }
+  seq.n_tokens = n;
+}
+
+// Random candidate lists: each position with probability `frac`; the current token included or not.
+Selection random_selection(GqaMode mode, int n_lists, int64_t n_ctx, double frac, bool with_cur, std::mt19937& rng) {
+  Selection s;
+  s.clear(mode, n_lists);
+  std::bernoulli_distribution B(frac);
+  for (int i = 0; i < n_lists; ++i) {
+    std::vector<int32_t> t;
+    for (int64_t x = 0; x + 1 < n_ctx; ++x)
+      if (B(rng)) t.push_back((int32_t)x);
+    if (with_cur) t.push_back((int32_t)(n_ctx - 1));
+    s.push_list(t.data(), (int64_t)t.size());
+  }
+  return s;
+}
+
+// Brute force, per list: estimated weights (double) of the candidates, group-averaged in Group mode.
+std::vector<double> brute_weights(const TestMirror& mir, const kv::SeqPages& seq, const HeadShape& hs, const float* q,
+                                  const Selection& sel, int list) {
+  const int G = hs.n_heads / hs.n_kv_heads, d = hs.head_dim;
+  const bool group = sel.mode == GqaMode::Group;
+  const int kvh = group ? list : list / G;
+  const int nq = group ? G : 1;
+  const int64_t m = sel.size(list);
+  std::vector<double> w(m, 0.0);
+  for (int r = 0; r < nq; ++r) {
+    const float* qr = q + (size_t)((group ? list * G : list) + r) * d;
+    std::vector<double> z(m);
+    double mx = -INFINITY;
+    for (int64_t j = 0; j < m; ++j) {
+      const int32_t t = sel.list(list)[j];
+      double acc = 0;
+      for (int i = 0; i < d; ++i) acc += qr[i] * mir.deq(seq.pages[t / kPageSize], kvh, t % kPageSize, i);
+      z[j] = acc / std::sqrt((double)d);
+      mx = std::max(mx, z[j]);
+    }
+    double s = 0;
+    for (double& x : z) s += (x = std::exp(x - mx));
+    for (int64_t j = 0; j < m; ++j) w[j] += z[j] / s / nq;
+  }
+  return w;
+}
+
+// Checks one pruned list against brute-force weights. Float estimates may order candidates that
+// are within float rounding of each other differently from double, so a disagreement is allowed
+// only for tokens whose weight is within `tol` (relative) of the brute-force threshold.
+void check_list_topp(const std::vector<double>& w, const int32_t* cand, int64_t m, const int32_t* got, int64_t n_got,
+                     float p, int32_t cur, const PruneStats& st) {
+  std::vector<int64_t> order(m);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return w[a] > w[b]; });
+  double total = 0, cum = 0, tau = 0;
+  for (double x : w) total += x;
+  for (int64_t j : order) {
+    cum += w[j];
+    tau = w[j];
+    if (cum >= p * total) break;
+  }
+  std::set<int32_t> want, have(got, got + n_got);
+  std::map<int32_t, double> wt;
+  for (int64_t j = 0; j < m; ++j) {
+    wt[cand[j]] = w[j];
+    if (w[j] >= tau || cand[j] == cur) want.insert(cand[j]);
+  }
+  want.insert(cur);
+  ASSERT_TRUE(std::is_sorted(got, got + n_got));
+  ASSERT_TRUE(have.count(cur)) << "current token missing";
+  const double tol = 1e-4;
+  int diffs = 0;
+  for (int32_t t : have)
+    if (!want.count(t)) {
+      ++diffs;
+      ASSERT_TRUE(wt.count(t)) << "kept a non-candidate " << t;
+      EXPECT_NEAR(wt[t], tau, tol * tau) << "kept token " << t << " far below the threshold";
+    }
+  for (int32_t t : want)
+    if (!have.count(t)) {
+      ++diffs;
+      EXPECT_NEAR(wt[t], tau, tol * tau) << "dropped token " << t << " far above the threshold";
+    }
+  EXPECT_LE(diffs, 2);
+  double mass = 0;
+  for (int32_t t : have) mass += wt.count(t) ? wt[t] : 0.0;
+  EXPECT_GE(mass, p * total - 1e-5);
+  EXPECT_EQ(st.n_in, m);
+  EXPECT_EQ(st.n_out, n_got);
+  EXPECT_NEAR(st.est_mass_kept, mass, 1e-4);
+}
+
+struct Shape {
+  int H, Hkv, d;
+};
+
+TEST(Pruner, EstimateMatchesScalarReference) {
+  for (const Shape s : {Shape{9, 3, 64}, Shape{12, 2, 128}}) {
+    std::mt19937 rng(11 + s.d);
+    const int64_t n = 333;
+    kv::KVPool pool({1, s.Hkv, s.d, (n + 15) / 16});
+    kv::SeqPages seq;
+    fill_random(pool, seq, 0, n, rng, 1.5f);
+    TestMirror mir(pool, seq, 0, n);
+    const Int4Keys keys = int4_keys(mir);
+    std::normal_distribution<float> N(0.f, 1.f);
+    const int G = s.H / s.Hkv;
+    std::vector<float> q((size_t)G * s.d);
+    for (auto& x : q) x = N(rng);
+    const Selection sel = random_selection(GqaMode::Group, 1, n, 0.5, true, rng);
+    std::vector<float> z((size_t)G * sel.size(0)), zr(z.size());
+    estimate_scores(keys, seq, 0, s.Hkv - 1, s.d, q.data(), G, sel.list(0), sel.size(0), z.data());
+    estimate_scores_reference(keys, seq, 0, s.Hkv - 1, s.d, q.data(), G, sel.list(0), sel.size(0), zr.data());
+    for (size_t i = 0; i < z.size(); ++i) ASSERT_NEAR(z[i], zr[i], 1e-4f + 1e-5f * std::fabs(zr[i])) << i;
+  }
+}
+
+TEST(Pruner, MatchesBruteForceBothModes) {
+  for (const Shape s : {Shape{9, 3, 64}, Shape{12, 2, 128}, Shape{14, 2, 64}, Shape{8, 8, 64}}) {
+    for (const int64_t n_ctx : {1, 17, 700}) {
+      std::mt19937 rng(100 + s.H + n_ctx);
+      kv::KVPool pool({2, s.Hkv, s.d, (n_ctx + 15) / 16});
+      kv::SeqPages seq;
+      fill_random(pool, seq, 1, n_ctx, rng, 1.5f);
+      TestMirror mir(pool, seq, 1, n_ctx);
+      std::normal_distribution<float> N(0.f, 1.f);
+      std::vector<float> q((size_t)s.H * s.d);
+      for (auto& x : q) x = N(rng);
+      const HeadShape hs{s.H, s.Hkv, s.d};
+      ThreadPool tp(2);
+      for (const GqaMode mode : {GqaMode::Group, GqaMode::Head}) {
+        for (const bool with_cur : {true, false}) {
+          const int n_lists = mode == GqaMode::Group ? s.Hkv : s.H;
+          const Selection in = random_selection(mode, n_lists, n_ctx, 0.6, with_cur, rng);
+          for (const float p : {0.3f, 0.8f, 0.95f, 0.999f, 1.f}) {
+            SCOPED_TRACE(::testing::Message() << "H=" << s.H << " Hkv=" << s.Hkv << " d=" << s.d << " n_ctx=" << n_ctx
+                                              << " mode=" << (int)mode << " cur=" << with_cur << " p=" << p);
+            Selection out;
+            std::vector<PruneStats> st;
+            prune_topp(int4_keys(mir), seq, 1, hs, q.data(), in, n_ctx, PruneOptions{p, 0, 0}, out, st, tp);
+            ASSERT_EQ(out.mode, mode);
+            ASSERT_EQ(out.n_lists, n_lists);
+            ASSERT_EQ((int)st.size(), n_lists);
+            for (int i = 0; i < n_lists; ++i) {
+              const std::vector<double> w = brute_weights(mir, seq, hs, q.data(), in, i);
+              check_list_topp(w, in.list(i), in.size(i), out.list(i), out.size(i), p, (int32_t)(n_ctx - 1), st[i]);
+              if (p == 1.f) {  // nothing underflows here: p = 1 keeps every candidate (+ current token)
+                EXPECT_EQ(out.size(i), in.size(i) + (with_cur ? 0 : 1));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Pruner, FloorCapAndCurrentToken) {
+  const Shape s{12, 2, 128};
+  const int64_t n_ctx = 1000;
+  std::mt19937 rng(5);
+  kv::KVPool pool({1, s.Hkv, s.d, (n_ctx + 15) / 16});
+  kv::SeqPages seq;
+  fill_random(pool, seq, 0, n_ctx, rng, 2.5f);  // peaked: top-p keeps few tokens
+  TestMirror mir(pool, seq, 0, n_ctx);
+  std::normal_distribution<float> N(0.f, 1.f);
+  std::vector<float> q((size_t)s.H * s.d);
+  for (auto& x : q) x = N(rng);
+  const HeadShape hs{s.H, s.Hkv, s.d};
+  ThreadPool tp(1);
+  for (const GqaMode mode : {GqaMode::Group, GqaMode::Head}) {
+    for (const bool with_cur : {true, false}) {
+      const int n_lists = mode == GqaMode::Group ? s.Hkv : s.H;
+      const Selection in = random_selection(mode, n_lists, n_ctx, 0.7, with_cur, rng);
+      Selection base, out;
+      std::vector<PruneStats> st0, st;
+      prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n_ctx, PruneOptions{0.5f, 0, 0}, base, st0, tp);
+      for (int i = 0; i < n_lists; ++i) ASSERT_LT(base.size(i), 60) << "test needs a peaked distribution";
+      // Floor 80: exactly the 80 heaviest (current token counted, ranked first).
+      prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n_ctx, PruneOptions{0.5f, 80, 0}, out, st, tp);
+      for (int i = 0; i < n_lists; ++i) {
+        const std::vector<double> w = brute_weights(mir, seq, hs, q.data(), in, i);
+        ASSERT_EQ(out.size(i), 80);
+        EXPECT_EQ(out.list(i)[79], n_ctx - 1);
+        // Every kept candidate is at least as heavy as every dropped one (up to float rounding).
+        std::set<int32_t> kept(out.list(i), out.list(i) + out.size(i));
+        double min_kept = INFINITY, max_dropped = 0;
+        for (int64_t j = 0; j < in.size(i); ++j) {
+          if (in.list(i)[j] == n_ctx - 1) continue;
+          if (kept.count(in.list(i)[j])) min_kept = std::min(min_kept, w[j]);
+          else max_dropped = std::max(max_dropped, w[j]);
+        }
+        EXPECT_GE(min_kept, max_dropped * (1 - 1e-4));
+        // The floor only adds: the top-p set is inside.
+        for (int64_t j = 0; j < base.size(i); ++j) EXPECT_TRUE(kept.count(base.list(i)[j]));
+      }
+      // Cap 5 at p = 0.999: exactly 5, the current token and the 4 heaviest.
+      prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n_ctx, PruneOptions{0.999f, 0, 5}, out, st, tp);
+      for (int i = 0; i < n_lists; ++i) {
+        ASSERT_EQ(out.size(i), 5);
+        EXPECT_EQ(st[i].n_out, 5);
+        EXPECT_EQ(out.list(i)[4], n_ctx - 1);
+        const std::vector<double> w = brute_weights(mir, seq, hs, q.data(), in, i);
+        std::vector<double> others;
+        for (int64_t j = 0; j < in.size(i); ++j)
+          if (in.list(i)[j] != n_ctx - 1) others.push_back(w[j]);
+        std::sort(others.rbegin(), others.rend());
+        std::set<int32_t> kept(out.list(i), out.list(i) + 4);
+        double mass = 0;
+        for (int64_t j = 0; j < in.size(i); ++j)
+          if (kept.count(in.list(i)[j])) mass += w[j];
+        EXPECT_NEAR(mass, others[0] + others[1] + others[2] + others[3], 1e-5);
+      }
+      // Cap 1: only the current token.
+      prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n_ctx, PruneOptions{0.9f, 0, 1}, out, st, tp);
+      for (int i = 0; i < n_lists; ++i) {
+        ASSERT_EQ(out.size(i), 1);
+        EXPECT_EQ(out.list(i)[0], n_ctx - 1);
+      }
+    }
+  }
+  // Empty candidate lists: just the current token, no mass.
+  Selection empty, out;
+  empty.clear(GqaMode::Group, s.Hkv);
+  for (int i = 0; i < s.Hkv; ++i) empty.push_list(nullptr, 0);
+  std::vector<PruneStats> st;
+  prune_topp(int4_keys(mir), seq, 0, hs, q.data(), empty, n_ctx, PruneOptions{0.9f, 3, 0}, out, st, tp);
+  for (int i = 0; i < s.Hkv; ++i) {
+    ASSERT_EQ(out.size(i), 1);
+    EXPECT_EQ(out.list(i)[0], n_ctx - 1);
+    EXPECT_EQ(st[i].n_in, 0);
+    EXPECT_EQ(st[i].est_mass_kept, 0.f);
+  }
+}
+
+TEST(Pruner, ThreadCountDoesNotChangeLists) {
+  const Shape s{32, 8, 128};
+  const int64_t n_ctx = 2000;
+  std::mt19937 rng(9);
+  kv::KVPool pool({1, s.Hkv, s.d, (n_ctx + 15) / 16});
+  kv::SeqPages seq;
+  fill_random(pool, seq, 0, n_ctx, rng, 1.5f);
+  TestMirror mir(pool, seq, 0, n_ctx);
+  std::normal_distribution<float> N(0.f, 1.f);
+  std::vector<float> q((size_t)s.H * s.d);
+  for (auto& x : q) x = N(rng);
+  const HeadShape hs{s.H, s.Hkv, s.d};
+  ThreadPool tp1(1), tp2(2), tp3(3);
+  for (const GqaMode mode : {GqaMode::Group, GqaMode::Head}) {
+    const Selection in = random_selection(mode, mode == GqaMode::Group ? s.Hkv : s.H, n_ctx, 0.5, true, rng);
+    Selection a, b, c;
+    std::vector<PruneStats> sa, sb, sc;
+    const PruneOptions opt{0.9f, 0, 0};
+    prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n_ctx, opt, a, sa, tp1);
+    prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n_ctx, opt, b, sb, tp2);
+    prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n_ctx, opt, c, sc, tp3);
+    EXPECT_EQ(a.offsets, b.offsets);
+    EXPECT_EQ(a.tokens, b.tokens);
+    EXPECT_EQ(a.tokens, c.tokens);
+    for (size_t i = 0; i < sa.size(); ++i) {
+      EXPECT_EQ(sa[i].est_mass_kept, sb[i].est_mass_kept);
+      EXPECT_EQ(sa[i].n_out, sc[i].n_out);
+    }
+  }
+}
+
+TEST(Pruner, KeySideOverload) {
+  const Shape s{9, 3, 64};
+  const int64_t n_ctx = 300;
+  std::mt19937 rng(21);
+  kv::KVPool pool({2, s.Hkv, s.d, (n_ctx + 15) / 16});
+  KeySide ks(pool.shape());
+  kv::SeqPages seq;
+  fill_random(pool, seq, 1, n_ctx, rng, 1.5f);
+  for (int64_t t = 0; t < n_ctx; ++t) ks.append(pool, 1, seq, t);
+  std::normal_distribution<float> N(0.f, 1.f);
+  std::vector<float> q((size_t)s.H * s.d);
+  for (auto& x : q) x = N(rng);
+  const HeadShape hs{s.H, s.Hkv, s.d};
+  ThreadPool tp(2);
+  const Selection in = random_selection(GqaMode::Group, s.Hkv, n_ctx, 0.8, true, rng);
+  Selection a, b;
+  std::vector<PruneStats> sa, sb;
+  prune_topp(ks, seq, 1, hs, q.data(), in, n_ctx, PruneOptions{0.9f, 0, 0}, a, sa, tp);
+  prune_topp(int4_keys(ks), seq, 1, hs, q.data(), in, n_ctx, PruneOptions{0.9f, 0, 0}, b, sb, tp);
+  EXPECT_EQ(a.tokens, b.tokens);
+  EXPECT_LT(a.tokens.size(), in.tokens.size());
+  // KeySide and the test mirror quantise by the same rule: the same lists up to threshold ties.
+  TestMirror mir(pool, seq, 1, n_ctx);
+  for (int i = 0; i < s.Hkv; ++i) {
+    const std::vector<double> w = brute_weights(mir, seq, hs, q.data(), in, i);
+    check_list_topp(w, in.list(i), in.size(i), a.list(i), a.size(i), 0.9f, (int32_t)(n_ctx - 1), sa[i]);
+  }
+  EXPECT_THROW(prune_topp(ks, seq, 2, hs, q.data(), in, n_ctx, PruneOptions{}, a, sa, tp), Error);
+}
+
+TEST(Pruner, BadInput) {
+  const Shape s{4, 2, 64};
+  const int64_t n_ctx = 40;
+  std::mt19937 rng(1);
+  kv::KVPool pool({1, s.Hkv, s.d, 3});
+  kv::SeqPages seq;
+  fill_random(pool, seq, 0, n_ctx, rng, 1.f);
+  TestMirror mir(pool, seq, 0, n_ctx);
+  std::vector<float> q((size_t)s.H * s.d, 0.1f);
+  const HeadShape hs{s.H, s.Hkv, s.d};
+  ThreadPool tp(2);
+  const Selection good = random_selection(GqaMode::Group, 2, n_ctx, 0.5, true, rng);
+  Selection out;
+  std::vector<PruneStats> st;
+  const Int4Keys keys = int4_keys(mir);
+  auto run = [&](const Selection& in, int64_t n, PruneOptions opt) {
+    prune_topp(keys, seq, 0, hs, q.data(), in, n, opt, out, st, tp);
+  };
+  EXPECT_NO_THROW(run(good, n_ctx, PruneOptions{}));
+  EXPECT_THROW(run(good, n_ctx, PruneOptions{0.f, 0, 0}), Error);
+  EXPECT_THROW(run(good, n_ctx, PruneOptions{1.5f, 0, 0}), Error);
+  EXPECT_THROW(run(good, n_ctx, PruneOptions{0.9f, 10, 5}), Error);
+  EXPECT_THROW(run(good, n_ctx, PruneOptions{0.9f, -1, 0}), Error);
+  EXPECT_THROW(run(good, 0, PruneOptions{}), Error);
+  EXPECT_THROW(run(good, 100, PruneOptions{}), Error);  // beyond the sequence's pages
+  Selection wrong_n = random_selection(GqaMode::Group, 3, n_ctx, 0.5, true, rng);
+  EXPECT_THROW(run(wrong_n, n_ctx, PruneOptions{}), Error);
+  Selection head_as_group = random_selection(GqaMode::Head, 2, n_ctx, 0.5, true, rng);
+  EXPECT_THROW(run(head_as_group, n_ctx, PruneOptions{}), Error);
+  Selection unsorted;
+  unsorted.clear(GqaMode::Group, 2);
+  const int32_t bad1[] = {3, 2, 39};
+  const int32_t bad2[] = {1, 40};
+  unsorted.push_list(bad1, 3);
+  unsorted.push_list(bad1 + 2, 1);
+  EXPECT_THROW(run(unsorted, n_ctx, PruneOptions{}), Error);
+  Selection outside;
+  outside.clear(GqaMode::Group, 2);
+  outside.push_list(bad2, 2);
+  outside.push_list(bad2, 1);
+  EXPECT_THROW(run(outside, n_ctx, PruneOptions{}), Error);
+  EXPECT_THROW(prune_topp(keys, seq, 0, hs, q.data(), good, n_ctx, PruneOptions{}, const_cast<Selection&>(good), st, tp),
+               Error);
+}
+
+}  // namespace
+}  // namespace tw::attn
