@@ -1,0 +1,238 @@
+#include "attention/selectors.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common/error.h"
+
+namespace tw::attn {
+
+namespace {
+
+using kv::kPageSize;
+
+#define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+int n_lists_of(const HeadShape& hs, GqaMode mode) { return mode == GqaMode::Group ? hs.n_kv_heads : hs.n_heads; }
+
+void check_common(const char* who, const kv::KVShape& cs, const kv::SeqPages& seq, int layer, const HeadShape& hs,
+                  const float* q, int64_t n_ctx) {
+  TW_CHECK(hs.n_heads > 0 && hs.n_kv_heads > 0 && hs.n_heads % hs.n_kv_heads == 0, who, ": ", hs.n_heads,
+           " query heads not a positive multiple of ", hs.n_kv_heads, " kv heads");
+  TW_CHECK(hs.n_kv_heads == cs.n_kv_heads && hs.head_dim == cs.head_dim, who, ": head shape (Hkv ", hs.n_kv_heads,
+           ", d ", hs.head_dim, ") does not match the cache (Hkv ", cs.n_kv_heads, ", d ", cs.head_dim, ")");
+  TW_CHECK(layer >= 0 && layer < cs.n_layers, who, ": layer ", layer, " out of range");
+  TW_CHECK(q != nullptr, who, ": null query");
+  TW_CHECK(n_ctx > 0, who, ": n_ctx must be positive, got ", n_ctx);
+  TW_CHECK(n_ctx <= std::numeric_limits<int32_t>::max() &&
+               (n_ctx + kPageSize - 1) / kPageSize <= (int64_t)seq.pages.size(),
+           who, ": n_ctx ", n_ctx, " exceeds the sequence's ", seq.pages.size(), " pages");
+}
+
+// Ranking key: NaN (only from inf keys) cannot rule a token / page out, so it ranks as +inf.
+inline float rank_key(float x) { return std::isnan(x) ? INFINITY : x; }
+
+// Top r of idx[0..n) by key descending, ties lower index first; the chosen ones end up in idx[0..r).
+void top_r(std::vector<int32_t>& idx, const float* key, int64_t r) {
+  if (r <= 0 || r >= (int64_t)idx.size()) return;
+  auto better = [key](int32_t a, int32_t b) {
+    const float ka = rank_key(key[a]), kb = rank_key(key[b]);
+    return ka > kb || (ka == kb && a < b);
+  };
+  std::nth_element(idx.begin(), idx.begin() + r, idx.end(), better);
+}
+
+void push_all(Selection& out, int64_t n_ctx, int n_lists, std::vector<int32_t>& tmp) {
+  tmp.resize(n_ctx);
+  std::iota(tmp.begin(), tmp.end(), 0);
+  for (int i = 0; i < n_lists; ++i) out.push_list(tmp.data(), n_ctx);
+}
+
+// Scores of G query heads qg [G][d] against one page bound; Group: max over the heads into out[0],
+// Head: out[g * stride].
+TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, int h, int64_t lp0, int64_t lp1,
+                           const float* qg, int G, int d, bool group, float* out, int64_t stride) {
+  for (int64_t lp = lp0; lp < lp1; ++lp) {
+    const float* mn = ks.kmin(layer, pages[lp], h);
+    const float* mx = ks.kmax(layer, pages[lp], h);
+    float best = -INFINITY;
+    for (int g = 0; g < G; ++g) {
+      const float* qq = qg + (size_t)g * d;
+      float u = 0.f;
+#pragma omp simd reduction(+ : u)
+      for (int i = 0; i < d; ++i) u += std::max(qq[i] * mx[i], qq[i] * mn[i]);
+      if (group)
+        best = (std::isnan(u) || u > best) ? rank_key(u) : best;
+      else
+        out[g * stride + lp] = u;
+    }
+    if (group) out[lp] = best;
+  }
+}
+
+// Exact scores q.k/sqrt(d) of the G query heads of kv head h for tokens [0, n_ctx): s [G][n_ctx].
+TW_CLONES void exact_scores(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int h, const float* qg, int G,
+                            int d, int64_t n_ctx, float* s) {
+  std::vector<float> kf((size_t)kPageSize * d);
+  const float sc = 1.f / std::sqrt((float)d);
+  const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
+  for (int64_t lp = 0; lp < n_pages; ++lp) {
+    const int nt = (int)std::min<int64_t>(kPageSize, n_ctx - lp * kPageSize);
+    const _Float16* k16 = reinterpret_cast<const _Float16*>(pool.k_page(layer, seq.pages[lp], h));
+#pragma omp simd
+    for (int i = 0; i < nt * d; ++i) kf[i] = (float)k16[i];
+    for (int g = 0; g < G; ++g) {
+      const float* qq = qg + (size_t)g * d;
+      for (int j = 0; j < nt; ++j) {
+        const float* kj = kf.data() + (size_t)j * d;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int i = 0; i < d; ++i) acc += qq[i] * kj[i];
+        s[(size_t)g * n_ctx + lp * kPageSize + j] = acc * sc;
+      }
+    }
+  }
+}
+
+void quest_impl(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                int64_t n_ctx, int64_t budget, GqaMode mode, Selection& out, ThreadPool* tp) {
+  check_common("quest selector", ks.shape(), seq, layer, hs, q, n_ctx);
+  TW_CHECK(budget > 0, "quest selector: budget must be positive, got ", budget);
+  const int n_lists = n_lists_of(hs, mode);
+  out.clear(mode, n_lists);
+  std::vector<int32_t> tmp;
+  const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
+  const int64_t n_sel = (budget + kPageSize - 1) / kPageSize;
+  if (budget >= n_ctx || n_sel >= n_pages) {
+    push_all(out, n_ctx, n_lists, tmp);
+    return;
+  }
+  // Here n_pages >= 2: the sink page and the last page are distinct and always kept.
+  std::vector<float> scores((size_t)n_lists * n_pages);
+  quest_page_scores(ks, seq, layer, hs, q, n_ctx, mode, scores.data(), tp);
+  const int64_t r = std::max<int64_t>(0, n_sel - 2);
+  std::vector<int32_t> idx;
+  for (int li = 0; li < n_lists; ++li) {
+    idx.resize(n_pages - 2);
+    std::iota(idx.begin(), idx.end(), 1);
+    top_r(idx, scores.data() + (size_t)li * n_pages, r);
+    idx.resize(std::min<int64_t>(r, (int64_t)idx.size()));
+    idx.push_back(0);
+    idx.push_back((int32_t)(n_pages - 1));
+    std::sort(idx.begin(), idx.end());
+    tmp.clear();
+    for (int32_t lp : idx) {
+      const int64_t t1 = std::min<int64_t>(n_ctx, (int64_t)(lp + 1) * kPageSize);
+      for (int64_t t = (int64_t)lp * kPageSize; t < t1; ++t) tmp.push_back((int32_t)t);
+    }
+    out.push_list(tmp.data(), (int64_t)tmp.size());
+  }
+}
+
+}  // namespace
+
+void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                       int64_t n_ctx, GqaMode mode, float* scores, ThreadPool* tp) {
+  check_common("quest scores", ks.shape(), seq, layer, hs, q, n_ctx);
+  const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads, hkv = hs.n_kv_heads;
+  const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
+  const bool group = mode == GqaMode::Group;
+  // Work item: (kv head, page); a chunk covers consecutive pages of one or two heads.
+  auto run = [&](int64_t b, int64_t e, int) {
+    while (b < e) {
+      const int h = (int)(b / n_pages);
+      const int64_t lp0 = b % n_pages, lp1 = std::min<int64_t>(n_pages, lp0 + (e - b));
+      float* o = group ? scores + (size_t)h * n_pages : scores + (size_t)h * G * n_pages;
+      score_pages(ks, seq.pages.data(), layer, h, lp0, lp1, q + (size_t)h * G * d, G, d, group, o, n_pages);
+      b += lp1 - lp0;
+    }
+  };
+  const int64_t items = (int64_t)hkv * n_pages;
+  // Below ~256 pages the fork-join costs more than the scoring.
+  if (tp && tp->size() > 1 && items >= 256)
+    tp->parallel_for(items, run);
+  else
+    run(0, items, 0);
+}
+
+void select_quest(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                  int64_t n_ctx, int64_t budget, GqaMode mode, Selection& out) {
+  quest_impl(ks, seq, layer, hs, q, n_ctx, budget, mode, out, nullptr);
+}
+
+void select_quest(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                  int64_t n_ctx, int64_t budget, GqaMode mode, Selection& out, ThreadPool& tp) {
+  quest_impl(ks, seq, layer, hs, q, n_ctx, budget, mode, out, &tp);
+}
+
+void select_streaming(int64_t n_ctx, int64_t sinks, int64_t window, int n_lists, GqaMode mode, Selection& out) {
+  TW_CHECK(n_ctx > 0 && n_ctx <= std::numeric_limits<int32_t>::max(), "streaming selector: n_ctx ", n_ctx,
+           " out of range");
+  TW_CHECK(n_lists > 0, "streaming selector: n_lists must be positive, got ", n_lists);
+  TW_CHECK(sinks >= 0, "streaming selector: sinks must be >= 0, got ", sinks);
+  TW_CHECK(window >= 1, "streaming selector: window must be >= 1 (the current token is always kept), got ", window);
+  out.clear(mode, n_lists);
+  std::vector<int32_t> tmp;
+  if (sinks >= n_ctx || window >= n_ctx || sinks + window >= n_ctx) {
+    push_all(out, n_ctx, n_lists, tmp);
+    return;
+  }
+  for (int64_t t = 0; t < sinks; ++t) tmp.push_back((int32_t)t);
+  for (int64_t t = n_ctx - window; t < n_ctx; ++t) tmp.push_back((int32_t)t);
+  for (int i = 0; i < n_lists; ++i) out.push_list(tmp.data(), (int64_t)tmp.size());
+}
+
+void select_all(int64_t n_ctx, int n_lists, GqaMode mode, Selection& out) {
+  TW_CHECK(n_ctx > 0 && n_ctx <= std::numeric_limits<int32_t>::max(), "select_all: n_ctx ", n_ctx, " out of range");
+  TW_CHECK(n_lists > 0, "select_all: n_lists must be positive, got ", n_lists);
+  out.clear(mode, n_lists);
+  std::vector<int32_t> tmp;
+  push_all(out, n_ctx, n_lists, tmp);
+}
+
+void select_topk_oracle(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const HeadShape& hs,
+                        const float* q, int64_t n_ctx, int64_t k, GqaMode mode, Selection& out) {
+  check_common("oracle selector", pool.shape(), seq, layer, hs, q, n_ctx);
+  TW_CHECK(k > 0, "oracle selector: k must be positive, got ", k);
+  const int n_lists = n_lists_of(hs, mode);
+  out.clear(mode, n_lists);
+  std::vector<int32_t> tmp;
+  if (k >= n_ctx) {
+    push_all(out, n_ctx, n_lists, tmp);
+    return;
+  }
+  const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads;
+  std::vector<float> s((size_t)G * n_ctx), w(n_ctx);
+  auto emit = [&](const float* key) {
+    tmp.resize(n_ctx);
+    std::iota(tmp.begin(), tmp.end(), 0);
+    top_r(tmp, key, k);
+    tmp.resize(k);
+    if (std::find(tmp.begin(), tmp.end(), (int32_t)(n_ctx - 1)) == tmp.end()) tmp.push_back((int32_t)(n_ctx - 1));
+    std::sort(tmp.begin(), tmp.end());
+    out.push_list(tmp.data(), (int64_t)tmp.size());
+  };
+  for (int h = 0; h < hs.n_kv_heads; ++h) {
+    exact_scores(pool, seq, layer, h, q + (size_t)h * G * d, G, d, n_ctx, s.data());
+    if (mode == GqaMode::Head) {
+      for (int g = 0; g < G; ++g) emit(s.data() + (size_t)g * n_ctx);
+      continue;
+    }
+    std::fill(w.begin(), w.end(), 0.f);
+    for (int g = 0; g < G; ++g) {
+      const float* sg = s.data() + (size_t)g * n_ctx;
+      float m = -INFINITY;
+      for (int64_t t = 0; t < n_ctx; ++t) m = std::max(m, sg[t]);
+      double l = 0;
+      for (int64_t t = 0; t < n_ctx; ++t) l += std::exp((double)sg[t] - m);
+      const float inv = (float)(1.0 / l);
+      for (int64_t t = 0; t < n_ctx; ++t) w[t] = std::max(w[t], std::exp(sg[t] - m) * inv);
+    }
+    emit(w.data());
+  }
+}
+
+}  // namespace tw::attn
