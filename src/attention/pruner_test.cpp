@@ -60,11 +60,6 @@ struct TestMirror {
   const uint8_t* k4(int, int32_t phys, int h) const { return codes.at({phys, h}).data(); }
   const float* k4_scale(int, int32_t phys, int h) const { return scales.at({phys, h}).data(); }
   const float* k4_zero(int, int32_t phys, int h) const { return zeros.at({phys, h}).data(); }
-  double deq(int32_t phys, int h, int slot, int i) const {
-    const uint8_t b = codes.at({phys, h})[(size_t)slot * d / 2 + i / 2];
-    const int q = (i % 2 == 0) ? (b & 15) : (b >> 4);
-    return (double)zeros.at({phys, h})[slot] + q * (double)scales.at({phys, h})[slot];
-  }
 };
 
 void fill_random(kv::KVPool& pool, kv::SeqPages& seq, int layer, int64_t n, std::mt19937& rng, float kscale) {
@@ -109,9 +104,12 @@ std::vector<double> brute_weights(const TestMirror& mir, const kv::SeqPages& seq
     std::vector<double> z(m);
     double mx = -INFINITY;
     for (int64_t j = 0; j < m; ++j) {
-      const int32_t t = sel.list(list)[j];
+      const int32_t t = sel.list(list)[j], phys = seq.pages[t / kPageSize];
+      const int slot = t % kPageSize;
+      const uint8_t* c = mir.codes.at({phys, kvh}).data() + (size_t)slot * d / 2;
+      const double sc = mir.scales.at({phys, kvh})[slot], zp = mir.zeros.at({phys, kvh})[slot];
       double acc = 0;
-      for (int i = 0; i < d; ++i) acc += qr[i] * mir.deq(seq.pages[t / kPageSize], kvh, t % kPageSize, i);
+      for (int i = 0; i < d; ++i) acc += qr[i] * (zp + ((i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4)) * sc);
       z[j] = acc / std::sqrt((double)d);
       mx = std::max(mx, z[j]);
     }
@@ -210,6 +208,8 @@ TEST(Pruner, MatchesBruteForceBothModes) {
         for (const bool with_cur : {true, false}) {
           const int n_lists = mode == GqaMode::Group ? s.Hkv : s.H;
           const Selection in = random_selection(mode, n_lists, n_ctx, 0.6, with_cur, rng);
+          std::vector<std::vector<double>> bw(n_lists);
+          for (int i = 0; i < n_lists; ++i) bw[i] = brute_weights(mir, seq, hs, q.data(), in, i);
           for (const float p : {0.3f, 0.8f, 0.95f, 0.999f, 1.f}) {
             SCOPED_TRACE(::testing::Message() << "H=" << s.H << " Hkv=" << s.Hkv << " d=" << s.d << " n_ctx=" << n_ctx
                                               << " mode=" << (int)mode << " cur=" << with_cur << " p=" << p);
@@ -220,8 +220,7 @@ TEST(Pruner, MatchesBruteForceBothModes) {
             ASSERT_EQ(out.n_lists, n_lists);
             ASSERT_EQ((int)st.size(), n_lists);
             for (int i = 0; i < n_lists; ++i) {
-              const std::vector<double> w = brute_weights(mir, seq, hs, q.data(), in, i);
-              check_list_topp(w, in.list(i), in.size(i), out.list(i), out.size(i), p, (int32_t)(n_ctx - 1), st[i]);
+              check_list_topp(bw[i], in.list(i), in.size(i), out.list(i), out.size(i), p, (int32_t)(n_ctx - 1), st[i]);
               if (p == 1.f) {  // nothing underflows here: p = 1 keeps every candidate (+ current token)
                 EXPECT_EQ(out.size(i), in.size(i) + (with_cur ? 0 : 1));
               }
@@ -413,6 +412,9 @@ TEST(Pruner, BadInput) {
   outside.push_list(bad2, 2);
   outside.push_list(bad2, 1);
   EXPECT_THROW(run(outside, n_ctx, PruneOptions{}), Error);
+  q[5] = NAN;
+  EXPECT_THROW(run(good, n_ctx, PruneOptions{}), Error);
+  q[5] = 0.1f;
   EXPECT_THROW(prune_topp(keys, seq, 0, hs, q.data(), good, n_ctx, PruneOptions{}, const_cast<Selection&>(good), st, tp),
                Error);
 }

@@ -212,8 +212,7 @@ TEST(Topp, HugeN) {
   const ToppResult r = topp_select(w.data(), n, 0.9f, k);
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   RecordProperty("ms", std::to_string(ms));
-  check_properties(w, 0.9f, k, r);
-  check_case(w, 0.9f, "1M");
+  check_properties(w, 0.9f, k, r);  // the definition checked directly (no 1M-element reference sort)
   std::vector<float> flat(n, 1.f / n);  // 1M ties: the boundary bucket is the whole array
   check_case(flat, 0.5f, "1M uniform");
 }
