@@ -1,0 +1,99 @@
+// The per-layer decode attention policy: configuration -> which attention each decode step runs
+// (dense, a fixed-budget selector, or Twilight = selector + top-p pruner + sparse attention), the
+// side structures it needs kept up to date on every append, and the budgets it records.
+// Prefill stays dense (as published); only decode steps are sparse.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attention/dense_cpu.h"
+#include "attention/key_side.h"
+#include "attention/pruner.h"
+#include "attention/sparse_types.h"
+#include "common/threadpool.h"
+#include "kv/kv_cache.h"
+
+namespace tw::attn {
+
+enum class Method { Dense, Quest, Streaming, TopK, Twilight };
+enum class Base { None, Quest, Streaming, TopK };
+
+const char* method_name(Method m);
+const char* base_name(Base b);
+Method parse_method(const std::string& s);  // dense|quest|ds|streaming|topk|twilight; tw::Error otherwise
+Base parse_base(const std::string& s);      // none|quest|streaming|topk
+
+struct AttnConfig {
+  Method method = Method::Dense;
+  Base base = Base::Quest;         // Twilight's level 1
+  float p = 0.95f;                 // Twilight's top-p, in (0, 1]
+  int64_t b0 = 0;                  // selector budget in tokens; 0 = auto: max(256, n_ctx / 4)
+  int skip_layers = 2;             // layers [0, skip_layers) stay dense
+  GqaMode gqa = GqaMode::Group;
+  int64_t min_tokens = 0;          // pruner floor (0 = none)
+  int64_t max_tokens = 0;          // pruner cap (0 = none)
+  int64_t sinks = 4;               // StreamingLLM sinks
+  int64_t dense_below = 1024;      // contexts shorter than this stay dense (sparsity does not pay)
+  bool true_mass = false;          // debug: also compute the true attention mass kept (exact weights)
+
+  void validate() const;           // tw::Error naming the bad value
+  std::string describe() const;    // one line for logs
+  int64_t budget(int64_t n_ctx) const { return b0 > 0 ? b0 : std::max<int64_t>(256, n_ctx / 4); }
+};
+
+// Read "key = value" lines (# comments) into cfg; keys: attn, attn-p, attn-base, attn-b0,
+// attn-skip-layers, attn-gqa (group|head), attn-min-tokens, attn-max-tokens, attn-sinks,
+// attn-dense-below, attn-true-mass (0|1). Unknown keys and bad values are errors naming file and line.
+void load_attn_config(const std::string& path, AttnConfig& cfg);
+// Apply one key/value (the CLI flags and the config file share this).
+void set_attn_option(AttnConfig& cfg, const std::string& key, const std::string& value);
+
+// Budgets per (layer, list): list = kv head (Group mode) or query head (Head mode). Sums over the
+// decode steps that ran sparse at that layer; averages are sum / steps.
+struct BudgetStats {
+  int n_layers = 0, n_lists = 0;
+  std::vector<int64_t> steps;       // (n_layers * n_lists)
+  std::vector<double> ctx;          // sum of n_ctx
+  std::vector<double> i0;           // sum of |I0| (selector output; = n_ctx without selector)
+  std::vector<double> i1;           // sum of |I1| (tokens attended)
+  std::vector<double> est_mass;     // sum of estimated mass kept (Twilight)
+  std::vector<double> true_mass;    // sum of true mass kept (debug mode), averaged over the group's heads
+  std::vector<int64_t> dense_steps; // (n_layers) decode steps that ran dense at this layer
+  size_t at(int l, int i) const { return (size_t)l * n_lists + i; }
+  void reset(int layers, int lists);
+  std::string json(const AttnConfig& cfg) const;
+};
+
+class AttentionPolicy {
+ public:
+  AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, const HeadShape& hs);
+
+  const AttnConfig& config() const { return cfg_; }
+  bool needs_side() const { return side_ != nullptr; }
+  const KeySide* side() const { return side_.get(); }
+  // Keep the side structures current: call after pool.write(layer, seq, pos, ...), prefill and decode.
+  void on_append(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos);
+  // One decode step of one layer: q [H][d] (post-RoPE) over tokens [0, n_ctx); out [H][d].
+  void decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const float* q, int64_t n_ctx, float* out,
+              ThreadPool& tp);
+  // True when this layer at this context runs sparse under the policy.
+  bool sparse_at(int layer, int64_t n_ctx) const;
+
+  const BudgetStats& stats() const { return stats_; }
+  void reset_stats();
+
+ private:
+  void record(int layer, int64_t n_ctx, const kv::KVPool& pool, const kv::SeqPages& seq, const float* q);
+  AttnConfig cfg_;
+  HeadShape hs_;
+  int n_layers_;
+  std::unique_ptr<KeySide> side_;
+  Selection sel0_, sel1_;
+  std::vector<PruneStats> pst_;
+  BudgetStats stats_;
+};
+
+}  // namespace tw::attn

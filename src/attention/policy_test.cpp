@@ -1,0 +1,161 @@
+#include "attention/policy.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+
+#include "common/error.h"
+
+namespace tw::attn {
+namespace {
+
+struct Fixture {
+  kv::KVShape ks;
+  HeadShape hs;
+  kv::KVPool pool;
+  kv::SeqPages seq;
+  Fixture(int layers, int H, int Hkv, int d, int64_t n) : ks{layers, Hkv, d, n / 16 + 2}, hs{H, Hkv, d}, pool(ks) {}
+  // Random keys with a few "important" tokens so attention is concentrated, as in real models.
+  void fill(AttentionPolicy& pol, int64_t n, std::mt19937& rng) {
+    std::normal_distribution<float> N(0.f, 1.f);
+    pool.reserve(seq, n);
+    std::vector<float> k(ks.n_kv_heads * ks.head_dim), v(k.size());
+    for (int64_t t = 0; t < n; ++t) {
+      const float boost = (t % 97 == 5) ? 3.f : 1.f;
+      for (auto& x : k) x = N(rng) * boost;
+      for (auto& x : v) x = N(rng);
+      for (int l = 0; l < ks.n_layers; ++l) {
+        pool.write(l, seq, t, k.data(), v.data());
+        pol.on_append(pool, l, seq, t);
+      }
+    }
+    seq.n_tokens = n;
+  }
+};
+
+TEST(AttentionPolicy, TwilightWithoutSelectorAtPOneEqualsDense) {
+  for (auto [H, Hkv, d] : {std::tuple{9, 3, 64}, std::tuple{12, 2, 128}}) {
+    Fixture f(3, H, Hkv, d, 2000);
+    AttnConfig c;
+    c.method = Method::Twilight;
+    c.base = Base::None;
+    c.p = 1.f;
+    c.skip_layers = 1;
+    c.dense_below = 16;
+    AttentionPolicy pol(c, f.ks, f.hs);
+    std::mt19937 rng(11);
+    f.fill(pol, 2000, rng);
+    std::normal_distribution<float> N(0.f, 1.f);
+    std::vector<float> q((size_t)H * d), out(q.size()), ref(q.size());
+    for (auto& x : q) x = N(rng);
+    ThreadPool tp(2);
+    ASSERT_TRUE(pol.sparse_at(2, 2000));
+    pol.decode(f.pool, f.seq, 2, q.data(), 2000, out.data(), tp);
+    dense_decode(f.pool, f.seq, 2, f.hs, q.data(), 2000, ref.data(), tp);
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_NEAR(out[i], ref[i], 1e-5f + 1e-5f * std::fabs(ref[i]));
+    EXPECT_EQ(pol.stats().steps[pol.stats().at(2, 0)], 1);
+    EXPECT_DOUBLE_EQ(pol.stats().i1[pol.stats().at(2, 0)], 2000);
+  }
+}
+
+TEST(AttentionPolicy, DenseFallbacks) {
+  Fixture f(3, 9, 3, 64, 600);
+  AttnConfig c;
+  c.method = Method::Quest;
+  c.b0 = 512;
+  c.skip_layers = 2;
+  c.dense_below = 100;
+  AttentionPolicy pol(c, f.ks, f.hs);
+  EXPECT_FALSE(pol.sparse_at(1, 600));   // skip layer
+  EXPECT_TRUE(pol.sparse_at(2, 600));
+  EXPECT_FALSE(pol.sparse_at(2, 90));    // short context
+  EXPECT_FALSE(pol.sparse_at(2, 500));   // budget covers the context
+}
+
+TEST(AttentionPolicy, TwilightPrunesAndTracksMass) {
+  const int H = 12, Hkv = 2, d = 128;
+  const int64_t n = 3000;
+  Fixture f(1, H, Hkv, d, n);
+  AttnConfig c;
+  c.method = Method::Twilight;
+  c.base = Base::Quest;
+  c.b0 = 1024;
+  c.p = 0.9f;
+  c.skip_layers = 0;
+  c.true_mass = true;
+  AttentionPolicy pol(c, f.ks, f.hs);
+  std::mt19937 rng(5);
+  f.fill(pol, n, rng);
+  std::normal_distribution<float> N(0.f, 1.f);
+  std::vector<float> q((size_t)H * d), out(q.size());
+  for (auto& x : q) x = N(rng) * 1.5f;
+  ThreadPool tp(2);
+  pol.decode(f.pool, f.seq, 0, q.data(), n, out.data(), tp);
+  const BudgetStats& s = pol.stats();
+  for (int i = 0; i < Hkv; ++i) {
+    const size_t k = s.at(0, i);
+    EXPECT_GE(s.i0[k], 1024 - 16);  // ceil(B0 / 16) pages, the last one partial
+    EXPECT_LE(s.i0[k], 1024 + 32);  // whole pages, sink and last page
+    EXPECT_LT(s.i1[k], s.i0[k]);    // top-p pruned something
+    EXPECT_GE(s.est_mass[k], 0.9 - 1e-4);
+    EXPECT_GT(s.true_mass[k], 0.0);
+    EXPECT_LE(s.true_mass[k], 1.0 + 1e-9);
+  }
+  const std::string js = s.json(c);
+  EXPECT_NE(js.find("\"avg_i1\""), std::string::npos);
+  EXPECT_NE(js.find("\"avg_true_mass\""), std::string::npos);
+}
+
+TEST(AttnConfig, BadValuesAreErrors) {
+  AttnConfig c;
+  EXPECT_THROW(set_attn_option(c, "attn", "sparse"), Error);
+  EXPECT_THROW(set_attn_option(c, "attn", "ds"), Error);  // not implemented: says so
+  EXPECT_THROW(set_attn_option(c, "attn-base", "magic"), Error);
+  EXPECT_THROW(set_attn_option(c, "attn-p", "x"), Error);
+  EXPECT_THROW(set_attn_option(c, "attn-b0", "1.5"), Error);
+  EXPECT_THROW(set_attn_option(c, "attn-gqa", "both"), Error);
+  EXPECT_THROW(set_attn_option(c, "colour", "blue"), Error);
+  for (float p : {0.f, -0.1f, 1.01f}) {
+    c = {};
+    c.p = p;
+    EXPECT_THROW(c.validate(), Error) << p;
+  }
+  c = {};
+  c.b0 = -1;
+  EXPECT_THROW(c.validate(), Error);
+  c = {};
+  c.min_tokens = 10;
+  c.max_tokens = 5;
+  EXPECT_THROW(c.validate(), Error);
+}
+
+TEST(AttnConfig, ConfigFileWithLineNumbersInErrors) {
+  const std::string path = ::testing::TempDir() + "/attn.conf";
+  {
+    std::ofstream o(path);
+    o << "# twilight over quest\nattn = twilight\nattn-p = 0.85  # LongChat default\nattn-b0=4096\nattn-gqa = head\n";
+  }
+  AttnConfig c;
+  load_attn_config(path, c);
+  EXPECT_EQ(c.method, Method::Twilight);
+  EXPECT_FLOAT_EQ(c.p, 0.85f);
+  EXPECT_EQ(c.b0, 4096);
+  EXPECT_EQ(c.gqa, GqaMode::Head);
+  {
+    std::ofstream o(path);
+    o << "attn = twilight\n\nattn-p 0.9\n";
+  }
+  try {
+    load_attn_config(path, c);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("attn.conf:3"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(load_attn_config("/nonexistent/attn.conf", c), Error);
+}
+
+}  // namespace
+}  // namespace tw::attn
