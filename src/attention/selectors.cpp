@@ -51,23 +51,38 @@ void push_all(Selection& out, int64_t n_ctx, int n_lists, std::vector<int32_t>& 
   for (int i = 0; i < n_lists; ++i) out.push_list(tmp.data(), n_ctx);
 }
 
-// Scores of G query heads qg [G][d] against one page bound; Group: max over the heads into out[0],
-// Head: out[g * stride].
+// Quest scores of the G query heads of kv head h over logical pages [lp0, lp1). qpn: [G][2][d], each
+// head's q+ = max(q, 0) then q- = min(q, 0): max(q*kmax, q*kmin) = q+*kmax + q-*kmin term by term
+// (kmax >= kmin), which turns the bound into two dot products. Heads go four at a time so the four
+// reductions are independent chains (one chain per head was latency-bound). zeros: [2][d] of 0 to pad a
+// block. Group: max over the heads into out[lp]; Head: out[g * stride + lp].
 TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, int h, int64_t lp0, int64_t lp1,
-                           const float* qg, int G, int d, bool group, float* out, int64_t stride) {
+                           const float* qpn, const float* zeros, int G, int d, bool group, float* out,
+                           int64_t stride) {
   for (int64_t lp = lp0; lp < lp1; ++lp) {
     const float* mn = ks.kmin(layer, pages[lp], h);
     const float* mx = ks.kmax(layer, pages[lp], h);
     float best = -INFINITY;
-    for (int g = 0; g < G; ++g) {
-      const float* qq = qg + (size_t)g * d;
-      float u = 0.f;
-#pragma omp simd reduction(+ : u)
-      for (int i = 0; i < d; ++i) u += std::max(qq[i] * mx[i], qq[i] * mn[i]);
-      if (group)
-        best = (std::isnan(u) || u > best) ? rank_key(u) : best;
-      else
-        out[g * stride + lp] = u;
+    for (int g0 = 0; g0 < G; g0 += 4) {
+      const float* qb[4];
+      for (int j = 0; j < 4; ++j) qb[j] = g0 + j < G ? qpn + (size_t)(g0 + j) * 2 * d : zeros;
+      const float *p0 = qb[0], *p1 = qb[1], *p2 = qb[2], *p3 = qb[3];
+      float u0 = 0.f, u1 = 0.f, u2 = 0.f, u3 = 0.f;
+#pragma omp simd reduction(+ : u0, u1, u2, u3)
+      for (int i = 0; i < d; ++i) {
+        const float a = mx[i], b = mn[i];
+        u0 += p0[i] * a + p0[d + i] * b;
+        u1 += p1[i] * a + p1[d + i] * b;
+        u2 += p2[i] * a + p2[d + i] * b;
+        u3 += p3[i] * a + p3[d + i] * b;
+      }
+      const float u[4] = {u0, u1, u2, u3};
+      for (int j = 0; j < 4 && g0 + j < G; ++j) {
+        if (group)
+          best = (std::isnan(u[j]) || u[j] > best) ? rank_key(u[j]) : best;
+        else
+          out[(g0 + j) * stride + lp] = u[j];
+      }
     }
     if (group) out[lp] = best;
   }
@@ -140,13 +155,21 @@ void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, co
   const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads, hkv = hs.n_kv_heads;
   const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
   const bool group = mode == GqaMode::Group;
+  std::vector<float> qpn((size_t)hs.n_heads * 2 * d), zeros((size_t)2 * d, 0.f);
+  for (int hq = 0; hq < hs.n_heads; ++hq)
+    for (int i = 0; i < d; ++i) {
+      const float x = q[(size_t)hq * d + i];
+      qpn[(size_t)hq * 2 * d + i] = x > 0.f ? x : 0.f;
+      qpn[(size_t)hq * 2 * d + d + i] = x < 0.f ? x : 0.f;
+    }
   // Work item: (kv head, page); a chunk covers consecutive pages of one or two heads.
   auto run = [&](int64_t b, int64_t e, int) {
     while (b < e) {
       const int h = (int)(b / n_pages);
       const int64_t lp0 = b % n_pages, lp1 = std::min<int64_t>(n_pages, lp0 + (e - b));
       float* o = group ? scores + (size_t)h * n_pages : scores + (size_t)h * G * n_pages;
-      score_pages(ks, seq.pages.data(), layer, h, lp0, lp1, q + (size_t)h * G * d, G, d, group, o, n_pages);
+      score_pages(ks, seq.pages.data(), layer, h, lp0, lp1, qpn.data() + (size_t)h * G * 2 * d, zeros.data(), G, d,
+                  group, o, n_pages);
       b += lp1 - lp0;
     }
   };

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -443,6 +444,72 @@ TEST(Selectors, RejectBadInput) {
     FAIL() << "no error";
   } catch (const tw::Error& e) {
     EXPECT_NE(std::string(e.what()).find("multiple"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace tw::attn
+
+namespace tw::attn {
+namespace {
+
+// Speed of append and Quest selection for the Qwen2.5 1.5B attention shape (H 12, Hkv 2, d 128).
+// Not part of the suite; run with --gtest_also_run_disabled_tests --gtest_filter='*Bench*'.
+TEST(SelectorsBench, DISABLED_AppendAndQuest) {
+  using clk = std::chrono::steady_clock;
+  auto us = [](clk::duration d) { return std::chrono::duration<double, std::micro>(d).count(); };
+  const HeadShape hs{12, 2, 128};
+  std::mt19937 rng(9);
+  std::normal_distribution<float> N(0.f, 1.f);
+  for (int64_t n : {4096, 32768}) {
+    const kv::KVShape shape{1, 2, 128, n / kPageSize};
+    kv::KVPool pool(shape);
+    KeySide ks(shape);
+    kv::SeqPages seq;
+    pool.reserve(seq, n);
+    std::vector<float> k(256), v(256);
+    double t_fast = 0, t_ref = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      for (auto& x : k) x = N(rng);
+      pool.write(0, seq, t, k.data(), v.data());
+      auto t0 = clk::now();
+      ks.append(pool, 0, seq, t);
+      auto t1 = clk::now();
+      if (t % 8 == 0) ks.append_reference(pool, 0, seq, t);
+      auto t2 = clk::now();
+      t_fast += us(t1 - t0);
+      t_ref += us(t2 - t1);
+    }
+    seq.n_tokens = n;
+    std::printf("n_ctx %6lld  append (all kv heads of one layer): fast %.3f us/token, scalar reference %.3f us/token\n",
+                (long long)n, t_fast / n, t_ref / (n / 8));
+    std::vector<float> q((size_t)12 * 128);
+    for (auto& x : q) x = N(rng);
+    std::vector<float> sc((size_t)2 * (n / kPageSize));
+    ThreadPool tp1(1), tp2(2);
+    Selection s;
+    const int64_t budget = n / 4;
+    auto best = [&](const std::function<void()>& f) {
+      double b = 1e30;
+      for (int r = 0; r < 30; ++r) {
+        auto t0 = clk::now();
+        f();
+        b = std::min(b, us(clk::now() - t0));
+      }
+      return b;
+    };
+    const double s1 = best([&] { quest_page_scores(ks, seq, 0, hs, q.data(), n, GqaMode::Group, sc.data()); });
+    const double s2 = best([&] { quest_page_scores(ks, seq, 0, hs, q.data(), n, GqaMode::Group, sc.data(), &tp2); });
+    const double q1 = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Group, s); });
+    const double q2 = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Group, s, tp2); });
+    const double qh = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Head, s); });
+    const double bytes = 2.0 * (n / kPageSize) * 2 * 128 * 4;  // kmin + kmax read, fp32
+    std::printf("n_ctx %6lld  quest scores (group): %.1f us 1 thread (%.1f GB/s of bounds), %.1f us 2 threads\n",
+                (long long)n, s1, bytes / s1 / 1e3, s2);
+    std::printf("n_ctx %6lld  select_quest budget %lld: group %.1f us (1 thr) / %.1f us (2 thr), head %.1f us (1 thr)\n",
+                (long long)n, (long long)budget, q1, q2, qh);
+    const double o = best([&] { select_topk_oracle(pool, seq, 0, hs, q.data(), n, budget, GqaMode::Group, s); });
+    std::printf("n_ctx %6lld  oracle top-k (group): %.1f us\n", (long long)n, o);
   }
 }
 
