@@ -4,8 +4,11 @@
 #include <cmath>
 #include <cstring>
 
+#include <immintrin.h>
+
 #include "attention/topp.h"
 #include "common/error.h"
+#include "ops/cpu/matmul.h"
 
 namespace tw::attn {
 
@@ -127,6 +130,56 @@ TW_CLONES void score_tokens(const Int4Keys& keys, const kv::SeqPages& seq, int l
   }
 }
 
+// The same with AVX-512 intrinsics for d = 32 * C (C = 2: d = 64, C = 4: d = 128): the unpacked row
+// stays in 2C registers, every head accumulates lo and hi chains separately and ends with one
+// shuffle-tree reduction (the portable loop above ends each dot product in 16 dependent scalar adds).
+// GCC 12 warns about the intrinsics' own _mm512_undefined_* placeholders (a known false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int C>
+__attribute__((target("avx512f"))) void score_tokens_avx512(const Int4Keys& keys, const kv::SeqPages& seq, int layer,
+                                                            int kvh, const float* qe, const float* qo,
+                                                            const float* qsum, int nq, const int32_t* tokens,
+                                                            int64_t m, float* z) {
+  constexpr int dh = 16 * C;
+  const __m512i mask = _mm512_set1_epi32(15);
+  int64_t cur_lp = -1;
+  const uint8_t* codes = nullptr;
+  const float *scale = nullptr, *zero = nullptr;
+  for (int64_t j = 0; j < m; ++j) {
+    const int32_t t = tokens[j];
+    const int64_t lp = t / kPageSize;
+    if (lp != cur_lp) {
+      const int32_t phys = seq.pages[lp];
+      codes = keys.codes(keys.ctx, layer, phys, kvh);
+      scale = keys.scale(keys.ctx, layer, phys, kvh);
+      zero = keys.zero(keys.ctx, layer, phys, kvh);
+      cur_lp = lp;
+    }
+    const int row = t % kPageSize;
+    const uint8_t* c = codes + (size_t)row * dh;
+    __m512 lo[C], hi[C];
+    for (int k = 0; k < C; ++k) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * k)));
+      lo[k] = _mm512_cvtepi32_ps(_mm512_and_si512(b, mask));
+      hi[k] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    }
+    const float s = scale[row], zp = zero[row];
+    for (int r = 0; r < nq; ++r) {
+      const float* e = qe + (size_t)r * dh;
+      const float* o = qo + (size_t)r * dh;
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(e), lo[0]);
+      __m512 b = _mm512_mul_ps(_mm512_loadu_ps(o), hi[0]);
+      for (int k = 1; k < C; ++k) {
+        a = _mm512_fmadd_ps(_mm512_loadu_ps(e + 16 * k), lo[k], a);
+        b = _mm512_fmadd_ps(_mm512_loadu_ps(o + 16 * k), hi[k], b);
+      }
+      z[(size_t)r * m + j] = zp * qsum[r] + s * _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    }
+  }
+}
+#pragma GCC diagnostic pop
+
 void check_keys(const Int4Keys& keys) {
   TW_CHECK(keys.codes && keys.scale && keys.zero, "pruner: INT4 key view has null accessors");
 }
@@ -156,7 +209,13 @@ void estimate_scores(const Int4Keys& keys, const kv::SeqPages& seq, int layer, i
     }
     qsum[r] = s;
   }
-  score_tokens(keys, seq, layer, kvh, d, qe.data(), qo.data(), qsum.data(), nq, tokens, m, z, lo.data(), hi.data());
+  static const bool avx512 = ops::active_simd() == ops::Simd::AVX512;  // implies AVX-512F
+  if (avx512 && d == 64)
+    score_tokens_avx512<2>(keys, seq, layer, kvh, qe.data(), qo.data(), qsum.data(), nq, tokens, m, z);
+  else if (avx512 && d == 128)
+    score_tokens_avx512<4>(keys, seq, layer, kvh, qe.data(), qo.data(), qsum.data(), nq, tokens, m, z);
+  else
+    score_tokens(keys, seq, layer, kvh, d, qe.data(), qo.data(), qsum.data(), nq, tokens, m, z, lo.data(), hi.data());
 }
 
 void estimate_scores_reference(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d,
