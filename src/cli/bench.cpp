@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cli/args.h"
+#include "cli/attn_flags.h"
 #include "cli/commands.h"
 #include "common/error.h"
 #include "common/paths.h"
@@ -67,9 +68,12 @@ int cmd_bench(int argc, char** argv) {
   a.opt({"-r", "--repetitions"}, "N", "repetitions per row (default 5)", &reps, 1, 1000);
   a.opt({"-t", "--threads"}, "N", "threads (default: all cores)", &threads, 1, 1024);
   a.opt({"-o", "--output"}, "md|json", "output format (default md)", &out);
+  AttnFlags af;
+  af.add_to(a);
   if (!a.parse(argc, argv, 2)) return 0;
   TW_CHECK(out == "md" || out == "json", "-o must be md or json, got '", out, "'");
   const std::vector<int64_t> pps = parse_list("-p", pp_s), tgs = parse_list("-n", tg_s), depths = parse_list("-d", depth_s);
+  const attn::AttnConfig acfg = af.resolve(attn::Method::Dense);  // bench's baseline is dense
 
   const std::string path = model.empty() ? require_model(kSmolLM2File) : model;
   std::unique_ptr<Model> m = Model::load(path);
@@ -80,6 +84,7 @@ int cmd_bench(int argc, char** argv) {
                                                                    *std::max_element(tgs.begin(), tgs.end())));
   TW_CHECK(max_ctx <= c.n_ctx_train, "depth + test size ", max_ctx, " exceeds the model's context ", c.n_ctx_train);
   kv::KVPool pool = m->make_kv(std::max<int64_t>(max_ctx, kv::kPageSize));
+  attn::AttentionPolicy policy(acfg, pool.shape(), m->head_shape());
   std::vector<float> logits(c.n_vocab);
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> tok(0, c.n_vocab - 1);
@@ -91,7 +96,7 @@ int cmd_bench(int argc, char** argv) {
   const int64_t chunk = 512;
   auto fill = [&](kv::SeqPages& seq, const std::vector<int32_t>& t) {
     for (int64_t i = 0; i < (int64_t)t.size(); i += chunk)
-      m->forward(t.data() + i, std::min<int64_t>(chunk, (int64_t)t.size() - i), pool, seq, logits.data(), tp);
+      m->forward(t.data() + i, std::min<int64_t>(chunk, (int64_t)t.size() - i), pool, seq, logits.data(), tp, false, &policy);
   };
 
   std::vector<Row> rows;
@@ -119,7 +124,7 @@ int cmd_bench(int argc, char** argv) {
         fill(seq, random_tokens(d));
         const std::vector<int32_t> t = random_tokens(n);
         const double t0 = now();
-        for (int64_t i = 0; i < n; ++i) m->forward(&t[i], 1, pool, seq, logits.data(), tp);
+        for (int64_t i = 0; i < n; ++i) m->forward(&t[i], 1, pool, seq, logits.data(), tp, false, &policy);
         const double dt = now() - t0;
         if (rep >= 0) r.tps.push_back(n / dt);
         pool.release(seq);
@@ -133,20 +138,23 @@ int cmd_bench(int argc, char** argv) {
     std::printf("[\n");
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
-      std::printf("  {\"model\": \"%s\", \"arch\": \"%s\", \"size_mib\": %.1f, \"backend\": \"cpu\", \"threads\": %d, "
+      std::printf("  {\"model\": \"%s\", \"arch\": \"%s\", \"size_mib\": %.1f, \"backend\": \"cpu\", \"attention\": \"%s\", \"threads\": %d, "
                   "\"test\": \"%s\", \"n_tokens\": %lld, \"depth\": %lld, \"avg_ts\": %.3f, \"stddev_ts\": %.3f, \"samples_ts\": [",
-                  c.name.c_str(), c.arch.c_str(), size_mib, tp.size(), r.test.c_str(), (long long)r.n_tokens,
+                  c.name.c_str(), c.arch.c_str(), size_mib, acfg.describe().c_str(), tp.size(), r.test.c_str(), (long long)r.n_tokens,
                   (long long)r.depth, r.mean(), r.sd());
       for (size_t k = 0; k < r.tps.size(); ++k) std::printf("%s%.3f", k ? ", " : "", r.tps[k]);
       std::printf("]}%s\n", i + 1 < rows.size() ? "," : "");
     }
     std::printf("]\n");
   } else {
+    std::printf("attention: %s\n\n", acfg.describe().c_str());
     std::printf("| model | size | backend | threads | test | t/s |\n| --- | ---: | --- | ---: | ---: | ---: |\n");
     for (const Row& r : rows)
       std::printf("| %s | %.1f MiB | cpu | %d | %s | %.2f ± %.2f |\n", c.name.c_str(), size_mib, tp.size(), r.test.c_str(),
                   r.mean(), r.sd());
   }
+  if (acfg.method != attn::Method::Dense) print_budgets(policy);
+  if (!af.stats_path.empty()) write_budgets_json(policy, af.stats_path);
   return 0;
 }
 

@@ -25,6 +25,7 @@ Engine::Engine(const EngineOptions& opt)
            kv::kPageSize, ", 4194304]");
   chunk_ = opt.prefill_chunk;
   kv_ = std::make_unique<kv::KVPool>(model_->make_kv(n_ctx_));
+  policy_ = std::make_unique<attn::AttentionPolicy>(opt.attn, kv_->shape(), model_->head_shape());
   logits_.resize(c.n_vocab);
 }
 
@@ -54,7 +55,7 @@ void Engine::eval(const std::vector<int32_t>& tokens, const std::function<void(i
   const int64_t total = (int64_t)tokens.size();
   for (int64_t i = 0; i < total; i += chunk_) {
     const int64_t n = std::min(chunk_, total - i);
-    model_->forward(tokens.data() + i, n, *kv_, seq_, logits_.data(), tp_);
+    model_->forward(tokens.data() + i, n, *kv_, seq_, logits_.data(), tp_, false, policy_.get());
     history_.insert(history_.end(), tokens.begin() + i, tokens.begin() + i + n);
     if (progress) progress(i + n, total);
   }
@@ -99,7 +100,7 @@ GenStats Engine::generate(const std::vector<int32_t>& prompt, int n_predict, con
       st.stop = "context";
       break;
     }
-    model_->forward(&id, 1, *kv_, seq_, logits_.data(), tp_);
+    model_->forward(&id, 1, *kv_, seq_, logits_.data(), tp_, false, policy_.get());
     history_.push_back(id);
   }
   const std::string tail = dec.flush();

@@ -21,6 +21,7 @@ struct EngineOptions {
   int64_t n_ctx = 0;           // context (KV capacity) in tokens; 0 = the model's training context
   int threads = 0;             // 0 = all hardware threads
   int64_t prefill_chunk = 256; // tokens per prefill forward call
+  attn::AttnConfig attn;       // decode attention (dense by default here; the CLI picks Twilight)
 };
 
 struct GenStats {
@@ -44,6 +45,8 @@ class Engine {
   size_t kv_bytes_total() const;  // capacity
   int threads() const { return tp_.size(); }
   ThreadPool& pool() { return tp_; }
+  const attn::AttentionPolicy& attention() const { return *policy_; }
+  attn::AttentionPolicy& attention() { return *policy_; }
 
   // Forget the sequence.
   void reset();
@@ -68,6 +71,7 @@ class Engine {
   int64_t chunk_ = 256;
   ThreadPool tp_;
   std::unique_ptr<kv::KVPool> kv_;
+  std::unique_ptr<attn::AttentionPolicy> policy_;
   kv::SeqPages seq_;
   std::vector<int32_t> history_;  // tokens whose K/V are cached
   std::vector<float> logits_;     // (n_vocab)

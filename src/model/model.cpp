@@ -147,7 +147,7 @@ void add_bias(float* y, const std::vector<float>& b, int64_t n) {
 }  // namespace
 
 void Model::forward(const int32_t* tokens, int64_t n, kv::KVPool& pool, kv::SeqPages& seq, float* logits_out,
-                    ThreadPool& tp, bool all_logits) {
+                    ThreadPool& tp, bool all_logits, attn::AttentionPolicy* policy) {
   const ModelConfig& c = cfg_;
   TW_CHECK(n > 0, "forward: no tokens");
   const int64_t pos0 = seq.n_tokens;
@@ -175,8 +175,11 @@ void Model::forward(const int32_t* tokens, int64_t n, kv::KVPool& pool, kv::SeqP
       ops::rope_apply(c.rope, &s.q[i * qd], c.n_heads, pos0 + i);
       ops::rope_apply(c.rope, &s.k[i * kvd], c.n_kv_heads, pos0 + i);
       pool.write(l, seq, pos0 + i, &s.k[i * kvd], &s.v[i * kvd]);
+      if (policy) policy->on_append(pool, l, seq, pos0 + i);
     }
-    if (n == 1)
+    if (n == 1 && policy)
+      policy->decode(pool, seq, l, s.q.data(), pos0 + 1, s.att.data(), tp);
+    else if (n == 1)
       attn::dense_decode(pool, seq, l, hs, s.q.data(), pos0 + 1, s.att.data(), tp);
     else
       attn::dense_prefill(pool, seq, l, hs, s.q.data(), n, pos0, s.att.data(), tp);

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "attention/dense_cpu.h"
+#include "attention/policy.h"
 #include "common/threadpool.h"
 #include "gguf/gguf.h"
 #include "kv/kv_cache.h"
@@ -83,8 +84,12 @@ class Model {
   // K/V to the cache and advancing seq.n_tokens. Writes logits of the last token to logits_out
   // (n_vocab floats), or of every token when all_logits (n * n_vocab floats). n == 1 is a decode
   // step (matrix-vector products); n > 1 a prefill chunk (matrix-matrix products).
+  // With a policy, its side structures are updated on every append and decode steps run the
+  // policy's attention (dense, selector or Twilight); prefill stays dense. Without one: dense.
   void forward(const int32_t* tokens, int64_t n, kv::KVPool& pool, kv::SeqPages& seq, float* logits_out,
-               ThreadPool& tp, bool all_logits = false);
+               ThreadPool& tp, bool all_logits = false, attn::AttentionPolicy* policy = nullptr);
+
+  attn::HeadShape head_shape() const { return {cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim}; }
 
  private:
   explicit Model(gguf::File f) : file_(std::move(f)) {}

@@ -67,6 +67,17 @@ expect 1 "-p: expected a comma-separated list" -- bench -p 1,x
 expect 2 "unknown command 'frobnicate'" -- frobnicate
 expect 1 "context size 4 out of range" -- generate -m "$MODEL" -p hi -c 4
 
+# --- attention flags
+expect 1 "--attn-p must be in \(0, 1\], got 1.5" -- generate -m "$MODEL" -p hi --attn twilight --attn-p 1.5
+expect 1 "unknown attention 'sparse'" -- generate -p hi --attn sparse
+expect 1 "Double Sparsity\) is not implemented yet" -- generate -p hi --attn ds
+expect 1 "unknown base selector 'magic'" -- generate -p hi --attn-base magic
+expect 1 "cannot read attention config '/nonexistent/a.conf'" -- generate -p hi --attn-config /nonexistent/a.conf
+printf 'attn = twilight\nattn-p = 2\n' >"$TMP/bad.conf"
+expect 1 "--attn-p must be in" -- generate -p hi --attn-config "$TMP/bad.conf"
+printf 'attn = twilight\nbogus\n' >"$TMP/bad2.conf"
+expect 1 "bad2.conf:2: expected 'key = value'" -- generate -p hi --attn-config "$TMP/bad2.conf"
+
 # --- prompt longer than the context: error before any generation, nothing on stdout
 python3 -c "print('word ' * 200)" >"$TMP/long.txt" 2>/dev/null || for i in $(seq 200); do printf 'word '; done >"$TMP/long.txt"
 expect 1 "prompt of [0-9]+ tokens is longer than the context of 32 tokens" -- generate -m "$MODEL" -f "$TMP/long.txt" -c 32
@@ -79,6 +90,10 @@ expect 0 "context [0-9]+ / 8192 tokens \| KV cache" -- generate -m "$MODEL" --ch
 expect 0 "\| pp16 \| .* ± .*\|" -- bench -m "$MODEL" -p 16 -n 4 -r 2 -t 2
 expect 0 "\"test\": \"tg4 @ d32\"" -- bench -m "$MODEL" -p 0 -n 4 -d 32 -r 1 -o json
 expect 0 "usage: twilight generate" -- generate --help
+# Twilight on a prompt long enough to go sparse (>= 1024 tokens): budgets table and JSON written.
+python3 -c "print(' '.join(str(i) for i in range(700)))" >"$TMP/numbers.txt" 2>/dev/null || seq 700 | tr '\n' ' ' >"$TMP/numbers.txt"
+expect 0 "sparse layers attend [0-9.]+% of the context" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 4 --temp 0 --attn twilight --attn-b0 512 --attn-stats "$TMP/budgets.json"
+if grep -q '"avg_i1"' "$TMP/budgets.json" 2>/dev/null && [[ ! -e "$TMP/budgets.json.tmp" ]]; then pass=$((pass + 1)); else echo "FAIL: budgets JSON"; fail=$((fail + 1)); fi
 
 echo "$pass passed, $fail failed"
 ((fail == 0))
