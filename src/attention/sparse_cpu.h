@@ -6,7 +6,9 @@
 // Head mode: list hq serves query head hq (kv head hq / G).
 // Split-KV: every list is cut into fixed chunks of kChunkTokens positions, each chunk gives one
 // softmax state per query head, and the chunks are merged in order, so the result does not depend
-// on the thread count.
+// on the thread count. Per block of 16 listed tokens: K/V rows gathered to fp32 (F16C / AVX-512
+// conversions), scores, vectorised exps, V accumulated with o touched once per block; AVX-512 for
+// d % 16 == 0 when ops::active_simd() allows it, the portable loops otherwise (TWILIGHT_SIMD=scalar).
 #pragma once
 #include <cstdint>
 
