@@ -32,7 +32,7 @@ inline float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const int32_t bits = ((int32_t)std::fmax(kf, -126.f) + 127) << 23;
+  const int32_t bits = ((int32_t)(kf < -126.f ? -126.f : kf) + 127) << 23;  // clamp: no int conversion of -inf
   float scale;
   std::memcpy(&scale, &bits, 4);
   return x < -87.f ? 0.f : p * scale;  // x <= 0 here (scores minus their max)
