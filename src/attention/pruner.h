@@ -9,6 +9,8 @@
 // Group mode (one list per kv head, the default): the G query heads' normalised weights are averaged
 // (sum / G, still a distribution) and one list is kept for the kv head. Head mode: one list per
 // query head, each with its own softmax.
+// Estimated weights below ~1e-38 of a list's maximum (score gap > 87) are 0 and so dropped even at
+// p = 1 (topp.h keeps only positive weights); they carry no fp32 mass.
 // GQA-aware estimate: each INT4 row is loaded and unpacked once per kv head and scored against all G
 // query heads (TWILIGHT.md section 4.2). Threads split the lists; results do not depend on the
 // thread count.
