@@ -16,8 +16,8 @@
 namespace tw::attn {
 
 // Quest: page score u_p = sum_d max(q_d*kmax_{p,d}, q_d*kmin_{p,d}) (an upper bound of q.k for every
-// token of the page). Keeps ceil(budget_tokens / 16) pages in total: the first page (sink) and the
-// last (partial) page always, the rest by descending score (ties: lower page first; a NaN score,
+// token of the page). Keeps ceil(budget_tokens / 16) pages in total (at least 2): the first page (sink)
+// and the last (partial) page always, the rest by descending score (ties: lower page first; a NaN score,
 // possible only with inf keys, counts as +inf: it cannot rule the page out). Group mode: a page's
 // score for a kv head is the max over its G query heads. Emits the selected pages' tokens < n_ctx.
 // Bounds of the last page may cover tokens >= n_ctx (still an upper bound of the ones < n_ctx).
