@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention/fast_exp.h"
 #include "attention/online_softmax.h"
 #include "common/error.h"
 #include "common/fp16.h"
@@ -19,25 +20,6 @@ namespace {
 using kv::kPageSize;
 
 #define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
-// exp for the softmax, written so that loops over it vectorise (std::exp does not without
-// -ffast-math): 2^k * poly(r), k = round(x / ln 2), r = x - k ln 2 (two-part ln 2), degree-6 Taylor
-// polynomial on |r| <= ln(2)/2: relative error < 3e-7. Inputs <= -87 (and -inf) give 0.
-inline float fast_exp(float x) {
-  const float kf = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = ((int32_t)kf + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -87.f ? 0.f : (x > 88.f ? INFINITY : p * scale);
-}
 
 // fp16 -> fp32 for a page, 8 at a time with F16C where the CPU has it (checked once); the scalar
 // bit conversion otherwise. Conversion per element is the largest cost of a page when done scalar.

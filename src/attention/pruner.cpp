@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include "attention/topp.h"
+#include "attention/fast_exp.h"
 #include "common/error.h"
 #include "ops/cpu/matmul.h"
 
@@ -17,26 +18,6 @@ namespace {
 using kv::kPageSize;
 
 #define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
-// exp that vectorises (std::exp does not without -ffast-math; the softmax over B0 = 8192 candidates
-// x G heads was a third of the pruner's time with it): 2^k * poly(r), k = round(x / ln 2),
-// r = x - k ln 2 (two-part ln 2), degree-6 Taylor polynomial on |r| <= ln(2)/2, relative error
-// < 3e-7. Inputs x <= -87 give 0 (weights below ~1e-38 of the maximum, no mass at fp32).
-inline float fast_exp(float x) {
-  const float kf = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = ((int32_t)(kf < -126.f ? -126.f : kf) + 127) << 23;  // clamp: no int conversion of -inf
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -87.f ? 0.f : p * scale;  // x <= 0 here (scores minus their max)
-}
 
 // In place: z[j] = exp(z[j] - mx), returns the sum.
 TW_CLONES float exp_shift_sum(float* z, int64_t m, float mx) {

@@ -7,6 +7,7 @@
 
 #include <immintrin.h>
 
+#include "attention/fast_exp.h"
 #include "attention/online_softmax.h"
 #include "common/error.h"
 #include "common/fp16.h"
@@ -98,23 +99,6 @@ CvtFn pick_cvt() {
   if (level == ops::Simd::AVX512) return cvt_avx512;
   if (level == ops::Simd::AVX2 && __builtin_cpu_supports("f16c")) return cvt_f16c;
   return cvt_scalar;
-}
-
-// exp that vectorises (as in pruner.cpp): relative error < 3e-7, 0 for x <= -87 (x <= 0 here).
-inline float fast_exp(float x) {
-  const float kf = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = ((int32_t)(kf < -126.f ? -126.f : kf) + 127) << 23;  // clamp: no int conversion of -inf
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -87.f ? 0.f : p * scale;
 }
 
 // Attend nq queries (q: [nq][d], scaled by 1/sqrt(d)) of kv head kvh to tokens tok(j), j in [j0, j1),
