@@ -1,6 +1,7 @@
 // Dense attention (split-KV decode, blocked prefill) against the scalar two-pass reference, on
 // fresh random inputs, several GQA shapes, partial last pages, 1 and 2 threads.
 #include "attention/dense_cpu.h"
+#include "attention/test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -20,19 +21,7 @@ struct Case {
   int threads;
 };
 
-// Fill a sequence of n tokens with random K/V (scaled so that attention is neither uniform nor one-hot).
-void fill_random(kv::KVPool& pool, kv::SeqPages& seq, int layer, int64_t n, std::mt19937& rng, float kscale) {
-  const kv::KVShape& s = pool.shape();
-  std::normal_distribution<float> N(0.f, 1.f);
-  pool.reserve(seq, n);
-  std::vector<float> k(s.n_kv_heads * s.head_dim), v(k.size());
-  for (int64_t t = 0; t < n; ++t) {
-    for (auto& x : k) x = N(rng) * kscale;
-    for (auto& x : v) x = N(rng);
-    pool.write(layer, seq, t, k.data(), v.data());
-  }
-  seq.n_tokens = n;
-}
+using test_util::fill_random;
 
 class DenseDecode : public ::testing::TestWithParam<Case> {};
 

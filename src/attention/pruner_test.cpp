@@ -2,6 +2,7 @@
 // INT4 keys in double, takes the softmax in double and sorts; both GQA modes, floor / cap, the
 // current token, thread-count independence, the KeySide overload, bad input.
 #include "attention/pruner.h"
+#include "attention/test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -62,18 +63,7 @@ struct TestMirror {
   const float* k4_zero(int, int32_t phys, int h) const { return zeros.at({phys, h}).data(); }
 };
 
-void fill_random(kv::KVPool& pool, kv::SeqPages& seq, int layer, int64_t n, std::mt19937& rng, float kscale) {
-  const kv::KVShape& s = pool.shape();
-  std::normal_distribution<float> N(0.f, 1.f);
-  pool.reserve(seq, n);
-  std::vector<float> k(s.n_kv_heads * s.head_dim), v(k.size());
-  for (int64_t t = 0; t < n; ++t) {
-    for (auto& x : k) x = N(rng) * kscale;
-    for (auto& x : v) x = N(rng);
-    pool.write(layer, seq, t, k.data(), v.data());
-  }
-  seq.n_tokens = n;
-}
+using test_util::fill_random;
 
 // Random candidate lists: each position with probability `frac`; the current token included or not.
 Selection random_selection(GqaMode mode, int n_lists, int64_t n_ctx, double frac, bool with_cur, std::mt19937& rng) {

@@ -2,6 +2,7 @@
 // reference on random lists (both GQA modes, with and without the current token, empty lists,
 // 1-3 threads), and obeys the top-p error identity/bound with exact weights.
 #include "attention/sparse_cpu.h"
+#include "attention/test_util.h"
 
 #include <gtest/gtest.h>
 
@@ -19,18 +20,7 @@ namespace {
 
 using kv::kPageSize;
 
-void fill_random(kv::KVPool& pool, kv::SeqPages& seq, int layer, int64_t n, std::mt19937& rng, float kscale) {
-  const kv::KVShape& s = pool.shape();
-  std::normal_distribution<float> N(0.f, 1.f);
-  pool.reserve(seq, n);
-  std::vector<float> k(s.n_kv_heads * s.head_dim), v(k.size());
-  for (int64_t t = 0; t < n; ++t) {
-    for (auto& x : k) x = N(rng) * kscale;
-    for (auto& x : v) x = N(rng);
-    pool.write(layer, seq, t, k.data(), v.data());
-  }
-  seq.n_tokens = n;
-}
+using test_util::fill_random;
 
 Selection all_tokens(GqaMode mode, int n_lists, int64_t n) {
   Selection s;
