@@ -1,0 +1,63 @@
+// Device-side data of Twilight's decode step (TWILIGHT.md sections 1, 2 and 5), shared by every
+// attention kernel in this folder. Host-visible plain structs of device pointers; no ownership.
+//
+// The layout is the CPU cache's (kv/kv_cache.h, attention/key_side.h), so a CPU reference reads the
+// same bytes: one layer at a time, physical pages of kPageSize = 16 tokens of ONE kv head.
+//
+//   K, V pools      [n_pages][Hkv][16][d]         fp16 or bf16 (KvDtype)
+//   page_table      [batch][max_pages]            int32 logical page -> physical page
+//   seq_len         [batch]                       int32 tokens stored (the current token included)
+//   kmin, kmax      [n_pages][Hkv][d]             same dtype as K: the min / max of fp16 (bf16) values
+//                                                 is itself representable, so the bound is exact
+//   k4              [n_pages][Hkv][16][d/2]       uint8, element 2i low nibble, 2i+1 high nibble
+//   k4_scale/zero   [n_pages][Hkv][16]            float (the CPU mirror's definition, key_side.h)
+//   q               [batch][H][d]                 float, post-RoPE
+//   out             [batch][H][d]                 float
+//
+// Token lists (the selector's I0 and the pruner's I1): one list per (sequence, kv head), fixed
+// capacity so a decode step has fixed shapes and can be captured in a CUDA graph:
+//   count  [batch][Hkv]                int32 tokens in the list
+//   tokens [batch][Hkv][capacity]      int32 token positions in [0, seq_len), ascending, unique
+#pragma once
+#include <cstdint>
+
+namespace tw::attn::cuda {
+
+constexpr int kPageSize = 16;
+constexpr int kMaxGroup = 8;  // query heads per kv head supported by the kernels (real models: 3, 6, 7)
+
+enum class KvDtype { F16, BF16 };
+
+struct PagedKV {
+  const void* k = nullptr;          // [n_pages][Hkv][16][d]
+  const void* v = nullptr;          // [n_pages][Hkv][16][d]
+  const int32_t* page_table = nullptr;  // [batch][max_pages]
+  const int32_t* seq_len = nullptr;     // [batch]
+  KvDtype dtype = KvDtype::F16;
+  int batch = 0;
+  int n_heads = 0;      // H (query heads)
+  int n_kv_heads = 0;   // Hkv; H % Hkv == 0, H / Hkv <= kMaxGroup
+  int head_dim = 0;     // 64 or 128
+  int max_pages = 0;    // row stride of page_table
+  int64_t n_pages = 0;  // physical pages in the pool
+};
+
+struct KeySideDev {
+  void* kmin = nullptr;        // [n_pages][Hkv][d], dtype of K
+  void* kmax = nullptr;        // [n_pages][Hkv][d]
+  uint8_t* k4 = nullptr;       // [n_pages][Hkv][16][d/2]
+  float* k4_scale = nullptr;   // [n_pages][Hkv][16]
+  float* k4_zero = nullptr;    // [n_pages][Hkv][16]
+};
+
+struct TokenLists {
+  int32_t* count = nullptr;    // [batch][Hkv]
+  int32_t* tokens = nullptr;   // [batch][Hkv][capacity]
+  int capacity = 0;
+};
+
+// Validates a configuration before any launch: head_dim 64/128, dtype, 1 <= H/Hkv <= kMaxGroup,
+// H % Hkv == 0, non-null pointers. Throws tw::Error naming the bad value (never a silent slow path).
+void check_config(const PagedKV& kv);
+
+}  // namespace tw::attn::cuda
