@@ -26,7 +26,11 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   try {
     if (cmd == "generate") return tw::cli::cmd_generate(argc, argv);
-    if (cmd == "bench") return tw::cli::cmd_bench(argc, argv);
+    if (cmd == "bench") {
+      for (int i = 2; i < argc; ++i)
+        if (!std::strcmp(argv[i], "--gpu")) return tw::cli::cmd_bench_gpu(argc, argv);
+      return tw::cli::cmd_bench(argc, argv);
+    }
     std::fprintf(stderr, "twilight: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const tw::Error& e) {
