@@ -177,6 +177,7 @@ void Model::forward(const int32_t* tokens, int64_t n, kv::KVPool& pool, kv::SeqP
       pool.write(l, seq, pos0 + i, &s.k[i * kvd], &s.v[i * kvd]);
       if (policy) policy->on_append(pool, l, seq, pos0 + i);
     }
+    if (q_tap_) q_tap_(l, pos0, n, s.q.data());
     if (n == 1 && policy)
       policy->decode(pool, seq, l, s.q.data(), pos0 + 1, s.att.data(), tp);
     else if (n == 1)

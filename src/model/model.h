@@ -3,6 +3,7 @@
 // architectures. The layer reads top to bottom as a list of named ops.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -91,6 +92,11 @@ class Model {
 
   attn::HeadShape head_shape() const { return {cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim}; }
 
+  // Analysis hook (KV dumps for attention benchmarks): when set, forward calls it once per layer with
+  // the post-RoPE queries q [n][H][d] of the tokens at positions pos0 .. pos0+n-1, before attention.
+  using QueryTap = std::function<void(int layer, int64_t pos0, int64_t n, const float* q)>;
+  void set_query_tap(QueryTap tap) { q_tap_ = std::move(tap); }
+
  private:
   explicit Model(gguf::File f) : file_(std::move(f)) {}
   void ensure_state(int64_t n);
@@ -98,6 +104,7 @@ class Model {
   ModelConfig cfg_;
   Weights w_;
   RunState rs_;
+  QueryTap q_tap_;
 };
 
 }  // namespace tw

@@ -95,5 +95,22 @@ python3 -c "print(' '.join(str(i) for i in range(700)))" >"$TMP/numbers.txt" 2>/
 expect 0 "sparse layers attend [0-9.]+% of the context" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 4 --temp 0 --attn twilight --attn-b0 512 --attn-stats "$TMP/budgets.json"
 if grep -q '"avg_i1"' "$TMP/budgets.json" 2>/dev/null && [[ ! -e "$TMP/budgets.json.tmp" ]]; then pass=$((pass + 1)); else echo "FAIL: budgets JSON"; fail=$((fail + 1)); fi
 
+# --- attention bench: KV dump of a real prefill, replayed (bench --attn-dump / --attention)
+expect 0 "wrote .*d.kv" -- bench --attn-dump -m "$MODEL" -f "$TMP/numbers.txt" -c 96 --steps 2 --layers 0,3,7 -o "$TMP/d.kv" -t 2
+expect 0 "\| 128 \| tiled from 98 \| twilight p=0.9 B0=n/4 \|" -- bench --attention -m "$MODEL" --kv "$TMP/d.kv" --ctx 96,128 --quest-b0 32 --p 0.9 --skip-layers 0 -r 1 --bw-mib 8
+expect 0 "\"method\": \"quest B0=32\"" -- bench --attention --kv "$TMP/d.kv" --ctx 64 --quest-b0 32 --p none -r 1 --bw-mib 8 -o json
+head -c 5000 "$TMP/d.kv" >"$TMP/trunc.kv"
+expect 1 "truncated file" -- bench --attention --kv "$TMP/trunc.kv"
+expect 1 "not a twilight KV dump" -- bench --attention --kv "$TMP/text.gguf"
+QWEN05=$(dirname "$MODEL")/Qwen2.5-Coder-0.5B-Instruct-AWQ.gguf
+[[ -f "$QWEN05" ]] && expect 1 "kv dump was made with .*not with" -- bench --attention -m "$QWEN05" --kv "$TMP/d.kv"
+expect 1 "give exactly one of --kv FILE or --text FILE" -- bench --attention
+expect 1 "no dumped layer >= --skip-layers 8" -- bench --attention --kv "$TMP/d.kv" --skip-layers 8
+expect 1 "--p: expected values in \(0, 1\]" -- bench --attention --kv "$TMP/d.kv" --p 1.5
+expect 1 "--layers: '99' is not a layer id" -- bench --attn-dump -m "$MODEL" -f "$TMP/numbers.txt" --layers 0,99
+expect 1 "--layers: ids must be ascending" -- bench --attn-dump -m "$MODEL" -f "$TMP/numbers.txt" --layers 3,1
+expect 1 "has [0-9]+ tokens, the dump needs 8004" -- bench --attn-dump -m "$MODEL" -f "$TMP/numbers.txt" -c 8000 --steps 4 -o "$TMP/x.kv"
+expect 1 "exceeds the model.s trained context of 8192" -- bench --attn-dump -m "$MODEL" -f "$TMP/numbers.txt" -c 100000 -o "$TMP/x.kv"
+
 echo "$pass passed, $fail failed"
 ((fail == 0))
