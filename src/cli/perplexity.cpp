@@ -155,8 +155,10 @@ int cmd_perplexity(int argc, char** argv) {
   std::printf("\n%s, %s: prefix %lld tokens, %lld scored (contexts %lld..%lld), offset %lld\n", mc.name.c_str(),
               text_path.c_str(), (long long)prefix, (long long)score, (long long)prefix, (long long)(prefix + score - 1),
               (long long)start);
-  std::printf("%-34s | %9s | %8s | %9s | %8s | %7s | %7s | %7s | %6s\n", "config", "ppl", "d ppl", "mean KL", "top-1 =",
-              "|I1| %", "|I0| %", "mass", "t/s");
+  // A markdown table (pasted into docs/ACCURACY.md as it is).
+  std::printf("| %-32s | %9s | %8s | %9s | %8s | %7s | %7s | %7s | %6s |\n", "config", "ppl", "d ppl", "mean KL",
+              "top-1 =", "|I1| %", "|I0| %", "mass", "t/s");
+  std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const RunResult& r : res) {
     const bool sparse = r.budget.sparse_steps > 0;
     char i1[16] = "-", i0[16] = "-", em[16] = "-";
@@ -165,11 +167,11 @@ int cmd_perplexity(int argc, char** argv) {
       std::snprintf(i0, sizeof i0, "%.1f", 100 * r.budget.i0_frac);
       if (r.budget.est_mass > 0) std::snprintf(em, sizeof em, "%.3f", r.budget.est_mass);
     }
-    std::printf("%-34s | %9.4f | %+7.3f%% | %9.2e | %7.2f%% | %7s | %7s | %7s | %6.1f\n", r.label.c_str(), r.ppl(),
+    std::printf("| %-32s | %9.4f | %+7.3f%% | %9.2e | %7.2f%% | %7s | %7s | %7s | %6.1f |\n", r.label.c_str(), r.ppl(),
                 100 * (r.ppl() / ppl0 - 1), r.kl_sum / r.n, 100.0 * r.top1_agree / r.n, i1, i0, em, r.n / r.decode_s);
   }
-  std::printf("(|I1| %%: tokens attended / context, over the sparse layers; mass: Twilight's estimated mass kept; "
-              "prefill %.1f s)\n", prefill_s);
+  std::printf("\n(top-1 =: argmax equal to dense's; |I1| %%: tokens attended / context over the sparse layers; "
+              "mass: Twilight's estimated mass kept; prefill %.1f s)\n", prefill_s);
 
   if (!out_path.empty()) {
     std::ostringstream js;
