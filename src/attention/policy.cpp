@@ -174,9 +174,22 @@ std::string BudgetStats::json(const AttnConfig& cfg) const {
 AttentionPolicy::AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, const HeadShape& hs)
     : cfg_(cfg), hs_(hs), n_layers_(kv.n_layers) {
   cfg_.validate();
-  const bool quest = cfg_.method == Method::Quest || (cfg_.method == Method::Twilight && cfg_.base == Base::Quest);
-  if (quest || cfg_.method == Method::Twilight) side_ = std::make_unique<KeySide>(kv);  // bounds and/or INT4 mirror
+  if (config_needs_side(cfg_)) side_ = std::make_unique<KeySide>(kv);  // bounds and/or INT4 mirror
   stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs.n_kv_heads : hs.n_heads);
+}
+
+bool AttentionPolicy::config_needs_side(const AttnConfig& c) {
+  const bool quest = c.method == Method::Quest || (c.method == Method::Twilight && c.base == Base::Quest);
+  return quest || c.method == Method::Twilight;
+}
+
+void AttentionPolicy::reconfigure(const AttnConfig& cfg) {
+  cfg.validate();
+  TW_CHECK(!config_needs_side(cfg) || side_, "attention policy: cannot switch to '", cfg.describe(),
+           "': it needs the key side structures, which this policy (built for '", cfg_.describe(),
+           "') does not maintain");
+  cfg_ = cfg;
+  stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs_.n_kv_heads : hs_.n_heads);
 }
 
 void AttentionPolicy::reset_stats() { stats_.reset(stats_.n_layers, stats_.n_lists); }

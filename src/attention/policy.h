@@ -73,6 +73,14 @@ class AttentionPolicy {
 
   const AttnConfig& config() const { return cfg_; }
   bool needs_side() const { return side_ != nullptr; }
+  // Whether a policy with this configuration keeps side structures (Quest bounds / INT4 mirror).
+  static bool config_needs_side(const AttnConfig& cfg);
+  // Switch to another configuration, KEEPING the side structures (they describe the cache, not the
+  // configuration): evaluation harnesses prefill once and compare configurations over the same
+  // cache. Budget stats are reset. tw::Error when cfg needs side structures that this policy does
+  // not keep (construct it with a configuration that needs them: they are maintained from the
+  // first append on, whatever the current method).
+  void reconfigure(const AttnConfig& cfg);
   const KeySide* side() const { return side_.get(); }
   // Keep the side structures current: call after pool.write(layer, seq, pos, ...), prefill and decode.
   void on_append(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos);

@@ -5,4 +5,6 @@ namespace tw::cli {
 int cmd_generate(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_bench_gpu(int argc, char** argv);  // bench --gpu (bench_gpu.cpp)
+int cmd_perplexity(int argc, char** argv);  // perplexity.cpp: ppl / KL of sparse vs dense decode
+int cmd_needle(int argc, char** argv);      // needle.cpp: needle-in-a-haystack retrieval
 }  // namespace tw::cli

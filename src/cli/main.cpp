@@ -14,6 +14,8 @@ const char* kUsage =
     "commands:\n"
     "  generate   generate text from a prompt (default model when -m is not given)\n"
     "  bench      llama-bench style speed rows (pp512, tg128, tg128 @ dN)\n"
+    "  perplexity perplexity and KL(dense || sparse) of decode-mode attention configs over a text\n"
+    "  needle     needle-in-a-haystack retrieval under attention configs (one dense prefill)\n"
     "\n"
     "twilight <command> --help shows the options of a command.\n";
 }
@@ -31,6 +33,8 @@ int main(int argc, char** argv) {
         if (!std::strcmp(argv[i], "--gpu")) return tw::cli::cmd_bench_gpu(argc, argv);
       return tw::cli::cmd_bench(argc, argv);
     }
+    if (cmd == "perplexity") return tw::cli::cmd_perplexity(argc, argv);
+    if (cmd == "needle") return tw::cli::cmd_needle(argc, argv);
     std::fprintf(stderr, "twilight: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const tw::Error& e) {
