@@ -1,9 +1,12 @@
 #include "attention/ds_side.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <numeric>
 #include <sstream>
 
 #include "common/error.h"
@@ -130,6 +133,54 @@ void check_ds_model(const DsChannels& c, const std::string& path, int n_layers, 
   TW_CHECK(fingerprint.empty() || c.fingerprint == fingerprint, "Double Sparsity file '", path,
            "' was calibrated for another model: '", c.name, "' (fingerprint ", c.fingerprint,
            "), this model's fingerprint is ", fingerprint, " (run twilight calibrate for it)");
+}
+
+DsCalibration::DsCalibration(int n_layers, int n_heads, int n_kv_heads, int head_dim)
+    : n_layers_(n_layers), h_(n_heads), hkv_(n_kv_heads), d_(head_dim) {
+  TW_CHECK(n_layers > 0 && n_kv_heads > 0 && head_dim > 0 && n_heads > 0 && n_heads % n_kv_heads == 0,
+           "ds calibration: invalid shape");
+  tokens_.assign(n_layers, 0);
+  sum_.assign((size_t)n_layers * n_kv_heads * head_dim, 0.0);
+}
+
+void DsCalibration::add(int layer, int64_t n, const float* q, const float* k) {
+  TW_CHECK(layer >= 0 && layer < n_layers_ && n >= 0, "ds calibration: layer ", layer, " / n ", n, " out of range");
+  const int G = h_ / hkv_;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* qt = q + (size_t)t * h_ * d_;
+    const float* kt = k + (size_t)t * hkv_ * d_;
+    for (int h = 0; h < hkv_; ++h) {
+      double* acc = sum_.data() + ((size_t)layer * hkv_ + h) * d_;
+      const float* kh = kt + (size_t)h * d_;
+      for (int g = 0; g < G; ++g) {
+        const float* qh = qt + (size_t)(h * G + g) * d_;
+        for (int c = 0; c < d_; ++c) acc[c] += std::fabs((double)qh[c] * kh[c]);
+      }
+    }
+  }
+  tokens_[layer] += n;
+}
+
+DsChannels DsCalibration::channels(int r) const {
+  TW_CHECK(r >= 1 && r <= d_ && r <= kDsMaxR, "ds calibration: r = ", r, " channels must be in [1, ",
+           std::min(d_, kDsMaxR), "]");
+  DsChannels c;
+  c.n_layers = n_layers_;
+  c.n_kv_heads = hkv_;
+  c.head_dim = d_;
+  c.r = r;
+  c.calib_tokens = tokens_[0];
+  std::vector<int32_t> idx(d_);
+  for (int l = 0; l < n_layers_; ++l)
+    for (int h = 0; h < hkv_; ++h) {
+      const double* s = sum(l, h);
+      for (int i = 0; i < d_; ++i)
+        TW_CHECK(std::isfinite(s[i]), "ds calibration: non-finite activations at layer ", l, " kv head ", h);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [s](int32_t a, int32_t b) { return s[a] > s[b]; });
+      c.ch.insert(c.ch.end(), idx.begin(), idx.begin() + r);
+    }
+  return c;
 }
 
 DsSide::DsSide(const kv::KVShape& s, DsChannels channels) : shape_(s), ch_(std::move(channels)) {

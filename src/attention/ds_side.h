@@ -50,6 +50,29 @@ constexpr int kDsMaxR = 256;
 // Default r: d / 4 (16 at d = 64, 32 at d = 128), at least 1.
 inline int ds_default_r(int head_dim) { return head_dim / 4 > 0 ? head_dim / 4 : 1; }
 
+// The calibration statistic (Double Sparsity's offline calibration with "qk" labels, the default of
+// its public code: every token paired with itself): per (layer, kv head, channel c) the sum over
+// tokens t and over the kv head's G query heads g of |q_{t,g,c} * k_{t,c}|, post-RoPE. The heavy
+// channels are the r largest (= largest mean). Summed over the group because one label cache per
+// kv head serves all G query heads.
+class DsCalibration {
+ public:
+  DsCalibration(int n_layers, int n_heads, int n_kv_heads, int head_dim);
+  // n tokens of one layer: q [n][H*d], k [n][Hkv*d] (the Model::QKObserver arguments).
+  void add(int layer, int64_t n, const float* q, const float* k);
+  int64_t tokens(int layer) const { return tokens_[layer]; }
+  // sum [d] of (layer, kv head).
+  const double* sum(int layer, int h) const { return sum_.data() + ((size_t)layer * hkv_ + h) * d_; }
+  // Top r channels per (layer, kv head), ranked (largest statistic first, ties: lower channel first).
+  // Identity fields (arch, name, fingerprint) are left to the caller; calib_tokens = tokens(0).
+  DsChannels channels(int r) const;
+
+ private:
+  int n_layers_, h_, hkv_, d_;
+  std::vector<int64_t> tokens_;  // (n_layers)
+  std::vector<double> sum_;      // [n_layers][Hkv][d]
+};
+
 class DsSide {
  public:
   // shape must match the channels (n_layers, n_kv_heads, head_dim).

@@ -2,7 +2,8 @@
 // against a from-scratch copy of the pool's fp16 K after random appends / truncations / page reuse,
 // and select_ds against a brute-force reference that scores with the channels straight from the
 // fp16 cache in double and sorts (random shapes and both GQA modes, exact ties, NaN scores,
-// budget >= context, threads, bad input).
+// budget >= context, threads, bad input); the calibration statistic against a double reference;
+// the policy's ds and Twilight-over-ds paths (file required, model checks, outputs).
 #include "attention/select_ds.h"
 
 #include <gtest/gtest.h>
@@ -16,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "attention/policy.h"
+#include "attention/sparse_cpu.h"
 #include "attention/test_util.h"
 #include "common/error.h"
 #include "common/fp16.h"
@@ -433,6 +436,149 @@ TEST(DsSelectTies, RejectsBadInput) {
   EXPECT_THROW(select_ds(ds, seq, 0, hs, nullptr, 40, 8, GqaMode::Group, sel), Error);     // q
   EXPECT_THROW(select_ds(ds, seq, 0, HeadShape{4, 2, 32}, q.data(), 40, 8, GqaMode::Group, sel), Error);  // d
   EXPECT_THROW(select_ds(ds, seq, 0, HeadShape{5, 2, 16}, q.data(), 40, 8, GqaMode::Group, sel), Error);  // H % Hkv
+}
+
+
+// ---- calibration statistic
+
+TEST(DsCalibration, MatchesReferenceAndFindsPlantedChannels) {
+  const int L = 2, H = 6, Hkv = 2, d = 16, G = H / Hkv;
+  std::mt19937 rng(21);
+  std::normal_distribution<float> N(0.f, 1.f);
+  DsCalibration cal(L, H, Hkv, d);
+  std::vector<double> ref((size_t)L * Hkv * d, 0.0);
+  for (int chunk = 0; chunk < 3; ++chunk) {
+    const int64_t n = 5 + chunk;
+    for (int l = 0; l < L; ++l) {
+      std::vector<float> q((size_t)n * H * d), k((size_t)n * Hkv * d);
+      for (auto& x : q) x = N(rng);
+      for (auto& x : k) x = N(rng);
+      // Layer 1, kv head 1: channels 11 and 3 are heavy in q and k (channel 11 more).
+      for (int64_t t = 0; t < n; ++t) {
+        k[(t * Hkv + 1) * d + 11] *= 8.f;
+        k[(t * Hkv + 1) * d + 3] *= 5.f;
+      }
+      if (l == 0) std::fill(k.begin(), k.end(), 0.f);  // layer 0: all statistics 0 (ties)
+      for (int64_t t = 0; t < n; ++t)
+        for (int hq = 0; hq < H; ++hq)
+          for (int c = 0; c < d; ++c)
+            ref[((size_t)l * Hkv + hq / G) * d + c] +=
+                std::fabs((double)q[(t * H + hq) * d + c] * k[(t * Hkv + hq / G) * d + c]);
+      cal.add(l, n, q.data(), k.data());
+    }
+  }
+  EXPECT_EQ(cal.tokens(0), 5 + 6 + 7);
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < Hkv; ++h)
+      for (int c = 0; c < d; ++c)
+        ASSERT_NEAR(cal.sum(l, h)[c], ref[((size_t)l * Hkv + h) * d + c], 1e-9 * (1 + ref[((size_t)l * Hkv + h) * d + c]));
+  const DsChannels ch = cal.channels(4);
+  EXPECT_EQ(ch.calib_tokens, 18);
+  EXPECT_NO_THROW(ch.validate("calibrated"));
+  EXPECT_EQ((std::vector<int32_t>(ch.at(0, 0), ch.at(0, 0) + 4)), (std::vector<int32_t>{0, 1, 2, 3}));  // ties: lower first
+  EXPECT_EQ(ch.at(1, 1)[0], 11);
+  EXPECT_EQ(ch.at(1, 1)[1], 3);
+  // Ranked by the reference statistic.
+  for (int l = 0; l < L; ++l)
+    for (int h = 0; h < Hkv; ++h) {
+      std::vector<int32_t> idx(d);
+      std::iota(idx.begin(), idx.end(), 0);
+      const double* s = ref.data() + ((size_t)l * Hkv + h) * d;
+      std::stable_sort(idx.begin(), idx.end(), [s](int a, int b) { return s[a] > s[b]; });
+      if (l == 1) {
+        EXPECT_EQ((std::vector<int32_t>(ch.at(l, h), ch.at(l, h) + 4)), (std::vector<int32_t>(idx.begin(), idx.begin() + 4)));
+      }
+    }
+  EXPECT_THROW(cal.channels(0), Error);
+  EXPECT_THROW(cal.channels(17), Error);
+  EXPECT_THROW(cal.add(2, 1, nullptr, nullptr), Error);
+}
+
+// ---- the policy: --attn ds and --attn-base ds
+
+TEST(DsPolicy, NeedsAFileForThisModel) {
+  AttnConfig c;
+  set_attn_option(c, "attn", "ds");
+  EXPECT_EQ(c.method, Method::DS);
+  EXPECT_THROW(c.validate(), Error);  // no file
+  c.method = Method::Twilight;
+  set_attn_option(c, "attn-base", "ds");
+  EXPECT_EQ(c.base, Base::DS);
+  EXPECT_THROW(c.validate(), Error);
+  std::mt19937 rng(8);
+  DsChannels ch = random_channels(3, 3, 64, 16, rng);
+  const std::string p = tmp_path("policy.txt");
+  write_ds_channels(p, ch);
+  set_attn_option(c, "attn-ds-file", p);
+  EXPECT_NO_THROW(c.validate());
+  const HeadShape hs{9, 3, 64};
+  EXPECT_NO_THROW(AttentionPolicy(c, kv::KVShape{3, 3, 64, 8}, hs, ch.fingerprint));
+  EXPECT_NO_THROW(AttentionPolicy(c, kv::KVShape{3, 3, 64, 8}, hs));
+  EXPECT_THROW(AttentionPolicy(c, kv::KVShape{3, 3, 64, 8}, hs, "ffffffffffffffff"), Error);   // another model
+  EXPECT_THROW(AttentionPolicy(c, kv::KVShape{4, 3, 64, 8}, hs, ch.fingerprint), Error);       // layers
+  EXPECT_THROW(AttentionPolicy(c, kv::KVShape{3, 3, 128, 8}, HeadShape{9, 3, 128}), Error);    // head dim
+  c.ds_file = "/nonexistent/ds.txt";
+  EXPECT_THROW(AttentionPolicy(c, kv::KVShape{3, 3, 64, 8}, hs), Error);
+  // Methods that do not use ds ignore the file.
+  c.method = Method::Quest;
+  EXPECT_NO_THROW(AttentionPolicy(c, kv::KVShape{3, 3, 64, 8}, hs));
+  std::remove(p.c_str());
+}
+
+TEST(DsPolicy, DecodeAttendsTheDsSelection) {
+  const int L = 3, H = 9, Hkv = 3, d = 64;
+  const int64_t n = 1500, b0 = 200;
+  std::mt19937 rng(31);
+  const DsChannels ch = random_channels(L, Hkv, d, 16, rng);
+  const std::string p = tmp_path("decode.txt");
+  write_ds_channels(p, ch);
+  const kv::KVShape ks{L, Hkv, d, n / kPageSize + 2};
+  const HeadShape hs{H, Hkv, d};
+  for (Method m : {Method::DS, Method::Twilight}) {
+    AttnConfig c;
+    c.method = m;
+    c.base = Base::DS;
+    c.p = 1.f;  // Twilight keeps all of I0: same output as ds alone
+    c.b0 = b0;
+    c.skip_layers = 1;
+    c.dense_below = 16;
+    c.ds_file = p;
+    c.true_mass = true;
+    AttentionPolicy pol(c, ks, hs);
+    kv::KVPool pool(ks);
+    kv::SeqPages seq;
+    pool.reserve(seq, n);
+    std::normal_distribution<float> N(0.f, 1.f);
+    std::vector<float> k((size_t)Hkv * d), v(k.size());
+    for (int64_t t = 0; t < n; ++t)
+      for (int l = 0; l < L; ++l) {
+        for (auto& x : k) x = N(rng) * (t % 50 == 3 ? 3.f : 1.f);
+        for (auto& x : v) x = N(rng);
+        pool.write(l, seq, t, k.data(), v.data());
+        pol.on_append(pool, l, seq, t);
+      }
+    seq.n_tokens = n;
+    std::vector<float> q((size_t)H * d), out(q.size()), want(q.size());
+    for (auto& x : q) x = N(rng);
+    ThreadPool tp(2);
+    ASSERT_TRUE(pol.sparse_at(2, n));
+    pol.decode(pool, seq, 2, q.data(), n, out.data(), tp);
+    // The reference: a DsSide built from scratch from the pool, select_ds, sparse attention.
+    DsSide ds(ks, ch);
+    for (int64_t t = 0; t < n; ++t) ds.append(pool, 2, seq, t);
+    Selection sel;
+    select_ds(ds, seq, 2, hs, q.data(), n, b0, GqaMode::Group, sel);
+    sparse_reference(pool, seq, 2, hs, q.data(), sel, n, want.data());
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_NEAR(out[i], want[i], 1e-4f + 1e-4f * std::fabs(want[i])) << method_name(m);
+    const BudgetStats& st = pol.stats();
+    for (int li = 0; li < Hkv; ++li) {
+      EXPECT_EQ(st.steps[st.at(2, li)], 1);
+      EXPECT_EQ(st.i0[st.at(2, li)], (double)sel.size(li));
+      EXPECT_GT(st.true_mass[st.at(2, li)], 0.0);
+      EXPECT_LE(st.true_mass[st.at(2, li)], 1.0 + 1e-9);
+    }
+  }
+  std::remove(p.c_str());
 }
 
 }  // namespace

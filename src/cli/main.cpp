@@ -14,6 +14,7 @@ const char* kUsage =
     "commands:\n"
     "  generate   generate text from a prompt (default model when -m is not given)\n"
     "  bench      llama-bench style speed rows (pp512, tg128, tg128 @ dN)\n"
+    "  calibrate  write a model's Double Sparsity channel file from a prefill over a text\n"
     "\n"
     "twilight <command> --help shows the options of a command.\n";
 }
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "generate") return tw::cli::cmd_generate(argc, argv);
     if (cmd == "bench") return tw::cli::cmd_bench(argc, argv);
+    if (cmd == "calibrate") return tw::cli::cmd_calibrate(argc, argv);
     std::fprintf(stderr, "twilight: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const tw::Error& e) {
