@@ -160,7 +160,7 @@ TEST(AttentionPolicy, ReconfigureKeepsSideStructures) {
 TEST(AttnConfig, BadValuesAreErrors) {
   AttnConfig c;
   EXPECT_THROW(set_attn_option(c, "attn", "sparse"), Error);
-  EXPECT_THROW(set_attn_option(c, "attn", "ds"), Error);  // not implemented: says so
+  EXPECT_THROW((set_attn_option(c, "attn", "ds"), c.validate()), Error);  // ds needs --attn-ds-file
   EXPECT_THROW(set_attn_option(c, "attn-base", "magic"), Error);
   EXPECT_THROW(set_attn_option(c, "attn-p", "x"), Error);
   EXPECT_THROW(set_attn_option(c, "attn-b0", "1.5"), Error);

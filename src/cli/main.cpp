@@ -16,6 +16,7 @@ const char* kUsage =
     "  bench      llama-bench style speed rows (pp512, tg128, tg128 @ dN)\n"
     "  perplexity perplexity and KL(dense || sparse) of decode-mode attention configs over a text\n"
     "  needle     needle-in-a-haystack retrieval under attention configs (one dense prefill)\n"
+    "  calibrate  write a model's Double Sparsity channel file from a prefill over a text\n"
     "\n"
     "twilight <command> --help shows the options of a command.\n";
 }
@@ -35,6 +36,7 @@ int main(int argc, char** argv) {
     }
     if (cmd == "perplexity") return tw::cli::cmd_perplexity(argc, argv);
     if (cmd == "needle") return tw::cli::cmd_needle(argc, argv);
+    if (cmd == "calibrate") return tw::cli::cmd_calibrate(argc, argv);
     std::fprintf(stderr, "twilight: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const tw::Error& e) {

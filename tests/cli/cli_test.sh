@@ -70,7 +70,13 @@ expect 1 "context size 4 out of range" -- generate -m "$MODEL" -p hi -c 4
 # --- attention flags
 expect 1 "--attn-p must be in \(0, 1\], got 1.5" -- generate -m "$MODEL" -p hi --attn twilight --attn-p 1.5
 expect 1 "unknown attention 'sparse'" -- generate -p hi --attn sparse
-expect 1 "Double Sparsity\) is not implemented yet" -- generate -p hi --attn ds
+expect 1 "\(--attn ds\) needs its channel file: --attn-ds-file FILE" -- generate -p hi --attn ds
+expect 1 "\(--attn-base ds\) needs its channel file" -- generate -p hi --attn twilight --attn-base ds
+expect 1 "cannot read Double Sparsity channel file '/nonexistent/ds.txt'" -- generate -m "$MODEL" -p hi --attn ds --attn-ds-file /nonexistent/ds.txt
+expect 1 "calibrate needs a text: -f FILE" -- calibrate -m "$MODEL" -o "$TMP/x.ds"
+expect 1 "calibrate needs an output file" -- calibrate -m "$MODEL" -f /etc/hostname
+expect 1 "cannot read calibration text '/nonexistent/t.txt'" -- calibrate -m "$MODEL" -f /nonexistent/t.txt -o "$TMP/x.ds"
+expect 1 "--ds-channels 65 exceeds the head dim 64" -- calibrate -m "$MODEL" -f /etc/hostname -o "$TMP/x.ds" --ds-channels 65
 expect 1 "unknown base selector 'magic'" -- generate -p hi --attn-base magic
 expect 1 "cannot read attention config '/nonexistent/a.conf'" -- generate -p hi --attn-config /nonexistent/a.conf
 printf 'attn = twilight\nattn-p = 2\n' >"$TMP/bad.conf"
@@ -94,6 +100,18 @@ expect 0 "usage: twilight generate" -- generate --help
 python3 -c "print(' '.join(str(i) for i in range(700)))" >"$TMP/numbers.txt" 2>/dev/null || seq 700 | tr '\n' ' ' >"$TMP/numbers.txt"
 expect 0 "sparse layers attend [0-9.]+% of the context" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 4 --temp 0 --attn twilight --attn-b0 512 --attn-stats "$TMP/budgets.json"
 if grep -q '"avg_i1"' "$TMP/budgets.json" 2>/dev/null && [[ ! -e "$TMP/budgets.json.tmp" ]]; then pass=$((pass + 1)); else echo "FAIL: budgets JSON"; fail=$((fail + 1)); fi
+# Double Sparsity: calibrate on a short text, then decode with the channel file (ds alone, and as
+# Twilight's level 1 through a config file); a file for another model is an error before any work.
+head -c 3000 "$TMP/numbers.txt" >"$TMP/calib.txt"
+expect 0 "wrote .*smol.ds \(30 x 3 lists of 16 channels" -- calibrate -m "$MODEL" -f "$TMP/calib.txt" -c 256 -o "$TMP/smol.ds" -t 2
+expect 0 "sparse layers attend [0-9.]+% of the context" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 4 --temp 0 --attn ds --attn-b0 512 --attn-ds-file "$TMP/smol.ds"
+grep -q "attention: ds, B0 512" "$TMP/err" && grep -q "sparse layers attend" "$TMP/err" && pass=$((pass + 1)) || { echo "FAIL: ds budgets"; fail=$((fail + 1)); }
+printf 'attn = twilight\nattn-base = ds\nattn-ds-file = %s\n' "$TMP/smol.ds" >"$TMP/ds.conf"
+expect 0 "twilight \(p 0.95, base ds\)" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 2 --temp 0 --attn-b0 512 --attn-config "$TMP/ds.conf"
+sed 's/^fingerprint .*/fingerprint 0123456789abcdef/' "$TMP/smol.ds" >"$TMP/other.ds"
+expect 1 "was calibrated for another model.*fingerprint 0123456789abcdef" -- generate -m "$MODEL" -p hi --attn ds --attn-ds-file "$TMP/other.ds"
+sed 's/^head_dim 64/head_dim 128/' "$TMP/smol.ds" >"$TMP/other.ds"
+expect 1 "was calibrated for another model.*d 128\), this model has 30 layers, 3 kv heads, d 64" -- generate -m "$MODEL" -p hi --attn ds --attn-ds-file "$TMP/other.ds"
 
 # --- attention bench: KV dump of a real prefill, replayed (bench --attn-dump / --attention)
 expect 0 "wrote .*d.kv" -- bench --attn-dump -m "$MODEL" -f "$TMP/numbers.txt" -c 96 --steps 2 --layers 0,3,7 -o "$TMP/d.kv" -t 2
