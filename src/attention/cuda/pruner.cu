@@ -1,0 +1,754 @@
+#include "attention/cuda/pruner.h"
+
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+
+#include "common/error.h"
+#include "ops/cuda/cuda_check.h"
+
+namespace cg = cooperative_groups;
+
+namespace tw::attn::cuda {
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBins = 1024;        // every radix level: level 1 = bits 29..20 (weights <= 1 have bit 30 clear
+                                   // below 2.0), levels 2 and 3 = bits 19..10 and 9..0
+constexpr int kBinsPerThread = kBins / kThreads;
+constexpr int kMaxCluster = 16;
+constexpr int kUnroll = 2;         // 16-row tiles whose loads a warp has in flight at once
+constexpr uint32_t kPrioKey = 0x3fc00000u;  // 1.5f: the current token's rank for floor / cap, above any weight
+static_assert(kBins % kThreads == 0, "bins split evenly over the threads");
+
+using u64 = unsigned long long;
+// Histogram masses are fixed point, w * 2^52 (w <= ~1: sums stay far below 2^63): integer atomics
+// add up exactly in any order, so every run and every block of a cluster sees the same sums, and
+// the rounding (2^-53 per weight) is far below float's.
+__device__ __forceinline__ u64 fixed_mass(float w) { return __float2ull_rn(w * 0x1p52f); }
+constexpr double kFixedUnit = 0x1p-52;
+
+// Block-wide fixed fields at the start of dynamic shared memory; the same layout in every block of a
+// cluster, so a field's address maps to the other blocks' copies (distributed shared memory).
+struct Small {
+  float qsum[kMaxGroup];     // sum of the scaled query per head (the zero-point term)
+  float qinv[kMaxGroup];     // 1 / the power of two the query was multiplied by before the fp16 split
+  float wred[kWarps][kMaxGroup];
+  float cmax[kMaxGroup];     // this block's score max per head (read by the cluster)
+  float csum[kMaxGroup];     // this block's exp sum per head (read by the cluster)
+  float gmax[kMaxGroup];     // cluster max
+  float ginv[kMaxGroup];     // 1 / (cluster sum * G)
+  u64 ured[kWarps];
+  int ired[kWarps];
+  int sel_bin, low_bin;
+  u64 sel_cum, sel_total;
+  int ccount;                // this block's count (published to the cluster)
+  u64 cmass;                 // this block's kept mass, fixed point (published)
+  int bcast_i[4];
+};
+
+struct Args {
+  const int32_t* page_table;
+  const int32_t* seq_len;
+  const uint8_t* k4;
+  const float* k4s;
+  const float* k4z;
+  const float* q;
+  const int32_t* in_count;
+  const int32_t* in_tokens;
+  int32_t* out_count;
+  int32_t* out_tokens;
+  float* est_mass;
+  int64_t n_pages;
+  int max_pages, n_kv_heads, group, in_cap, out_cap;
+  float p;
+  int min_tokens, max_tokens;
+  int chunk, zstride;
+};
+
+__device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 bits_half2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// 8 INT4 codes of one 32-bit word (element 2i low nibble of byte i, 2i+1 high) as four fp16 pairs,
+// exact: (e0,e4), (e1,e5), (e2,e6), (e3,e7). 0x6400 | c is the half 1024 + c (c in the low mantissa bits).
+__device__ __forceinline__ void unpack8(uint32_t w, uint32_t& e04, uint32_t& e15, uint32_t& e26, uint32_t& e37) {
+  const uint32_t magic = 0x64006400u;
+  const __half2 k1024 = __floats2half2_rn(1024.f, 1024.f);
+  const __half2 k16 = __floats2half2_rn(0.0625f, 0.0625f), km64 = __floats2half2_rn(-64.f, -64.f);
+  const uint32_t w8 = w >> 8;
+  e04 = half2_bits(__hsub2(bits_half2((w & 0x000f000fu) | magic), k1024));
+  e15 = half2_bits(__hfma2(bits_half2((w & 0x00f000f0u) | magic), k16, km64));
+  e26 = half2_bits(__hsub2(bits_half2((w8 & 0x000f000fu) | magic), k1024));
+  e37 = half2_bits(__hfma2(bits_half2((w8 & 0x00f000f0u) | magic), k16, km64));
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Row code loads: D/8 bytes per lane (a quarter of the row).
+template <int D>
+struct RowBytes;
+template <>
+struct RowBytes<128> {
+  using T = uint4;
+  static constexpr int kWords = 4;
+  __device__ static void words(const T& v, uint32_t (&w)[4]) { w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w; }
+};
+template <>
+struct RowBytes<64> {
+  using T = uint2;
+  static constexpr int kWords = 2;
+  __device__ static void words(const T& v, uint32_t (&w)[2]) { w[0] = v.x, w[1] = v.y; }
+};
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Inclusive scan of one u64 per thread in thread order (integers: exact, order-free); `excl` gets
+// the exclusive value and `total` the block's sum.
+__device__ u64 block_scan_incl(u64 v, u64& excl, u64& total, Small& S) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const u64 own = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u64 u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += u;
+  }
+  __syncthreads();
+  if (lane == 31) S.ured[warp] = v;
+  __syncthreads();
+  u64 off = 0, all = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w == warp) off = all;
+    all += S.ured[w];
+  }
+  total = all;
+  excl = off + v - own;
+  return off + v;
+}
+
+// Exclusive scan of one int per thread; *total gets the block sum.
+__device__ int block_scan_excl_int(int v, int* total, Small& S) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += u;
+  }
+  __syncthreads();
+  if (lane == 31) S.ired[warp] = x;
+  __syncthreads();
+  int off = 0, tot = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w == warp) off = tot;
+    tot += S.ired[w];
+  }
+  *total = tot;
+  return off + x - v;
+}
+
+// One radix level: the cluster's histograms (count, fixed-point mass) of this level are summed bin
+// by bin, scanned from the top bin down, and the first bin where cum0 + (value above and in the
+// bin) >= target is returned with cum0 + the value above it. Count mode: value = count.
+// frac > 0 (level 1 of the mass select): target = ceil(frac * total of these histograms); the scan
+// then always reaches it. Integer sums: every block finds the same bin.
+// Should a lower level's bucket not reach the target (it cannot: integer masses add up exactly; kept
+// as a guard), the lowest non-empty bin is taken (the whole boundary bucket, as topp.cpp does).
+__device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* cnt, const u64* mass, bool count_mode,
+                           double frac, u64 target, u64 cum0, int& bin_out, u64& cum_out) {
+  __syncthreads();
+  cl.sync();  // every block's histogram of this level is complete
+  const int C = (int)cl.num_blocks();
+  u64 v[kBinsPerThread];
+  uint32_t c[kBinsPerThread];
+  u64 tsum = 0;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) {
+    const int bin = kBins - 1 - (threadIdx.x * kBinsPerThread + i);
+    u64 sm = 0;
+    uint32_t n = 0;
+    for (int r = 0; r < C; ++r) {
+      n += cl.map_shared_rank(cnt, r)[bin];
+      if (!count_mode) sm += cl.map_shared_rank(mass, r)[bin];
+    }
+    c[i] = n;
+    v[i] = count_mode ? (u64)n : sm;
+    tsum += v[i];
+  }
+  if (threadIdx.x == 0) {
+    S.sel_bin = -1;
+    S.low_bin = kBins;
+  }
+  u64 excl, total;
+  const u64 incl = block_scan_incl(tsum, excl, total, S);  // has __syncthreads: the resets are visible
+  if (frac > 0.0) target = (u64)ceil(frac * (double)total);
+  if (threadIdx.x == 0) S.sel_total = total;
+  const bool mine = cum0 + excl < target && cum0 + incl >= target;
+  u64 run = cum0 + excl, last_cum = 0;
+  int last_nonempty = -1;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) {
+    const int bin = kBins - 1 - (threadIdx.x * kBinsPerThread + i);
+    if (c[i] == 0) continue;
+    if (mine && run < target && run + v[i] >= target) {
+      S.sel_bin = bin;
+      S.sel_cum = run;
+    }
+    last_nonempty = bin;
+    last_cum = run;
+    run += v[i];
+  }
+  if (last_nonempty >= 0) atomicMin(&S.low_bin, last_nonempty);
+  __syncthreads();
+  if (S.sel_bin < 0 && last_nonempty >= 0 && last_nonempty == S.low_bin) {
+    S.sel_bin = last_nonempty;
+    S.sel_cum = last_cum;
+  }
+  __syncthreads();
+  bin_out = S.sel_bin;
+  cum_out = S.sel_cum;
+  __syncthreads();
+}
+
+// Radix select over the block's keys, over the whole cluster: the largest key value v with
+// (mass or count of keys >= v) >= target; `cum_above` gets the value of keys > v. Two histogram
+// buffers alternate, so a buffer is only cleared after every block has passed the next level's
+// cluster barrier (its remote readers are done); `next` is the buffer the first level uses.
+template <class KeyFn>
+__device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn key_of, bool count_mode, double frac,
+                                 u64 target, uint32_t* const (&cnt)[2], u64* const (&mass)[2], int& next,
+                                 u64& cum_above) {
+  uint32_t prefix = 0;
+  u64 cum = 0;
+#pragma unroll 1
+  for (int level = 0; level < 3; ++level) {
+    uint32_t* hc = next ? cnt[1] : cnt[0];
+    u64* hm = next ? mass[1] : mass[0];
+    const int shift = level == 0 ? 20 : level == 1 ? 10 : 0;
+    for (int j = threadIdx.x; j < m; j += kThreads) {
+      uint32_t k;
+      float w;
+      if (!key_of(j, k, w)) continue;
+      if (level > 0 && (k >> (shift + 10)) != prefix) continue;
+      const uint32_t bin = (k >> shift) & (kBins - 1);
+      atomicAdd(&hc[bin], 1u);
+      if (!count_mode) atomicAdd(&hm[bin], fixed_mass(w));
+    }
+    int bin;
+    u64 before;
+    scan_level(cl, S, hc, hm, count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
+    if (level == 0 && frac > 0.0) target = (u64)ceil(frac * (double)S.sel_total);
+    // Clear the other buffer for the next level: its last remote readers passed the barrier above.
+    uint32_t* oc = next ? cnt[0] : cnt[1];
+    u64* om = next ? mass[0] : mass[1];
+    for (int i = threadIdx.x; i < kBins; i += kThreads) oc[i] = 0u, om[i] = 0ull;
+    next ^= 1;
+    if (bin < 0) bin = 0;  // nothing selectable (cannot happen with a positive target)
+    prefix = (prefix << 10) | (uint32_t)bin;
+    cum = before;
+    __syncthreads();
+  }
+  cum_above = cum;
+  return prefix;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
+  constexpr int KS = D / 16;  // MMA k-steps per row
+  using RB = RowBytes<D>;
+  cg::cluster_group cl = cg::this_cluster();
+  const int C = (int)cl.num_blocks();
+  const int rank = (int)cl.block_rank();
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int G = a.group;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Small& S = *reinterpret_cast<Small*>(smem_raw);
+  float* zs = reinterpret_cast<float*>(smem_raw + ((sizeof(Small) + 15) & ~size_t(15)));  // [G][zstride]
+  int32_t* rowidx = reinterpret_cast<int32_t*>(zs + (size_t)G * a.zstride);              // [chunk]
+  uint32_t* cntA = reinterpret_cast<uint32_t*>(rowidx + a.chunk);
+  uint32_t* cntB = cntA + kBins;
+  u64* massA = reinterpret_cast<u64*>(cntB + kBins);
+  u64* massB = massA + kBins;
+
+  const int list = b * a.n_kv_heads + h;
+  const int n = min(max(a.in_count[list], 0), a.in_cap);
+  const int cur = a.seq_len[b] - 1;
+  const int32_t* toks_all = a.in_tokens + (size_t)list * a.in_cap;
+  const bool cur_is_cand = n > 0 && toks_all[n - 1] == cur;
+  const int extra = (cur_is_cand || cur < 0) ? 0 : 1;
+  int32_t* out_toks = a.out_tokens + (size_t)list * a.out_cap;
+
+  if (n == 0) {  // uniform over the cluster (same list): no barrier is skipped by only some blocks
+    if (rank == 0 && tid == 0) {
+      if (extra) out_toks[0] = cur;
+      a.out_count[list] = extra;
+      if (a.est_mass) a.est_mass[list] = 0.f;
+    }
+    return;
+  }
+  const int per = (n + C - 1) / C;
+  const int beg = min(n, rank * per);
+  const int m = min(n, beg + per) - beg;
+  const int32_t* toks = toks_all + beg;
+
+  // ---- prologue: histograms cleared, query scaled and split, row indices resolved ----
+  for (int i = tid; i < kBins; i += kThreads) cntA[i] = 0u, massA[i] = 0ull, cntB[i] = 0u, massB[i] = 0ull;
+  const float qscale = 1.f / sqrtf((float)D);
+  const float* qh = a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G) * D;
+  if (warp < kMaxGroup) {
+    float s = 0.f, mx = 0.f;
+    if (warp < G)
+      for (int i = lane; i < D; i += 32) {
+        const float v = qh[(size_t)warp * D + i] * qscale;
+        s += v;
+        mx = fmaxf(mx, fabsf(v));
+      }
+    s = warp_sum(s);
+    mx = warp_max(mx);
+    if (lane == 0) {
+      int e = 0;
+      if (mx > 0.f) frexpf(mx, &e);              // mx = f * 2^e, f in [0.5, 1)
+      const int sh = min(max(8 - e, -120), 120);  // |q| * 2^sh < 256: hi and lo stay normal fp16
+      S.qsum[warp] = s;
+      S.qinv[warp] = ldexpf(1.f, -sh);
+      S.cmax[warp] = ldexpf(1.f, sh);  // scratch: the factor, read below
+    }
+  }
+  for (int j = tid; j < m; j += kThreads) {
+    const int t = toks[j];
+    int ri = -1;
+    if (t >= 0 && t <= cur) {
+      const int phys = a.page_table[(size_t)b * a.max_pages + t / kPageSize];
+      if (phys >= 0 && phys < a.n_pages) ri = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
+    }
+    rowidx[j] = ri;
+  }
+  __syncthreads();
+
+  // B fragments (the query, 8 columns = heads): lane (g, t) holds head g's elements of the row slice
+  // its A fragment covers: word j of the lane's D/8 bytes holds elements base .. base+7,
+  // base = t*D/4 + 8j; k-step 2j pairs (e0,e4),(e1,e5), k-step 2j+1 pairs (e2,e6),(e3,e7).
+  const int g = lane >> 2, t4 = lane & 3;
+  uint32_t bh[KS][2], bl[KS][2];
+  {
+    const float fac = g < G ? S.cmax[g] : 0.f;
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+      const int base = t4 * (D / 4) + 8 * (s / 2) + ((s & 1) ? 2 : 0);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int d0 = base + r, d1 = base + r + 4;
+        float v0 = 0.f, v1 = 0.f;
+        if (g < G) {
+          v0 = qh[(size_t)g * D + d0] * qscale * fac;
+          v1 = qh[(size_t)g * D + d1] * qscale * fac;
+        }
+        const __half h0 = __float2half_rn(v0), h1 = __float2half_rn(v1);
+        const __half l0 = __float2half_rn(v0 - __half2float(h0)), l1 = __float2half_rn(v1 - __half2float(h1));
+        bh[s][r] = half2_bits(__halves2half2(h0, h1));
+        bl[s][r] = half2_bits(__halves2half2(l0, l1));
+      }
+    }
+  }
+  // Heads of this lane's accumulator columns.
+  const int hc0 = 2 * t4, hc1 = 2 * t4 + 1;
+  const float qs0 = hc0 < G ? S.qsum[hc0] : 0.f, qs1 = hc1 < G ? S.qsum[hc1] : 0.f;
+  const float qi0 = hc0 < G ? S.qinv[hc0] : 0.f, qi1 = hc1 < G ? S.qinv[hc1] : 0.f;
+
+  // ---- estimate: 16-row tiles per warp, kUnroll tiles of loads in flight ----
+  float lmax0 = -INFINITY, lmax1 = -INFINITY;
+  const int ntiles = (m + 15) / 16;
+  for (int tile0 = warp; tile0 < ntiles; tile0 += kWarps * kUnroll) {
+    typename RB::T ca[kUnroll], cb[kUnroll];
+    float sz[kUnroll];
+    int rg[kUnroll], rg8[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int tile = tile0 + u * kWarps;
+      const int jr = tile * 16 + (lane & 15);
+      const int ri = (tile < ntiles && jr < m) ? rowidx[jr] : -1;
+      sz[u] = ri >= 0 ? (lane < 16 ? a.k4s[ri] : a.k4z[ri]) : 0.f;
+      rg[u] = __shfl_sync(0xffffffffu, ri, g);
+      rg8[u] = __shfl_sync(0xffffffffu, ri, g + 8);
+      const typename RB::T zero{};
+      ca[u] = rg[u] >= 0 ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)rg[u] * (D / 2) + t4 * (D / 8))
+                         : zero;
+      cb[u] = rg8[u] >= 0 ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)rg8[u] * (D / 2) + t4 * (D / 8))
+                          : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int tile = tile0 + u * kWarps;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      uint32_t wa[RB::kWords], wb[RB::kWords];
+      RB::words(ca[u], wa);
+      RB::words(cb[u], wb);
+#pragma unroll
+      for (int j = 0; j < RB::kWords; ++j) {
+        uint32_t a04, a15, a26, a37, b04, b15, b26, b37;
+        unpack8(wa[j], a04, a15, a26, a37);
+        unpack8(wb[j], b04, b15, b26, b37);
+        mma16816(acc, a04, b04, a15, b15, bh[2 * j][0], bh[2 * j][1]);
+        mma16816(acc, a04, b04, a15, b15, bl[2 * j][0], bl[2 * j][1]);
+        mma16816(acc, a26, b26, a37, b37, bh[2 * j + 1][0], bh[2 * j + 1][1]);
+        mma16816(acc, a26, b26, a37, b37, bl[2 * j + 1][0], bl[2 * j + 1][1]);
+      }
+      const float sc_g = __shfl_sync(0xffffffffu, sz[u], g), zp_g = __shfl_sync(0xffffffffu, sz[u], 16 + g);
+      const float sc_g8 = __shfl_sync(0xffffffffu, sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, sz[u], 24 + g);
+      if (tile >= ntiles) continue;
+      const int j0 = tile * 16 + g, j1 = j0 + 8;
+      // z = zero * sum(q) + scale * (q . codes), q already scaled by 1/sqrt(d) (pruner.cpp's formula).
+      const float z00 = rg[u] >= 0 ? zp_g * qs0 + sc_g * (acc[0] * qi0) : -INFINITY;
+      const float z01 = rg[u] >= 0 ? zp_g * qs1 + sc_g * (acc[1] * qi1) : -INFINITY;
+      const float z10 = rg8[u] >= 0 ? zp_g8 * qs0 + sc_g8 * (acc[2] * qi0) : -INFINITY;
+      const float z11 = rg8[u] >= 0 ? zp_g8 * qs1 + sc_g8 * (acc[3] * qi1) : -INFINITY;
+      if (j0 < m) {
+        if (hc0 < G) zs[(size_t)hc0 * a.zstride + j0] = z00, lmax0 = fmaxf(lmax0, z00);
+        if (hc1 < G) zs[(size_t)hc1 * a.zstride + j0] = z01, lmax1 = fmaxf(lmax1, z01);
+      }
+      if (j1 < m) {
+        if (hc0 < G) zs[(size_t)hc0 * a.zstride + j1] = z10, lmax0 = fmaxf(lmax0, z10);
+        if (hc1 < G) zs[(size_t)hc1 * a.zstride + j1] = z11, lmax1 = fmaxf(lmax1, z11);
+      }
+    }
+  }
+  // Block max per head: over the lanes of one column (xor over g), then over warps.
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    lmax0 = fmaxf(lmax0, __shfl_xor_sync(0xffffffffu, lmax0, o));
+    lmax1 = fmaxf(lmax1, __shfl_xor_sync(0xffffffffu, lmax1, o));
+  }
+  if (lane < 4) {
+    if (hc0 < kMaxGroup) S.wred[warp][hc0] = lmax0;
+    if (hc1 < kMaxGroup) S.wred[warp][hc1] = lmax1;
+  }
+  __syncthreads();
+  if (tid < G) {
+    float mx = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, S.wred[w][tid]);
+    S.cmax[tid] = mx;
+  }
+  cl.sync();
+  if (tid < G) {
+    float mx = -INFINITY;
+    for (int r = 0; r < C; ++r) mx = fmaxf(mx, cl.map_shared_rank(S.cmax, r)[tid]);
+    S.gmax[tid] = mx;
+  }
+  __syncthreads();
+
+  // ---- softmax sums: e = exp(z - max) in place; exponents below -87 give 0 (fast_exp.h's rule) ----
+  {
+    float gm[kMaxGroup], ls[kMaxGroup];
+#pragma unroll
+    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, ls[r] = 0.f;
+    for (int j = tid; j < m; j += kThreads) {
+#pragma unroll
+      for (int r = 0; r < kMaxGroup; ++r) {
+        if (r >= G) break;
+        float* zp = zs + (size_t)r * a.zstride + j;
+        const float x = *zp - gm[r];
+        const float e = (x < -87.f || gm[r] == -INFINITY) ? 0.f : expf(x);
+        *zp = e;
+        ls[r] += e;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxGroup; ++r) {
+      if (r >= G) break;
+      const float s = warp_sum(ls[r]);
+      if (lane == 0) S.wred[warp][r] = s;
+    }
+  }
+  __syncthreads();
+  if (tid < G) {
+    float s = 0.f;
+    for (int w = 0; w < kWarps; ++w) s += S.wred[w][tid];
+    S.csum[tid] = s;
+  }
+  cl.sync();
+  if (tid < G) {
+    float s = 0.f;
+    for (int r = 0; r < C; ++r) s += cl.map_shared_rank(S.csum, r)[tid];
+    S.ginv[tid] = 1.f / (s * (float)G);
+  }
+  __syncthreads();
+
+  // ---- group weights w = sum_r e_r / (S_r G), into row 0 of zs ----
+  float* ws = zs;
+  {
+    float inv[kMaxGroup];
+#pragma unroll
+    for (int r = 0; r < kMaxGroup; ++r) inv[r] = r < G ? S.ginv[r] : 0.f;
+    for (int j = tid; j < m; j += kThreads) {
+      float w = 0.f;
+#pragma unroll
+      for (int r = 0; r < kMaxGroup; ++r) {
+        if (r >= G) break;
+        w += zs[(size_t)r * a.zstride + j] * inv[r];
+      }
+      ws[j] = w;
+    }
+  }
+  __syncthreads();
+
+  uint32_t* const hcnt[2] = {cntA, cntB};
+  u64* const hmass[2] = {massA, massB};
+  int next = 0;
+  const bool forced_here = cur_is_cand && beg + m == n;  // the current token is this block's last entry
+
+  // ---- top-p threshold (keys of positive weights; zeros never kept) ----
+  uint32_t tau_key = 1u;  // p = 1: every positive weight
+  if (a.p < 1.f) {
+    // Target p * total, the total being the level-1 histograms' sum (topp.cpp does the same).
+    auto key_fn = [&](int j, uint32_t& k, float& w) {
+      w = ws[j];
+      k = __float_as_uint(w);
+      return k != 0u;
+    };
+    u64 above;
+    tau_key = radix_select(cl, S, m, key_fn, false, (double)a.p, 0ull, hcnt, hmass, next, above);
+    if (tau_key == 0u) tau_key = 1u;
+  }
+
+  // ---- keep flags (reuse rowidx), counts over the cluster ----
+  int32_t* flag = rowidx;
+  int my = 0;
+  for (int j = tid; j < m; j += kThreads) {
+    const uint32_t k = __float_as_uint(ws[j]);
+    const int f = (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
+    flag[j] = f;
+    my += f;
+  }
+  int tot;
+  (void)block_scan_excl_int(my, &tot, S);
+  if (tid == 0) S.ccount = tot;
+  cl.sync();
+  int kept = 0;
+  for (int r = 0; r < C; ++r) kept += *cl.map_shared_rank(&S.ccount, r);
+
+  // ---- floor / cap: the k heaviest (current token first, ties by lower list index) ----
+  const int size = kept + extra;
+  const bool need_floor = a.min_tokens > size && kept < n;
+  const bool need_cap = a.max_tokens > 0 && size > a.max_tokens;
+  if (need_floor || need_cap) {
+    cl.sync();  // every block has read the counts above before S.ccount is written again
+    const int k = min(max((need_cap ? a.max_tokens : a.min_tokens) - extra, 0), n);
+    auto prio = [&](int j) -> uint32_t {
+      return (forced_here && j == m - 1) ? kPrioKey : __float_as_uint(ws[j]);
+    };
+    if (k == 0) {
+      for (int j = tid; j < m; j += kThreads) flag[j] = 0;
+    } else {
+      auto key_fn = [&](int j, uint32_t& kk, float& w) {
+        kk = prio(j);
+        w = 0.f;
+        return true;
+      };
+      u64 above;
+      const uint32_t vk = radix_select(cl, S, m, key_fn, true, 0.0, (u64)k, hcnt, hmass, next, above);
+      const int need = k - (int)above;  // ties at vk to keep, lowest list index first
+      // Ties in list order: this block's offset among the cluster's ties, then an ordered block scan.
+      int nt = 0;
+      for (int j = tid; j < m; j += kThreads) nt += prio(j) == vk;
+      int ttot;
+      (void)block_scan_excl_int(nt, &ttot, S);
+      if (tid == 0) S.ccount = ttot;
+      __syncthreads();
+      cl.sync();
+      int toff = 0;
+      for (int r = 0; r < rank; ++r) toff += *cl.map_shared_rank(&S.ccount, r);
+      __syncthreads();
+      cl.sync();  // every block has read S.ccount before it is reused below
+      for (int base = 0; base < m; base += kThreads) {
+        const int j = base + tid;
+        const uint32_t kk = j < m ? prio(j) : 0u;
+        const bool tie = j < m && kk == vk;
+        int rtot;
+        const int r = block_scan_excl_int(tie ? 1 : 0, &rtot, S);
+        if (j < m) flag[j] = kk > vk || (tie && toff + r < need);
+        toff += rtot;
+      }
+    }
+    __syncthreads();
+    my = 0;
+    for (int j = tid; j < m; j += kThreads) my += flag[j];
+    (void)block_scan_excl_int(my, &tot, S);
+    if (tid == 0) S.ccount = tot;
+    cl.sync();
+  }
+  __syncthreads();
+  int off = 0;
+  kept = 0;
+  for (int r = 0; r < C; ++r) {
+    const int cr = *cl.map_shared_rank(&S.ccount, r);
+    if (r < rank) off += cr;
+    kept += cr;
+  }
+
+  // ---- ordered compaction of the kept positions; kept mass ----
+  u64 lmass = 0;
+  for (int base = 0; base < m; base += kThreads) {
+    const int j = base + tid;
+    const int f = j < m ? flag[j] : 0;
+    int rtot;
+    const int r = block_scan_excl_int(f, &rtot, S);
+    if (f) {
+      out_toks[off + r] = toks[j];
+      lmass += fixed_mass(ws[j]);
+    }
+    off += rtot;
+  }
+  u64 excl, btot;
+  (void)block_scan_incl(lmass, excl, btot, S);
+  if (tid == 0) S.cmass = btot;
+  cl.sync();
+  if (rank == 0 && tid == 0) {
+    u64 mass = 0;
+    for (int r = 0; r < C; ++r) mass += *cl.map_shared_rank(&S.cmass, r);
+    a.out_count[list] = kept + extra;
+    if (a.est_mass) a.est_mass[list] = (float)((double)mass * kFixedUnit);
+  }
+  if (rank == C - 1 && tid == 0 && extra) out_toks[kept] = cur;  // every candidate is < cur: still ascending
+  cl.sync();  // no block leaves while others may read its shared memory
+}
+
+struct Shape {
+  int d, G;
+};
+
+Shape check_args(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+  check_config(kv);  // head dim, dtype, group size, batch, pointers
+  const int G = kv.n_heads / kv.n_kv_heads;
+  TW_CHECK(kv.n_pages * kv.n_kv_heads * kPageSize < (int64_t(1) << 31), "pruner (CUDA): ", kv.n_pages,
+           " pages x ", kv.n_kv_heads, " kv heads exceed the 32-bit row index");
+  TW_CHECK(prm.p > 0.f && prm.p <= 1.f, "pruner (CUDA): p = ", prm.p, " is not in (0, 1]");
+  TW_CHECK(prm.min_tokens >= 0 && prm.max_tokens >= 0, "pruner (CUDA): negative floor or cap");
+  TW_CHECK(prm.max_tokens == 0 || prm.max_tokens >= prm.min_tokens, "pruner (CUDA): cap ", prm.max_tokens,
+           " below floor ", prm.min_tokens);
+  TW_CHECK(in_capacity > 0, "pruner (CUDA): I0 capacity ", in_capacity, " must be positive");
+  return {kv.head_dim, G};
+}
+
+size_t smem_for(int G, int chunk, int* zstride) {
+  const int zs = (chunk + 31) / 32 * 32 + 4;  // +4 floats: the 4 column groups of a tile hit distinct banks
+  if (zstride) *zstride = zs;
+  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * kBins * (4 + 8);
+}
+
+int tokens_per_block() {
+  static const int v = [] {
+    const char* s = std::getenv("TW_PRUNE_TOKENS_PER_BLOCK");  // tuning knob for the benchmark
+    const int x = s ? std::atoi(s) : 0;
+    return x >= 256 ? x : 2048;
+  }();
+  return v;
+}
+
+}  // namespace
+
+PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+  const Shape sh = check_args(kv, in_capacity, prm);
+  int dev = 0;
+  TW_CUDA_CHECK(cudaGetDevice(&dev));
+  int optin = 0;
+  TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  // Shared memory per block: aim at <= 100 KiB (two or more blocks per SM), accept up to the opt-in
+  // limit before giving up; blocks per list from the parallelism target first.
+  const int cmin = std::clamp((in_capacity + tokens_per_block() - 1) / tokens_per_block(), 1, kMaxCluster);
+  for (size_t limit : {size_t(100) << 10, (size_t)optin}) {
+    for (int c = cmin; c <= kMaxCluster; ++c) {
+      const int chunk = ((in_capacity + c - 1) / c + 15) / 16 * 16;
+      const size_t smem = smem_for(sh.G, chunk, nullptr);
+      if (smem <= limit) return PrunePlan{c, chunk, smem};
+    }
+  }
+  fail("pruner (CUDA): I0 capacity ", in_capacity, " with group size ", sh.G, " does not fit ", kMaxCluster,
+       " blocks of shared memory");
+}
+
+void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const TokenLists& in,
+                const PruneParams& prm, const TokenLists& out, float* est_mass, cudaStream_t stream) {
+  const PrunePlan plan = prune_plan(kv, in.capacity, prm);
+  TW_CHECK(ks.k4 && ks.k4_scale && ks.k4_zero, "pruner (CUDA): null INT4 key mirror");
+  TW_CHECK(q, "pruner (CUDA): null query");
+  TW_CHECK(in.count && in.tokens && out.count && out.tokens, "pruner (CUDA): null token lists");
+  const int need_out = prm.max_tokens > 0 ? std::min(prm.max_tokens, in.capacity + 1) : in.capacity + 1;
+  TW_CHECK(out.capacity >= need_out, "pruner (CUDA): output capacity ", out.capacity, " < ", need_out,
+           " (I0 capacity + the current token)");
+
+  Args a{};
+  a.page_table = kv.page_table;
+  a.seq_len = kv.seq_len;
+  a.k4 = ks.k4;
+  a.k4s = ks.k4_scale;
+  a.k4z = ks.k4_zero;
+  a.q = q;
+  a.in_count = in.count;
+  a.in_tokens = in.tokens;
+  a.out_count = out.count;
+  a.out_tokens = out.tokens;
+  a.est_mass = est_mass;
+  a.n_pages = kv.n_pages;
+  a.max_pages = kv.max_pages;
+  a.n_kv_heads = kv.n_kv_heads;
+  a.group = kv.n_heads / kv.n_kv_heads;
+  a.in_cap = in.capacity;
+  a.out_cap = out.capacity;
+  a.p = prm.p;
+  a.min_tokens = prm.min_tokens;
+  a.max_tokens = prm.max_tokens;
+  a.chunk = plan.chunk;
+  smem_for(a.group, plan.chunk, &a.zstride);
+
+  void (*kern)(Args) = kv.head_dim == 128 ? prune_kernel<128> : prune_kernel<64>;
+  // Attributes once per kernel (the largest size any plan may ask); not stream work, so a call during
+  // graph capture is fine, but doing it once keeps the capture free of them.
+  static std::once_flag once128, once64;
+  auto set_attrs = [](void (*k)(Args)) {
+    int dev = 0, optin = 0;
+    TW_CUDA_CHECK(cudaGetDevice(&dev));
+    TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  };
+  std::call_once(kv.head_dim == 128 ? once128 : once64, set_attrs, kern);
+
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(plan.cluster, kv.n_kv_heads, kv.batch);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = plan.smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = plan.cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
+}
+
+}  // namespace tw::attn::cuda
