@@ -245,6 +245,23 @@ __global__ void __launch_bounds__(D) dense_combine_kernel(const float* __restric
   out[row * D + dim] = L > 0.f ? O / L : 0.f;
 }
 
+// How many blocks of the kernel fit on one SM (registers bound it: ~190 per lane at d = 128).
+template <typename T, int D>
+int blocks_per_sm() {
+  static const int n = [] {
+    int k = 0;
+    TW_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, dense_decode_kernel<T, D>, kWarps * 32, 0));
+    return std::max(k, 1);
+  }();
+  return n;
+}
+
+int blocks_per_sm(const PagedKV& kv) {
+  const bool bf = kv.dtype == KvDtype::BF16;
+  if (kv.head_dim == 64) return bf ? blocks_per_sm<__nv_bfloat16, 64>() : blocks_per_sm<__half, 64>();
+  return bf ? blocks_per_sm<__nv_bfloat16, 128>() : blocks_per_sm<__half, 128>();
+}
+
 template <typename T, int D>
 void launch(const PagedKV& kv, const DenseDecodePlan& plan, const float* q, float* out, void* ws,
             cudaStream_t stream) {
@@ -272,13 +289,24 @@ DenseDecodePlan plan_dense_decode(const PagedKV& kv, int64_t max_seq_len, int sm
   TW_CHECK(sm_count > 0, "dense decode plan: sm_count must be positive, got ", sm_count);
   const int64_t np = std::min<int64_t>((max_seq_len + kPageSize - 1) / kPageSize, kv.max_pages);
   const int64_t blocks = (int64_t)kv.batch * kv.n_kv_heads;
-  // Enough blocks for ~4 per SM, but at least 2 pages per warp so the merge stays cheap.
-  const int64_t want = (4LL * sm_count + blocks - 1) / blocks;
-  const int64_t most = std::max<int64_t>(1, np / (2 * kWarps));
-  int64_t splits = std::clamp<int64_t>(want, 1, most);
-  DenseDecodePlan p;
-  p.pages_per_split = (int)((np + splits - 1) / splits);
-  p.n_splits = (int)((np + p.pages_per_split - 1) / p.pages_per_split);
+  const int64_t slots = (int64_t)sm_count * blocks_per_sm(kv);  // blocks resident at once
+  // Time model: waves of resident blocks x (pages per block + a block's fixed cost, ~16 pages: first
+  // loads, q setup, merge); the fewest splits within 1% of the best (the bench prints other split
+  // counts beside the planned one). At least 2 pages per warp.
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(np / (2 * kWarps), 4096));
+  DenseDecodePlan p{1, (int)np, (int)(slots / sm_count)};
+  double best = INFINITY;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t pps = (np + s - 1) / s, real = (np + pps - 1) / pps;
+    if (real != s) continue;  // same split as a smaller s
+    const int64_t waves = (blocks * real + slots - 1) / slots;
+    const double cost = (double)waves * (double)(pps + 16);
+    if (cost < 0.99 * best) {
+      best = cost;
+      p.n_splits = (int)real;
+      p.pages_per_split = (int)pps;
+    }
+  }
   return p;
 }
 

@@ -24,6 +24,7 @@ namespace tw::attn::cuda {
 struct DenseDecodePlan {
   int n_splits = 1;         // KV splits per (sequence, kv head)
   int pages_per_split = 1;  // pages of each split; the last split also takes every page past the others
+  int blocks_per_sm = 0;    // informational: resident blocks per SM the planner assumed
 };
 
 // Plan for sequences of at most max_seq_len tokens (a host-side bound; longer sequences are still

@@ -380,43 +380,57 @@ TEST(DenseDecodeCudaBench, DISABLED_Llama8B) {
       kv.k = k.get(), kv.v = v.get(), kv.seq_len = len.as<int32_t>(), kv.dtype = dt, kv.batch = cs.batch;
       kv.n_heads = H, kv.n_kv_heads = Hkv, kv.head_dim = d, kv.max_pages = pages, kv.n_pages = n_pages;
       kv.page_table = pt.as<int32_t>();
-      const DenseDecodePlan plan = plan_dense_decode(kv, cs.L, info.sm_count);
-      DeviceBuffer ws(std::max<size_t>(16, dense_decode_workspace_bytes(kv, plan)));
-      cudaStream_t st;
-      TW_CUDA_CHECK(cudaStreamCreate(&st));
-      auto launch = [&](int l) {
-        kv.page_table = pt.as<int32_t>() + (size_t)l * cs.batch * pages;
-        dense_decode(kv, plan, q.as<float>(), out.as<float>(), ws.get(), ws.size(), st);
+      // Median time per launch over 7 replays of a CUDA graph of nl launches on the rotated layers (no
+      // host launch gaps in the timing).
+      auto time_plan = [&](const DenseDecodePlan& plan) {
+        DeviceBuffer ws(std::max<size_t>(16, dense_decode_workspace_bytes(kv, plan)));
+        cudaStream_t st;
+        TW_CUDA_CHECK(cudaStreamCreate(&st));
+        const int nl = std::max(layers, 10);
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        TW_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        for (int i = 0; i < nl; ++i) {
+          kv.page_table = pt.as<int32_t>() + (size_t)(i % layers) * cs.batch * pages;
+          dense_decode(kv, plan, q.as<float>(), out.as<float>(), ws.get(), ws.size(), st);
+        }
+        TW_CUDA_CHECK(cudaStreamEndCapture(st, &g));
+        TW_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+        TW_CUDA_CHECK(cudaGraphLaunch(ge, st));  // warm-up
+        std::vector<float> us;
+        for (int r = 0; r < 7; ++r) {
+          TW_CUDA_CHECK(cudaEventRecord(e0, st));
+          TW_CUDA_CHECK(cudaGraphLaunch(ge, st));
+          TW_CUDA_CHECK(cudaEventRecord(e1, st));
+          TW_CUDA_CHECK(cudaEventSynchronize(e1));
+          float t;
+          TW_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+          us.push_back(t * 1000.f / nl);
+        }
+        TW_CUDA_CHECK(cudaGraphExecDestroy(ge));
+        TW_CUDA_CHECK(cudaGraphDestroy(g));
+        TW_CUDA_CHECK(cudaStreamDestroy(st));
+        return median(us);
       };
-      // One graph of nl launches over the rotated layers: no host launch gaps in the timing.
-      const int nl = std::max(layers, 10);
-      cudaGraph_t g;
-      cudaGraphExec_t ge;
-      TW_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-      for (int i = 0; i < nl; ++i) launch(i % layers);
-      TW_CUDA_CHECK(cudaStreamEndCapture(st, &g));
-      TW_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
-      TW_CUDA_CHECK(cudaGraphLaunch(ge, st));  // warm-up
-      std::vector<float> us;
-      for (int r = 0; r < 7; ++r) {
-        TW_CUDA_CHECK(cudaEventRecord(e0, st));
-        TW_CUDA_CHECK(cudaGraphLaunch(ge, st));
-        TW_CUDA_CHECK(cudaEventRecord(e1, st));
-        TW_CUDA_CHECK(cudaEventSynchronize(e1));
-        float t;
-        TW_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-        us.push_back(t * 1000.f / nl);
-      }
-      TW_CUDA_CHECK(cudaGraphExecDestroy(ge));
-      TW_CUDA_CHECK(cudaGraphDestroy(g));
-      TW_CUDA_CHECK(cudaStreamDestroy(st));
-      const float t = median(us);
       const double bytes = kv_bytes + (double)cs.batch * pages * 4 + 2.0 * qh.size() * 4;
-      const double gbs = bytes / (t * 1e-6) / 1e9;
-      std::printf("BENCH dense_decode %s batch %d x L %d x Hkv %d x G %d x d %d: %.1f us, %.1f MB, %.0f GB/s, "
-                  "%.1f%% of copy (plan %d x %d pages, %d layers rotated)\n",
-                  dtype_name(dt), cs.batch, cs.L, Hkv, H / Hkv, d, t, bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
-                  plan.n_splits, plan.pages_per_split, layers);
+      const DenseDecodePlan planned = plan_dense_decode(kv, cs.L, info.sm_count);
+      // The planner's choice, then (bf16) other split counts: one and four waves' worth of blocks.
+      for (const int mult : {0, 1, 4}) {
+        if (mult > 0 && dt == KvDtype::F16) continue;
+        DenseDecodePlan plan = planned;
+        if (mult > 0) {
+          plan.n_splits = mult * std::max(1, info.sm_count * planned.blocks_per_sm / (cs.batch * Hkv));
+          plan.pages_per_split = (pages + plan.n_splits - 1) / plan.n_splits;
+          plan.n_splits = (pages + plan.pages_per_split - 1) / plan.pages_per_split;
+          if (plan.n_splits == planned.n_splits) continue;
+        }
+        const float t = time_plan(plan);
+        const double gbs = bytes / (t * 1e-6) / 1e9;
+        std::printf("BENCH dense_decode %s batch %d x L %d x Hkv %d x G %d x d %d: %.1f us, %.1f MB, %.0f GB/s, "
+                    "%.1f%% of copy (%s %d x %d pages, %d blocks/SM, %d layers rotated)\n",
+                    dtype_name(dt), cs.batch, cs.L, Hkv, H / Hkv, d, t, bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
+                    mult ? "forced" : "plan", plan.n_splits, plan.pages_per_split, planned.blocks_per_sm, layers);
+      }
     }
   TW_CUDA_CHECK(cudaEventDestroy(e0));
   TW_CUDA_CHECK(cudaEventDestroy(e1));
