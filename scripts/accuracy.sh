@@ -24,6 +24,7 @@ mkdir -p "$RES"
 
 # The configurations of the perplexity tables: the noise floor (p = 1, no selector: every token,
 # = dense up to rounding), Quest at fixed budgets (n/8 = 512 at 4096, 1024 at 8192), Twilight.
+# needle-smollm2 stops at 8168 = 8192 (SmolLM2's trained context) - 24 answer tokens.
 ppl() {  # $1 table, $2 model, $3 prefix, $4 n/8
   nice "$BIN" perplexity -m "$2" -f "$TEXT" --prefix "$3" --score 256 -t "$T" -o "$RES/$1.json" \
     --compare "twilight p=1 base=none" --compare "quest b0=256" --compare "quest b0=1024" --compare "quest b0=$4" \
@@ -35,7 +36,7 @@ for t in "$@"; do
   case $t in
     ppl-smollm2) ppl "$t" "$SMOL" 4096 512 ;;
     ppl-qwen15) ppl "$t" "$QWEN" 8192 1024 ;;
-    needle-smollm2) nice python3 "$ROOT/scripts/needle_grid.py" --model "$SMOL" --lengths 2048,4096,8192 -t "$T" \
+    needle-smollm2) nice python3 "$ROOT/scripts/needle_grid.py" --model "$SMOL" --lengths 2048,4096,8168 -t "$T" \
                       --out "$RES/$t" >"$RES/$t.md" 2>"$RES/$t.log" ;;
     needle-qwen15) nice python3 "$ROOT/scripts/needle_grid.py" --model "$QWEN" --lengths 4096,8192,16384 -t "$T" \
                      --out "$RES/$t" >"$RES/$t.md" 2>"$RES/$t.log" ;;
