@@ -6,7 +6,8 @@
 # Needs build/twilight (Release), the models and the Austen text (scripts/setup.sh). Results go to
 # $TWILIGHT_RESULTS (default ~/.cache/twilight/results): <table>.md (the markdown table), .json (raw),
 # .log. Runs are niced; the machine's other load slows them (the logs carry the t/s). Times on 2 cores,
-# quiet machine: ppl-smollm2 ~3 min, needle-smollm2 ~10 min, ppl-qwen15 ~10 min, needle-qwen15 ~1 h.
+# quiet machine, roughly: ppl-smollm2 3 min, needle-smollm2 15 min, ppl-qwen15 15 min, needle-qwen15 1.5 h
+# (16k prefills of the 1.5B model dominate; needle_grid.py resumes an interrupted grid).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ -n "${TWILIGHT_CACHE:-}" ]]; then CACHE=$TWILIGHT_CACHE
@@ -19,7 +20,7 @@ SMOL=$CACHE/models/SmolLM2-135M-Instruct-Q4_1.gguf
 QWEN=$CACHE/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf
 T=${TWILIGHT_THREADS:-2}
 mkdir -p "$RES"
-(($#)) || { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+(($#)) || { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ "$*" == all ]] && set -- ppl-smollm2 needle-smollm2 ppl-qwen15 needle-qwen15
 
 # The configurations of the perplexity tables: the noise floor (p = 1, no selector: every token,
@@ -38,7 +39,7 @@ for t in "$@"; do
     ppl-qwen15) ppl "$t" "$QWEN" 8192 1024 ;;
     needle-smollm2) nice python3 "$ROOT/scripts/needle_grid.py" --model "$SMOL" --lengths 2048,4096,8168 -t "$T" \
                       --out "$RES/$t" >"$RES/$t.md" 2>"$RES/$t.log" ;;
-    needle-qwen15) nice python3 "$ROOT/scripts/needle_grid.py" --model "$QWEN" --lengths 4096,8192,16384 -t "$T" \
+    needle-qwen15) nice python3 "$ROOT/scripts/needle_grid.py" --model "$QWEN" --lengths 4096,8192,16384 --depths 0.1,0.5,0.9 -t "$T" \
                      --out "$RES/$t" >"$RES/$t.md" 2>"$RES/$t.log" ;;
     *) echo "accuracy.sh: unknown table '$t'" >&2; exit 2 ;;
   esac
