@@ -5,6 +5,7 @@
 #
 #   device tool: run command="bash scripts/gpu_bench.sh" carry=["build-gtest-src"]
 #   quick:       BATCH=16 CTX=32768 bash scripts/gpu_bench.sh
+#   real input:  REAL_KV=build-dumps/qwen15b-emma-8192.kv bash scripts/gpu_bench.sh   (carry build-dumps too)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
@@ -40,5 +41,18 @@ fi
 PYTHONUNBUFFERED=1 python3 scripts/gpu_sdpa_anchor.py --batch "$BATCH" --ctx "$CTX" --json "$OUT/sdpa.jsonl" >"$OUT/sdpa.log" 2>&1 ||
   { echo "sdpa anchor failed"; tail -5 "$OUT/sdpa.log"; rc=1; }
 python3 scripts/gpu_bench_report.py "$OUT/ours.jsonl" "$OUT/sdpa.jsonl" "$OUT/report.md" "$OUT/speedup.png" || rc=1
+
+# Real-model attention (a KV dump of the CPU engine, `twilight bench --attn-dump`; carry its folder):
+# the dump's own shape, anchors at that shape.
+if [ -n "${REAL_KV:-}" ]; then
+  RB=${REAL_BATCH:-1,16}; RC=${REAL_CTX:-8192,32768}
+  "$BUILD/twilight" bench --gpu --kv "$REAL_KV" --batch "$RB" --ctx "$RC" --json "$OUT/real.jsonl" >"$OUT/real.md" 2>"$OUT/real.err" ||
+    { echo "bench --gpu --kv failed"; tail -5 "$OUT/real.err"; rc=1; }
+  shape=$(python3 -c "import json,sys; d=[json.loads(l) for l in open(sys.argv[1])][0]; print(d['heads'], d['kv_heads'], d['head_dim'])" "$OUT/real.jsonl") &&
+  read -r H HKV D <<<"$shape" &&
+  PYTHONUNBUFFERED=1 python3 scripts/gpu_sdpa_anchor.py --batch "$RB" --ctx "$RC" --heads "$H" --kv-heads "$HKV" --head-dim "$D" \
+    --json "$OUT/real_sdpa.jsonl" >"$OUT/real_sdpa.log" 2>&1 &&
+  python3 scripts/gpu_bench_report.py "$OUT/real.jsonl" "$OUT/real_sdpa.jsonl" "$OUT/report_real.md" || rc=1
+fi
 echo "total $(( $(date +%s) - t0 )) s"
 exit $rc

@@ -211,7 +211,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       const size_t sz_b = (size_t)n_pages * Hkv * kPageSize * sizeof(float);
       int64_t b0_max = 0;
       for (int64_t b0 : o.b0) b0_max = std::max(b0_max, b0 > 0 ? b0 : L / 4);
-      PagedKV shape;  // for the capacity / workspace queries (pointers filled per set)
+      PagedKV shape;  // the sets' shape (pointers filled per set)
       shape.dtype = o.dtype;
       shape.batch = B;
       shape.n_heads = H;
@@ -312,10 +312,11 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       TW_CUDA_CHECK(cudaStreamSynchronize(st));
 
       // ---- dense (ours), once per size -------------------------------------------------------------
-      const DenseDecodePlan dplan = plan_dense_decode(shape, L, dev.sm_count);
-      const size_t dws_b = dense_decode_workspace_bytes(shape, dplan);
-      const size_t qws_b = quest_workspace_bytes(shape);
-      const size_t sws_b = sparse_decode_workspace_bytes(shape, cap1);
+      const PagedKV& kv0 = sets[0]->kv;  // the shape queries validate pointers too: use a built set
+      const DenseDecodePlan dplan = plan_dense_decode(kv0, L, dev.sm_count);
+      const size_t dws_b = dense_decode_workspace_bytes(kv0, dplan);
+      const size_t qws_b = quest_workspace_bytes(kv0);
+      const size_t sws_b = sparse_decode_workspace_bytes(kv0, cap1);
       DeviceBuffer dws(std::max<size_t>(dws_b, 16)), qws(std::max<size_t>(qws_b, 16)), sws(std::max<size_t>(sws_b, 16));
       auto dense = [&](int i) { dense_decode(sets[i]->kv, dplan, sets[i]->q.as<float>(), sets[i]->out.as<float>(), dws.get(), dws_b, st); };
       const double t_dense = time_calls(dense, n_sets, o.reps, o.trials, st);
@@ -338,13 +339,13 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         for (float p : o.p) {
           std::ostringstream row;
           row << "{\"kind\":\"row\",\"batch\":" << B << ",\"ctx\":" << L << ",\"p\":" << p << ",\"b0\":" << b0
-              << ",\"kv_sets\":" << n_sets << ",\"dense_us\":" << t_dense * 1e6
+              << ",\"kv_sets\":" << n_sets << ",\"dense_splits\":" << dplan.n_splits << ",\"dense_us\":" << t_dense * 1e6
               << ",\"dense_GBps\":" << kv_bytes / t_dense / 1e9 << ",\"quest_select_us\":" << t_sel * 1e6
               << ",\"quest_attend_us\":" << t_att0 * 1e6 << ",\"i0_avg\":" << i0_avg;
           PruneParams prm;
           prm.p = p;
           try {
-            prune_plan(shape, cap0, prm);
+            prune_plan(kv0, cap0, prm);
           } catch (const Error& e) {
             js << row.str() << ",\"twilight_error\":\"" << e.what() << "\"}\n";
             table << "| " << B << " | " << L << " | " << p << " | " << b0 << " | " << fmt(t_dense * 1e6) << " | "
