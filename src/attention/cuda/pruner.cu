@@ -180,6 +180,14 @@ __device__ __forceinline__ u64 limb_value(uint32_t l0, uint32_t l1, uint32_t l2)
   return (u64)l0 + ((u64)l1 << kLimbBits) + ((u64)l2 << (2 * kLimbBits));
 }
 
+__device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w) {
+  const u64 f = fixed_mass(w);
+  constexpr uint32_t kMask = (1u << kLimbBits) - 1;
+  if (f & kMask) atomicAdd(&hc[bin], (uint32_t)(f & kMask));
+  if ((f >> kLimbBits) & kMask) atomicAdd(&hc[kBins + bin], (uint32_t)((f >> kLimbBits) & kMask));
+  if (f >> (2 * kLimbBits)) atomicAdd(&hc[2 * kBins + bin], (uint32_t)(f >> (2 * kLimbBits)));
+}
+
 // One radix level: the cluster's histograms of this level are summed bin by bin, scanned from the
 // top bin down, and the first bin where cum0 + (value above and in the bin) >= target is returned
 // with cum0 + the value above it.
@@ -249,30 +257,26 @@ __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist
 // (mass or count of keys >= v) >= target; `cum_above` gets the value of keys > v. Two histogram
 // buffers alternate, so a buffer is only cleared after every block has passed the next level's
 // cluster barrier (its remote readers are done); `next` is the buffer the first level uses.
+// first_built: the caller already built level 1's histogram (mass mode) in hist[next].
 template <class KeyFn>
-__device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn key_of, bool count_mode, double frac,
-                                 u64 target, uint32_t* const (&hist)[2], int& next, u64& cum_above) {
+__device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn key_of, bool count_mode, bool first_built,
+                                 double frac, u64 target, uint32_t* const (&hist)[2], int& next, u64& cum_above) {
   uint32_t prefix = 0;
   u64 cum = 0;
 #pragma unroll 1
   for (int level = 0; level < 3; ++level) {
     uint32_t* hc = next ? hist[1] : hist[0];
     const int shift = level == 0 ? 20 : level == 1 ? 10 : 0;
-    for (int j = threadIdx.x; j < m; j += kThreads) {
+    for (int j = threadIdx.x; j < m && !(level == 0 && first_built); j += kThreads) {
       uint32_t k;
       float w;
       if (!key_of(j, k, w)) continue;
       if (level > 0 && (k >> (shift + 10)) != prefix) continue;
       const uint32_t bin = (k >> shift) & (kBins - 1);
-      if (count_mode) {
+      if (count_mode)
         atomicAdd(&hc[bin], 1u);
-      } else {
-        const u64 f = fixed_mass(w);
-        constexpr uint32_t kMask = (1u << kLimbBits) - 1;
-        if (f & kMask) atomicAdd(&hc[bin], (uint32_t)(f & kMask));
-        if ((f >> kLimbBits) & kMask) atomicAdd(&hc[kBins + bin], (uint32_t)((f >> kLimbBits) & kMask));
-        if (f >> (2 * kLimbBits)) atomicAdd(&hc[2 * kBins + bin], (uint32_t)(f >> (2 * kLimbBits)));
-      }
+      else
+        hist_add(hc, bin, w);
     }
     int bin;
     u64 before;
@@ -291,7 +295,7 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn k
   return prefix;
 }
 
-template <int D>
+template <int D, bool PACK>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const Args a) {
   constexpr int KS = D / 16;  // MMA k-steps per row
   using RB = RowBytes<D>;
@@ -373,13 +377,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
   }
   __syncthreads();
 
-  // B fragments (the query, 8 columns = heads): lane (g, t) holds head g's elements of the row slice
-  // its A fragment covers: word j of the lane's D/8 bytes holds elements base .. base+7,
+  // B fragments (the query, 8 columns): lane (g, t) holds column g's elements of the row slice its
+  // A fragment covers: word j of the lane's D/8 bytes holds elements base .. base+7,
   // base = t*D/4 + 8j; k-step 2j pairs (e0,e4),(e1,e5), k-step 2j+1 pairs (e2,e6),(e3,e7).
+  // Columns: PACK (G <= 4): 0..3 the hi parts of heads 0..3, 4..7 their lo parts (one MMA per
+  // k-step, hi + lo added after); else column = head, with separate hi and lo fragments (two MMAs).
   // Built once by warp 0 into shared memory (registers are the occupancy limit).
   const int g = lane >> 2, t4 = lane & 3;
   if (warp == 0) {
-    const float fac = g < G ? S.cmax[g] : 0.f;
+    const int head = PACK ? (g & 3) : g;
+    const bool lo_col = PACK && g >= 4;
+    const float fac = head < G ? S.cmax[head] : 0.f;
 #pragma unroll
     for (int s = 0; s < KS; ++s) {
       const int base = t4 * (D / 4) + 8 * (s / 2) + ((s & 1) ? 2 : 0);
@@ -388,21 +396,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
       for (int r = 0; r < 2; ++r) {
         const int d0 = base + r, d1 = base + r + 4;
         float v0 = 0.f, v1 = 0.f;
-        if (g < G) {
-          v0 = qh[(size_t)g * D + d0] * qscale * fac;
-          v1 = qh[(size_t)g * D + d1] * qscale * fac;
+        if (head < G) {
+          v0 = qh[(size_t)head * D + d0] * qscale * fac;
+          v1 = qh[(size_t)head * D + d1] * qscale * fac;
         }
         const __half h0 = __float2half_rn(v0), h1 = __float2half_rn(v1);
         const __half l0 = __float2half_rn(v0 - __half2float(h0)), l1 = __float2half_rn(v1 - __half2float(h1));
         hb[r] = half2_bits(__halves2half2(h0, h1));
         lb[r] = half2_bits(__halves2half2(l0, l1));
       }
-      S.bfrag[s][0][lane] = make_uint2(hb[0], hb[1]);
-      S.bfrag[s][1][lane] = make_uint2(lb[0], lb[1]);
+      if (PACK) {
+        S.bfrag[s][0][lane] = lo_col ? make_uint2(lb[0], lb[1]) : make_uint2(hb[0], hb[1]);
+      } else {
+        S.bfrag[s][0][lane] = make_uint2(hb[0], hb[1]);
+        S.bfrag[s][1][lane] = make_uint2(lb[0], lb[1]);
+      }
     }
   }
   __syncthreads();
-  // Heads of this lane's accumulator columns.
+  // Heads of this lane's accumulator columns (PACK: lanes t4 >= 2 hold copies, heads >= G, unused).
   const int hc0 = 2 * t4, hc1 = 2 * t4 + 1;
   const float qs0 = hc0 < G ? S.qsum[hc0] : 0.f, qs1 = hc1 < G ? S.qsum[hc1] : 0.f;
   const float qi0 = hc0 < G ? S.qinv[hc0] : 0.f, qi1 = hc1 < G ? S.qinv[hc1] : 0.f;
@@ -441,12 +453,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
         uint32_t a04, a15, a26, a37, b04, b15, b26, b37;
         unpack8(wa[j], a04, a15, a26, a37);
         unpack8(wb[j], b04, b15, b26, b37);
-        const uint2 h0 = S.bfrag[2 * j][0][lane], l0 = S.bfrag[2 * j][1][lane];
-        const uint2 h1 = S.bfrag[2 * j + 1][0][lane], l1 = S.bfrag[2 * j + 1][1][lane];
+        const uint2 h0 = S.bfrag[2 * j][0][lane], h1 = S.bfrag[2 * j + 1][0][lane];
         mma16816(acc, a04, b04, a15, b15, h0.x, h0.y);
-        mma16816(acc, a04, b04, a15, b15, l0.x, l0.y);
         mma16816(acc, a26, b26, a37, b37, h1.x, h1.y);
-        mma16816(acc, a26, b26, a37, b37, l1.x, l1.y);
+        if (!PACK) {
+          const uint2 l0 = S.bfrag[2 * j][1][lane], l1 = S.bfrag[2 * j + 1][1][lane];
+          mma16816(acc, a04, b04, a15, b15, l0.x, l0.y);
+          mma16816(acc, a26, b26, a37, b37, l1.x, l1.y);
+        }
+      }
+      if (PACK) {  // column c (hi) + column c + 4 (lo): lanes t4 and t4 ^ 2
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 2);
       }
       const float sc_g = __shfl_sync(0xffffffffu, sz[u], g), zp_g = __shfl_sync(0xffffffffu, sz[u], 16 + g);
       const float sc_g8 = __shfl_sync(0xffffffffu, sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, sz[u], 24 + g);
@@ -483,29 +501,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, S.wred[w][tid]);
     S.cmax[tid] = mx;
   }
-  cl.sync();
-  if (tid < G) {
-    float mx = -INFINITY;
-    for (int r = 0; r < C; ++r) mx = fmaxf(mx, cl.map_shared_rank(S.cmax, r)[tid]);
-    S.gmax[tid] = mx;
-  }
   __syncthreads();
 
   if (a.stop == 2) { __syncthreads(); cl.sync(); return; }
-  // ---- softmax sums: e = exp(z - max) in place; exponents below -87 give 0 (fast_exp.h's rule) ----
+  // ---- softmax statistics, one cluster exchange: each block's (max, sum of exp(z - its max)) per
+  // head, combined as S = sum_c S_c exp(M_c - M). Exponents below -87 give 0 (fast_exp.h's rule). ----
   {
-    float gm[kMaxGroup], ls[kMaxGroup];
+    float cm[kMaxGroup], ls[kMaxGroup];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, ls[r] = 0.f;
+    for (int r = 0; r < kMaxGroup; ++r) cm[r] = r < G ? S.cmax[r] : 0.f, ls[r] = 0.f;
     for (int j = tid; j < m; j += kThreads) {
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
         if (r >= G) break;
-        float* zp = zs + (size_t)r * a.zstride + j;
-        const float x = *zp - gm[r];
-        const float e = (x < -87.f || gm[r] == -INFINITY) ? 0.f : expf(x);
-        *zp = e;
-        ls[r] += e;
+        const float x = zs[(size_t)r * a.zstride + j] - cm[r];
+        ls[r] += (x < -87.f || cm[r] == -INFINITY) ? 0.f : expf(x);
       }
     }
 #pragma unroll
@@ -523,38 +533,49 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
   }
   cl.sync();
   if (tid < G) {
+    float mx = -INFINITY;
+    for (int r = 0; r < C; ++r) mx = fmaxf(mx, cl.map_shared_rank(S.cmax, r)[tid]);
     float s = 0.f;
-    for (int r = 0; r < C; ++r) s += cl.map_shared_rank(S.csum, r)[tid];
+    if (mx != -INFINITY)
+      for (int r = 0; r < C; ++r) {
+        const float mr = cl.map_shared_rank(S.cmax, r)[tid];
+        if (mr != -INFINITY) s += cl.map_shared_rank(S.csum, r)[tid] * expf(mr - mx);
+      }
+    S.gmax[tid] = mx;
     S.ginv[tid] = 1.f / (s * (float)G);
   }
   __syncthreads();
 
-  // ---- group weights w = sum_r e_r / (S_r G), into row 0 of zs ----
+  // ---- group weights w = sum_r exp(z_r - M_r) / (S_r G), into row 0 of zs; the level-1 histogram
+  // of the top-p select is built in the same pass ----
   float* ws = zs;
+  uint32_t* const hist[2] = {histA, histB};
+  const bool topp = a.p < 1.f;
   {
-    float inv[kMaxGroup];
+    float gm[kMaxGroup], inv[kMaxGroup];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) inv[r] = r < G ? S.ginv[r] : 0.f;
+    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, inv[r] = r < G ? S.ginv[r] : 0.f;
     for (int j = tid; j < m; j += kThreads) {
       float w = 0.f;
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
         if (r >= G) break;
-        w += zs[(size_t)r * a.zstride + j] * inv[r];
+        const float x = zs[(size_t)r * a.zstride + j] - gm[r];
+        w += ((x < -87.f || gm[r] == -INFINITY) ? 0.f : expf(x)) * inv[r];
       }
       ws[j] = w;
+      if (topp) hist_add(histA, (__float_as_uint(w) >> 20) & (kBins - 1), w);
     }
   }
   __syncthreads();
 
-  uint32_t* const hist[2] = {histA, histB};
   int next = 0;
   const bool forced_here = cur_is_cand && beg + m == n;  // the current token is this block's last entry
 
   if (a.stop == 3) { __syncthreads(); cl.sync(); return; }
   // ---- top-p threshold (keys of positive weights; zeros never kept) ----
   uint32_t tau_key = 1u;  // p = 1: every positive weight
-  if (a.p < 1.f) {
+  if (topp) {
     // Target p * total, the total being the level-1 histograms' sum (topp.cpp does the same).
     auto key_fn = [&](int j, uint32_t& k, float& w) {
       w = ws[j];
@@ -562,27 +583,34 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
       return k != 0u;
     };
     u64 above;
-    tau_key = radix_select(cl, S, m, key_fn, false, (double)a.p, 0ull, hist, next, above);
+    tau_key = radix_select(cl, S, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
     if (tau_key == 0u) tau_key = 1u;
   }
 
   if (a.stop == 4) { __syncthreads(); cl.sync(); return; }
-  // ---- keep flags (reuse rowidx), counts over the cluster ----
+  // ---- keep flags (reuse rowidx); count and kept mass published to the cluster together ----
   // Each thread owns a contiguous run of the block's slice, so one block scan orders the output.
   int32_t* flag = rowidx;
   const int run_len = (m + kThreads - 1) / kThreads;
   const int r0 = min(m, tid * run_len), r1 = min(m, r0 + run_len);
-  int my = 0;
+  int my = 0, my_off = 0;
+  auto count_and_publish = [&]() {
+    my = 0;
+    u64 lm = 0;
+    for (int j = r0; j < r1; ++j)
+      if (flag[j]) ++my, lm += fixed_mass(ws[j]);
+    int tot;
+    my_off = block_scan_excl_int(my, &tot, S);
+    u64 excl, mtot;
+    (void)block_scan_incl(lm, excl, mtot, S);
+    if (tid == 0) S.ccount = tot, S.cmass = mtot;
+    cl.sync();
+  };
   for (int j = r0; j < r1; ++j) {
     const uint32_t k = __float_as_uint(ws[j]);
-    const int f = (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
-    flag[j] = f;
-    my += f;
+    flag[j] = (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
   }
-  int tot;
-  int my_off = block_scan_excl_int(my, &tot, S);
-  if (tid == 0) S.ccount = tot;
-  cl.sync();
+  count_and_publish();
   int kept = 0;
   for (int r = 0; r < C; ++r) kept += *cl.map_shared_rank(&S.ccount, r);
 
@@ -605,7 +633,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
         return true;
       };
       u64 above;
-      const uint32_t vk = radix_select(cl, S, m, key_fn, true, 0.0, (u64)k, hist, next, above);
+      const uint32_t vk = radix_select(cl, S, m, key_fn, true, false, 0.0, (u64)k, hist, next, above);
       const int need = k - (int)above;  // ties at vk to keep, lowest list index first
       // Ties in list order: this block's offset among the cluster's ties, then an ordered block scan.
       int nt = 0;
@@ -630,40 +658,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
       }
     }
     __syncthreads();
-    my = 0;
-    for (int j = r0; j < r1; ++j) my += flag[j];
-    my_off = block_scan_excl_int(my, &tot, S);
-    if (tid == 0) S.ccount = tot;
-    cl.sync();
+    count_and_publish();
   }
-  __syncthreads();
   int off = 0;
   kept = 0;
+  u64 mass = 0;
   for (int r = 0; r < C; ++r) {
     const int cr = *cl.map_shared_rank(&S.ccount, r);
     if (r < rank) off += cr;
     kept += cr;
+    mass += *cl.map_shared_rank(&S.cmass, r);
   }
-
-  if (a.stop == 5) { __syncthreads(); cl.sync(); return; }
-  // ---- ordered compaction of the kept positions; kept mass ----
-  u64 lmass = 0;
-  int o = off + my_off;
-  for (int j = r0; j < r1; ++j)
-    if (flag[j]) {
-      out_toks[o++] = toks[j];
-      lmass += fixed_mass(ws[j]);
-    }
-  u64 excl, btot;
-  (void)block_scan_incl(lmass, excl, btot, S);
-  if (tid == 0) S.cmass = btot;
-  cl.sync();
   if (rank == 0 && tid == 0) {
-    u64 mass = 0;
-    for (int r = 0; r < C; ++r) mass += *cl.map_shared_rank(&S.cmass, r);
     a.out_count[list] = kept + extra;
     if (a.est_mass) a.est_mass[list] = (float)((double)mass * kFixedUnit);
   }
+
+  if (a.stop == 5) { __syncthreads(); cl.sync(); return; }
+  // ---- ordered compaction of the kept positions ----
+  int o = off + my_off;
+  for (int j = r0; j < r1; ++j)
+    if (flag[j]) out_toks[o++] = toks[j];
   if (rank == C - 1 && tid == 0 && extra) out_toks[kept] = cur;  // every candidate is < cur: still ascending
   cl.sync();  // no block leaves while others may read its shared memory
 }
@@ -764,10 +779,12 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   }
   smem_for(a.group, plan.chunk, &a.zstride);
 
-  void (*kern)(Args) = kv.head_dim == 128 ? prune_kernel<128> : prune_kernel<64>;
+  const bool pack = a.group <= 4;
+  void (*kern)(Args) = kv.head_dim == 128 ? (pack ? prune_kernel<128, true> : prune_kernel<128, false>)
+                                          : (pack ? prune_kernel<64, true> : prune_kernel<64, false>);
   // Attributes once per kernel (the largest size any plan may ask); not stream work, so a call during
   // graph capture is fine, but doing it once keeps the capture free of them.
-  static std::once_flag once128, once64;
+  static std::once_flag once[4];
   auto set_attrs = [](void (*k)(Args)) {
     int dev = 0, optin = 0;
     TW_CUDA_CHECK(cudaGetDevice(&dev));
@@ -777,7 +794,7 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
     TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
                                        (int)cudaSharedmemCarveoutMaxShared));
   };
-  std::call_once(kv.head_dim == 128 ? once128 : once64, set_attrs, kern);
+  std::call_once(once[(kv.head_dim == 128 ? 2 : 0) + (pack ? 1 : 0)], set_attrs, kern);
 
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(plan.cluster, kv.n_kv_heads, kv.batch);
