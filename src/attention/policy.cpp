@@ -224,9 +224,7 @@ AttentionPolicy::AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, c
     : cfg_(cfg), hs_(hs), n_layers_(kv.n_layers) {
   cfg_.validate();
   const bool quest = cfg_.method == Method::Quest || (cfg_.method == Method::Twilight && cfg_.base == Base::Quest);
-  // Bounds and/or the INT4 mirror; the debug mode's mass split needs both for any sparse method.
-  if (quest || cfg_.method == Method::Twilight || (cfg_.true_mass && cfg_.method != Method::Dense))
-    side_ = std::make_unique<KeySide>(kv);
+  if (quest || cfg_.method == Method::Twilight) side_ = std::make_unique<KeySide>(kv);  // bounds and/or INT4 mirror
   stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs.n_kv_heads : hs.n_heads);
 }
 
@@ -269,7 +267,7 @@ void AttentionPolicy::decode(const kv::KVPool& pool, const kv::SeqPages& seq, in
   // Per-query-head page bounds, for the guard (and the debug mode's exact bound). Base None proposes
   // the whole context: nothing lies outside I0.
   const bool guard = cfg_.method == Method::Twilight && cfg_.guard != Guard::Off && level1 != Base::None;
-  if (guard || cfg_.true_mass) {
+  if (guard || (cfg_.true_mass && side_)) {
     page_bounds_.resize((size_t)hs_.n_heads * n_pages);
     quest_page_scores(*side_, seq, layer, hs_, q, n_ctx, GqaMode::Head, page_bounds_.data(), &tp);
   }
@@ -316,7 +314,10 @@ void AttentionPolicy::record(int layer, int64_t n_ctx, const kv::KVPool& pool, c
   const int d = hs_.head_dim, G = hs_.n_heads / hs_.n_kv_heads;
   const int64_t n_pages = (n_ctx + kv::kPageSize - 1) / kv::kPageSize;
   const bool twilight = cfg_.method == Method::Twilight;
-  const Int4Keys k4 = int4_keys(*side_);
+  // Without side structures (streaming / top-k alone) there is no estimate or bound to judge: those
+  // parts are reported as 0 (Eh = Eg = 1, bound 1).
+  const bool side = side_ != nullptr;
+  const Int4Keys k4 = side ? int4_keys(*side_) : Int4Keys{};
   tp.parallel_for(sel.n_lists, [&](int64_t b, int64_t e, int) {
     std::vector<double> w(n_ctx);
     std::vector<float> zx, ze;
@@ -351,10 +352,10 @@ void AttentionPolicy::record(int layer, int64_t n_ctx, const kv::KVPool& pool, c
         // The exact bound on the mass outside I0' (z exact), before w becomes the weights.
         zx.resize(m0);
         for (int64_t j = 0; j < m0; ++j) zx[j] = (float)w[t0[j]];
-        const float* uh = page_bounds_.data() + (size_t)hq * n_pages;
-        const double be = outside_bound(zx.data(), t0.data(), m0, uh, n_ctx, 1.f / std::sqrt((float)d));
+        const float* uh = side ? page_bounds_.data() + (size_t)hq * n_pages : nullptr;
+        const double be = side ? outside_bound(zx.data(), t0.data(), m0, uh, n_ctx, 1.f / std::sqrt((float)d)) : 1.0;
         double slack_sum = 0;
-        for (int64_t lp = 0; lp < n_pages; ++lp) {
+        for (int64_t lp = 0; lp < n_pages && side; ++lp) {
           double best = -INFINITY;
           for (int64_t t = lp * kv::kPageSize; t < std::min<int64_t>(n_ctx, (lp + 1) * kv::kPageSize); ++t)
             best = std::max(best, w[t]);
@@ -371,16 +372,20 @@ void AttentionPolicy::record(int layer, int64_t n_ctx, const kv::KVPool& pool, c
           if (kept[t] && in0[t]) w10 += w[t];
         }
         // The head's own INT4 estimate over I0', and its weight of I1.
-        ze.resize(m0);
-        estimate_scores(k4, seq, layer, kvh, d, q + (size_t)hq * d, 1, t0.data(), m0, ze.data());
-        double emx = -INFINITY, es = 0, e1 = 0;
-        for (int64_t j = 0; j < m0; ++j) emx = std::max(emx, (double)ze[j]);
-        for (int64_t j = 0; j < m0; ++j) {
-          const double x = std::exp((double)ze[j] - emx);
-          es += x;
-          if (kept[t0[j]]) e1 += x;
+        double eh = 1.0;
+        if (side) {
+          ze.resize(m0);
+          estimate_scores(k4, seq, layer, kvh, d, q + (size_t)hq * d, 1, t0.data(), m0, ze.data());
+          double emx = -INFINITY, es = 0, e1 = 0;
+          for (int64_t j = 0; j < m0; ++j) emx = std::max(emx, (double)ze[j]);
+          for (int64_t j = 0; j < m0; ++j) {
+            const double x = std::exp((double)ze[j] - emx);
+            es += x;
+            if (kept[t0[j]]) e1 += x;
+          }
+          eh = e1 / es;
         }
-        const double eh = e1 / es, cond = w0 > 0 ? w10 / w0 : 0.0;
+        const double cond = w0 > 0 ? w10 / w0 : 0.0;
         mass += w1;
         mass_min = std::min(mass_min, w1);
         mass_i0 += w0;
