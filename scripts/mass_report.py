@@ -40,25 +40,25 @@ def main():
             "acts": sum(x.get("guard_acts", 0) for x in lists) / sum(x["steps"] for x in lists),
             "bound_exact": max(x["avg_bound_exact"] for x in lists),
             "viol": sum(x["bound_violations"] for x in lists),
-            "slack": avg("avg_bound_slack"),
+            "slack": avg("avg_bound_slack") if all("avg_bound_slack" in x for x in lists) else float("nan"),
             "est_min": min(x["avg_est_mass_min"] for x in lists),
         })
     if not rows:
         sys.exit("no sparse decode steps in " + args[0])
     print(js["attention"])
     if not summary_only:
-        print("layer | I0 %ctx | I1 %ctx | true mass | min head | loss: outside | allowed | group | estimate |"
-              " bound(I0) exact | slack | guard bound0 -> bound | acts")
+        print("layer | I0 %ctx | I1 %ctx | true mass | min head | loss: outside | allowed | estimate |"
+              " est. min head | bound(I0) exact | slack | guard bound0 -> bound | acts")
         for r in rows:
             print(f"{r['layer']:5d} | {r['i0_pct']:7.1f} | {r['i1_pct']:7.2f} | {r['true']:9.3f} | {r['true_min']:8.3f} |"
-                  f" {r['outside']:13.3f} | {r['allowed']:7.3f} | {r['group']:5.3f} | {r['estimate']:8.3f} |"
+                  f" {r['outside']:13.3f} | {r['allowed']:7.3f} | {r['estimate']:8.3f} | {r['est_min']:13.3f} |"
                   f" {r['bound_exact']:15.3f} | {r['slack']:5.1f} | {r['bound0']:6.3f} -> {r['bound']:5.3f} | {r['acts']:4.2f}")
     n = len(rows)
     mean = lambda k: sum(r[k] for r in rows) / n
     viol = sum(r["viol"] for r in rows)
     print(f"summary: {n} sparse layers, I1 {mean('i1_pct'):.2f}% of ctx (I0 {mean('i0_pct'):.1f}%), true mass mean "
           f"{mean('true'):.3f}, min layer {min(r['true'] for r in rows):.3f}, min head {min(r['true_min'] for r in rows):.3f}; "
-          f"loss split outside {mean('outside'):.3f} allowed {mean('allowed'):.3f} group {mean('group'):.3f} "
+          f"loss split outside {mean('outside'):.3f} allowed {mean('allowed'):.3f} "
           f"estimate {mean('estimate'):.3f}; est. mass of the least-served head (min layer) {min(r['est_min'] for r in rows):.3f}; "
           f"Quest bound slack {mean('slack'):.1f} nats; guard acts on {100 * mean('acts'):.0f}% of lists; bound violations {viol}")
 
