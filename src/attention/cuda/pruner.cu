@@ -715,6 +715,28 @@ int tokens_per_block() {
   return v;
 }
 
+// The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
+// clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
+// captures stay free of it.
+void (*kernel_for(int head_dim, int group))(Args) {
+  const bool pack = group <= 4;
+  void (*kern)(Args) = head_dim == 128 ? (pack ? prune_kernel<128, true> : prune_kernel<128, false>)
+                                       : (pack ? prune_kernel<64, true> : prune_kernel<64, false>);
+  static std::once_flag once[4];
+  std::call_once(once[(head_dim == 128 ? 2 : 0) + (pack ? 1 : 0)], [kern] {
+    int dev = 0, optin = 0;
+    TW_CUDA_CHECK(cudaGetDevice(&dev));
+    TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       (int)cudaSharedmemCarveoutMaxShared));
+  });
+  return kern;
+}
+
+cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream);
+
 }  // namespace
 
 PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
@@ -779,36 +801,35 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   }
   smem_for(a.group, plan.chunk, &a.zstride);
 
-  const bool pack = a.group <= 4;
-  void (*kern)(Args) = kv.head_dim == 128 ? (pack ? prune_kernel<128, true> : prune_kernel<128, false>)
-                                          : (pack ? prune_kernel<64, true> : prune_kernel<64, false>);
-  // Attributes once per kernel (the largest size any plan may ask); not stream work, so a call during
-  // graph capture is fine, but doing it once keeps the capture free of them.
-  static std::once_flag once[4];
-  auto set_attrs = [](void (*k)(Args)) {
-    int dev = 0, optin = 0;
-    TW_CUDA_CHECK(cudaGetDevice(&dev));
-    TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-    TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       (int)cudaSharedmemCarveoutMaxShared));
-  };
-  std::call_once(once[(kv.head_dim == 128 ? 2 : 0) + (pack ? 1 : 0)], set_attrs, kern);
+  void (*kern)(Args) = kernel_for(kv.head_dim, a.group);
+  const cudaLaunchConfig_t cfg = launch_config(plan, kv, stream);
+  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
+}
 
+int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+  const PrunePlan plan = prune_plan(kv, in_capacity, prm);
+  const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0);
+  int n = 0;
+  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, kv.n_heads / kv.n_kv_heads), &cfg));
+  return n;
+}
+
+namespace {
+cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(plan.cluster, kv.n_kv_heads, kv.batch);
   cfg.blockDim = dim3(kThreads, 1, 1);
   cfg.dynamicSmemBytes = plan.smem_bytes;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  static thread_local cudaLaunchAttribute attr[1];  // cfg points at it
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = plan.cluster;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
+  return cfg;
 }
+}  // namespace
 
 }  // namespace tw::attn::cuda

@@ -464,9 +464,9 @@ TEST(PrunerCudaBench, DISABLED_Llama8B_B0_8192) {
     const double bytes = (double)batch * Hkv * B0 * (d / 2 + 8 + 4) + (double)batch * Hkv * (B0 / 16) * 4;
     std::printf("BENCH pruner group p=%.2f: batch %d H %d Hkv %d d %d B0 %d (%d rows of G=%d heads): median %.1f us "
                 "per call in a graph (%.1f us direct launch), %.1f MB read, %.0f GB/s, mean |I1| %.0f, "
-                "cluster %d, smem %zu B\n",
+                "cluster %d (%d clusters resident at once), smem %zu B\n",
                 p, batch, H, Hkv, d, B0, batch * H, H / Hkv, us, us_direct, bytes / 1e6, bytes / us / 1e3,
-                kept / (batch * Hkv), plan.cluster, plan.smem_bytes);
+                kept / (batch * Hkv), plan.cluster, prune_max_active_clusters(kv, B0, prm), plan.smem_bytes);
   }
 }
 

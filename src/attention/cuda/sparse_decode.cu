@@ -14,7 +14,7 @@ namespace tw::attn::cuda {
 
 namespace {
 
-constexpr int kMinChunk = 64;      // tokens per work item at least (bounds the workspace)
+constexpr int kMinChunk = 128;     // tokens per work item at least (bounds the workspace); T is a multiple
 constexpr int kMaxChunk = 1024;    // and at most (long lists always split)
 constexpr int kPlanThreads = 1024;
 constexpr int kAttnWarps = 4;
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
     for (int w = 0; w < kPlanThreads / 32; ++w) s += red[w];
     const long long want = (long long)a.sm_count * kItemsPerSm;
     long long T = (s + want - 1) / want;
-    T = (T + 31) / 32 * 32;
+    T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;  // whole 32-token groups for every warp
     s_T = (int)std::min<long long>(std::max<long long>(T, kMinChunk), kMaxChunk);
     s_carry = 0;
   }
@@ -173,7 +173,6 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
   const int G = a.group;
   __shared__ float s_m[kAttnWarps][GP], s_l[kAttnWarps][GP];
   __shared__ float s_o[kAttnWarps][GP][D];
-  __shared__ int s_row[kAttnThreads];
   const int n_items = a.hdr[0], T = a.hdr[1];
   const float qscale = 1.f / sqrtf((float)D);
 
@@ -203,30 +202,28 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
       for (int e = 0; e < NE; ++e) o[r][e] = 0.f;
     }
 
-    // Rows resolved block-wide, kAttnThreads tokens at a time (token -> page -> row: one round of
-    // dependent loads per batch, not per token); then each warp takes 32 of them, kTok per step
-    // with all K / V loads of a step in flight.
-    for (int jb0 = j0; jb0 < j1; jb0 += kAttnThreads) {
+    // Each warp takes groups of 32 list entries (warps interleaved): lane l resolves entry l's row
+    // (token -> page -> row: one round of dependent loads per 32 tokens, no block barrier), then
+    // kTok rows per step, broadcast by shuffles, with all K / V loads of a step in flight.
+    for (int jb0 = j0 + warp * 32; jb0 < j1; jb0 += kAttnThreads) {
+      int myrow = -1;
       {
-        const int j = jb0 + threadIdx.x;
-        int t = -1, row = -1;
+        const int j = jb0 + lane;
+        int t = -1;
         if (j < j1) t = j < n ? toks[j] : cur;
         if (t >= 0 && t <= cur) {
           const int phys = pt[t / kPageSize];
-          if (phys >= 0 && phys < a.n_pages) row = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
+          if (phys >= 0 && phys < a.n_pages) myrow = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
         }
-        __syncthreads();  // the previous batch's rows are consumed
-        s_row[threadIdx.x] = row;
-        __syncthreads();
       }
-    for (int jb = jb0 + warp * 32; jb < min(j1, jb0 + warp * 32 + 32); jb += kTok) {
+      const int cnt = min(32, j1 - jb0);
+    for (int jj = 0; jj < cnt; jj += kTok) {
       typename LV::T kv_k[kTok], kv_v[kTok];
       bool ok[kTok];
 #pragma unroll
       for (int u = 0; u < kTok; ++u) {
-        const int j = jb + u;
-        const int row = (j < j1 && j - jb0 < 32 * (warp + 1)) ? s_row[j - jb0] : -1;
-        ok[u] = row >= 0;
+        const int row = __shfl_sync(0xffffffffu, myrow, (jj + u) & 31);
+        ok[u] = jj + u < cnt && row >= 0;
         kv_k[u] = typename LV::T{};
         kv_v[u] = typename LV::T{};
         if (ok[u]) {
