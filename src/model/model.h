@@ -97,7 +97,7 @@ class Model {
   // blk.0.attn_k.weight's data (so two fine-tunes of one shape differ). Computed once at load.
   const std::string& fingerprint() const { return fingerprint_; }
 
-  // Optional observer of the attention inputs (calibration): called in every forward, once per
+  // Optional observer of the attention inputs (calibration, KV dumps for the attention benchmarks): called in every forward, once per
   // layer, with the post-RoPE q [n][H*d] and k [n][Hkv*d] (fp32, before the fp16 cache) of the
   // tokens at positions pos0 .. pos0+n-1. Empty function = none.
   using QKObserver = std::function<void(int layer, int64_t pos0, int64_t n, const float* q, const float* k)>;
