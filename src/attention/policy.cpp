@@ -235,6 +235,7 @@ AttentionPolicy::AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, c
     DsChannels ch = read_ds_channels(cfg_.ds_file);
     check_ds_model(ch, cfg_.ds_file, kv.n_layers, kv.n_kv_heads, kv.head_dim, model_fingerprint);
     ds_ = std::make_unique<DsSide>(kv, std::move(ch));
+    ds_file_ = cfg_.ds_file;
   }
   if (config_needs_side(cfg_)) side_ = std::make_unique<KeySide>(kv);  // bounds and/or INT4 mirror
   stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs.n_kv_heads : hs.n_heads);
@@ -252,6 +253,8 @@ void AttentionPolicy::reconfigure(const AttnConfig& cfg) {
            "') does not maintain");
   TW_CHECK(!cfg.uses_ds() || ds_, "attention policy: cannot switch to '", cfg.describe(),
            "': it needs the Double Sparsity label cache, which this policy does not maintain");
+  TW_CHECK(!cfg.uses_ds() || cfg.ds_file == ds_file_, "attention policy: cannot switch to ds with channel file '",
+           cfg.ds_file, "': the label cache was built from '", ds_file_, "'");
   cfg_ = cfg;
   stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs_.n_kv_heads : hs_.n_heads);
 }

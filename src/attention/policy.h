@@ -133,6 +133,7 @@ class AttentionPolicy {
   int n_layers_;
   std::unique_ptr<KeySide> side_;
   std::unique_ptr<DsSide> ds_;  // Double Sparsity label cache (ds only)
+  std::string ds_file_;          // the channel file ds_ was built from (reconfigure must name the same)
   Selection sel0_, sel1_;
   std::vector<PruneStats> pst_;
   std::vector<float> page_bounds_;  // [H][n_pages] Quest bounds per query head (guard, debug)

@@ -559,6 +559,25 @@ TEST(DsPolicy, NeedsAFileForThisModel) {
   // Methods that do not use ds ignore the file.
   c.method = Method::Quest;
   EXPECT_NO_THROW(AttentionPolicy(c, kv::KVShape{3, 3, 64, 8}, hs));
+  // reconfigure (evaluation harnesses: one policy, several configurations) keeps the label cache only
+  // for the channel file it was built from.
+  c.method = Method::Twilight;
+  c.base = Base::DS;
+  c.ds_file = p;
+  AttentionPolicy both(c, kv::KVShape{3, 3, 64, 8}, hs);
+  AttnConfig to = c;
+  to.method = Method::DS;
+  EXPECT_NO_THROW(both.reconfigure(to));
+  to.method = Method::Quest;
+  EXPECT_NO_THROW(both.reconfigure(to));
+  to.method = Method::DS;
+  to.ds_file = p + ".other";
+  EXPECT_THROW(both.reconfigure(to), Error);
+  AttnConfig quest_only = c;
+  quest_only.method = Method::Quest;
+  AttentionPolicy qp(quest_only, kv::KVShape{3, 3, 64, 8}, hs);
+  to.ds_file = p;
+  EXPECT_THROW(qp.reconfigure(to), Error);  // no label cache
   std::remove(p.c_str());
 }
 

@@ -141,6 +141,8 @@ expect 1 "--compare \"sparse\": unknown attention 'sparse'" -- perplexity -f "$T
 expect 1 "'p' is not key=value" -- perplexity -f "$TEXT" --prefix 64 --compare "twilight p"
 expect 1 "--attn-b0: expected an integer, got 'x'" -- perplexity -f "$TEXT" --prefix 64 --compare "quest b0=x"
 expect 1 "unknown attention option 'attn-colour'" -- perplexity -f "$TEXT" --prefix 64 --compare "quest colour=red"
+expect 1 "--compare \"ds b0=64\": Double Sparsity \(--attn ds\) needs its channel file" -- perplexity -f "$TEXT" --prefix 64 --compare "ds b0=64"
+expect 1 "every ds configuration must use the same ds-file \('/x/a.ds' vs '/x/b.ds'\)" -- perplexity -f "$TEXT" --prefix 200 --compare "ds b0=64 ds-file=/x/a.ds" --compare "twilight base=ds ds-file=/x/b.ds"
 expect 1 "budget b0=4096 covers the whole context of 2000 tokens" -- perplexity -f "$TEXT" --prefix 2000 --compare "quest b0=4096"
 expect 1 "-o $TMP/nodir/x.json: folder '.*' does not exist" -- perplexity -f "$TEXT" --prefix 64 --compare dense -o "$TMP/nodir/x.json"
 expect 1 "needs 8499 cached tokens, more than the context of 8192 tokens" -- perplexity -m "$MODEL" -f "$TEXT" --prefix 8000 --score 500 --compare dense
