@@ -26,6 +26,7 @@
 
 #include <immintrin.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -55,6 +56,14 @@ namespace tw::cli {
 namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// CPU time of the whole process (all threads): on a loaded machine it excludes the time the threads
+// were preempted, which wall time does not.
+double cpu_now() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
@@ -285,7 +294,8 @@ struct Result {
   float p = 0.f;
   bool ran_dense = false;           // the policy fell back to dense (budget covering the context)
   std::vector<double> samples_us;   // per-layer time, one per repetition
-  double us = 0, sel = 0, est = 0, prune = 0, att = 0;  // medians, µs per layer
+  std::vector<double> cpu_samples_us;  // per-layer process CPU time (all threads, spinning included)
+  double us = 0, cpu_us = 0, sel = 0, est = 0, prune = 0, att = 0;  // medians, µs per layer
   double i0 = 0, i1 = 0, est_mass = 0;                   // per list (kv head), averaged
   double b_sel = 0, b_est = 0, b_att = 0;                // bytes per layer call (all kv heads)
   double build_s = 0;               // side-structure build time
@@ -474,15 +484,20 @@ int cmd_bench_attention(int argc, char** argv) {
       // Total: the policy's decode.
       for (int rep = -1; rep < reps; ++rep) {
         double tot = 0;
+        const double c0 = cpu_now();
         for (int s = 0; s < steps; ++s)
           for (int li : timed) {
             const double t0 = now();
             pol.decode(pool, seq, li, dump.query(s, li), ctx, outv.data(), tp);
             tot += now() - t0;
           }
-        if (rep >= 0) r.samples_us.push_back(tot / calls * 1e6);
+        if (rep >= 0) {
+          r.samples_us.push_back(tot / calls * 1e6);
+          r.cpu_samples_us.push_back((cpu_now() - c0) / calls * 1e6);
+        }
       }
       r.us = median(r.samples_us);
+      r.cpu_us = median(r.cpu_samples_us);
       // Budgets (the policy's own accounting, over every call above).
       if (sparse_run) {
         const attn::BudgetStats& st = pol.stats();
@@ -593,9 +608,9 @@ int cmd_bench_attention(int argc, char** argv) {
       const Result& r = results[i];
       const double du = dense_us(r.ctx);
       std::printf("  {\"ctx\": %lld, \"kv_source\": \"%s\", \"method\": \"%s\", \"b0\": %lld, \"p\": %.3f, \"ran_dense\": %s, "
-                  "\"us_per_layer\": %.2f, \"speedup_vs_dense\": %.3f, \"samples_us\": [",
+                  "\"us_per_layer\": %.2f, \"cpu_us_per_layer\": %.2f, \"speedup_vs_dense\": %.3f, \"samples_us\": [",
                   (long long)r.ctx, r.kv_src.c_str(), r.label.c_str(), (long long)r.b0, r.p, r.ran_dense ? "true" : "false",
-                  r.us, r.us > 0 ? du / r.us : 0.0);
+                  r.us, r.cpu_us, r.us > 0 ? du / r.us : 0.0);
       for (size_t k = 0; k < r.samples_us.size(); ++k) std::printf("%s%.2f", k ? ", " : "", r.samples_us[k]);
       std::printf("], \"select_us\": %.2f, \"estimate_us\": %.2f, \"prune_us\": %.2f, \"attend_us\": %.2f, "
                   "\"avg_i0\": %.1f, \"avg_i1\": %.1f, \"avg_est_mass\": %.4f, \"bytes_select\": %.0f, \"bytes_estimate\": %.0f, "
@@ -615,15 +630,15 @@ int cmd_bench_attention(int argc, char** argv) {
   std::printf("KV: %s\n", kv_desc.c_str());
   std::printf("memory read bandwidth (same run, %zu MiB, median of %d): %.1f GB/s with %d threads, %.1f GB/s with 1\n\n",
               bw.bytes >> 20, bw.reps, bw.read_all, tp.size(), bw.read_one);
-  std::printf("| ctx | KV | method | \\|I0\\| | \\|I1\\| (%% ctx) | est. mass | µs / layer | vs dense | select | estimate | "
+  std::printf("| ctx | KV | method | \\|I0\\| | \\|I1\\| (%% ctx) | est. mass | µs / layer | cpu µs | vs dense | select | estimate | "
               "prune | attend | MiB / layer | GB/s | %% of bw |\n"
-              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const Result& r : results) {
     const double du = dense_us(r.ctx);
     const bool tw = r.method == attn::Method::Twilight;
-    std::printf("| %lld | %s | %s%s | %.0f | %.0f (%.2f%%) | %s | %.1f | %.2fx | %s | %s | %s | %.1f | %.2f | %.1f | %.0f%% |\n",
+    std::printf("| %lld | %s | %s%s | %.0f | %.0f (%.2f%%) | %s | %.1f | %.1f | %.2fx | %s | %s | %s | %.1f | %.2f | %.1f | %.0f%% |\n",
                 (long long)r.ctx, r.kv_src.c_str(), r.label.c_str(), r.ran_dense ? " (ran dense)" : "", r.i0, r.i1,
-                100.0 * r.i1 / r.ctx, tw ? fmt(r.est_mass, 3).c_str() : "-", r.us,
+                100.0 * r.i1 / r.ctx, tw ? fmt(r.est_mass, 3).c_str() : "-", r.us, r.cpu_us,
                 r.us > 0 ? du / r.us : 0.0, r.method == attn::Method::Dense ? "-" : fmt(r.sel, 1).c_str(),
                 tw ? fmt(r.est, 1).c_str() : "-",
                 tw ? fmt(r.prune, 1).c_str() : "-", r.att, r.bytes() / 1048576.0,
