@@ -14,7 +14,9 @@
 //    step > layer, so each call finds its layer's KV cold (20+ layers of KV exceed the L3).
 //  - Breakdown: the policy's stages called one by one on the same inputs (select_quest,
 //    estimate_scores, prune_topp, sparse_decode / dense_decode). prune_topp runs the INT4 estimate
-//    itself: "prune" = prune_topp time minus the standalone estimate time (softmax + top-p + lists).
+//    itself: "prune" = prune_topp time minus the time of the estimate alone (estimate_scores over
+//    the same candidates, one kv head per thread as prune_topp splits them, timed in a separate pass
+//    over the layers so both see equally cold data): softmax + top-p + building the lists.
 //  - Bytes (TWILIGHT.md section 2 with the CPU layout): dense and attend read 2*d*2 B per (token,
 //    kv head) (K and V fp16; group mode reads a kv head's rows once for its G query heads); select
 //    (Quest) 2*d*4 B per (page, kv head) (fp32 min and max); estimate d/2 + 8 B per (candidate, kv
@@ -544,19 +546,9 @@ int cmd_bench_attention(int argc, char** argv) {
             t_sel += t1 - t0;
             const attn::Selection* fin = &sel0;
             if (ms.method == attn::Method::Twilight) {
-              const attn::Int4Keys keys = attn::int4_keys(ks);
               t0 = now();
-              tp.parallel_for(hkv, [&](int64_t b, int64_t e, int) {
-                for (int64_t h = b; h < e; ++h) {
-                  z[h].resize((size_t)G * sel0.size((int)h));
-                  attn::estimate_scores(keys, seq, li, (int)h, d, q + (size_t)h * G * d, G, sel0.list((int)h),
-                                        sel0.size((int)h), z[h].data());
-                }
-              });
-              t1 = now();
-              t_est += t1 - t0;
               attn::prune_topp(ks, seq, li, hs, q, sel0, ctx, po, sel1, pst, tp);
-              t_pr += now() - t1;
+              t_pr += now() - t0;
               fin = &sel1;
             }
             t0 = now();
@@ -572,6 +564,25 @@ int cmd_bench_attention(int argc, char** argv) {
               }
             }
           }
+        // The INT4 estimate alone, in its own pass (the same stream of layers, so its data is as cold
+        // as inside prune_topp above; timed after the pass above, it does not warm prune_topp's).
+        if (sparse && ms.method == attn::Method::Twilight)
+          for (int s = 0; s < steps; ++s)
+            for (int li : timed) {
+              const float* q = dump.query(s, li);
+              const attn::KeySide& ks = *pol.side();
+              attn::select_quest(ks, seq, li, hs, q, ctx, cfg.b0, cfg.gqa, sel0, tp);
+              const attn::Int4Keys keys = attn::int4_keys(ks);
+              const double t0 = now();
+              tp.parallel_for(hkv, [&](int64_t b, int64_t e, int) {
+                for (int64_t h = b; h < e; ++h) {
+                  z[h].resize((size_t)G * sel0.size((int)h));
+                  attn::estimate_scores(keys, seq, li, (int)h, d, q + (size_t)h * G * d, G, sel0.list((int)h),
+                                        sel0.size((int)h), z[h].data());
+                }
+              });
+              t_est += now() - t0;
+            }
         if (rep >= 0) {
           v_sel.push_back(t_sel / calls * 1e6);
           v_est.push_back(t_est / calls * 1e6);
