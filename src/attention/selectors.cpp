@@ -99,10 +99,30 @@ TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, i
 // out[(h * G + g) * n_pages + lp].
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on the intrinsics' _mm512_undefined_*
+// NG heads g0 .. g0+NG-1 of one (page, kv head): u[g] = sum over d of q+ * kmax + q- * kmin.
+template <int NG>
+__attribute__((target("avx512f,fma"))) inline void bound_dots(const float* mn, const float* mx, const float* qh, int g0,
+                                                              int d, float* u) {
+  __m512 acc[NG];
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g) acc[g] = _mm512_setzero_ps();
+  for (int v = 0; v < d / 16; ++v) {
+    const __m512 a = _mm512_loadu_ps(mx + 16 * v), b = _mm512_loadu_ps(mn + 16 * v);
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g) {
+      const float* qg = qh + (size_t)(g0 + g) * 2 * d + 16 * v;
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, acc[g]);
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), b, acc[g]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g) u[g] = _mm512_reduce_add_ps(acc[g]);
+}
+
 __attribute__((target("avx512f,fma"))) void score_pages_avx512(const KeySide& ks, const int32_t* pages, int layer,
                                                               int hkv, int64_t lp0, int64_t lp1, const float* qpn,
                                                               int G, int d, bool group, float* out, int64_t n_pages) {
-  const int nv = d / 16;
+  float u[8];
   for (int64_t lp = lp0; lp < lp1; ++lp) {
     if (lp + 2 < lp1)  // two pages ahead: the bounds of all heads of a page are contiguous
       for (int h = 0; h < hkv; ++h) {
@@ -120,22 +140,21 @@ __attribute__((target("avx512f,fma"))) void score_pages_avx512(const KeySide& ks
       float best = -INFINITY;
       for (int g0 = 0; g0 < G; g0 += 8) {
         const int ng = G - g0 < 8 ? G - g0 : 8;
-        __m512 acc[8];
-        for (int g = 0; g < 8; ++g) acc[g] = _mm512_setzero_ps();
-        for (int v = 0; v < nv; ++v) {
-          const __m512 a = _mm512_loadu_ps(mx + 16 * v), b = _mm512_loadu_ps(mn + 16 * v);
-          for (int g = 0; g < ng; ++g) {
-            const float* qg = qh + (size_t)(g0 + g) * 2 * d + 16 * v;
-            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, acc[g]);
-            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), b, acc[g]);
-          }
+        switch (ng) {  // the head count as a template argument keeps the accumulators in registers
+          case 1: bound_dots<1>(mn, mx, qh, g0, d, u); break;
+          case 2: bound_dots<2>(mn, mx, qh, g0, d, u); break;
+          case 3: bound_dots<3>(mn, mx, qh, g0, d, u); break;
+          case 4: bound_dots<4>(mn, mx, qh, g0, d, u); break;
+          case 5: bound_dots<5>(mn, mx, qh, g0, d, u); break;
+          case 6: bound_dots<6>(mn, mx, qh, g0, d, u); break;
+          case 7: bound_dots<7>(mn, mx, qh, g0, d, u); break;
+          default: bound_dots<8>(mn, mx, qh, g0, d, u); break;
         }
         for (int g = 0; g < ng; ++g) {
-          const float u = _mm512_reduce_add_ps(acc[g]);
           if (group)
-            best = (std::isnan(u) || u > best) ? rank_key(u) : best;
+            best = (std::isnan(u[g]) || u[g] > best) ? rank_key(u[g]) : best;
           else
-            out[((size_t)h * G + g0 + g) * n_pages + lp] = u;
+            out[((size_t)h * G + g0 + g) * n_pages + lp] = u[g];
         }
       }
       if (group) out[(size_t)h * n_pages + lp] = best;

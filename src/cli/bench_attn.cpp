@@ -380,7 +380,7 @@ int cmd_bench_attention(int argc, char** argv) {
   a.opt({"--ctx"}, "N[,N]", "contexts to bench (default 4096,8192,16384,32768; beyond the dump: tiled)", &ctx_s);
   a.opt({"--quest-b0"}, "B[,B]", "Quest fixed budgets: tokens or n/K (default 1024,n/8; 'none' = no Quest rows)", &quest_s);
   a.opt({"--p"}, "P[,P]", "Twilight top-p values (default 0.95,0.85; 'none' = no Twilight rows)", &p_s);
-  a.opt({"--twilight-b0"}, "B", "Twilight's Quest budget B0: tokens or n/K (default n/4)", &tw_b0_s);
+  a.opt({"--twilight-b0"}, "B[,B]", "Twilight's Quest budgets B0: tokens or n/K (default n/4)", &tw_b0_s);
   a.opt({"--skip-layers"}, "N", "time layers >= N only (the policy's dense layers; default 2)", &skip, 0, 1 << 20);
   a.opt({"--steps"}, "S", "queries per layer (default: all in the dump)", &steps, 1, 1 << 20);
   a.opt({"--tile-keep"}, "N", "tiling past the dump repeats tokens [N, n_tokens) (default 64: sinks kept once)", &tile_keep,
@@ -400,14 +400,17 @@ int cmd_bench_attention(int argc, char** argv) {
       const BudgetSpec b = parse_budget("--quest-b0", s);
       methods.push_back({"quest B0=" + b.text, attn::Method::Quest, b, 0.f});
     }
-  const BudgetSpec tw_b0 = parse_budget("--twilight-b0", tw_b0_s);
+  std::vector<BudgetSpec> tw_b0s;
+  for (const std::string& s : split(tw_b0_s)) tw_b0s.push_back(parse_budget("--twilight-b0", s));
+  TW_CHECK(!tw_b0s.empty(), "--twilight-b0: empty list");
   if (p_s != "none")
-    for (const std::string& s : split(p_s)) {
-      char* end = nullptr;
-      const float p = std::strtof(s.c_str(), &end);
-      TW_CHECK(!s.empty() && !*end && p > 0.f && p <= 1.f, "--p: expected values in (0, 1], got '", s, "'");
-      methods.push_back({"twilight p=" + s + " B0=" + tw_b0.text, attn::Method::Twilight, tw_b0, p});
-    }
+    for (const BudgetSpec& tw_b0 : tw_b0s)
+      for (const std::string& s : split(p_s)) {
+        char* end = nullptr;
+        const float p = std::strtof(s.c_str(), &end);
+        TW_CHECK(!s.empty() && !*end && p > 0.f && p <= 1.f, "--p: expected values in (0, 1], got '", s, "'");
+        methods.push_back({"twilight p=" + s + " B0=" + tw_b0.text, attn::Method::Twilight, tw_b0, p});
+      }
 
   ThreadPool tp(threads > 0 ? threads : default_threads());
   std::unique_ptr<Model> m;
