@@ -33,7 +33,7 @@ void cvt_scalar(const uint16_t* src, float* dst, int n) {
 }  // namespace
 
 Fp16CvtFn fp16_cvt_for(ops::Simd level) {
-  if (level == ops::Simd::AVX512) return cvt_avx512;
+  if (level == ops::Simd::AVX512 && ops::simd_supported(ops::Simd::AVX512)) return cvt_avx512;
   if (level == ops::Simd::AVX2 && __builtin_cpu_supports("f16c")) return cvt_f16c;
   return cvt_scalar;
 }
