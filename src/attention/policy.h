@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention/dense_cpu.h"
+#include "attention/ds_side.h"
 #include "attention/key_side.h"
 #include "attention/pruner.h"
 #include "attention/sparse_types.h"
@@ -18,13 +19,13 @@
 
 namespace tw::attn {
 
-enum class Method { Dense, Quest, Streaming, TopK, Twilight };
-enum class Base { None, Quest, Streaming, TopK };
+enum class Method { Dense, Quest, Streaming, TopK, Twilight, DS };
+enum class Base { None, Quest, Streaming, TopK, DS };
 
 const char* method_name(Method m);
 const char* base_name(Base b);
 Method parse_method(const std::string& s);  // dense|quest|ds|streaming|topk|twilight; tw::Error otherwise
-Base parse_base(const std::string& s);      // none|quest|streaming|topk
+Base parse_base(const std::string& s);      // none|quest|streaming|topk|ds
 
 struct AttnConfig {
   Method method = Method::Dense;
@@ -38,15 +39,23 @@ struct AttnConfig {
   int64_t sinks = 4;               // StreamingLLM sinks
   int64_t dense_below = 1024;      // contexts shorter than this stay dense (sparsity does not pay)
   bool true_mass = false;          // debug: also compute the true attention mass kept (exact weights)
+  std::string ds_file;             // Double Sparsity channel file (twilight calibrate); needed by ds
+  // Twilight's honesty about the mass it keeps (pruner.h, TWILIGHT.md 4.5):
+  GroupCombine combine = GroupCombine::Mean;  // group mode: average the heads' weights, or unite their top-p sets
+  Guard guard = Guard::Off;        // bound on the mass outside I0 (Quest page bounds) and what to do about it
+  float guard_frac = 1.f;          // the guard acts when a head's bound > guard_frac * (1 - p)
+  float widen_max = 0.5f;          // Widen: beyond this fraction of the context take all of it as I0
 
   void validate() const;           // tw::Error naming the bad value
   std::string describe() const;    // one line for logs
   int64_t budget(int64_t n_ctx) const { return b0 > 0 ? b0 : std::max<int64_t>(256, n_ctx / 4); }
+  bool uses_ds() const { return method == Method::DS || (method == Method::Twilight && base == Base::DS); }
 };
 
 // Read "key = value" lines (# comments) into cfg; keys: attn, attn-p, attn-base, attn-b0,
 // attn-skip-layers, attn-gqa (group|head), attn-min-tokens, attn-max-tokens, attn-sinks,
-// attn-dense-below, attn-true-mass (0|1). Unknown keys and bad values are errors naming file and line.
+// attn-dense-below, attn-true-mass (0|1), attn-ds-file, attn-combine (mean|union), attn-guard
+// (off|report|widen|all|dense), attn-guard-frac, attn-widen-max. Unknown keys and bad values are errors naming file and line.
 void load_attn_config(const std::string& path, AttnConfig& cfg);
 // Apply one key/value (the CLI flags and the config file share this).
 void set_attn_option(AttnConfig& cfg, const std::string& key, const std::string& value);
@@ -60,7 +69,27 @@ struct BudgetStats {
   std::vector<double> i0;           // sum of |I0| (selector output; = n_ctx without selector)
   std::vector<double> i1;           // sum of |I1| (tokens attended)
   std::vector<double> est_mass;     // sum of estimated mass kept (Twilight)
-  std::vector<double> true_mass;    // sum of true mass kept (debug mode), averaged over the group's heads
+  std::vector<double> est_mass_min; // sum of the estimated mass kept by the list's least-served head
+  // Guard (Twilight with a guard): bound U / (S + U) on the mass outside I0, max over the list's heads.
+  std::vector<double> bound0;       // sum of the bound for the selector's I0
+  std::vector<double> bound;        // sum of the bound for the final I0 (after widening)
+  std::vector<int64_t> guard_acts;  // steps where the guard widened I0 / took all / went dense
+  std::vector<double> added;        // sum of candidates the guard added
+  // Debug (true_mass): exact weights W over the whole context, per query head, averaged over the
+  // list's heads unless said otherwise. I0' = the selector's I0 plus the current token.
+  std::vector<double> true_mass;    // sum of W(I1), the true mass kept
+  std::vector<double> true_min;     // sum of min over the list's heads of W(I1)
+  std::vector<double> true_i0;      // sum of W(I0')
+  // The loss 1 - W(I1) split into four parts that add up (per head, when I1 is inside I0'):
+  //   outside   1 - W(I0')                      mass the selector never proposed       (cause a)
+  //   allowed   W(I0') (1 - Eg)                 what top-p gives up by design (Eg = list's est. mass)
+  //   group     W(I0') (Eg - Eh)                the head's estimated mass below the group's (cause c)
+  //   estimate  W(I0') (Eh - W(I1)/W(I0'))      INT4 estimate vs truth inside I0'       (cause b)
+  // with Eh = the head's own INT4-estimated weight of I1, normalised over I0'.
+  std::vector<double> loss_outside, loss_allowed, loss_group, loss_estimate;
+  std::vector<double> bound_exact;  // sum of the guard bound with exact z over I0' (max over heads)
+  std::vector<int64_t> bound_violations;  // heads where that bound < 1 - W(I0') (must stay 0)
+  std::vector<double> bound_slack;  // sum of the mean over pages of u_p / sqrt(d) - the page's best score (nats)
   std::vector<int64_t> dense_steps; // (n_layers) decode steps that ran dense at this layer
   size_t at(int l, int i) const { return (size_t)l * n_lists + i; }
   void reset(int layers, int lists);
@@ -69,10 +98,21 @@ struct BudgetStats {
 
 class AttentionPolicy {
  public:
-  AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, const HeadShape& hs);
+  // With ds, reads cfg.ds_file and checks it was calibrated for this model (shape, and the
+  // fingerprint when model_fingerprint is given: Model::fingerprint()); tw::Error otherwise.
+  AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, const HeadShape& hs,
+                  const std::string& model_fingerprint = {});
 
   const AttnConfig& config() const { return cfg_; }
   bool needs_side() const { return side_ != nullptr; }
+  // Whether a policy with this configuration keeps side structures (Quest bounds / INT4 mirror).
+  static bool config_needs_side(const AttnConfig& cfg);
+  // Switch to another configuration, KEEPING the side structures (they describe the cache, not the
+  // configuration): evaluation harnesses prefill once and compare configurations over the same
+  // cache. Budget stats are reset. tw::Error when cfg needs side structures that this policy does
+  // not keep (construct it with a configuration that needs them: they are maintained from the
+  // first append on, whatever the current method).
+  void reconfigure(const AttnConfig& cfg);
   const KeySide* side() const { return side_.get(); }
   // Keep the side structures current: call after pool.write(layer, seq, pos, ...), prefill and decode.
   void on_append(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos);
@@ -86,13 +126,16 @@ class AttentionPolicy {
   void reset_stats();
 
  private:
-  void record(int layer, int64_t n_ctx, const kv::KVPool& pool, const kv::SeqPages& seq, const float* q);
+  void record(int layer, int64_t n_ctx, const kv::KVPool& pool, const kv::SeqPages& seq, const float* q,
+              ThreadPool& tp);
   AttnConfig cfg_;
   HeadShape hs_;
   int n_layers_;
   std::unique_ptr<KeySide> side_;
+  std::unique_ptr<DsSide> ds_;  // Double Sparsity label cache (ds only)
   Selection sel0_, sel1_;
   std::vector<PruneStats> pst_;
+  std::vector<float> page_bounds_;  // [H][n_pages] Quest bounds per query head (guard, debug)
   BudgetStats stats_;
 };
 

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <vector>
 
+#include "attention/select_util.h"
 #include "common/error.h"
 #include "ops/cpu/matmul.h"
 
@@ -19,34 +20,10 @@ using kv::kPageSize;
 
 #define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
-int n_lists_of(const HeadShape& hs, GqaMode mode) { return mode == GqaMode::Group ? hs.n_kv_heads : hs.n_heads; }
-
-void check_common(const char* who, const kv::KVShape& cs, const kv::SeqPages& seq, int layer, const HeadShape& hs,
-                  const float* q, int64_t n_ctx) {
-  TW_CHECK(hs.n_heads > 0 && hs.n_kv_heads > 0 && hs.n_heads % hs.n_kv_heads == 0, who, ": ", hs.n_heads,
-           " query heads not a positive multiple of ", hs.n_kv_heads, " kv heads");
-  TW_CHECK(hs.n_kv_heads == cs.n_kv_heads && hs.head_dim == cs.head_dim, who, ": head shape (Hkv ", hs.n_kv_heads,
-           ", d ", hs.head_dim, ") does not match the cache (Hkv ", cs.n_kv_heads, ", d ", cs.head_dim, ")");
-  TW_CHECK(layer >= 0 && layer < cs.n_layers, who, ": layer ", layer, " out of range");
-  TW_CHECK(q != nullptr, who, ": null query");
-  TW_CHECK(n_ctx > 0, who, ": n_ctx must be positive, got ", n_ctx);
-  TW_CHECK(n_ctx <= std::numeric_limits<int32_t>::max() &&
-               (n_ctx + kPageSize - 1) / kPageSize <= (int64_t)seq.pages.size(),
-           who, ": n_ctx ", n_ctx, " exceeds the sequence's ", seq.pages.size(), " pages");
-}
-
-// Ranking key: NaN (only from inf keys) cannot rule a token / page out, so it ranks as +inf.
-inline float rank_key(float x) { return std::isnan(x) ? INFINITY : x; }
-
-// Top r of idx[0..n) by key descending, ties lower index first; the chosen ones end up in idx[0..r).
-void top_r(std::vector<int32_t>& idx, const float* key, int64_t r) {
-  if (r <= 0 || r >= (int64_t)idx.size()) return;
-  auto better = [key](int32_t a, int32_t b) {
-    const float ka = rank_key(key[a]), kb = rank_key(key[b]);
-    return ka > kb || (ka == kb && a < b);
-  };
-  std::nth_element(idx.begin(), idx.begin() + r, idx.end(), better);
-}
+using detail::check_common;
+using detail::n_lists_of;
+using detail::rank_key;
+using detail::top_r;
 
 void push_all(Selection& out, int64_t n_ctx, int n_lists, std::vector<int32_t>& tmp) {
   tmp.resize(n_ctx);
@@ -316,15 +293,7 @@ void select_topk_oracle(const kv::KVPool& pool, const kv::SeqPages& seq, int lay
   }
   const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads;
   std::vector<float> s((size_t)G * n_ctx), w(n_ctx);
-  auto emit = [&](const float* key) {
-    tmp.resize(n_ctx);
-    std::iota(tmp.begin(), tmp.end(), 0);
-    top_r(tmp, key, k);
-    tmp.resize(k);
-    if (std::find(tmp.begin(), tmp.end(), (int32_t)(n_ctx - 1)) == tmp.end()) tmp.push_back((int32_t)(n_ctx - 1));
-    std::sort(tmp.begin(), tmp.end());
-    out.push_list(tmp.data(), (int64_t)tmp.size());
-  };
+  auto emit = [&](const float* key) { detail::push_top_k_and_last(out, key, n_ctx, k, tmp); };
   for (int h = 0; h < hs.n_kv_heads; ++h) {
     exact_scores(pool, seq, layer, h, q + (size_t)h * G * d, G, d, n_ctx, s.data());
     if (mode == GqaMode::Head) {

@@ -92,7 +92,7 @@ int cmd_bench(int argc, char** argv) {
                                                                    *std::max_element(tgs.begin(), tgs.end())));
   TW_CHECK(max_ctx <= c.n_ctx_train, "depth + test size ", max_ctx, " exceeds the model's context ", c.n_ctx_train);
   kv::KVPool pool = m->make_kv(std::max<int64_t>(max_ctx, kv::kPageSize));
-  attn::AttentionPolicy policy(acfg, pool.shape(), m->head_shape());
+  attn::AttentionPolicy policy(acfg, pool.shape(), m->head_shape(), m->fingerprint());
   std::vector<float> logits(c.n_vocab);
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> tok(0, c.n_vocab - 1);

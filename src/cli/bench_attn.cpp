@@ -179,9 +179,9 @@ kv::KVDump prefill_dump(Model& m, const std::string& text_path, int64_t n_ctx, i
   kv::SeqPages seq;
   struct TapOff {  // the tap points at locals: always removed, also on error
     Model& m;
-    ~TapOff() { m.set_query_tap(nullptr); }
+    ~TapOff() { m.set_qk_observer(nullptr); }
   } tap_off{m};
-  m.set_query_tap([&](int l, int64_t pos0, int64_t n, const float* q) {
+  m.set_qk_observer([&](int l, int64_t pos0, int64_t n, const float* q, const float*) {
     if (slot[l] < 0) return;
     for (int64_t r = 0; r < n; ++r) {
       const int64_t s = pos0 + r - n_ctx;
