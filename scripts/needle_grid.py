@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="results folder (outside the repository)")
     ap.add_argument("--force", action="store_true", help="re-run cells that have results")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: tabulate the cells already in --out (lengths with every depth done)")
     args = ap.parse_args()
 
     model = str(cache_dir() / "models" / MODELS[args.model]) if args.model in MODELS else args.model
@@ -87,6 +89,8 @@ def main() -> int:
             if [r["label"] for r in j["runs"]] == specs:
                 cells[(L, d)] = (cfg, j)
                 continue
+        if args.report_only:
+            continue
         cmd = [args.bin, "needle", "-m", model, "-f", args.text, "--length", str(L), "--depth", str(d),
                "--seed", str(L * 10 + depths.index(d) + 1), "-t", str(args.threads), "-o", str(path)]
         for s in specs:
@@ -101,15 +105,18 @@ def main() -> int:
               flush=True)
         cells[(L, d)] = (cfg, json.loads(path.read_text()))
 
-    # Tables.
+    # Tables, over the lengths whose every depth has a result.
+    lengths = [L for L in lengths if all((L, d) in cells for d in depths)]
+    if not lengths:
+        sys.exit(f"needle_grid: no length has results for every depth in {out}")
     names = [n for n, _ in configs(lengths[0], quest, ps)] + list(args.extra)
     first = cells[(lengths[0], depths[0])][1]
     md = [f"# Needle retrieval: {first['model']} ({Path(model).name})", "",
           f"Haystack: {args.text} from byte {first['offset']}; depths {', '.join(f'{d:g}' for d in depths)}; "
-          f"answer: greedy, correct when the 7-digit number appears; budget = |I1| / context over the sparse "
+          f"answer: greedy, 24 tokens, correct when a run of digits in it is the 7-digit number; budget = |I1| / context over the sparse "
           f"layers (decode steps of the answer), averaged over the depths.", "",
-          "| config | " + " | ".join(f"{L} acc | {L} budget" for L in lengths) + " | all acc |",
-          "| --- | " + " | ".join("---: | ---:" for _ in lengths) + " | ---: |"]
+          "| config | " + " | ".join(f"{L} acc | {L} budget" for L in lengths) + " | all acc | same as dense |",
+          "| --- | " + " | ".join("---: | ---:" for _ in lengths) + " | ---: | ---: |"]
     for i, name in enumerate(names):
         row, tot_ok, tot = [], 0, 0
         for L in lengths:
@@ -120,12 +127,16 @@ def main() -> int:
             sparse = [r["budget"]["i1_frac"] for r in runs if r["budget"]["sparse_layers"] > 0]
             budget = f"{100 * sum(sparse) / len(sparse):.1f}%" if sparse else "100%"
             row.append(f"{ok}/{len(runs)} | {budget}")
-        md.append(f"| {name} | " + " | ".join(row) + f" | {100 * tot_ok / tot:.0f}% |")
+        # Cells where this configuration's outcome (right / wrong) equals dense's (configuration 0).
+        same = sum(cells[(L, d)][1]["runs"][i]["correct"] == cells[(L, d)][1]["runs"][0]["correct"]
+                   for L in lengths for d in depths)
+        md.append(f"| {name} | " + " | ".join(row) + f" | {100 * tot_ok / tot:.0f}% | {same}/{tot} |")
     md += ["", "Per cell (prompt tokens, actual depth; answers of the configurations that missed):", ""]
     for L in lengths:
         for d in depths:
             j = cells[(L, d)][1]
-            miss = [f"{names[i]}: \"{r['answer'].strip()[:40]}\"" for i, r in enumerate(j["runs"]) if not r["correct"]]
+            miss = [f"{names[i]}: \"{' '.join(r['answer'].split())[:72]}\"" for i, r in enumerate(j["runs"])
+                    if not r["correct"]]
             md.append(f"- {L} / {d:g}: {j['n_prompt']} tokens, depth {j['depth_actual']:.2f}, number {j['number']}, "
                       f"prefill {j['prefill_s']:.0f} s; " + ("all correct" if not miss else "missed: " + "; ".join(miss)))
     (out / "needle.md").write_text("\n".join(md) + "\n")

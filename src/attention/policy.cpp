@@ -159,7 +159,7 @@ std::string AttnConfig::describe() const {
   os << method_name(method);
   if (method == Method::Twilight) {
     os << " (p " << p << ", base " << base_name(base);
-    if (gqa == GqaMode::Group) os << ", combine " << combine_name(combine);
+    if (gqa == GqaMode::Group && combine != GroupCombine::Mean) os << ", combine " << combine_name(combine);
     if (guard != Guard::Off) os << ", guard " << guard_name(guard) << " at " << guard_frac << " (1 - p)";
     if (guard == Guard::Widen) os << ", widen max " << widen_max;
     os << ")";

@@ -293,6 +293,7 @@ TEST(AttnConfig, GuardAndCombineOptions) {
   EXPECT_FLOAT_EQ(c.widen_max, 0.25f);
   c.method = Method::Twilight;
   EXPECT_NE(c.describe().find("guard widen"), std::string::npos);
+  EXPECT_NE(c.describe().find("combine union"), std::string::npos);
   EXPECT_NO_THROW(c.validate());
   EXPECT_THROW(set_attn_option(c, "attn-combine", "max"), Error);
   EXPECT_THROW(set_attn_option(c, "attn-guard", "on"), Error);

@@ -9,6 +9,7 @@
 
 #include "attention/attend_block_avx512.h"
 #include "attention/fast_exp.h"
+#include "attention/fp16_rows.h"
 #include "attention/online_softmax.h"
 #include "common/error.h"
 #include "common/fp16.h"
@@ -25,17 +26,10 @@ using kv::kPageSize;
 constexpr int64_t kChunkTokens = 128;  // split-KV granularity (fixed: results independent of threads)
 constexpr int kBlock = 16;             // tokens gathered per K/V block
 
-// fp16 -> fp32 rows: F16C / AVX-512 conversions (GCC 12 does not vectorise a _Float16 loop; the
-// scalar conversion was over half of the sparse attention time), the bit conversion otherwise.
-// GCC 12 warns about the intrinsics' own _mm512_undefined_* placeholders (a known false positive).
+// fp16 -> fp32 rows: attention/fp16_rows.h. GCC 12 warns about the intrinsics' own
+// _mm512_undefined_* placeholders (a known false positive).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) void cvt_avx512(const uint16_t* src, float* dst, int n) {
-  int i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-  for (; i < n; ++i) dst[i] = fp16_to_fp32(src[i]);
-}
 // s[j] = q . k_j for nt rows of kbuf ([nt][d], d % 16 == 0), one shuffle-tree reduction per row.
 __attribute__((target("avx512f"))) void scores_avx512(const float* q, const float* kbuf, int nt, int d, float* s) {
   for (int j = 0; j < nt; ++j) {
@@ -85,22 +79,7 @@ void scores_portable(const float* q, const float* kbuf, int nt, int d, float* s)
 }
 using ScoreFn = void (*)(const float*, const float*, int, int, float*);
 
-__attribute__((target("avx2,f16c"))) void cvt_f16c(const uint16_t* src, float* dst, int n) {
-  int i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = fp16_to_fp32(src[i]);
-}
-void cvt_scalar(const uint16_t* src, float* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = fp16_to_fp32(src[i]);
-}
-using CvtFn = void (*)(const uint16_t*, float*, int);
-
-CvtFn pick_cvt(ops::Simd level) {  // TWILIGHT_SIMD=scalar pins the portable path
-  if (level == ops::Simd::AVX512 && ops::simd_supported(ops::Simd::AVX512)) return cvt_avx512;
-  if (level == ops::Simd::AVX2 && __builtin_cpu_supports("f16c")) return cvt_f16c;
-  return cvt_scalar;
-}
+using CvtFn = Fp16CvtFn;
 
 // Attend nq queries (q: [nq][d], scaled by 1/sqrt(d)) of kv head kvh to tokens tok(j), j in [j0, j1),
 // where tok(j) = t[j] for j < m and `cur` for j == m (the appended current token).
@@ -243,9 +222,9 @@ void sparse_decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, c
   sc.part.assign((size_t)items * nq, SoftmaxState{});
   for (size_t i = 0; i < sc.part.size(); ++i) sc.part[i].o = sc.part_o.data() + i * d;
 
-  const CvtFn cvt = pick_cvt(level);
-  const bool wide = cvt == cvt_avx512 && d % 16 == 0;
-  const bool blocks512 = cvt == cvt_avx512 && (d == 64 || d == 128);
+  const CvtFn cvt = fp16_cvt_for(level);
+  const bool wide = cvt == fp16_cvt_for(ops::Simd::AVX512) && d % 16 == 0;
+  const bool blocks512 = wide && (d == 64 || d == 128);
   const ScoreFn score = wide ? scores_avx512 : scores_portable;
   const AccumFn accum = wide ? accum_avx512 : accum_portable;
   tp.parallel_for(items, [&](int64_t b, int64_t e, int) {

@@ -53,11 +53,23 @@ std::vector<size_t> sentence_ends(const std::string& text) {
   return b;
 }
 
-bool contains_digits(const std::string& answer, const std::string& number) {
-  std::string digits;
-  for (char c : answer)
-    if (c >= '0' && c <= '9') digits += c;
-  return digits.find(number) != std::string::npos;
+// Some maximal run of digits in the answer (thousands commas inside it dropped) is the number.
+// Runs are not concatenated: "802926. The answer is 1" does not contain 8029261.
+bool answer_has_number(const std::string& answer, const std::string& number) {
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  std::string run;
+  for (size_t i = 0; i <= answer.size(); ++i) {
+    const char c = i < answer.size() ? answer[i] : ' ';
+    if (digit(c)) {
+      run += c;
+    } else if (c == ',' && !run.empty() && i + 1 < answer.size() && digit(answer[i + 1])) {
+      continue;  // 8,029,261
+    } else {
+      if (run == number) return true;
+      run.clear();
+    }
+  }
+  return false;
 }
 
 }  // namespace
@@ -168,7 +180,7 @@ int cmd_needle(int argc, char** argv) {
      << "\", \"threads\": " << e.threads() << ", \"prefill_s\": " << prefill_s << ", \"runs\": [";
   std::printf("%s: prompt %lld tokens, needle at depth %.3f, number %s\n", mc.name.c_str(), (long long)n, depth_actual,
               number.c_str());
-  std::printf("%-34s | %-7s | %7s | %s\n", "config", "correct", "|I1| %", "answer");
+  std::printf("%-34s | %-7s | %8s | %s\n", "config", "correct", "I1 % ctx", "answer");
   for (size_t r = 0; r < specs.size(); ++r) {
     e.truncate(n - 1);
     e.attention().reconfigure(specs[r].cfg);
@@ -184,13 +196,13 @@ int cmd_needle(int argc, char** argv) {
     }
     const double dec_s = wall_s() - t0;
     const std::string answer = e.tokenizer().decode(out);
-    const bool ok = contains_digits(answer, number);
+    const bool ok = answer_has_number(answer, number);
     const BudgetSummary b = summarize_budgets(e.attention());
     std::string shown = answer;
     std::replace(shown.begin(), shown.end(), '\n', ' ');
     char i1[16] = "-";
     if (b.sparse_steps > 0) std::snprintf(i1, sizeof i1, "%.2f", 100 * b.i1_frac);
-    std::printf("%-34s | %-7s | %7s | %s\n", specs[r].label.c_str(), ok ? "yes" : "no", i1, shown.c_str());
+    std::printf("%-34s | %-7s | %8s | %s\n", specs[r].label.c_str(), ok ? "yes" : "no", i1, shown.c_str());
     js << (r ? "," : "") << "\n  {\"label\": \"" << json_escape(specs[r].label) << "\", \"attention\": \""
        << json_escape(specs[r].cfg.describe()) << "\", \"answer\": \"" << json_escape(answer)
        << "\", \"correct\": " << (ok ? "true" : "false") << ", \"n_generated\": " << out.size()

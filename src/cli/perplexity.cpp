@@ -157,7 +157,7 @@ int cmd_perplexity(int argc, char** argv) {
               (long long)start);
   // A markdown table (pasted into docs/ACCURACY.md as it is).
   std::printf("| %-32s | %9s | %8s | %9s | %8s | %7s | %7s | %7s | %6s |\n", "config", "ppl", "d ppl", "mean KL",
-              "top-1 =", "|I1| %", "|I0| %", "mass", "t/s");
+              "top-1 =", "I1 % ctx", "I0 % ctx", "est mass", "t/s");
   std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const RunResult& r : res) {
     const bool sparse = r.budget.sparse_steps > 0;
@@ -170,7 +170,7 @@ int cmd_perplexity(int argc, char** argv) {
     std::printf("| %-32s | %9.4f | %+7.3f%% | %9.2e | %7.2f%% | %7s | %7s | %7s | %6.1f |\n", r.label.c_str(), r.ppl(),
                 100 * (r.ppl() / ppl0 - 1), r.kl_sum / r.n, 100.0 * r.top1_agree / r.n, i1, i0, em, r.n / r.decode_s);
   }
-  std::printf("\n(top-1 =: argmax equal to dense's; |I1| %%: tokens attended / context over the sparse layers; "
+  std::printf("\n(top-1 =: argmax equal to dense's; I1 %% ctx: tokens attended / context over the sparse layers; "
               "mass: Twilight's estimated mass kept; prefill %.1f s)\n", prefill_s);
 
   if (!out_path.empty()) {
