@@ -165,7 +165,9 @@ std::string AttnConfig::describe() const {
     os << ")";
   }
   if (method != Method::Dense) {
-    os << ", B0 " << (b0 > 0 ? std::to_string(b0) : std::string("auto (n_ctx/4)")) << ", dense layers < " << skip_layers
+    if (!(method == Method::Twilight && base == Base::None))  // no selector: no B0
+      os << ", B0 " << (b0 > 0 ? std::to_string(b0) : std::string("auto (n_ctx/4)"));
+    os << ", dense layers < " << skip_layers
        << ", dense below " << dense_below << " tokens, " << (gqa == GqaMode::Group ? "group" : "head") << " mode";
   }
   return os.str();

@@ -99,6 +99,9 @@ expect 0 "usage: twilight generate" -- generate --help
 # Twilight on a prompt long enough to go sparse (>= 1024 tokens): budgets table and JSON written.
 python3 -c "print(' '.join(str(i) for i in range(700)))" >"$TMP/numbers.txt" 2>/dev/null || seq 700 | tr '\n' ' ' >"$TMP/numbers.txt"
 expect 0 "sparse layers attend [0-9.]+% of the context" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 4 --temp 0 --attn twilight --attn-b0 512 --attn-stats "$TMP/budgets.json"
+# generate's default decode attention on a long prompt: Twilight (p 0.95, INT4 estimate over every token, union), budgets shown
+expect 0 "attention budgets \(twilight \(p 0.95, base none, combine union\), dense layers < 2" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 2 --temp 0
+expect 0 "attention: dense" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 2 --temp 0 --attn dense
 if grep -q '"avg_i1"' "$TMP/budgets.json" 2>/dev/null && [[ ! -e "$TMP/budgets.json.tmp" ]]; then pass=$((pass + 1)); else echo "FAIL: budgets JSON"; fail=$((fail + 1)); fi
 # Double Sparsity: calibrate on a short text, then decode with the channel file (ds alone, and as
 # Twilight's level 1 through a config file); a file for another model is an error before any work.
