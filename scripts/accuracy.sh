@@ -26,9 +26,11 @@ mkdir -p "$RES"
 # The configurations of the perplexity tables: the noise floor (p = 1, no selector: every token,
 # = dense up to rounding), Quest at fixed budgets (n/8 = 512 at 4096, 1024 at 8192), Twilight.
 # needle-smollm2 stops at 8168 = 8192 (SmolLM2's trained context) - 24 answer tokens.
-ppl() {  # $1 table, $2 model, $3 prefix, $4 n/8
+ppl() {  # $1 table, $2 model, $3 prefix, $4 n/8 (not repeated when it is 1024)
+  local n8=(--compare "quest b0=$4")
+  [[ $4 == 1024 ]] && n8=()
   nice "$BIN" perplexity -m "$2" -f "$TEXT" --prefix "$3" --score 256 -t "$T" -o "$RES/$1.json" \
-    --compare "twilight p=1 base=none" --compare "quest b0=256" --compare "quest b0=1024" --compare "quest b0=$4" \
+    --compare "twilight p=1 base=none" --compare "quest b0=256" --compare "quest b0=1024" "${n8[@]}" \
     --compare "twilight p=0.85" --compare "twilight p=0.9" --compare "twilight p=0.95" \
     --compare "twilight p=0.95 gqa=head" >"$RES/$1.md" 2>"$RES/$1.log"
 }

@@ -10,6 +10,8 @@
 // answer token already depends on it: stricter than a dense-prefill-then-sparse-decode split) and up
 // to --max-new tokens are decoded greedily. Correct = the number's digits appear in the answer.
 #include <algorithm>
+#include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <random>
 #include <sstream>
