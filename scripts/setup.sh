@@ -9,7 +9,8 @@
 #      the pinned requirements-tools.txt; --reference also installs llama-cpp-python
 #      (requirements-reference.txt; it compiles llama.cpp, ~15 min on 2 cores);
 #   3. the models, via scripts/fetch_models.py (default: all three, as the tests use them; --only NAME
-#      for fewer); already verified models are not fetched again.
+#      for fewer); already verified models are not fetched again;
+#   4. the evaluation text (Jane Austen's novels from r-cran-janeaustenr) via scripts/fetch_data.py.
 # nvcc is optional: CMake builds the CUDA backend when it finds one.
 set -euo pipefail
 
@@ -26,7 +27,7 @@ for a in "$@"; do
     --reference) REFERENCE=1 ;;
     --no-apt) APT=0 ;;
     --no-models) MODELS=0 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) FETCH_ARGS+=("$a") ;;
   esac
 done
@@ -99,5 +100,12 @@ if ((MODELS)); then
 elif ((${#FETCH_ARGS[@]})); then
   echo "[setup] error: unknown option(s) ${FETCH_ARGS[*]} (model options make no sense with --no-models)" >&2
   exit 2
+fi
+
+# ---- 4. evaluation text (twilight perplexity / needle) ------------------------------------------
+if [[ -d /usr/lib/R/site-library/janeaustenr/data ]]; then
+  "$VENV/bin/python" "$ROOT/scripts/fetch_data.py"
+else
+  say "warning: r-cran-janeaustenr not installed: no evaluation text (scripts/fetch_data.py)"
 fi
 say "done in $((SECONDS - T0)) s (cache: $CACHE)"

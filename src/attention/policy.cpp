@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "attention/select_ds.h"
 #include "attention/selectors.h"
 #include "attention/sparse_cpu.h"
 #include "common/error.h"
@@ -19,6 +20,7 @@ const char* method_name(Method m) {
     case Method::Streaming: return "streaming";
     case Method::TopK: return "topk";
     case Method::Twilight: return "twilight";
+    case Method::DS: return "ds";
   }
   return "?";
 }
@@ -28,6 +30,7 @@ const char* base_name(Base b) {
     case Base::Quest: return "quest";
     case Base::Streaming: return "streaming";
     case Base::TopK: return "topk";
+    case Base::DS: return "ds";
   }
   return "?";
 }
@@ -38,7 +41,7 @@ Method parse_method(const std::string& s) {
   if (s == "streaming") return Method::Streaming;
   if (s == "topk") return Method::TopK;
   if (s == "twilight") return Method::Twilight;
-  if (s == "ds") fail("--attn ds (Double Sparsity) is not implemented yet (needs the calibrate subcommand)");
+  if (s == "ds") return Method::DS;
   fail("unknown attention '", s, "' (dense|quest|ds|streaming|topk|twilight)");
 }
 Base parse_base(const std::string& s) {
@@ -46,8 +49,8 @@ Base parse_base(const std::string& s) {
   if (s == "quest") return Base::Quest;
   if (s == "streaming") return Base::Streaming;
   if (s == "topk") return Base::TopK;
-  if (s == "ds") fail("--attn-base ds (Double Sparsity) is not implemented yet");
-  fail("unknown base selector '", s, "' (none|quest|streaming|topk)");
+  if (s == "ds") return Base::DS;
+  fail("unknown base selector '", s, "' (none|quest|streaming|topk|ds)");
 }
 
 namespace {
@@ -108,6 +111,8 @@ void set_attn_option(AttnConfig& c, const std::string& key, const std::string& v
   } else if (key == "attn-true-mass") {
     if (v != "0" && v != "1") fail("attn-true-mass: expected 0 or 1, got '", v, "'");
     c.true_mass = v == "1";
+  } else if (key == "attn-ds-file") {
+    c.ds_file = v;
   } else {
     fail("unknown attention option '", key, "'");
   }
@@ -145,6 +150,8 @@ void AttnConfig::validate() const {
   TW_CHECK(max_tokens == 0 || min_tokens <= max_tokens, "attention floor ", min_tokens, " above the cap ", max_tokens);
   TW_CHECK(sinks >= 0, "--attn-sinks must be >= 0");
   TW_CHECK(dense_below >= 0, "attn-dense-below must be >= 0");
+  TW_CHECK(!uses_ds() || !ds_file.empty(), "Double Sparsity (", method == Method::DS ? "--attn ds" : "--attn-base ds",
+           ") needs its channel file: --attn-ds-file FILE (make one with twilight calibrate)");
   TW_CHECK(guard_frac >= 0.f && guard_frac <= 1.f, "attn-guard-frac must be in [0, 1], got ", guard_frac);
   TW_CHECK(widen_max > 0.f && widen_max <= 1.f, "attn-widen-max must be in (0, 1], got ", widen_max);
   TW_CHECK(margin >= 0.f, "attn-margin must be >= 0, got ", margin);
@@ -162,7 +169,9 @@ std::string AttnConfig::describe() const {
     os << ")";
   }
   if (method != Method::Dense) {
-    os << ", B0 " << (b0 > 0 ? std::to_string(b0) : std::string("auto (n_ctx/4)")) << ", dense layers < " << skip_layers
+    if (!(method == Method::Twilight && base == Base::None))  // no selector: no B0
+      os << ", B0 " << (b0 > 0 ? std::to_string(b0) : std::string("auto (n_ctx/4)"));
+    os << ", dense layers < " << skip_layers
        << ", dense below " << dense_below << " tokens, " << (gqa == GqaMode::Group ? "group" : "head") << " mode";
   }
   return os.str();
@@ -224,18 +233,43 @@ std::string BudgetStats::json(const AttnConfig& cfg) const {
   return os.str();
 }
 
-AttentionPolicy::AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, const HeadShape& hs)
+AttentionPolicy::AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, const HeadShape& hs,
+                                 const std::string& model_fingerprint)
     : cfg_(cfg), hs_(hs), n_layers_(kv.n_layers) {
   cfg_.validate();
-  const bool quest = cfg_.method == Method::Quest || (cfg_.method == Method::Twilight && cfg_.base == Base::Quest);
-  if (quest || cfg_.method == Method::Twilight) side_ = std::make_unique<KeySide>(kv);  // bounds and/or INT4 mirror
+  if (cfg_.uses_ds()) {
+    DsChannels ch = read_ds_channels(cfg_.ds_file);
+    check_ds_model(ch, cfg_.ds_file, kv.n_layers, kv.n_kv_heads, kv.head_dim, model_fingerprint);
+    ds_ = std::make_unique<DsSide>(kv, std::move(ch));
+    ds_file_ = cfg_.ds_file;
+  }
+  if (config_needs_side(cfg_)) side_ = std::make_unique<KeySide>(kv);  // bounds and/or INT4 mirror
   stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs.n_kv_heads : hs.n_heads);
+}
+
+bool AttentionPolicy::config_needs_side(const AttnConfig& c) {
+  const bool quest = c.method == Method::Quest || (c.method == Method::Twilight && c.base == Base::Quest);
+  return quest || c.method == Method::Twilight;
+}
+
+void AttentionPolicy::reconfigure(const AttnConfig& cfg) {
+  cfg.validate();
+  TW_CHECK(!config_needs_side(cfg) || side_, "attention policy: cannot switch to '", cfg.describe(),
+           "': it needs the key side structures, which this policy (built for '", cfg_.describe(),
+           "') does not maintain");
+  TW_CHECK(!cfg.uses_ds() || ds_, "attention policy: cannot switch to '", cfg.describe(),
+           "': it needs the Double Sparsity label cache, which this policy does not maintain");
+  TW_CHECK(!cfg.uses_ds() || cfg.ds_file == ds_file_, "attention policy: cannot switch to ds with channel file '",
+           cfg.ds_file, "': the label cache was built from '", ds_file_, "'");
+  cfg_ = cfg;
+  stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs_.n_kv_heads : hs_.n_heads);
 }
 
 void AttentionPolicy::reset_stats() { stats_.reset(stats_.n_layers, stats_.n_lists); }
 
 void AttentionPolicy::on_append(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos) {
   if (side_) side_->append(pool, layer, seq, pos);
+  if (ds_) ds_->append(pool, layer, seq, pos);
 }
 
 bool AttentionPolicy::sparse_at(int layer, int64_t n_ctx) const {
@@ -257,6 +291,7 @@ void AttentionPolicy::decode(const kv::KVPool& pool, const kv::SeqPages& seq, in
   const Base level1 = cfg_.method == Method::Twilight ? cfg_.base
                       : cfg_.method == Method::Quest   ? Base::Quest
                       : cfg_.method == Method::Streaming ? Base::Streaming
+                      : cfg_.method == Method::DS        ? Base::DS
                                                          : Base::TopK;
   switch (level1) {
     case Base::None: select_all(n_ctx, n_lists, cfg_.gqa, sel0_); break;
@@ -265,6 +300,7 @@ void AttentionPolicy::decode(const kv::KVPool& pool, const kv::SeqPages& seq, in
       select_streaming(n_ctx, std::min(cfg_.sinks, b0), b0 - std::min(cfg_.sinks, b0), n_lists, cfg_.gqa, sel0_);
       break;
     case Base::TopK: select_topk_oracle(pool, seq, layer, hs_, q, n_ctx, b0, cfg_.gqa, sel0_); break;
+    case Base::DS: select_ds(*ds_, seq, layer, hs_, q, n_ctx, b0, cfg_.gqa, sel0_, &tp); break;
   }
   const Selection* final_sel = &sel0_;
   const int64_t n_pages = (n_ctx + kv::kPageSize - 1) / kv::kPageSize;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention/dense_cpu.h"
+#include "attention/ds_side.h"
 #include "attention/key_side.h"
 #include "attention/pruner.h"
 #include "attention/sparse_types.h"
@@ -18,13 +19,13 @@
 
 namespace tw::attn {
 
-enum class Method { Dense, Quest, Streaming, TopK, Twilight };
-enum class Base { None, Quest, Streaming, TopK };
+enum class Method { Dense, Quest, Streaming, TopK, Twilight, DS };
+enum class Base { None, Quest, Streaming, TopK, DS };
 
 const char* method_name(Method m);
 const char* base_name(Base b);
 Method parse_method(const std::string& s);  // dense|quest|ds|streaming|topk|twilight; tw::Error otherwise
-Base parse_base(const std::string& s);      // none|quest|streaming|topk
+Base parse_base(const std::string& s);      // none|quest|streaming|topk|ds
 
 struct AttnConfig {
   Method method = Method::Dense;
@@ -38,6 +39,7 @@ struct AttnConfig {
   int64_t sinks = 4;               // StreamingLLM sinks
   int64_t dense_below = 1024;      // contexts shorter than this stay dense (sparsity does not pay)
   bool true_mass = false;          // debug: also compute the true attention mass kept (exact weights)
+  std::string ds_file;             // Double Sparsity channel file (twilight calibrate); needed by ds
   // Twilight's honesty about the mass it keeps (pruner.h, TWILIGHT.md 4.5):
   GroupCombine combine = GroupCombine::Mean;  // group mode: average the heads' weights, or unite their top-p sets
   Guard guard = Guard::Off;        // bound on the mass outside I0 (Quest page bounds) and what to do about it
@@ -48,12 +50,14 @@ struct AttnConfig {
   void validate() const;           // tw::Error naming the bad value
   std::string describe() const;    // one line for logs
   int64_t budget(int64_t n_ctx) const { return b0 > 0 ? b0 : std::max<int64_t>(256, n_ctx / 4); }
+  bool uses_ds() const { return method == Method::DS || (method == Method::Twilight && base == Base::DS); }
 };
 
 // Read "key = value" lines (# comments) into cfg; keys: attn, attn-p, attn-base, attn-b0,
 // attn-skip-layers, attn-gqa (group|head), attn-min-tokens, attn-max-tokens, attn-sinks,
-// attn-dense-below, attn-true-mass (0|1), attn-combine (mean|union), attn-guard
-// (off|report|widen|all|dense), attn-guard-frac, attn-widen-max, attn-margin. Unknown keys and bad values are errors naming file and line.
+// attn-dense-below, attn-true-mass (0|1), attn-ds-file, attn-combine (mean|union), attn-guard
+// (off|report|widen|all|dense), attn-guard-frac, attn-widen-max, attn-margin. Unknown keys and bad values
+// are errors naming file and line.
 void load_attn_config(const std::string& path, AttnConfig& cfg);
 // Apply one key/value (the CLI flags and the config file share this).
 void set_attn_option(AttnConfig& cfg, const std::string& key, const std::string& value);
@@ -96,10 +100,21 @@ struct BudgetStats {
 
 class AttentionPolicy {
  public:
-  AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, const HeadShape& hs);
+  // With ds, reads cfg.ds_file and checks it was calibrated for this model (shape, and the
+  // fingerprint when model_fingerprint is given: Model::fingerprint()); tw::Error otherwise.
+  AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, const HeadShape& hs,
+                  const std::string& model_fingerprint = {});
 
   const AttnConfig& config() const { return cfg_; }
   bool needs_side() const { return side_ != nullptr; }
+  // Whether a policy with this configuration keeps side structures (Quest bounds / INT4 mirror).
+  static bool config_needs_side(const AttnConfig& cfg);
+  // Switch to another configuration, KEEPING the side structures (they describe the cache, not the
+  // configuration): evaluation harnesses prefill once and compare configurations over the same
+  // cache. Budget stats are reset. tw::Error when cfg needs side structures that this policy does
+  // not keep (construct it with a configuration that needs them: they are maintained from the
+  // first append on, whatever the current method).
+  void reconfigure(const AttnConfig& cfg);
   const KeySide* side() const { return side_.get(); }
   // Keep the side structures current: call after pool.write(layer, seq, pos, ...), prefill and decode.
   void on_append(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos);
@@ -119,6 +134,8 @@ class AttentionPolicy {
   HeadShape hs_;
   int n_layers_;
   std::unique_ptr<KeySide> side_;
+  std::unique_ptr<DsSide> ds_;  // Double Sparsity label cache (ds only)
+  std::string ds_file_;          // the channel file ds_ was built from (reconfigure must name the same)
   Selection sel0_, sel1_;
   std::vector<PruneStats> pst_;
   std::vector<float> page_bounds_;  // [H][n_pages] Quest bounds per query head (guard, debug)

@@ -109,10 +109,58 @@ TEST(AttentionPolicy, TwilightPrunesAndTracksMass) {
   EXPECT_NE(js.find("\"avg_true_mass\""), std::string::npos);
 }
 
+// One policy, prefilled while dense (side data still maintained), switched to Quest and Twilight
+// (group -> head mode): each decode equals a fresh policy of that configuration over the same cache.
+TEST(AttentionPolicy, ReconfigureKeepsSideStructures) {
+  const int H = 9, Hkv = 3, d = 64;
+  const int64_t n = 2100;
+  Fixture f(2, H, Hkv, d, n);
+  AttnConfig tw;
+  tw.method = Method::Twilight;
+  tw.b0 = 512;
+  tw.p = 0.9f;
+  tw.skip_layers = 0;
+  AttentionPolicy pol(tw, f.ks, f.hs);
+  AttnConfig dense;
+  pol.reconfigure(dense);
+  EXPECT_TRUE(pol.needs_side());
+  std::mt19937 rng(21);
+  f.fill(pol, n, rng);
+
+  AttnConfig quest = tw;
+  quest.method = Method::Quest;
+  AttnConfig tw_head = tw;
+  tw_head.gqa = GqaMode::Head;
+  std::normal_distribution<float> N(0.f, 1.f);
+  std::vector<float> q((size_t)H * d), out(q.size()), ref(q.size());
+  for (auto& x : q) x = N(rng) * 1.5f;
+  ThreadPool tp(2);
+  for (const AttnConfig& c : {quest, tw_head, tw}) {
+    pol.reconfigure(c);
+    EXPECT_EQ(pol.stats().n_lists, c.gqa == GqaMode::Group ? Hkv : H);
+    AttentionPolicy fresh(c, f.ks, f.hs);
+    for (int64_t t = 0; t < n; ++t)
+      for (int l = 0; l < 2; ++l) fresh.on_append(f.pool, l, f.seq, t);
+    pol.decode(f.pool, f.seq, 1, q.data(), n, out.data(), tp);
+    fresh.decode(f.pool, f.seq, 1, q.data(), n, ref.data(), tp);
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i], ref[i]) << c.describe() << " at " << i;
+    EXPECT_EQ(pol.stats().i1, fresh.stats().i1) << c.describe();
+    EXPECT_EQ(pol.stats().steps[pol.stats().at(1, 0)], 1);  // stats restarted at the switch
+  }
+  // A policy built without side structures cannot switch to a method that needs them.
+  AttentionPolicy plain(dense, f.ks, f.hs);
+  EXPECT_FALSE(plain.needs_side());
+  EXPECT_THROW(plain.reconfigure(quest), Error);
+  AttnConfig bad = tw;
+  bad.p = 1.5f;
+  EXPECT_THROW(pol.reconfigure(bad), Error);
+  EXPECT_EQ(pol.config().method, Method::Twilight);  // unchanged after a refused switch
+}
+
 TEST(AttnConfig, BadValuesAreErrors) {
   AttnConfig c;
   EXPECT_THROW(set_attn_option(c, "attn", "sparse"), Error);
-  EXPECT_THROW(set_attn_option(c, "attn", "ds"), Error);  // not implemented: says so
+  EXPECT_THROW((set_attn_option(c, "attn", "ds"), c.validate()), Error);  // ds needs --attn-ds-file
   EXPECT_THROW(set_attn_option(c, "attn-base", "magic"), Error);
   EXPECT_THROW(set_attn_option(c, "attn-p", "x"), Error);
   EXPECT_THROW(set_attn_option(c, "attn-b0", "1.5"), Error);

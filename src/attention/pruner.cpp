@@ -148,6 +148,16 @@ __attribute__((target("avx512f"))) void score_tokens_avx512(const Int4Keys& keys
       scale = keys.scale(keys.ctx, layer, phys, kvh);
       zero = keys.zero(keys.ctx, layer, phys, kvh);
       cur_lp = lp;
+      // Prefetch the mirror of the page ~2 pages of candidates ahead: candidate pages are scattered,
+      // and without it every page starts with a cache miss on its codes and scale (bench --attention).
+      const int64_t ja = j + 2 * kPageSize;
+      if (ja < m && tokens[ja] / kPageSize > lp) {
+        const int32_t pa = seq.pages[tokens[ja] / kPageSize];
+        const char* ca = reinterpret_cast<const char*>(keys.codes(keys.ctx, layer, pa, kvh));
+        for (int off = 0; off < kPageSize * dh; off += 64) _mm_prefetch(ca + off, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(keys.scale(keys.ctx, layer, pa, kvh)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(keys.zero(keys.ctx, layer, pa, kvh)), _MM_HINT_T0);
+      }
     }
     const int row = t % kPageSize;
     const uint8_t* c = codes + (size_t)row * dh;

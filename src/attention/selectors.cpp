@@ -6,7 +6,11 @@
 #include <numeric>
 #include <vector>
 
+#include "attention/select_util.h"
 #include "common/error.h"
+#include "ops/cpu/matmul.h"
+
+#include <immintrin.h>
 
 namespace tw::attn {
 
@@ -16,34 +20,10 @@ using kv::kPageSize;
 
 #define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
-int n_lists_of(const HeadShape& hs, GqaMode mode) { return mode == GqaMode::Group ? hs.n_kv_heads : hs.n_heads; }
-
-void check_common(const char* who, const kv::KVShape& cs, const kv::SeqPages& seq, int layer, const HeadShape& hs,
-                  const float* q, int64_t n_ctx) {
-  TW_CHECK(hs.n_heads > 0 && hs.n_kv_heads > 0 && hs.n_heads % hs.n_kv_heads == 0, who, ": ", hs.n_heads,
-           " query heads not a positive multiple of ", hs.n_kv_heads, " kv heads");
-  TW_CHECK(hs.n_kv_heads == cs.n_kv_heads && hs.head_dim == cs.head_dim, who, ": head shape (Hkv ", hs.n_kv_heads,
-           ", d ", hs.head_dim, ") does not match the cache (Hkv ", cs.n_kv_heads, ", d ", cs.head_dim, ")");
-  TW_CHECK(layer >= 0 && layer < cs.n_layers, who, ": layer ", layer, " out of range");
-  TW_CHECK(q != nullptr, who, ": null query");
-  TW_CHECK(n_ctx > 0, who, ": n_ctx must be positive, got ", n_ctx);
-  TW_CHECK(n_ctx <= std::numeric_limits<int32_t>::max() &&
-               (n_ctx + kPageSize - 1) / kPageSize <= (int64_t)seq.pages.size(),
-           who, ": n_ctx ", n_ctx, " exceeds the sequence's ", seq.pages.size(), " pages");
-}
-
-// Ranking key: NaN (only from inf keys) cannot rule a token / page out, so it ranks as +inf.
-inline float rank_key(float x) { return std::isnan(x) ? INFINITY : x; }
-
-// Top r of idx[0..n) by key descending, ties lower index first; the chosen ones end up in idx[0..r).
-void top_r(std::vector<int32_t>& idx, const float* key, int64_t r) {
-  if (r <= 0 || r >= (int64_t)idx.size()) return;
-  auto better = [key](int32_t a, int32_t b) {
-    const float ka = rank_key(key[a]), kb = rank_key(key[b]);
-    return ka > kb || (ka == kb && a < b);
-  };
-  std::nth_element(idx.begin(), idx.begin() + r, idx.end(), better);
-}
+using detail::check_common;
+using detail::n_lists_of;
+using detail::rank_key;
+using detail::top_r;
 
 void push_all(Selection& out, int64_t n_ctx, int n_lists, std::vector<int32_t>& tmp) {
   tmp.resize(n_ctx);
@@ -87,6 +67,79 @@ TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, i
     if (group) out[lp] = best;
   }
 }
+
+// score_pages at the AVX-512 level for d % 16 == 0, over logical pages [lp0, lp1) and EVERY kv head
+// (page-major: a thread reads the bounds of its pages as one contiguous stream, [page][head][d]):
+// per (page, kv head), the bound slices are loaded once and FMA'd against the G heads' q+ / q-
+// (8 heads at a time, each its own accumulator), the next page's bounds are prefetched. Output as
+// score_pages: Group: out[h * n_pages + lp] = max over the group (NaN ranks as +inf); Head:
+// out[(h * G + g) * n_pages + lp].
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on the intrinsics' _mm512_undefined_*
+// NG heads g0 .. g0+NG-1 of one (page, kv head): u[g] = sum over d of q+ * kmax + q- * kmin.
+template <int NG>
+__attribute__((target("avx512f,fma"))) inline void bound_dots(const float* mn, const float* mx, const float* qh, int g0,
+                                                              int d, float* u) {
+  __m512 acc[NG];
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g) acc[g] = _mm512_setzero_ps();
+  for (int v = 0; v < d / 16; ++v) {
+    const __m512 a = _mm512_loadu_ps(mx + 16 * v), b = _mm512_loadu_ps(mn + 16 * v);
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g) {
+      const float* qg = qh + (size_t)(g0 + g) * 2 * d + 16 * v;
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, acc[g]);
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), b, acc[g]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g) u[g] = _mm512_reduce_add_ps(acc[g]);
+}
+
+__attribute__((target("avx512f,fma"))) void score_pages_avx512(const KeySide& ks, const int32_t* pages, int layer,
+                                                              int hkv, int64_t lp0, int64_t lp1, const float* qpn,
+                                                              int G, int d, bool group, float* out, int64_t n_pages) {
+  float u[8];
+  for (int64_t lp = lp0; lp < lp1; ++lp) {
+    constexpr int PFD = 2;  // pages ahead (1-16 measured within noise; 2 kept)
+    if (lp + PFD < lp1)  // two pages ahead: the bounds of all heads of a page are contiguous
+      for (int h = 0; h < hkv; ++h) {
+        const char* a = reinterpret_cast<const char*>(ks.kmin(layer, pages[lp + PFD], h));
+        const char* b = reinterpret_cast<const char*>(ks.kmax(layer, pages[lp + PFD], h));
+        for (int off = 0; off < d * 4; off += 64) {
+          _mm_prefetch(a + off, _MM_HINT_T0);
+          _mm_prefetch(b + off, _MM_HINT_T0);
+        }
+      }
+    for (int h = 0; h < hkv; ++h) {
+      const float* mn = ks.kmin(layer, pages[lp], h);
+      const float* mx = ks.kmax(layer, pages[lp], h);
+      const float* qh = qpn + (size_t)h * G * 2 * d;
+      float best = -INFINITY;
+      for (int g0 = 0; g0 < G; g0 += 8) {
+        const int ng = G - g0 < 8 ? G - g0 : 8;
+        switch (ng) {  // the head count as a template argument keeps the accumulators in registers
+          case 1: bound_dots<1>(mn, mx, qh, g0, d, u); break;
+          case 2: bound_dots<2>(mn, mx, qh, g0, d, u); break;
+          case 3: bound_dots<3>(mn, mx, qh, g0, d, u); break;
+          case 4: bound_dots<4>(mn, mx, qh, g0, d, u); break;
+          case 5: bound_dots<5>(mn, mx, qh, g0, d, u); break;
+          case 6: bound_dots<6>(mn, mx, qh, g0, d, u); break;
+          case 7: bound_dots<7>(mn, mx, qh, g0, d, u); break;
+          default: bound_dots<8>(mn, mx, qh, g0, d, u); break;
+        }
+        for (int g = 0; g < ng; ++g) {
+          if (group)
+            best = (std::isnan(u[g]) || u[g] > best) ? rank_key(u[g]) : best;
+          else
+            out[((size_t)h * G + g0 + g) * n_pages + lp] = u[g];
+        }
+      }
+      if (group) out[(size_t)h * n_pages + lp] = best;
+    }
+  }
+}
+#pragma GCC diagnostic pop
 
 // Exact scores q.k/sqrt(d) of the G query heads of kv head h for tokens [0, n_ctx): s [G][n_ctx].
 TW_CLONES void exact_scores(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int h, const float* qg, int G,
@@ -162,6 +215,17 @@ void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, co
       qpn[(size_t)hq * 2 * d + i] = x > 0.f ? x : 0.f;
       qpn[(size_t)hq * 2 * d + d + i] = x < 0.f ? x : 0.f;
     }
+  if (ops::active_simd() == ops::Simd::AVX512 && d % 16 == 0) {
+    // Work item: one page, all kv heads.
+    auto run = [&](int64_t b, int64_t e, int) {
+      score_pages_avx512(ks, seq.pages.data(), layer, hkv, b, e, qpn.data(), G, d, group, scores, n_pages);
+    };
+    if (tp && tp->size() > 1 && n_pages * hkv >= 256)
+      tp->parallel_for(n_pages, run);
+    else
+      run(0, n_pages, 0);
+    return;
+  }
   // Work item: (kv head, page); a chunk covers consecutive pages of one or two heads.
   auto run = [&](int64_t b, int64_t e, int) {
     while (b < e) {
@@ -229,15 +293,7 @@ void select_topk_oracle(const kv::KVPool& pool, const kv::SeqPages& seq, int lay
   }
   const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads;
   std::vector<float> s((size_t)G * n_ctx), w(n_ctx);
-  auto emit = [&](const float* key) {
-    tmp.resize(n_ctx);
-    std::iota(tmp.begin(), tmp.end(), 0);
-    top_r(tmp, key, k);
-    tmp.resize(k);
-    if (std::find(tmp.begin(), tmp.end(), (int32_t)(n_ctx - 1)) == tmp.end()) tmp.push_back((int32_t)(n_ctx - 1));
-    std::sort(tmp.begin(), tmp.end());
-    out.push_list(tmp.data(), (int64_t)tmp.size());
-  };
+  auto emit = [&](const float* key) { detail::push_top_k_and_last(out, key, n_ctx, k, tmp); };
   for (int h = 0; h < hs.n_kv_heads; ++h) {
     exact_scores(pool, seq, layer, h, q + (size_t)h * G * d, G, d, n_ctx, s.data());
     if (mode == GqaMode::Head) {

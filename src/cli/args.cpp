@@ -64,6 +64,11 @@ void Args::opt(std::vector<std::string> names, std::string mv, std::string help,
                     }});
 }
 
+void Args::opt(std::vector<std::string> names, std::string mv, std::string help, std::vector<std::string>* t) {
+  specs_.push_back({std::move(names), std::move(mv), std::move(help),
+                    [t](const std::string&, const std::string& v) { t->push_back(v); }});
+}
+
 Args::Spec* Args::find(const std::string& name) {
   for (Spec& s : specs_)
     for (const std::string& n : s.names)

@@ -18,6 +18,8 @@ class Args {
   void opt(std::vector<std::string> names, std::string metavar, std::string help, int* target, int lo, int hi);
   void opt(std::vector<std::string> names, std::string metavar, std::string help, float* target, float lo, float hi);
   void opt(std::vector<std::string> names, std::string metavar, std::string help, uint64_t* target);
+  // Repeatable option: every occurrence appends its value.
+  void opt(std::vector<std::string> names, std::string metavar, std::string help, std::vector<std::string>* target);
 
   // Parses argv[first..argc); throws tw::Error on unknown flags, missing or invalid values.
   // Returns false when help was requested (usage already printed to stdout).

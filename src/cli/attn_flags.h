@@ -1,7 +1,7 @@
 // The attention flag family shared by every subcommand that runs the model:
-//   --attn dense|quest|ds|streaming|topk|twilight  --attn-p P  --attn-base none|quest|streaming|topk
+//   --attn dense|quest|ds|streaming|topk|twilight  --attn-p P  --attn-base none|quest|streaming|topk|ds
 //   --attn-b0 N  --attn-skip-layers N  --attn-gqa group|head  --attn-config FILE  --attn-true-mass
-//   --attn-stats FILE (budgets as JSON at the end)
+//   --attn-stats FILE (budgets as JSON at the end)  --attn-ds-file FILE (Double Sparsity channels)
 // The config file is applied first, then the flags given on the command line override it.
 #pragma once
 #include <string>
@@ -14,12 +14,13 @@
 namespace tw::cli {
 
 struct AttnFlags {
-  std::string method, p, base, b0, skip, gqa, config, stats_path;
+  std::string method, p, base, b0, skip, gqa, config, stats_path, ds_file;
   bool true_mass = false;
 
   void add_to(Args& a);
-  // Build the config: defaults (method = default_method), then the file, then the flags; validated.
-  attn::AttnConfig resolve(attn::Method default_method) const;
+  // Build the config: the defaults, then the file, then the flags; validated.
+  attn::AttnConfig resolve(const attn::AttnConfig& defaults) const;
+  attn::AttnConfig resolve(attn::Method default_method) const;  // AttnConfig{} with this method
 };
 
 // Budget summary table (stderr) for a finished run.

@@ -1,10 +1,12 @@
 // twilight bench: llama-bench style rows. pp<N>: prompt processing of N tokens from an empty
 // cache; tg<N> [@ d<D>]: N single-token decode steps after D cached tokens (the depth fill is not
 // timed). Each row is repeated -r times; reported as mean t/s +- sample standard deviation.
+// `bench --attention` and `bench --attn-dump` are the decode-attention modes (bench_attn.h).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <sstream>
 #include <string>
@@ -12,6 +14,7 @@
 
 #include "cli/args.h"
 #include "cli/attn_flags.h"
+#include "cli/bench_attn.h"
 #include "cli/commands.h"
 #include "common/error.h"
 #include "common/paths.h"
@@ -58,6 +61,11 @@ struct Row {
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
+  // Attention modes have their own options (bench_attn.cpp).
+  for (int i = 2; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--attention")) return cmd_bench_attention(argc, argv);
+    if (!std::strcmp(argv[i], "--attn-dump")) return cmd_bench_attn_dump(argc, argv);
+  }
   std::string model, pp_s = "512", tg_s = "128", depth_s = "0", out = "md";
   int threads = 0, reps = 5;
   Args a("bench");
@@ -84,7 +92,7 @@ int cmd_bench(int argc, char** argv) {
                                                                    *std::max_element(tgs.begin(), tgs.end())));
   TW_CHECK(max_ctx <= c.n_ctx_train, "depth + test size ", max_ctx, " exceeds the model's context ", c.n_ctx_train);
   kv::KVPool pool = m->make_kv(std::max<int64_t>(max_ctx, kv::kPageSize));
-  attn::AttentionPolicy policy(acfg, pool.shape(), m->head_shape());
+  attn::AttentionPolicy policy(acfg, pool.shape(), m->head_shape(), m->fingerprint());
   std::vector<float> logits(c.n_vocab);
   std::mt19937 rng(1234);
   std::uniform_int_distribution<int32_t> tok(0, c.n_vocab - 1);

@@ -25,7 +25,7 @@ Engine::Engine(const EngineOptions& opt)
            kv::kPageSize, ", 4194304]");
   chunk_ = opt.prefill_chunk;
   kv_ = std::make_unique<kv::KVPool>(model_->make_kv(n_ctx_));
-  policy_ = std::make_unique<attn::AttentionPolicy>(opt.attn, kv_->shape(), model_->head_shape());
+  policy_ = std::make_unique<attn::AttentionPolicy>(opt.attn, kv_->shape(), model_->head_shape(), model_->fingerprint());
   logits_.resize(c.n_vocab);
 }
 

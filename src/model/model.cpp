@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "common/error.h"
@@ -23,6 +24,33 @@ ops::QMatrix load_matrix(const gguf::File& f, const std::string& name, int64_t r
   TW_CHECK(t.ne.size() == 2 && t.ne[0] == cols && t.ne[1] == rows, f.path(), ": tensor '", name, "' has shape [",
            t.ne[0], ", ", t.ne.size() > 1 ? t.ne[1] : 1, "], expected [", cols, ", ", rows, "]");
   return ops::as_matrix(t);
+}
+
+// FNV-1a 64 (fingerprints, not security).
+struct Fnv1a {
+  uint64_t h = 1469598103934665603ull;
+  void add(const void* p, size_t n) {
+    const uint8_t* b = static_cast<const uint8_t*>(p);
+    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  }
+  void add(const std::string& s) { add(s.data(), s.size() + 1); }  // with the NUL: "ab"+"c" != "a"+"bc"
+  template <class T> void add_pod(T x) { add(&x, sizeof x); }
+};
+
+std::string weights_fingerprint(const gguf::File& f, const std::string& arch) {
+  Fnv1a h;
+  h.add(arch);
+  h.add_pod((uint64_t)f.tensors().size());
+  for (const gguf::TensorInfo& t : f.tensors()) {
+    h.add(t.name);
+    h.add_pod((uint32_t)t.type);
+    for (int64_t x : t.ne) h.add_pod(x);
+  }
+  const gguf::TensorInfo& k = f.tensor("blk.0.attn_k.weight");
+  h.add(k.data, std::min<size_t>(k.nbytes, 1 << 20));
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", (unsigned long long)h.h);
+  return buf;
 }
 
 }  // namespace
@@ -95,6 +123,7 @@ std::unique_ptr<Model> Model::load(const std::string& path) {
     L.w_up = load_matrix(f, b + "ffn_up.weight", c.n_ff, c.n_embd);
     L.w_down = load_matrix(f, b + "ffn_down.weight", c.n_embd, c.n_ff);
   }
+  m->fingerprint_ = weights_fingerprint(f, c.arch);
   return m;
 }
 
@@ -177,6 +206,7 @@ void Model::forward(const int32_t* tokens, int64_t n, kv::KVPool& pool, kv::SeqP
       pool.write(l, seq, pos0 + i, &s.k[i * kvd], &s.v[i * kvd]);
       if (policy) policy->on_append(pool, l, seq, pos0 + i);
     }
+    if (qk_observer_) qk_observer_(l, pos0, n, s.q.data(), s.k.data());
     if (n == 1 && policy)
       policy->decode(pool, seq, l, s.q.data(), pos0 + 1, s.att.data(), tp);
     else if (n == 1)

@@ -3,6 +3,7 @@
 // architectures. The layer reads top to bottom as a list of named ops.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -91,6 +92,17 @@ class Model {
 
   attn::HeadShape head_shape() const { return {cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim}; }
 
+  // Identity of the weights for per-model files (Double Sparsity channels): 16 hex digits of FNV-1a
+  // 64 over the architecture, every tensor's name / type / shape and the first MiB of
+  // blk.0.attn_k.weight's data (so two fine-tunes of one shape differ). Computed once at load.
+  const std::string& fingerprint() const { return fingerprint_; }
+
+  // Optional observer of the attention inputs (calibration, KV dumps for the attention benchmarks): called in every forward, once per
+  // layer, with the post-RoPE q [n][H*d] and k [n][Hkv*d] (fp32, before the fp16 cache) of the
+  // tokens at positions pos0 .. pos0+n-1. Empty function = none.
+  using QKObserver = std::function<void(int layer, int64_t pos0, int64_t n, const float* q, const float* k)>;
+  void set_qk_observer(QKObserver f) { qk_observer_ = std::move(f); }
+
  private:
   explicit Model(gguf::File f) : file_(std::move(f)) {}
   void ensure_state(int64_t n);
@@ -98,6 +110,8 @@ class Model {
   ModelConfig cfg_;
   Weights w_;
   RunState rs_;
+  std::string fingerprint_;
+  QKObserver qk_observer_;
 };
 
 }  // namespace tw

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/fp16.h"
 #include "common/paths.h"
 
 namespace tw {
@@ -138,6 +139,53 @@ TEST(Model, TokenOutOfRangeIsAnError) {
   std::vector<float> lg(m->config().n_vocab);
   const int32_t bad = m->config().n_vocab;
   EXPECT_THROW(m->forward(&bad, 1, pool, seq, lg.data(), tp), Error);
+}
+
+
+// The q/k observer (Double Sparsity calibration) sees every layer of every forward, prefill chunks and
+// decode steps, with the positions in order and the post-RoPE k that lands in the cache (fp16 of it).
+TEST(Model, QKObserverSeesPostRopeKeysOfEveryLayer) {
+  std::unique_ptr<Model> m = Model::load(require_model(kSmolLM2File));
+  const ModelConfig& c = m->config();
+  kv::KVPool pool = m->make_kv(64);
+  kv::SeqPages seq;
+  ThreadPool tp(2);
+  std::vector<float> lg(c.n_vocab);
+  std::vector<int64_t> next(c.n_layers, 0);
+  int64_t calls = 0, mismatches = 0;
+  m->set_qk_observer([&](int layer, int64_t pos0, int64_t n, const float* q, const float* k) {
+    ++calls;
+    EXPECT_EQ(pos0, next[layer]) << "layer " << layer;
+    next[layer] = pos0 + n;
+    ASSERT_NE(q, nullptr);
+    for (int64_t i = 0; i < n; ++i)
+      for (int h = 0; h < c.n_kv_heads; ++h) {
+        const int64_t pos = pos0 + i;
+        const uint16_t* kc = pool.k_page(layer, seq.pages[pos / kv::kPageSize], h) + (pos % kv::kPageSize) * c.head_dim;
+        for (int x = 0; x < c.head_dim; ++x)
+          mismatches += fp32_to_fp16(k[(i * c.n_kv_heads + h) * c.head_dim + x]) != kc[x];
+      }
+  });
+  const std::vector<int32_t> toks = {1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 30, 17};
+  m->forward(toks.data(), 9, pool, seq, lg.data(), tp);      // prefill chunk
+  m->forward(toks.data() + 9, 1, pool, seq, lg.data(), tp);  // decode steps
+  m->forward(toks.data() + 10, 1, pool, seq, lg.data(), tp);
+  EXPECT_EQ(calls, 3 * c.n_layers);
+  EXPECT_EQ(mismatches, 0);
+  for (int l = 0; l < c.n_layers; ++l) EXPECT_EQ(next[l], 11);
+  m->set_qk_observer({});
+  m->forward(toks.data(), 1, pool, seq, lg.data(), tp);
+  EXPECT_EQ(calls, 3 * c.n_layers);  // removed
+}
+
+TEST(Model, FingerprintIdentifiesTheWeights) {
+  std::unique_ptr<Model> a = Model::load(require_model(kSmolLM2File));
+  std::unique_ptr<Model> b = Model::load(require_model(kSmolLM2File));
+  std::unique_ptr<Model> q = Model::load(require_model(kQwen05File));
+  EXPECT_EQ(a->fingerprint().size(), 16u);
+  EXPECT_EQ(a->fingerprint().find_first_not_of("0123456789abcdef"), std::string::npos);
+  EXPECT_EQ(a->fingerprint(), b->fingerprint());
+  EXPECT_NE(a->fingerprint(), q->fingerprint());
 }
 
 }  // namespace

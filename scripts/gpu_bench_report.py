@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Merge the GPU attention benchmark (twilight bench --gpu --json) with the PyTorch SDPA anchors
+(scripts/gpu_sdpa_anchor.py --json) measured in the same call on the same GPU: one markdown table of
+ratios against the best dense kernel, and a PNG of Twilight's speedup vs context per batch size.
+
+usage: gpu_bench_report.py OURS.jsonl SDPA.jsonl OUT.md [OUT.png]
+"""
+import json
+import sys
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def main():
+    if len(sys.argv) < 4:
+        sys.exit(__doc__)
+    ours, sdpa = load(sys.argv[1]), load(sys.argv[2])
+    dev = next((r for r in ours if r.get("kind") == "device"), {})
+    copy = next((r for r in sdpa if r.get("kind") == "copy"), {})
+    anchors = {(r["batch"], r["ctx"]): r for r in sdpa if r.get("kind") == "sdpa" and "best_us" in r}
+    rows = [r for r in ours if r.get("kind") == "row" and "twilight_graph_us" in r]
+    out = []
+    out.append(f"GPU {dev.get('gpu', '?')}; copy bandwidth {dev.get('copy_GBps', 0):.0f} GB/s (ours), "
+               f"{copy.get('copy_GBps', 0):.0f} GB/s (PyTorch, same call); torch {copy.get('torch', '?')}, "
+               f"cuDNN {copy.get('cudnn', '?')}; shape H {dev.get('heads')} / Hkv {dev.get('kv_heads')} / d "
+               f"{dev.get('head_dim')}, {dev.get('dtype')}; input {dev.get('input')}\n")
+    out.append("| batch | ctx | p | B0 | SDPA best us (backend) | ours dense us | dense: SDPA/ours | Quest us | "
+               "Twilight us | pruner % of step | I1 avg (% ctx) | x best dense | x Quest |")
+    out.append("| " + " | ".join(["---"] * 13) + " |")
+    for r in rows:
+        a = anchors.get((r["batch"], r["ctx"]))
+        best = min(r["dense_us"], a["best_us"]) if a else r["dense_us"]
+        quest = r["quest_select_us"] + r["quest_attend_us"]
+        tw = r["twilight_graph_us"]
+        prune_share = 100 * r["prune_us"] / (r["quest_select_us"] + r["prune_us"] + r["attend_us"])
+        out.append(f"| {r['batch']} | {r['ctx']} | {r['p']:g} | {r['b0']} | "
+                   + (f"{a['best_us']:.1f} ({a['best']})" if a else "n/a")
+                   + f" | {r['dense_us']:.1f} | " + (f"{a['best_us'] / r['dense_us']:.2f}" if a else "n/a")
+                   + f" | {quest:.1f} | {tw:.1f} | {prune_share:.0f}% | {r['i1_avg']:.0f} "
+                   f"({100 * r['i1_avg'] / r['ctx']:.2f}%) | {best / tw:.2f} | {quest / tw:.2f} |")
+    errs = [r for r in sdpa if r.get("kind") == "sdpa" and any(k.endswith("_error") for k in r)]
+    if errs:
+        out.append("\nSDPA backends that refused a shape:")
+        for r in errs:
+            for k, v in r.items():
+                if k.endswith("_error"):
+                    out.append(f"- batch {r['batch']}, ctx {r['ctx']}: {k[:-6]}: {v}")
+    text = "\n".join(out) + "\n"
+    open(sys.argv[3], "w").write(text)
+    print(text)
+    if len(sys.argv) > 4 and rows:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, b0_mode in zip(axes, ["8192", "ctx/4"]):
+            for batch in sorted({r["batch"] for r in rows}):
+                for p in sorted({r["p"] for r in rows}):
+                    pts = []
+                    for r in rows:
+                        is_l4 = r["b0"] == r["ctx"] // 4 and r["b0"] != 8192
+                        if r["batch"] != batch or r["p"] != p or (b0_mode == "ctx/4") != is_l4:
+                            continue
+                        a = anchors.get((r["batch"], r["ctx"]))
+                        best = min(r["dense_us"], a["best_us"]) if a else r["dense_us"]
+                        pts.append((r["ctx"], best / r["twilight_graph_us"]))
+                    if pts:
+                        pts.sort()
+                        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"batch {batch}, p {p:g}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_title(f"B0 = {b0_mode}")
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel("Twilight step speedup vs best dense decode")
+        axes[1].legend(fontsize=7)
+        fig.suptitle(f"{dev.get('gpu', 'GPU')}: H {dev.get('heads')} / Hkv {dev.get('kv_heads')} / d {dev.get('head_dim')}, "
+                     f"input {dev.get('input')}")
+        fig.tight_layout()
+        fig.savefig(sys.argv[4], dpi=120)
+
+
+if __name__ == "__main__":
+    main()

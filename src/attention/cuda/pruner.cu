@@ -1,0 +1,835 @@
+#include "attention/cuda/pruner.h"
+
+#include <cooperative_groups.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+
+#include "common/error.h"
+#include "ops/cuda/cuda_check.h"
+
+namespace cg = cooperative_groups;
+
+namespace tw::attn::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;     // 8 warps; three blocks per SM (registers <= 85, shared memory <= 75 KB)
+constexpr int kMinBlocksPerSm = 3;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBins = 1024;        // every radix level: level 1 = bits 29..20 (weights <= 1 have bit 30 clear
+                                   // below 2.0), levels 2 and 3 = bits 19..10 and 9..0
+constexpr int kBinsPerThread = kBins / kThreads;
+constexpr int kMaxCluster = 16;
+constexpr int kUnroll = 4;         // 16-row tiles whose loads a warp has in flight at once
+constexpr uint32_t kPrioKey = 0x3fc00000u;  // 1.5f: the current token's rank for floor / cap, above any weight
+static_assert(kBins == 4 * kThreads, "four bins per thread (one 16-byte load per limb)");
+
+using u64 = unsigned long long;
+// Histogram masses are fixed point, w * 2^52 (w <= ~1: sums stay far below 2^63): integer atomics
+// add up exactly in any order, so every run and every block of a cluster sees the same sums, and
+// the rounding (2^-53 per weight) is far below float's.
+__device__ __forceinline__ u64 fixed_mass(float w) { return __float2ull_rn(w * 0x1p52f); }
+constexpr double kFixedUnit = 0x1p-52;
+
+// Block-wide fixed fields at the start of dynamic shared memory; the same layout in every block of a
+// cluster, so a field's address maps to the other blocks' copies (distributed shared memory).
+struct Small {
+  float qsum[kMaxGroup];     // sum of the scaled query per head (the zero-point term)
+  float qinv[kMaxGroup];     // 1 / the power of two the query was multiplied by before the fp16 split
+  float wred[kWarps][kMaxGroup];
+  float cmax[kMaxGroup];     // this block's score max per head (read by the cluster)
+  float csum[kMaxGroup];     // this block's exp sum per head (read by the cluster)
+  float gmax[kMaxGroup];     // cluster max
+  float ginv[kMaxGroup];     // 1 / (cluster sum * G)
+  u64 ured[kWarps];
+  int ired[kWarps];
+  int sel_bin, low_bin;
+  u64 sel_cum, sel_total;
+  int ccount;                // this block's count (published to the cluster)
+  u64 cmass;                 // this block's kept mass, fixed point (published)
+  uint2 bfrag[8][2][32];      // the query as MMA B fragments: [k-step][hi, lo][lane]
+};
+
+struct Args {
+  const int32_t* page_table;
+  const int32_t* seq_len;
+  const uint8_t* k4;
+  const float* k4s;
+  const float* k4z;
+  const float* q;
+  const int32_t* in_count;
+  const int32_t* in_tokens;
+  int32_t* out_count;
+  int32_t* out_tokens;
+  float* est_mass;
+  int64_t n_pages;
+  int max_pages, n_kv_heads, group, in_cap, out_cap;
+  float p;
+  int min_tokens, max_tokens;
+  int chunk, zstride;
+  int stop;  // benchmarking aid (TW_PRUNE_STOP_AFTER): leave after phase `stop` (0 = run everything)
+};
+
+__device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 bits_half2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// 8 INT4 codes of one 32-bit word (element 2i low nibble of byte i, 2i+1 high) as four fp16 pairs,
+// exact: (e0,e4), (e1,e5), (e2,e6), (e3,e7). 0x6400 | c is the half 1024 + c (c in the low mantissa bits).
+__device__ __forceinline__ void unpack8(uint32_t w, uint32_t& e04, uint32_t& e15, uint32_t& e26, uint32_t& e37) {
+  const uint32_t magic = 0x64006400u;
+  const __half2 k1024 = __floats2half2_rn(1024.f, 1024.f);
+  const __half2 k16 = __floats2half2_rn(0.0625f, 0.0625f), km64 = __floats2half2_rn(-64.f, -64.f);
+  const uint32_t w8 = w >> 8;
+  e04 = half2_bits(__hsub2(bits_half2((w & 0x000f000fu) | magic), k1024));
+  e15 = half2_bits(__hfma2(bits_half2((w & 0x00f000f0u) | magic), k16, km64));
+  e26 = half2_bits(__hsub2(bits_half2((w8 & 0x000f000fu) | magic), k1024));
+  e37 = half2_bits(__hfma2(bits_half2((w8 & 0x00f000f0u) | magic), k16, km64));
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Row code loads: D/8 bytes per lane (a quarter of the row).
+template <int D>
+struct RowBytes;
+template <>
+struct RowBytes<128> {
+  using T = uint4;
+  static constexpr int kWords = 4;
+  __device__ static void words(const T& v, uint32_t (&w)[4]) { w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w; }
+};
+template <>
+struct RowBytes<64> {
+  using T = uint2;
+  static constexpr int kWords = 2;
+  __device__ static void words(const T& v, uint32_t (&w)[2]) { w[0] = v.x, w[1] = v.y; }
+};
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Inclusive scan of one u64 per thread in thread order (integers: exact, order-free); `excl` gets
+// the exclusive value and `total` the block's sum.
+__device__ u64 block_scan_incl(u64 v, u64& excl, u64& total, Small& S) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const u64 own = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const u64 u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += u;
+  }
+  __syncthreads();
+  if (lane == 31) S.ured[warp] = v;
+  __syncthreads();
+  u64 off = 0, all = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w == warp) off = all;
+    all += S.ured[w];
+  }
+  total = all;
+  excl = off + v - own;
+  return off + v;
+}
+
+// Exclusive scan of one int per thread; *total gets the block sum.
+__device__ int block_scan_excl_int(int v, int* total, Small& S) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += u;
+  }
+  __syncthreads();
+  if (lane == 31) S.ired[warp] = x;
+  __syncthreads();
+  int off = 0, tot = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w == warp) off = tot;
+    tot += S.ired[w];
+  }
+  *total = tot;
+  return off + x - v;
+}
+
+// Histograms: per bin the fixed-point mass in three 20-bit limbs, [3][kBins] u32 (count mode: the
+// count in limb 0). Native 32-bit shared atomics, no 64-bit CAS loops; a limb sums at most
+// kMaxChunk values below 2^20, so it cannot overflow. Integer sums: every block of the cluster and
+// every run sees the same values.
+constexpr int kLimbBits = 20;
+constexpr int kMaxChunk = 4096;  // candidates per block at most (limb overflow bound, see plan)
+__device__ __forceinline__ u64 limb_value(uint32_t l0, uint32_t l1, uint32_t l2) {
+  return (u64)l0 + ((u64)l1 << kLimbBits) + ((u64)l2 << (2 * kLimbBits));
+}
+
+__device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w) {
+  const u64 f = fixed_mass(w);
+  constexpr uint32_t kMask = (1u << kLimbBits) - 1;
+  if (f & kMask) atomicAdd(&hc[bin], (uint32_t)(f & kMask));
+  if ((f >> kLimbBits) & kMask) atomicAdd(&hc[kBins + bin], (uint32_t)((f >> kLimbBits) & kMask));
+  if (f >> (2 * kLimbBits)) atomicAdd(&hc[2 * kBins + bin], (uint32_t)(f >> (2 * kLimbBits)));
+}
+
+// One radix level: the cluster's histograms of this level are summed bin by bin, scanned from the
+// top bin down, and the first bin where cum0 + (value above and in the bin) >= target is returned
+// with cum0 + the value above it.
+// frac > 0 (level 1 of the mass select): target = ceil(frac * total of these histograms); the scan
+// then always reaches it. Should a lower level's bucket not reach the target (it cannot: integer
+// masses add up exactly; kept as a guard), the lowest non-empty bin is taken (the whole boundary
+// bucket, as topp.cpp does).
+__device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist, bool count_mode, double frac,
+                           u64 target, u64 cum0, int& bin_out, u64& cum_out) {
+  __syncthreads();
+  cl.sync();  // every block's histogram of this level is complete
+  const int C = (int)cl.num_blocks();
+  u64 v[kBinsPerThread];
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) v[i] = 0;
+  const int bin0 = kBins - kBinsPerThread * (threadIdx.x + 1);  // this thread's bins: bin0 .. bin0+3
+#pragma unroll 2
+  for (int r = 0; r < C; ++r) {
+    const uint32_t* hr = cl.map_shared_rank(hist, r);
+    const uint4 l0 = *reinterpret_cast<const uint4*>(hr + bin0);
+    if (count_mode) {
+      v[0] += l0.w, v[1] += l0.z, v[2] += l0.y, v[3] += l0.x;
+    } else {
+      const uint4 l1 = *reinterpret_cast<const uint4*>(hr + kBins + bin0);
+      const uint4 l2 = *reinterpret_cast<const uint4*>(hr + 2 * kBins + bin0);
+      v[0] += limb_value(l0.w, l1.w, l2.w), v[1] += limb_value(l0.z, l1.z, l2.z);
+      v[2] += limb_value(l0.y, l1.y, l2.y), v[3] += limb_value(l0.x, l1.x, l2.x);
+    }
+  }
+  u64 tsum = v[0] + v[1] + v[2] + v[3];
+  if (threadIdx.x == 0) {
+    S.sel_bin = -1;
+    S.low_bin = kBins;
+  }
+  u64 excl, total;
+  const u64 incl = block_scan_incl(tsum, excl, total, S);  // has __syncthreads: the resets are visible
+  if (frac > 0.0) target = (u64)ceil(frac * (double)total);
+  if (threadIdx.x == 0) S.sel_total = total;
+  const bool mine = cum0 + excl < target && cum0 + incl >= target;
+  u64 run = cum0 + excl, last_cum = 0;
+  int last_nonempty = -1;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) {  // descending bins
+    const int bin = bin0 + kBinsPerThread - 1 - i;
+    if (v[i] == 0) continue;
+    if (mine && run < target && run + v[i] >= target) {
+      S.sel_bin = bin;
+      S.sel_cum = run;
+    }
+    last_nonempty = bin;
+    last_cum = run;
+    run += v[i];
+  }
+  if (last_nonempty >= 0) atomicMin(&S.low_bin, last_nonempty);
+  __syncthreads();
+  if (S.sel_bin < 0 && last_nonempty >= 0 && last_nonempty == S.low_bin) {
+    S.sel_bin = last_nonempty;
+    S.sel_cum = last_cum;
+  }
+  __syncthreads();
+  bin_out = S.sel_bin;
+  cum_out = S.sel_cum;
+  __syncthreads();
+}
+
+// Radix select over the block's keys, over the whole cluster: the largest key value v with
+// (mass or count of keys >= v) >= target; `cum_above` gets the value of keys > v. Two histogram
+// buffers alternate, so a buffer is only cleared after every block has passed the next level's
+// cluster barrier (its remote readers are done); `next` is the buffer the first level uses.
+// first_built: the caller already built level 1's histogram (mass mode) in hist[next].
+template <class KeyFn>
+__device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn key_of, bool count_mode, bool first_built,
+                                 double frac, u64 target, uint32_t* const (&hist)[2], int& next, u64& cum_above) {
+  uint32_t prefix = 0;
+  u64 cum = 0;
+#pragma unroll 1
+  for (int level = 0; level < 3; ++level) {
+    uint32_t* hc = next ? hist[1] : hist[0];
+    const int shift = level == 0 ? 20 : level == 1 ? 10 : 0;
+    for (int j = threadIdx.x; j < m && !(level == 0 && first_built); j += kThreads) {
+      uint32_t k;
+      float w;
+      if (!key_of(j, k, w)) continue;
+      if (level > 0 && (k >> (shift + 10)) != prefix) continue;
+      const uint32_t bin = (k >> shift) & (kBins - 1);
+      if (count_mode)
+        atomicAdd(&hc[bin], 1u);
+      else
+        hist_add(hc, bin, w);
+    }
+    int bin;
+    u64 before;
+    scan_level(cl, S, hc, count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
+    if (level == 0 && frac > 0.0) target = (u64)ceil(frac * (double)S.sel_total);
+    // Clear the other buffer for the next level: its last remote readers passed the barrier above.
+    uint32_t* oc = next ? hist[0] : hist[1];
+    for (int i = threadIdx.x; i < 3 * kBins; i += kThreads) oc[i] = 0u;
+    next ^= 1;
+    if (bin < 0) bin = 0;  // nothing selectable (cannot happen with a positive target)
+    prefix = (prefix << 10) | (uint32_t)bin;
+    cum = before;
+    __syncthreads();
+  }
+  cum_above = cum;
+  return prefix;
+}
+
+template <int D, bool PACK>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const Args a) {
+  constexpr int KS = D / 16;  // MMA k-steps per row
+  using RB = RowBytes<D>;
+  cg::cluster_group cl = cg::this_cluster();
+  const int C = (int)cl.num_blocks();
+  const int rank = (int)cl.block_rank();
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int G = a.group;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Small& S = *reinterpret_cast<Small*>(smem_raw);
+  float* zs = reinterpret_cast<float*>(smem_raw + ((sizeof(Small) + 15) & ~size_t(15)));  // [G][zstride]
+  int32_t* rowidx = reinterpret_cast<int32_t*>(zs + (size_t)G * a.zstride);              // [chunk]
+  uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + a.chunk);  // [3][kBins]
+  uint32_t* histB = histA + 3 * kBins;
+
+  const int list = b * a.n_kv_heads + h;
+  const int n = min(max(a.in_count[list], 0), a.in_cap);
+  const int cur = a.seq_len[b] - 1;
+  const int32_t* toks_all = a.in_tokens + (size_t)list * a.in_cap;
+  const bool cur_is_cand = n > 0 && toks_all[n - 1] == cur;
+  const int extra = (cur_is_cand || cur < 0) ? 0 : 1;
+  int32_t* out_toks = a.out_tokens + (size_t)list * a.out_cap;
+
+  if (n == 0) {  // uniform over the cluster (same list): no barrier is skipped by only some blocks
+    if (rank == 0 && tid == 0) {
+      if (extra) out_toks[0] = cur;
+      a.out_count[list] = extra;
+      if (a.est_mass) a.est_mass[list] = 0.f;
+    }
+    return;
+  }
+  const int per = (n + C - 1) / C;
+  const int beg = min(n, rank * per);
+  const int m = min(n, beg + per) - beg;
+  const int32_t* toks = toks_all + beg;
+
+  // ---- prologue: histograms cleared, query scaled and split, row indices resolved ----
+  for (int i = tid; i < 6 * kBins; i += kThreads) histA[i] = 0u;
+  const float qscale = 1.f / sqrtf((float)D);
+  const float* qh = a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G) * D;
+  if (warp < kMaxGroup) {
+    float s = 0.f, mx = 0.f;
+    if (warp < G)
+      for (int i = lane; i < D; i += 32) {
+        const float v = qh[(size_t)warp * D + i] * qscale;
+        s += v;
+        mx = fmaxf(mx, fabsf(v));
+      }
+    s = warp_sum(s);
+    mx = warp_max(mx);
+    if (lane == 0) {
+      int e = 0;
+      if (mx > 0.f) frexpf(mx, &e);              // mx = f * 2^e, f in [0.5, 1)
+      const int sh = min(max(8 - e, -120), 120);  // |q| * 2^sh < 256: hi and lo stay normal fp16
+      S.qsum[warp] = s;
+      S.qinv[warp] = ldexpf(1.f, -sh);
+      S.cmax[warp] = ldexpf(1.f, sh);  // scratch: the factor, read below
+    }
+  }
+  // Row indices: token -> page -> row, four tokens per thread in flight (dependent loads).
+  for (int j0 = tid; j0 < m; j0 += 4 * kThreads) {
+    int t[4], ph[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + u * kThreads;
+      t[u] = j < m ? toks[j] : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      ph[u] = (t[u] >= 0 && t[u] <= cur) ? a.page_table[(size_t)b * a.max_pages + t[u] / kPageSize] : -1;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + u * kThreads;
+      if (j < m)
+        rowidx[j] = (ph[u] >= 0 && ph[u] < a.n_pages) ? (ph[u] * a.n_kv_heads + h) * kPageSize + t[u] % kPageSize : -1;
+    }
+  }
+  __syncthreads();
+
+  // B fragments (the query, 8 columns): lane (g, t) holds column g's elements of the row slice its
+  // A fragment covers: word j of the lane's D/8 bytes holds elements base .. base+7,
+  // base = t*D/4 + 8j; k-step 2j pairs (e0,e4),(e1,e5), k-step 2j+1 pairs (e2,e6),(e3,e7).
+  // Columns: PACK (G <= 4): 0..3 the hi parts of heads 0..3, 4..7 their lo parts (one MMA per
+  // k-step, hi + lo added after); else column = head, with separate hi and lo fragments (two MMAs).
+  // Built once by warp 0 into shared memory (registers are the occupancy limit).
+  const int g = lane >> 2, t4 = lane & 3;
+  if (warp == 0) {
+    const int head = PACK ? (g & 3) : g;
+    const bool lo_col = PACK && g >= 4;
+    const float fac = head < G ? S.cmax[head] : 0.f;
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+      const int base = t4 * (D / 4) + 8 * (s / 2) + ((s & 1) ? 2 : 0);
+      uint32_t hb[2], lb[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int d0 = base + r, d1 = base + r + 4;
+        float v0 = 0.f, v1 = 0.f;
+        if (head < G) {
+          v0 = qh[(size_t)head * D + d0] * qscale * fac;
+          v1 = qh[(size_t)head * D + d1] * qscale * fac;
+        }
+        const __half h0 = __float2half_rn(v0), h1 = __float2half_rn(v1);
+        const __half l0 = __float2half_rn(v0 - __half2float(h0)), l1 = __float2half_rn(v1 - __half2float(h1));
+        hb[r] = half2_bits(__halves2half2(h0, h1));
+        lb[r] = half2_bits(__halves2half2(l0, l1));
+      }
+      if (PACK) {
+        S.bfrag[s][0][lane] = lo_col ? make_uint2(lb[0], lb[1]) : make_uint2(hb[0], hb[1]);
+      } else {
+        S.bfrag[s][0][lane] = make_uint2(hb[0], hb[1]);
+        S.bfrag[s][1][lane] = make_uint2(lb[0], lb[1]);
+      }
+    }
+  }
+  __syncthreads();
+  // Heads of this lane's accumulator columns (PACK: lanes t4 >= 2 hold copies, heads >= G, unused).
+  const int hc0 = 2 * t4, hc1 = 2 * t4 + 1;
+  const float qs0 = hc0 < G ? S.qsum[hc0] : 0.f, qs1 = hc1 < G ? S.qsum[hc1] : 0.f;
+  const float qi0 = hc0 < G ? S.qinv[hc0] : 0.f, qi1 = hc1 < G ? S.qinv[hc1] : 0.f;
+
+  if (a.stop == 1) { __syncthreads(); cl.sync(); return; }
+  // ---- estimate: 16-row tiles per warp, kUnroll tiles of loads in flight ----
+  float lmax0 = -INFINITY, lmax1 = -INFINITY;
+  const int ntiles = (m + 15) / 16;
+  for (int tile0 = warp; tile0 < ntiles; tile0 += kWarps * kUnroll) {
+    typename RB::T ca[kUnroll], cb[kUnroll];
+    float sz[kUnroll];
+    int rg[kUnroll], rg8[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int tile = tile0 + u * kWarps;
+      const int jr = tile * 16 + (lane & 15);
+      const int ri = (tile < ntiles && jr < m) ? rowidx[jr] : -1;
+      sz[u] = ri >= 0 ? (lane < 16 ? a.k4s[ri] : a.k4z[ri]) : 0.f;
+      rg[u] = __shfl_sync(0xffffffffu, ri, g);
+      rg8[u] = __shfl_sync(0xffffffffu, ri, g + 8);
+      const typename RB::T zero{};
+      ca[u] = rg[u] >= 0 ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)rg[u] * (D / 2) + t4 * (D / 8))
+                         : zero;
+      cb[u] = rg8[u] >= 0 ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)rg8[u] * (D / 2) + t4 * (D / 8))
+                          : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int tile = tile0 + u * kWarps;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      uint32_t wa[RB::kWords], wb[RB::kWords];
+      RB::words(ca[u], wa);
+      RB::words(cb[u], wb);
+#pragma unroll
+      for (int j = 0; j < RB::kWords; ++j) {
+        uint32_t a04, a15, a26, a37, b04, b15, b26, b37;
+        unpack8(wa[j], a04, a15, a26, a37);
+        unpack8(wb[j], b04, b15, b26, b37);
+        const uint2 h0 = S.bfrag[2 * j][0][lane], h1 = S.bfrag[2 * j + 1][0][lane];
+        mma16816(acc, a04, b04, a15, b15, h0.x, h0.y);
+        mma16816(acc, a26, b26, a37, b37, h1.x, h1.y);
+        if (!PACK) {
+          const uint2 l0 = S.bfrag[2 * j][1][lane], l1 = S.bfrag[2 * j + 1][1][lane];
+          mma16816(acc, a04, b04, a15, b15, l0.x, l0.y);
+          mma16816(acc, a26, b26, a37, b37, l1.x, l1.y);
+        }
+      }
+      if (PACK) {  // column c (hi) + column c + 4 (lo): lanes t4 and t4 ^ 2
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 2);
+      }
+      const float sc_g = __shfl_sync(0xffffffffu, sz[u], g), zp_g = __shfl_sync(0xffffffffu, sz[u], 16 + g);
+      const float sc_g8 = __shfl_sync(0xffffffffu, sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, sz[u], 24 + g);
+      if (tile >= ntiles) continue;
+      const int j0 = tile * 16 + g, j1 = j0 + 8;
+      // z = zero * sum(q) + scale * (q . codes), q already scaled by 1/sqrt(d) (pruner.cpp's formula).
+      const float z00 = rg[u] >= 0 ? zp_g * qs0 + sc_g * (acc[0] * qi0) : -INFINITY;
+      const float z01 = rg[u] >= 0 ? zp_g * qs1 + sc_g * (acc[1] * qi1) : -INFINITY;
+      const float z10 = rg8[u] >= 0 ? zp_g8 * qs0 + sc_g8 * (acc[2] * qi0) : -INFINITY;
+      const float z11 = rg8[u] >= 0 ? zp_g8 * qs1 + sc_g8 * (acc[3] * qi1) : -INFINITY;
+      if (j0 < m) {
+        if (hc0 < G) zs[(size_t)hc0 * a.zstride + j0] = z00, lmax0 = fmaxf(lmax0, z00);
+        if (hc1 < G) zs[(size_t)hc1 * a.zstride + j0] = z01, lmax1 = fmaxf(lmax1, z01);
+      }
+      if (j1 < m) {
+        if (hc0 < G) zs[(size_t)hc0 * a.zstride + j1] = z10, lmax0 = fmaxf(lmax0, z10);
+        if (hc1 < G) zs[(size_t)hc1 * a.zstride + j1] = z11, lmax1 = fmaxf(lmax1, z11);
+      }
+    }
+  }
+  // Block max per head: over the lanes of one column (xor over g), then over warps.
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    lmax0 = fmaxf(lmax0, __shfl_xor_sync(0xffffffffu, lmax0, o));
+    lmax1 = fmaxf(lmax1, __shfl_xor_sync(0xffffffffu, lmax1, o));
+  }
+  if (lane < 4) {
+    if (hc0 < kMaxGroup) S.wred[warp][hc0] = lmax0;
+    if (hc1 < kMaxGroup) S.wred[warp][hc1] = lmax1;
+  }
+  __syncthreads();
+  if (tid < G) {
+    float mx = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, S.wred[w][tid]);
+    S.cmax[tid] = mx;
+  }
+  __syncthreads();
+
+  if (a.stop == 2) { __syncthreads(); cl.sync(); return; }
+  // ---- softmax statistics, one cluster exchange: each block's (max, sum of exp(z - its max)) per
+  // head, combined as S = sum_c S_c exp(M_c - M). Exponents below -87 give 0 (fast_exp.h's rule). ----
+  {
+    float cm[kMaxGroup], ls[kMaxGroup];
+#pragma unroll
+    for (int r = 0; r < kMaxGroup; ++r) cm[r] = r < G ? S.cmax[r] : 0.f, ls[r] = 0.f;
+    for (int j = tid; j < m; j += kThreads) {
+#pragma unroll
+      for (int r = 0; r < kMaxGroup; ++r) {
+        if (r >= G) break;
+        const float x = zs[(size_t)r * a.zstride + j] - cm[r];
+        ls[r] += (x < -87.f || cm[r] == -INFINITY) ? 0.f : expf(x);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxGroup; ++r) {
+      if (r >= G) break;
+      const float s = warp_sum(ls[r]);
+      if (lane == 0) S.wred[warp][r] = s;
+    }
+  }
+  __syncthreads();
+  if (tid < G) {
+    float s = 0.f;
+    for (int w = 0; w < kWarps; ++w) s += S.wred[w][tid];
+    S.csum[tid] = s;
+  }
+  cl.sync();
+  if (tid < G) {
+    float mx = -INFINITY;
+    for (int r = 0; r < C; ++r) mx = fmaxf(mx, cl.map_shared_rank(S.cmax, r)[tid]);
+    float s = 0.f;
+    if (mx != -INFINITY)
+      for (int r = 0; r < C; ++r) {
+        const float mr = cl.map_shared_rank(S.cmax, r)[tid];
+        if (mr != -INFINITY) s += cl.map_shared_rank(S.csum, r)[tid] * expf(mr - mx);
+      }
+    S.gmax[tid] = mx;
+    S.ginv[tid] = 1.f / (s * (float)G);
+  }
+  __syncthreads();
+
+  // ---- group weights w = sum_r exp(z_r - M_r) / (S_r G), into row 0 of zs; the level-1 histogram
+  // of the top-p select is built in the same pass ----
+  float* ws = zs;
+  uint32_t* const hist[2] = {histA, histB};
+  const bool topp = a.p < 1.f;
+  {
+    float gm[kMaxGroup], inv[kMaxGroup];
+#pragma unroll
+    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, inv[r] = r < G ? S.ginv[r] : 0.f;
+    for (int j = tid; j < m; j += kThreads) {
+      float w = 0.f;
+#pragma unroll
+      for (int r = 0; r < kMaxGroup; ++r) {
+        if (r >= G) break;
+        const float x = zs[(size_t)r * a.zstride + j] - gm[r];
+        w += ((x < -87.f || gm[r] == -INFINITY) ? 0.f : expf(x)) * inv[r];
+      }
+      ws[j] = w;
+      if (topp) hist_add(histA, (__float_as_uint(w) >> 20) & (kBins - 1), w);
+    }
+  }
+  __syncthreads();
+
+  int next = 0;
+  const bool forced_here = cur_is_cand && beg + m == n;  // the current token is this block's last entry
+
+  if (a.stop == 3) { __syncthreads(); cl.sync(); return; }
+  // ---- top-p threshold (keys of positive weights; zeros never kept) ----
+  uint32_t tau_key = 1u;  // p = 1: every positive weight
+  if (topp) {
+    // Target p * total, the total being the level-1 histograms' sum (topp.cpp does the same).
+    auto key_fn = [&](int j, uint32_t& k, float& w) {
+      w = ws[j];
+      k = __float_as_uint(w);
+      return k != 0u;
+    };
+    u64 above;
+    tau_key = radix_select(cl, S, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
+    if (tau_key == 0u) tau_key = 1u;
+  }
+
+  if (a.stop == 4) { __syncthreads(); cl.sync(); return; }
+  // ---- keep flags (reuse rowidx); count and kept mass published to the cluster together ----
+  // Each thread owns a contiguous run of the block's slice, so one block scan orders the output.
+  int32_t* flag = rowidx;
+  const int run_len = (m + kThreads - 1) / kThreads;
+  const int r0 = min(m, tid * run_len), r1 = min(m, r0 + run_len);
+  int my = 0, my_off = 0;
+  auto count_and_publish = [&]() {
+    my = 0;
+    u64 lm = 0;
+    for (int j = r0; j < r1; ++j)
+      if (flag[j]) ++my, lm += fixed_mass(ws[j]);
+    int tot;
+    my_off = block_scan_excl_int(my, &tot, S);
+    u64 excl, mtot;
+    (void)block_scan_incl(lm, excl, mtot, S);
+    if (tid == 0) S.ccount = tot, S.cmass = mtot;
+    cl.sync();
+  };
+  for (int j = r0; j < r1; ++j) {
+    const uint32_t k = __float_as_uint(ws[j]);
+    flag[j] = (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
+  }
+  count_and_publish();
+  int kept = 0;
+  for (int r = 0; r < C; ++r) kept += *cl.map_shared_rank(&S.ccount, r);
+
+  // ---- floor / cap: the k heaviest (current token first, ties by lower list index) ----
+  const int size = kept + extra;
+  const bool need_floor = a.min_tokens > size && kept < n;
+  const bool need_cap = a.max_tokens > 0 && size > a.max_tokens;
+  if (need_floor || need_cap) {
+    cl.sync();  // every block has read the counts above before S.ccount is written again
+    const int k = min(max((need_cap ? a.max_tokens : a.min_tokens) - extra, 0), n);
+    auto prio = [&](int j) -> uint32_t {
+      return (forced_here && j == m - 1) ? kPrioKey : __float_as_uint(ws[j]);
+    };
+    if (k == 0) {
+      for (int j = tid; j < m; j += kThreads) flag[j] = 0;
+    } else {
+      auto key_fn = [&](int j, uint32_t& kk, float& w) {
+        kk = prio(j);
+        w = 0.f;
+        return true;
+      };
+      u64 above;
+      const uint32_t vk = radix_select(cl, S, m, key_fn, true, false, 0.0, (u64)k, hist, next, above);
+      const int need = k - (int)above;  // ties at vk to keep, lowest list index first
+      // Ties in list order: this block's offset among the cluster's ties, then an ordered block scan.
+      int nt = 0;
+      for (int j = tid; j < m; j += kThreads) nt += prio(j) == vk;
+      int ttot;
+      (void)block_scan_excl_int(nt, &ttot, S);
+      if (tid == 0) S.ccount = ttot;
+      __syncthreads();
+      cl.sync();
+      int toff = 0;
+      for (int r = 0; r < rank; ++r) toff += *cl.map_shared_rank(&S.ccount, r);
+      __syncthreads();
+      cl.sync();  // every block has read S.ccount before it is reused below
+      for (int base = 0; base < m; base += kThreads) {
+        const int j = base + tid;
+        const uint32_t kk = j < m ? prio(j) : 0u;
+        const bool tie = j < m && kk == vk;
+        int rtot;
+        const int r = block_scan_excl_int(tie ? 1 : 0, &rtot, S);
+        if (j < m) flag[j] = kk > vk || (tie && toff + r < need);
+        toff += rtot;
+      }
+    }
+    __syncthreads();
+    count_and_publish();
+  }
+  int off = 0;
+  kept = 0;
+  u64 mass = 0;
+  for (int r = 0; r < C; ++r) {
+    const int cr = *cl.map_shared_rank(&S.ccount, r);
+    if (r < rank) off += cr;
+    kept += cr;
+    mass += *cl.map_shared_rank(&S.cmass, r);
+  }
+  if (rank == 0 && tid == 0) {
+    a.out_count[list] = kept + extra;
+    if (a.est_mass) a.est_mass[list] = (float)((double)mass * kFixedUnit);
+  }
+
+  if (a.stop == 5) { __syncthreads(); cl.sync(); return; }
+  // ---- ordered compaction of the kept positions ----
+  int o = off + my_off;
+  for (int j = r0; j < r1; ++j)
+    if (flag[j]) out_toks[o++] = toks[j];
+  if (rank == C - 1 && tid == 0 && extra) out_toks[kept] = cur;  // every candidate is < cur: still ascending
+  cl.sync();  // no block leaves while others may read its shared memory
+}
+
+struct Shape {
+  int d, G;
+};
+
+Shape check_args(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+  check_config(kv);  // head dim, dtype, group size, batch, pointers
+  const int G = kv.n_heads / kv.n_kv_heads;
+  TW_CHECK(kv.n_pages * kv.n_kv_heads * kPageSize < (int64_t(1) << 31), "pruner (CUDA): ", kv.n_pages,
+           " pages x ", kv.n_kv_heads, " kv heads exceed the 32-bit row index");
+  TW_CHECK(prm.p > 0.f && prm.p <= 1.f, "pruner (CUDA): p = ", prm.p, " is not in (0, 1]");
+  TW_CHECK(prm.min_tokens >= 0 && prm.max_tokens >= 0, "pruner (CUDA): negative floor or cap");
+  TW_CHECK(prm.max_tokens == 0 || prm.max_tokens >= prm.min_tokens, "pruner (CUDA): cap ", prm.max_tokens,
+           " below floor ", prm.min_tokens);
+  TW_CHECK(in_capacity > 0, "pruner (CUDA): I0 capacity ", in_capacity, " must be positive");
+  return {kv.head_dim, G};
+}
+
+size_t smem_for(int G, int chunk, int* zstride) {
+  const int zs = (chunk + 31) / 32 * 32 + 4;  // +4 floats: the 4 column groups of a tile hit distinct banks
+  if (zstride) *zstride = zs;
+  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * 3 * kBins * 4;
+}
+
+int tokens_per_block() {
+  static const int v = [] {
+    const char* s = std::getenv("TW_PRUNE_TOKENS_PER_BLOCK");  // tuning knob for the benchmark
+    const int x = s ? std::atoi(s) : 0;
+    return x >= 256 ? x : 2048;
+  }();
+  return v;
+}
+
+// The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
+// clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
+// captures stay free of it.
+void (*kernel_for(int head_dim, int group))(Args) {
+  const bool pack = group <= 4;
+  void (*kern)(Args) = head_dim == 128 ? (pack ? prune_kernel<128, true> : prune_kernel<128, false>)
+                                       : (pack ? prune_kernel<64, true> : prune_kernel<64, false>);
+  static std::once_flag once[4];
+  std::call_once(once[(head_dim == 128 ? 2 : 0) + (pack ? 1 : 0)], [kern] {
+    int dev = 0, optin = 0;
+    TW_CUDA_CHECK(cudaGetDevice(&dev));
+    TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       (int)cudaSharedmemCarveoutMaxShared));
+  });
+  return kern;
+}
+
+cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream);
+
+}  // namespace
+
+PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+  const Shape sh = check_args(kv, in_capacity, prm);
+  int dev = 0;
+  TW_CUDA_CHECK(cudaGetDevice(&dev));
+  int optin = 0;
+  TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  // Blocks per list: from the parallelism target (tokens_per_block), then more until a block's
+  // slice fits kMaxChunk and, preferably, <= 75 KiB of shared memory (three blocks per SM), else up to
+  // the opt-in limit.
+  const int cmin = std::clamp((in_capacity + tokens_per_block() - 1) / tokens_per_block(), 1, kMaxCluster);
+  for (size_t limit : {size_t(75) << 10, (size_t)optin}) {
+    for (int c = cmin; c <= kMaxCluster; ++c) {
+      const int chunk = ((in_capacity + c - 1) / c + 15) / 16 * 16;
+      const size_t smem = smem_for(sh.G, chunk, nullptr);
+      if (chunk <= kMaxChunk && smem <= limit) return PrunePlan{c, chunk, smem};
+    }
+  }
+  fail("pruner (CUDA): I0 capacity ", in_capacity, " with group size ", sh.G, " does not fit ", kMaxCluster,
+       " blocks of shared memory");
+}
+
+void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const TokenLists& in,
+                const PruneParams& prm, const TokenLists& out, float* est_mass, cudaStream_t stream) {
+  const PrunePlan plan = prune_plan(kv, in.capacity, prm);
+  TW_CHECK(ks.k4 && ks.k4_scale && ks.k4_zero, "pruner (CUDA): null INT4 key mirror");
+  TW_CHECK(q, "pruner (CUDA): null query");
+  TW_CHECK(in.count && in.tokens && out.count && out.tokens, "pruner (CUDA): null token lists");
+  const int need_out = prm.max_tokens > 0 ? std::min(prm.max_tokens, in.capacity + 1) : in.capacity + 1;
+  TW_CHECK(out.capacity >= need_out, "pruner (CUDA): output capacity ", out.capacity, " < ", need_out,
+           " (I0 capacity + the current token)");
+
+  Args a{};
+  a.page_table = kv.page_table;
+  a.seq_len = kv.seq_len;
+  a.k4 = ks.k4;
+  a.k4s = ks.k4_scale;
+  a.k4z = ks.k4_zero;
+  a.q = q;
+  a.in_count = in.count;
+  a.in_tokens = in.tokens;
+  a.out_count = out.count;
+  a.out_tokens = out.tokens;
+  a.est_mass = est_mass;
+  a.n_pages = kv.n_pages;
+  a.max_pages = kv.max_pages;
+  a.n_kv_heads = kv.n_kv_heads;
+  a.group = kv.n_heads / kv.n_kv_heads;
+  a.in_cap = in.capacity;
+  a.out_cap = out.capacity;
+  a.p = prm.p;
+  a.min_tokens = prm.min_tokens;
+  a.max_tokens = prm.max_tokens;
+  a.chunk = plan.chunk;
+  {
+    static const int stop = [] {
+      const char* e = std::getenv("TW_PRUNE_STOP_AFTER");
+      return e ? std::atoi(e) : 0;
+    }();
+    a.stop = stop;
+  }
+  smem_for(a.group, plan.chunk, &a.zstride);
+
+  void (*kern)(Args) = kernel_for(kv.head_dim, a.group);
+  const cudaLaunchConfig_t cfg = launch_config(plan, kv, stream);
+  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
+}
+
+int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+  const PrunePlan plan = prune_plan(kv, in_capacity, prm);
+  const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0);
+  int n = 0;
+  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, kv.n_heads / kv.n_kv_heads), &cfg));
+  return n;
+}
+
+namespace {
+cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(plan.cluster, kv.n_kv_heads, kv.batch);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = plan.smem_bytes;
+  cfg.stream = stream;
+  static thread_local cudaLaunchAttribute attr[1];  // cfg points at it
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = plan.cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+}  // namespace
+
+}  // namespace tw::attn::cuda

@@ -1,0 +1,474 @@
+// The fused CUDA pruner against the CPU prune_topp (Group mode) and against the top-p definition in
+// double precision. Float sums in another order can flip a token lying exactly at the threshold, so:
+//  (a) every list: the GPU set, weighed in double from the same dequantised K~, is an upper set of
+//      the candidates (nothing lighter kept while something heavier is dropped), its mass reaches p,
+//      and dropping its lightest tie group falls below p (minimality), up to kTol of the total;
+//  (b) lists whose double-precision boundary is not within kTol of a tie or of the target: the GPU
+//      set equals the CPU set token for token, and the estimated masses agree.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <numeric>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "attention/cuda/pruner.h"
+#include "attention/cuda/pruner_test_util.h"
+#include "attention/pruner.h"
+#include "common/threadpool.h"
+
+namespace tw::attn::cuda {
+namespace {
+
+using namespace ptest;
+using ::tw::cuda::test::expect_error;
+using ::tw::cuda::test::fresh_seed;
+
+constexpr double kTol = 1e-5;  // relative to the list's total mass (fp32 weights and sums)
+
+// Group weights of the candidates in double from the INT4 mirror (the estimate's exact value).
+std::vector<double> weights_double(const Batch& B, int s, int h, const std::vector<int32_t>& cand) {
+  const int d = B.spec.head_dim, G = B.G();
+  const size_t m = cand.size();
+  std::vector<double> w(m, 0.0), z(m);
+  std::vector<std::vector<double>> krows(m, std::vector<double>(d));
+  for (size_t j = 0; j < m; ++j) {
+    const int t = cand[j];
+    const int32_t phys = B.seqs[s].pages[t / kPageSize];
+    const int row = t % kPageSize;
+    const uint8_t* c = B.side->k4(0, phys, h) + (size_t)row * (d / 2);
+    const double sc = B.side->k4_scale(0, phys, h)[row], zp = B.side->k4_zero(0, phys, h)[row];
+    for (int i = 0; i < d; ++i) krows[j][i] = zp + ((i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4)) * sc;
+  }
+  for (int r = 0; r < G; ++r) {
+    const float* q = B.q.data() + ((size_t)s * B.spec.n_heads + (size_t)h * G + r) * d;
+    double mx = -INFINITY;
+    for (size_t j = 0; j < m; ++j) {
+      double acc = 0;
+      for (int i = 0; i < d; ++i) acc += (double)q[i] * krows[j][i];
+      z[j] = acc / std::sqrt((double)d);
+      mx = std::max(mx, z[j]);
+    }
+    double sum = 0;
+    for (size_t j = 0; j < m; ++j) sum += (z[j] = std::exp(z[j] - mx));
+    for (size_t j = 0; j < m; ++j) w[j] += z[j] / sum / G;
+  }
+  return w;
+}
+
+struct Tally {
+  int lists = 0, equal_checked = 0;
+};
+
+// Checks one batch's GPU result (out, mass) for input lists `in`.
+void check_batch(const Batch& B, const HostLists& in, const HostLists& out, const std::vector<float>& mass,
+                 const PruneParams& prm, Tally& tally) {
+  ThreadPool tp(2);
+  const int Hkv = B.spec.n_kv_heads;
+  PruneOptions opt;
+  opt.p = prm.p;
+  opt.min_tokens = prm.min_tokens;
+  opt.max_tokens = prm.max_tokens;
+  const bool floor_cap = prm.min_tokens > 0 || prm.max_tokens > 0;
+  for (int s = 0; s < B.batch; ++s) {
+    const int L = B.spec.seq_len[s], cur = L - 1;
+    Selection sel = selection_of(in, s, Hkv), ref;
+    std::vector<PruneStats> stats;
+    prune_topp(*B.side, B.seqs[s], 0, B.hs(), B.q.data() + (size_t)s * B.spec.n_heads * B.spec.head_dim, sel, L, opt,
+               ref, stats, tp);
+    for (int h = 0; h < Hkv; ++h) {
+      SCOPED_TRACE(cat("sequence ", s, " (", L, " tokens) kv head ", h));
+      ++tally.lists;
+      const int li = s * Hkv + h;
+      const std::vector<int32_t>& cand = in.lists[li];
+      const std::vector<int32_t>& got = out.lists[li];
+      const std::vector<int32_t> want(ref.list(h), ref.list(h) + ref.size(h));
+      // Shape of the answer: ascending, unique, candidates or the current token, current token present.
+      ASSERT_FALSE(got.empty());
+      for (size_t i = 1; i < got.size(); ++i) ASSERT_LT(got[i - 1], got[i]) << "not ascending at " << i;
+      EXPECT_EQ(got.back(), cur);
+      for (int32_t t : got)
+        ASSERT_TRUE(t == cur || std::binary_search(cand.begin(), cand.end(), t)) << "token " << t << " not a candidate";
+      if (prm.max_tokens > 0) EXPECT_LE((int)got.size(), prm.max_tokens);
+      if (cand.empty()) {
+        EXPECT_EQ(got, want);
+        continue;
+      }
+
+      const std::vector<double> w = weights_double(B, s, h, cand);
+      const size_t m = cand.size();
+      const bool cur_cand = cand.back() == cur;
+      std::vector<char> kept(m, 0);
+      for (size_t j = 0, g = 0; j < m; ++j) {
+        while (g < got.size() && got[g] < cand[j]) ++g;
+        kept[j] = g < got.size() && got[g] == cand[j];
+      }
+      double total = 0;
+      for (double x : w) total += x;
+      std::vector<double> sorted(w);
+      std::sort(sorted.rbegin(), sorted.rend());
+      const double target = prm.p * total;
+
+      // Fragile boundary in double (then only (a) applies).
+      bool fragile = false;
+      if (prm.p < 1.f) {
+        // Boundary group: the values tied (exactly, in double: identical rows) with the k-th heaviest.
+        double cum = 0;
+        size_t k = 0;
+        while (k < m && cum < target) cum += sorted[k++];
+        size_t first = k - 1;
+        while (first > 0 && sorted[first - 1] == sorted[k - 1]) --first;
+        size_t ext = k;
+        while (ext < m && sorted[ext] == sorted[k - 1]) cum += sorted[ext++];
+        double above = 0;
+        for (size_t i = 0; i < first; ++i) above += sorted[i];
+        fragile = std::fabs(cum - target) <= kTol * total || std::fabs(above - target) <= kTol * total ||
+                  (ext < m && sorted[ext - 1] - sorted[ext] <= kTol * sorted[ext - 1]) ||
+                  (first > 0 && sorted[first - 1] - sorted[first] <= kTol * sorted[first - 1]);
+      } else {
+        fragile = sorted.back() < 1e-30 * sorted.front();  // underflowed weights: both drop them, maybe not alike
+      }
+      if (floor_cap) {
+        for (int k : {prm.min_tokens - 1, prm.min_tokens, prm.max_tokens - 1, prm.max_tokens})
+          if (k >= 1 && (size_t)k < m && sorted[k - 1] - sorted[k] <= kTol * sorted[k - 1]) fragile = true;
+      }
+
+      if (!floor_cap) {
+        // (a) upper set, mass, minimality; the current token may be forced in, so it is set aside.
+        double lightest = INFINITY, heaviest_dropped = 0, mass_kept = 0;
+        for (size_t j = 0; j < m; ++j) {
+          if (kept[j]) mass_kept += w[j];
+          const bool forced_only = cur_cand && j == m - 1;
+          if (kept[j] && !forced_only) lightest = std::min(lightest, w[j]);
+          if (!kept[j]) heaviest_dropped = std::max(heaviest_dropped, w[j]);
+        }
+        EXPECT_GE(mass_kept, target - kTol * total) << "kept mass below p";
+        if (lightest != INFINITY) {
+          EXPECT_LE(heaviest_dropped, lightest * (1 + kTol)) << "a heavier candidate was dropped";
+          if (prm.p < 1.f) {
+            double reduced = 0;
+            for (size_t j = 0; j < m; ++j)
+              if (kept[j] && w[j] > lightest * (1 + kTol)) reduced += w[j];
+            EXPECT_LT(reduced, target + kTol * total) << "not minimal: the set without its lightest tokens reaches p";
+          }
+        }
+      }
+      if (!fragile) {
+        ++tally.equal_checked;
+        EXPECT_EQ(got, want) << "GPU set differs from the CPU prune_topp (" << got.size() << " vs " << want.size()
+                             << " tokens)";
+        EXPECT_NEAR(mass[li], stats[h].est_mass_kept, 2e-5) << "estimated mass";
+      }
+    }
+  }
+}
+
+struct RunResult {
+  HostLists out;
+  std::vector<float> mass;
+};
+
+RunResult run_pruner(const Batch& B, const HostLists& in, const PruneParams& prm) {
+  const int n_lists = B.batch * B.spec.n_kv_heads;
+  DevLists din(n_lists, in.capacity), dout(n_lists, in.capacity + 1);
+  din.upload(in);
+  dout.poison();
+  ::tw::cuda::DeviceBuffer dmass((size_t)n_lists * 4);
+  TW_CUDA_CHECK(cudaMemset(dmass.get(), 0xFF, dmass.size()));
+  prune_topp(B.kv, B.ks, B.d_q.as<float>(), din.tl, prm, dout.tl, dmass.as<float>());
+  TW_CUDA_CHECK(cudaDeviceSynchronize());
+  RunResult r;
+  r.out = dout.download(n_lists);
+  r.mass.resize(n_lists);
+  dmass.download(r.mass.data(), r.mass.size() * 4);
+  for (float x : r.mass) EXPECT_TRUE(std::isfinite(x)) << "mass not written";
+  return r;
+}
+
+HostLists random_lists(const Batch& B, int cap, std::mt19937_64& rng, int kinds_mask = 0xF) {
+  HostLists h;
+  h.capacity = cap;
+  std::vector<ListKind> kinds;
+  for (int k = 0; k < 4; ++k)
+    if (kinds_mask & (1 << k)) kinds.push_back((ListKind)k);
+  for (int s = 0; s < B.batch; ++s)
+    for (int k = 0; k < B.spec.n_kv_heads; ++k)
+      h.lists.push_back(make_candidates(kinds[(s * 7 + k) % kinds.size()], B.spec.seq_len[s], cap, rng));
+  return h;
+}
+
+struct Cfg {
+  int H, Hkv, d;
+  KvDtype dtype;
+  int cap;
+  std::vector<int> lens;
+  float kscale;
+};
+
+TEST(PrunerCuda, RandomBatchesMatchCpu) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  const std::vector<Cfg> cfgs = {
+      {32, 8, 128, KvDtype::F16, 2048, {1, 17, 300, 2100, 5000}, 1.5f},   // G = 4, one block per list
+      {9, 3, 64, KvDtype::F16, 4096, {33, 4100, 900}, 2.0f},              // G = 3 (SmolLM2), cluster of 2
+      {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500}, 1.2f},              // G = 6 (Qwen 1.5B), cluster of 4
+      {14, 2, 64, KvDtype::F16, 3000, {3500, 64, 16}, 2.5f},              // G = 7 (Qwen 0.5B)
+      {8, 8, 128, KvDtype::F16, 1024, {1500, 700}, 1.0f},                 // G = 1
+      {16, 2, 64, KvDtype::BF16, 16384, {17000}, 1.5f},                   // G = 8, cluster of 8
+  };
+  Tally tally;
+  for (const Cfg& c : cfgs) {
+    BatchSpec spec;
+    spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens,
+    spec.kscale = c.kscale;
+    auto B = make_batch(spec, rng);
+    const HostLists in = random_lists(*B, c.cap, rng);
+    for (float p : {0.5f, 0.85f, 0.95f}) {
+      SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, " cap ", c.cap, " p ", p));
+      PruneParams prm;
+      prm.p = p;
+      const RunResult r = run_pruner(*B, in, prm);
+      check_batch(*B, in, r.out, r.mass, prm, tally);
+    }
+  }
+  // Most lists have a clear boundary: the equality check must really have run.
+  EXPECT_GE(tally.equal_checked, tally.lists * 8 / 10) << tally.equal_checked << " of " << tally.lists;
+}
+
+TEST(PrunerCuda, LongListOverSixteenBlocks) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  BatchSpec spec;
+  spec.n_heads = 8, spec.n_kv_heads = 1, spec.head_dim = 128, spec.seq_len = {40000}, spec.kscale = 1.3f;
+  auto B = make_batch(spec, rng);
+  const PrunePlan plan = prune_plan(B->kv, 40000, PruneParams{});
+  EXPECT_EQ(plan.cluster, 16);
+  const HostLists in = random_lists(*B, 40000, rng, 1 << (int)ListKind::All);
+  Tally tally;
+  for (float p : {0.9f, 1.f}) {
+    PruneParams prm;
+    prm.p = p;
+    const RunResult r = run_pruner(*B, in, prm);
+    check_batch(*B, in, r.out, r.mass, prm, tally);
+  }
+}
+
+TEST(PrunerCuda, FloorAndCap) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  BatchSpec spec;
+  spec.n_heads = 12, spec.n_kv_heads = 4, spec.head_dim = 64, spec.seq_len = {3000, 5000, 40, 1}, spec.kscale = 2.f;
+  auto B = make_batch(spec, rng);
+  const HostLists in = random_lists(*B, 4096, rng);
+  Tally tally;
+  for (auto [p, lo, hi] : {std::tuple{0.3f, 100, 0}, std::tuple{0.99f, 0, 50}, std::tuple{0.95f, 20, 20},
+                           std::tuple{0.9f, 0, 1}, std::tuple{0.5f, 5000, 0}}) {
+    SCOPED_TRACE(cat("p ", p, " floor ", lo, " cap ", hi));
+    PruneParams prm;
+    prm.p = p, prm.min_tokens = lo, prm.max_tokens = hi;
+    const RunResult r = run_pruner(*B, in, prm);
+    check_batch(*B, in, r.out, r.mass, prm, tally);
+  }
+  EXPECT_GE(tally.equal_checked, tally.lists / 2);
+}
+
+// Structured inputs: every key identical (one tie group), one dominant key, keys from four values
+// (heavy ties), p near 0 and p = 1, tiny lists, lists without the current token.
+TEST(PrunerCuda, EdgeCases) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> N(0.f, 1.f);
+  const int d = 128;
+  std::vector<float> base4((size_t)4 * d);
+  for (auto& x : base4) x = N(rng) * 1.5f;
+  struct Case {
+    const char* name;
+    std::function<void(int, int, int, float*)> key;
+  };
+  const std::vector<Case> cases = {
+      {"uniform", [&](int, int, int, float* k) { std::copy(base4.begin(), base4.begin() + d, k); }},
+      {"one-hot",
+       [&](int, int t, int, float* k) {
+         for (int i = 0; i < d; ++i) k[i] = (t == 37 ? 40.f : 0.5f) * base4[i];
+       }},
+      {"four-values", [&](int, int t, int, float* k) { std::copy_n(base4.begin() + (size_t)((t * 7) % 4) * d, d, k); }},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    BatchSpec spec;
+    spec.n_heads = 6, spec.n_kv_heads = 2, spec.head_dim = d, spec.seq_len = {1, 2, 3, 100, 2500};
+    spec.key_fn = c.key;
+    auto B = make_batch(spec, rng);
+    // Sequence 3 (100 tokens) with q aligned to the base key so the one-hot token dominates.
+    HostLists in;
+    in.capacity = 3000;
+    for (int s = 0; s < B->batch; ++s) {
+      const int L = spec.seq_len[s];
+      in.lists.push_back(make_candidates(ListKind::All, L, 3000, rng));        // kv head 0: everything
+      in.lists.push_back(make_candidates(ListKind::NoCurrent, L, 3000, rng));  // kv head 1: no current token
+    }
+    in.lists[1] = {};  // sequence 0, kv head 1: empty list
+    Tally tally;
+    for (float p : {1e-6f, 0.3f, 0.9f, 0.999f, 1.f}) {
+      SCOPED_TRACE(cat("p ", p));
+      PruneParams prm;
+      prm.p = p;
+      const RunResult r = run_pruner(*B, in, prm);
+      check_batch(*B, in, r.out, r.mass, prm, tally);
+      if (std::string(c.name) == "uniform") {  // one tie group: every candidate kept at any p
+        for (int li = 0; li < (int)in.lists.size(); ++li) {
+          std::vector<int32_t> all = in.lists[li];
+          const int cur = spec.seq_len[li / 2] - 1;
+          if (all.empty() || all.back() != cur) all.push_back(cur);
+          EXPECT_EQ(r.out.lists[li], all) << "list " << li;
+        }
+      }
+    }
+  }
+}
+
+TEST(PrunerCuda, BadConfigurationsFail) {
+  TW_REQUIRE_CUDA_DEVICE();
+  std::mt19937_64 rng(1);
+  BatchSpec spec;
+  spec.n_heads = 8, spec.n_kv_heads = 2, spec.head_dim = 64, spec.seq_len = {20};
+  auto B = make_batch(spec, rng);
+  DevLists in(2, 64), out(2, 65), small(2, 10);
+  PruneParams prm;
+  PagedKV kv = B->kv;
+  kv.head_dim = 96;
+  expect_error([&] { prune_topp(kv, B->ks, B->d_q.as<float>(), in.tl, prm, out.tl, nullptr); }, "head_dim");
+  kv = B->kv;
+  kv.n_heads = 18;  // G = 9
+  expect_error([&] { prune_topp(kv, B->ks, B->d_q.as<float>(), in.tl, prm, out.tl, nullptr); }, "group");
+  prm.p = 0.f;
+  expect_error([&] { prune_topp(B->kv, B->ks, B->d_q.as<float>(), in.tl, prm, out.tl, nullptr); }, "p = ");
+  prm.p = 0.9f;
+  expect_error([&] { prune_topp(B->kv, B->ks, B->d_q.as<float>(), in.tl, prm, small.tl, nullptr); }, "capacity");
+  prm.min_tokens = 10, prm.max_tokens = 5;
+  expect_error([&] { prune_topp(B->kv, B->ks, B->d_q.as<float>(), in.tl, prm, out.tl, nullptr); }, "below floor");
+  prm = PruneParams{};
+  KeySideDev ks = B->ks;
+  ks.k4 = nullptr;
+  expect_error([&] { prune_topp(B->kv, ks, B->d_q.as<float>(), in.tl, prm, out.tl, nullptr); }, "INT4");
+  expect_error([&] { prune_plan(B->kv, 1 << 24, prm); }, "does not fit");
+}
+
+
+// ---- benchmark (disabled; run with --gtest_also_run_disabled_tests) ----
+// Llama-3.1-8B attention shape: 32 sequences x 32 query heads / 8 kv heads x d 128, 32768 tokens per
+// sequence, B0 = 8192 candidates per (sequence, kv head) as whole pages (a Quest-like I0), every
+// sequence its own pages (distinct data: ~600 MB of INT4 mirror, 10x the L2). Prints BENCH lines:
+// median over repeats (CUDA events), bytes read, GB/s; the copy bandwidth measured in the same run.
+namespace bench {
+
+__global__ void fill_random_bytes(uint8_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    p[i] = (uint8_t)x;
+  }
+}
+__global__ void fill_scale_zero(float* s, float* z, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    const float u = (x & 0xffff) / 65536.f, v = (x >> 16) / 65536.f;
+    s[i] = 0.05f + 0.5f * u;          // per-token spread: some tokens far more peaked than others
+    z[i] = -7.5f * s[i] + (v - 0.5f);
+  }
+}
+
+}  // namespace bench
+
+TEST(PrunerCudaBench, DISABLED_Llama8B_B0_8192) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const int batch = 32, H = 32, Hkv = 8, d = 128, L = 32768, B0 = 8192;
+  const int pages_per_seq = L / kPageSize;
+  const int64_t n_pages = (int64_t)batch * pages_per_seq;
+  std::mt19937_64 rng(12345);
+  const size_t n_rows = (size_t)n_pages * Hkv * kPageSize;
+  ::tw::cuda::DeviceBuffer k4(n_rows * d / 2), k4s(n_rows * 4), k4z(n_rows * 4), kdummy(256), vdummy(256);
+  bench::fill_random_bytes<<<1024, 256>>>(k4.as<uint8_t>(), k4.size(), 7u);
+  bench::fill_scale_zero<<<1024, 256>>>(k4s.as<float>(), k4z.as<float>(), n_rows, 11u);
+  TW_CUDA_CHECK_LAUNCH();
+  std::vector<int32_t> perm(n_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> pt(perm), len(batch, L);
+  ::tw::cuda::DeviceBuffer dpt(pt.size() * 4), dlen(len.size() * 4);
+  dpt.upload(pt.data(), pt.size() * 4);
+  dlen.upload(len.data(), len.size() * 4);
+  const std::vector<float> q = ::tw::cuda::test::random_normal(rng, (size_t)batch * H * d);
+  ::tw::cuda::DeviceBuffer dq(q.size() * 4);
+  dq.upload(q.data(), q.size() * 4);
+  HostLists in;
+  in.capacity = B0;
+  for (int s = 0; s < batch; ++s)
+    for (int h = 0; h < Hkv; ++h) in.lists.push_back(make_candidates(ListKind::QuestLike, L, B0, rng));
+  DevLists din(batch * Hkv, B0), dout(batch * Hkv, B0 + 1);
+  din.upload(in);
+  ::tw::cuda::DeviceBuffer dmass((size_t)batch * Hkv * 4);
+
+  PagedKV kv;
+  kv.k = kdummy.get(), kv.v = vdummy.get();  // the pruner reads the INT4 mirror only
+  kv.page_table = dpt.as<int32_t>(), kv.seq_len = dlen.as<int32_t>();
+  kv.batch = batch, kv.n_heads = H, kv.n_kv_heads = Hkv, kv.head_dim = d, kv.max_pages = pages_per_seq;
+  kv.n_pages = n_pages;
+  KeySideDev ks;
+  ks.k4 = k4.as<uint8_t>(), ks.k4_scale = k4s.as<float>(), ks.k4_zero = k4z.as<float>();
+
+  // Copy bandwidth of this GPU in this run (bytes read + written), the ceiling for the pruner's reads.
+  {
+    ::tw::cuda::DeviceBuffer a(size_t(2) << 30), b(size_t(2) << 30);
+    cudaEvent_t e0, e1;
+    TW_CUDA_CHECK(cudaEventCreate(&e0));
+    TW_CUDA_CHECK(cudaEventCreate(&e1));
+    std::vector<float> ts;
+    for (int r = 0; r < 6; ++r) {
+      TW_CUDA_CHECK(cudaEventRecord(e0));
+      TW_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), a.size(), cudaMemcpyDeviceToDevice));
+      TW_CUDA_CHECK(cudaEventRecord(e1));
+      TW_CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms;
+      TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      if (r) ts.push_back(ms);
+    }
+    const double ms = median(ts);
+    std::printf("BENCH copy: %.3f ms for 2 x %zu bytes: %.0f GB/s (read + write)\n", ms, a.size(),
+                2.0 * a.size() / ms / 1e6);
+  }
+
+  for (float p : {0.85f, 0.95f}) {
+    PruneParams prm;
+    prm.p = p;
+    const PrunePlan plan = prune_plan(kv, B0, prm);
+    const auto [us, us_direct] = time_us(
+        [&](cudaStream_t st) { prune_topp(kv, ks, dq.as<float>(), din.tl, prm, dout.tl, dmass.as<float>(), st); });
+    const HostLists out = dout.download(batch * Hkv);
+    double kept = 0;
+    for (const auto& l : out.lists) kept += l.size();
+    // Bytes: per candidate its d/2 code bytes + scale + zero + its position; per page one table entry.
+    const double bytes = (double)batch * Hkv * B0 * (d / 2 + 8 + 4) + (double)batch * Hkv * (B0 / 16) * 4;
+    std::printf("BENCH pruner group p=%.2f: batch %d H %d Hkv %d d %d B0 %d (%d rows of G=%d heads): median %.1f us "
+                "per call in a graph (%.1f us direct launch), %.1f MB read, %.0f GB/s, mean |I1| %.0f, "
+                "cluster %d (%d clusters resident at once), smem %zu B\n",
+                p, batch, H, Hkv, d, B0, batch * H, H / Hkv, us, us_direct, bytes / 1e6, bytes / us / 1e3,
+                kept / (batch * Hkv), plan.cluster, prune_max_active_clusters(kv, B0, prm), plan.smem_bytes);
+  }
+}
+
+}  // namespace
+}  // namespace tw::attn::cuda

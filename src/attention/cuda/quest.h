@@ -1,0 +1,38 @@
+// Quest page selection on the GPU (the CPU reference: select_quest in attention/selectors.h, Group
+// mode). For every (sequence, kv head): page score u_p = sum_d max(q_d*kmax_d, q_d*kmin_d) per query
+// head, group score = max over the G query heads (a NaN score, possible only with inf keys, counts as
+// +inf); keep ceil(budget / 16) pages (at least 2): the first and the last page always, the rest by
+// descending score, ties to the lower page; emit the kept pages' tokens < seq_len, ascending, into a
+// TokenLists. A budget >= seq_len, or one that keeps every page, selects every token.
+// Two kernels, no host sync: page scoring over all SMs, then one block per (sequence, kv head) that
+// finds the r-th largest score by radix select (4 passes of 8 bits over the row's scores) and emits
+// the pages in order with one block scan.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "attention/cuda/layout.h"
+
+namespace tw::attn::cuda {
+
+// Workspace bytes of quest_select: the page scores [batch][Hkv][max_pages] float.
+size_t quest_workspace_bytes(const PagedKV& kv);
+
+// Tokens a list can receive for this budget: min(max(ceil(budget/16), 2), max_pages) * 16. The
+// TokenLists capacity must be at least this.
+int64_t quest_list_capacity(const PagedKV& kv, int64_t budget_tokens);
+
+// q: [batch][H][d] float (device, post-RoPE). side: kmin / kmax of every page in use (the INT4 part
+// is not read). budget_tokens > 0, the same for every sequence. max_seq_len: a host-side bound on
+// seq_len that sizes the scoring grid (longer sequences are still scored, by fewer blocks each).
+// out.count [batch][Hkv] and out.tokens [batch][Hkv][capacity] are written. After the call the
+// workspace holds each row's group scores, [batch][Hkv][max_pages] (entries past a row's pages
+// unspecified). Bad configuration, budget, capacity or workspace -> tw::Error before any launch.
+// Asynchronous on `stream`.
+void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
+                  int64_t max_seq_len, const TokenLists& out, void* workspace, size_t workspace_bytes,
+                  cudaStream_t stream = nullptr);
+
+}  // namespace tw::attn::cuda

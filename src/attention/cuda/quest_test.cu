@@ -1,0 +1,190 @@
+// quest_select (GPU) against the CPU select_quest (Group mode) on the same pages: identical token
+// lists (and group scores) on inputs whose scores are exact in any summation order (K multiples of
+// 1/8, q multiples of 1/4: many exact ties), on Gaussian inputs (exact unless the CPU scores have a
+// near-tie at the cut), with inf keys (NaN scores rank as +inf), tiny contexts, budgets at and past
+// the context; fp16 and bf16 (dyadic values are exact in both), d 64 / 128, G 1..8.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention/cuda/attn_test_util.h"
+#include "attention/cuda/quest.h"
+#include "attention/key_side.h"
+#include "attention/selectors.h"
+#include "kv/kv_cache.h"
+
+namespace tw::attn::cuda {
+namespace {
+
+using namespace test;
+
+enum class Values { Dyadic, Gaussian, DyadicWithInf };
+
+struct QuestCase {
+  KvDtype dt;
+  int d, G, hkv;
+  std::vector<int> lens;
+  Values values;
+};
+
+// Builds the CPU cache and key side, mirrors the bounds to the device, runs both selectors for each
+// budget and compares. Adds the number of lists compared exactly to `exact` (ASSERTs need void).
+void run_case(std::mt19937_64& rng, const QuestCase& c, const std::vector<int64_t>& budgets, int& exact) {
+  SCOPED_TRACE(cat(dtype_name(c.dt), " d ", c.d, " G ", c.G, " Hkv ", c.hkv, " values ", (int)c.values));
+  const int batch = (int)c.lens.size(), d = c.d, hkv = c.hkv, H = c.G * hkv;
+  PagedBatch pb = make_batch(rng, c.dt, H, hkv, d, c.lens, 1.f);  // random pages; K/V unused here
+  pb.upload();
+  kv::KVPool pool({1, hkv, d, pb.n_pages});
+  KeySide ks({1, hkv, d, pb.n_pages});
+  std::vector<kv::SeqPages> seqs(batch);
+  std::normal_distribution<float> N(0.f, 1.f);
+  std::uniform_int_distribution<int> k8(-24, 24), q4(-8, 8);
+  std::vector<float> kk(hkv * d), vv(hkv * d, 0.f);
+  for (int b = 0; b < batch; ++b) {
+    const int np = (c.lens[b] + kPageSize - 1) / kPageSize;
+    seqs[b].pages.assign(pb.page_table.begin() + (size_t)b * pb.max_pages,
+                         pb.page_table.begin() + (size_t)b * pb.max_pages + np);
+    for (int t = 0; t < c.lens[b]; ++t) {
+      // Dyadic rows repeat often across pages (few distinct values), so whole pages tie.
+      for (auto& x : kk) x = c.values == Values::Gaussian ? 1.5f * N(rng) : k8(rng) / 8.f;
+      if (c.values == Values::DyadicWithInf && rng() % 97 == 0) kk[rng() % kk.size()] = (rng() & 1) ? INFINITY : -INFINITY;
+      pool.write(0, seqs[b], t, kk.data(), vv.data());
+      ks.append(pool, 0, seqs[b], t);
+    }
+    seqs[b].n_tokens = c.lens[b];
+  }
+  if (c.values != Values::Gaussian) {  // copy some pages' bounds over others: exact page ties
+    for (int b = 0; b < batch; ++b)
+      for (size_t lp = 1; lp + 1 < seqs[b].pages.size(); ++lp)
+        if (rng() % 4 == 0) {
+          const int32_t from = seqs[b].pages[rng() % seqs[b].pages.size()], to = seqs[b].pages[lp];
+          for (int h = 0; h < hkv; ++h) {
+            std::copy_n(ks.kmin(0, from, h), d, const_cast<float*>(ks.kmin(0, to, h)));
+            std::copy_n(ks.kmax(0, from, h), d, const_cast<float*>(ks.kmax(0, to, h)));
+          }
+        }
+  }
+  // Device bounds: the CPU's float bounds in the dtype (exact: they are fp16 values, and dyadic
+  // values are exact in bf16 too; Gaussian ones are run in fp16 only). Unused pages hold NaN.
+  const size_t bound_elems = (size_t)pb.n_pages * hkv * d;
+  std::vector<uint16_t> kmin(bound_elems, nan_bits(c.dt)), kmax(bound_elems, nan_bits(c.dt));
+  for (int b = 0; b < batch; ++b)
+    for (int32_t phys : seqs[b].pages)
+      for (int h = 0; h < hkv; ++h)
+        for (int i = 0; i < d; ++i) {
+          const size_t o = ((size_t)phys * hkv + h) * d + i;
+          kmin[o] = to_bits(c.dt, ks.kmin(0, phys, h)[i]);
+          kmax[o] = to_bits(c.dt, ks.kmax(0, phys, h)[i]);
+          if (!std::isinf(ks.kmin(0, phys, h)[i]))
+            EXPECT_EQ(from_bits(c.dt, kmin[o]), ks.kmin(0, phys, h)[i]) << "test bug: bound not exact in dtype";
+        }
+  DeviceBuffer dmin = to_device(kmin), dmax = to_device(kmax);
+  KeySideDev side;
+  side.kmin = dmin.get();
+  side.kmax = dmax.get();
+
+  std::vector<float> q((size_t)batch * H * d);
+  for (auto& x : q) x = c.values == Values::Gaussian ? N(rng) : q4(rng) / 4.f;
+  DeviceBuffer dq = to_device(q);
+  const PagedKV kv = pb.view();
+  const int64_t max_len = *std::max_element(c.lens.begin(), c.lens.end());
+  DeviceBuffer ws(quest_workspace_bytes(kv));
+  for (int64_t budget : budgets) {
+    SCOPED_TRACE(cat("budget ", budget));
+    const int cap = (int)quest_list_capacity(kv, budget) + 5;
+    const size_t n_lists = (size_t)batch * hkv;
+    DeviceBuffer dcount(n_lists * 4), dtok(n_lists * cap * 4);
+    TW_CUDA_CHECK(cudaMemset(dcount.get(), 0xFF, dcount.size()));
+    TW_CUDA_CHECK(cudaMemset(dtok.get(), 0xFF, dtok.size()));  // -1: untouched entries show
+    TokenLists tl{dcount.as<int32_t>(), dtok.as<int32_t>(), cap};
+    quest_select(kv, side, dq.as<float>(), budget, max_len, tl, ws.get(), ws.size());
+    TW_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto count = to_host<int32_t>(dcount, n_lists), tok = to_host<int32_t>(dtok, n_lists * cap);
+    const auto gscores = to_host<float>(ws, (size_t)batch * hkv * pb.max_pages);
+    for (int b = 0; b < batch; ++b) {
+      Selection sel;
+      select_quest(ks, seqs[b], 0, {H, hkv, d}, q.data() + (size_t)b * H * d, c.lens[b], budget, GqaMode::Group, sel);
+      const int np = (c.lens[b] + kPageSize - 1) / kPageSize;
+      std::vector<float> cpu_scores((size_t)hkv * np);
+      quest_page_scores(ks, seqs[b], 0, {H, hkv, d}, q.data() + (size_t)b * H * d, c.lens[b], GqaMode::Group,
+                        cpu_scores.data());
+      for (int h = 0; h < hkv; ++h) {
+        SCOPED_TRACE(cat("seq ", b, " (len ", c.lens[b], ") kv head ", h));
+        const size_t li = (size_t)b * hkv + h;
+        const float* gs = &gscores[li * pb.max_pages];
+        const float* cs = &cpu_scores[(size_t)h * np];
+        const bool all = budget >= c.lens[b] || (budget + kPageSize - 1) / kPageSize >= np;
+        if (!all) {  // scores are computed only when pages are chosen
+          for (int p = 0; p < np; ++p) {
+            if (c.values == Values::Gaussian)
+              ASSERT_NEAR(gs[p], cs[p], 1e-4 * (1 + std::fabs(cs[p]))) << "page " << p;
+            else
+              ASSERT_EQ(gs[p], cs[p]) << "page " << p << " (exact inputs: scores must be identical)";
+          }
+        }
+        // Gaussian: a near-tie at the cut may legitimately order differently; compare exactly otherwise.
+        if (c.values == Values::Gaussian && !all && np > 2) {
+          std::vector<float> mid(cs + 1, cs + np - 1);
+          std::sort(mid.begin(), mid.end(), std::greater<float>());
+          const int64_t r = std::max<int64_t>(0, (budget + kPageSize - 1) / kPageSize - 2);
+          if (r > 0 && r < (int64_t)mid.size() && mid[r - 1] - mid[r] < 1e-4f * (1 + std::fabs(mid[r]))) continue;
+        }
+        ASSERT_EQ(count[li], sel.size(h)) << "list length";
+        for (int i = 0; i < count[li]; ++i)
+          ASSERT_EQ(tok[li * cap + i], sel.list(h)[i]) << "entry " << i << " of " << count[li];
+        for (int i = count[li]; i < cap; ++i) ASSERT_EQ(tok[li * cap + i], -1) << "written past the count, entry " << i;
+        ++exact;
+      }
+    }
+  }
+}
+
+TEST(QuestCuda, MatchesCpuSelectQuest) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> len(40, 3000);
+  const std::vector<int64_t> budgets = {1, 16, 17, 40, 100, 256, 1000, 2999, 1 << 20};
+  int exact = 0, total = 0;
+  for (KvDtype dt : {KvDtype::F16, KvDtype::BF16})
+    for (int d : {64, 128})
+      for (int G : {1, 3, 4, 6, 7, 8})
+        for (Values v : {Values::Dyadic, Values::Gaussian, Values::DyadicWithInf}) {
+          if (v == Values::Gaussian && dt == KvDtype::BF16) continue;  // bounds would not be exact in bf16
+          const int hkv = 1 + (int)(rng() % 2);
+          // Tiny contexts (one page, one token, two pages, 33 tokens) next to long ones.
+          const std::vector<int> lens = {1, 16, 17, 33, len(rng), len(rng)};
+          run_case(rng, {dt, d, G, hkv, lens, v}, budgets, exact);
+          if (HasFatalFailure()) return;
+          total += (int)(lens.size() * hkv * budgets.size());
+        }
+  // Near-ties skip only a few Gaussian lists.
+  EXPECT_GT(exact, total * 9 / 10) << exact << " of " << total << " lists compared exactly";
+}
+
+TEST(QuestCuda, BadInputIsAnError) {
+  TW_REQUIRE_CUDA_DEVICE();
+  std::mt19937_64 rng(fresh_seed());
+  PagedBatch pb = make_batch(rng, KvDtype::F16, 8, 2, 64, {100}, 1.f);
+  pb.upload();
+  DeviceBuffer bounds((size_t)pb.n_pages * 2 * 64 * 2), q(8 * 64 * 4), cnt(64), tok(1 << 16), ws(1 << 16);
+  KeySideDev side;
+  side.kmin = side.kmax = bounds.get();
+  const PagedKV kv = pb.view();
+  using ::tw::cuda::test::expect_error;
+  TokenLists tl{cnt.as<int32_t>(), tok.as<int32_t>(), 64};
+  expect_error([&] { quest_select(kv, side, q.as<float>(), 0, 100, tl, ws.get(), ws.size()); }, "budget");
+  expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, ws.get(), ws.size()); }, "capacity 64 < 112");
+  tl.capacity = 128;
+  expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, ws.get(), 4); }, "workspace");
+  expect_error([&] { quest_select(kv, KeySideDev{}, q.as<float>(), 100, 100, tl, ws.get(), ws.size()); }, "null page bounds");
+  PagedKV bad = kv;
+  bad.n_heads = 18;
+  expect_error([&] { quest_select(bad, side, q.as<float>(), 100, 100, tl, ws.get(), ws.size()); }, "GQA group 9");
+}
+
+}  // namespace
+}  // namespace tw::attn::cuda

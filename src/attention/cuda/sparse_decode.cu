@@ -1,0 +1,423 @@
+#include "attention/cuda/sparse_decode.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "common/error.h"
+#include "ops/cuda/cuda_check.h"
+
+namespace tw::attn::cuda {
+
+namespace {
+
+constexpr int kMinChunk = 128;     // tokens per work item at least (bounds the workspace); T is a multiple
+constexpr int kMaxChunk = 1024;    // and at most (long lists always split)
+constexpr int kPlanThreads = 1024;
+constexpr int kAttnWarps = 4;
+constexpr int kAttnThreads = 32 * kAttnWarps;
+constexpr int kTok = 8;            // tokens a warp has in flight per step
+constexpr int kItemsPerSm = 8;     // the planner aims at this many work items per SM
+
+// Workspace layout (all int32 / float, 16-byte aligned pieces).
+struct Layout {
+  size_t hdr = 0;        // int[4]: n_items, chunk tokens T
+  size_t start = 0;      // int[n_lists + 1]: first work item of each list
+  size_t items = 0;      // int2[max_items]: (list, chunk)
+  size_t part = 0;       // float[max_items][G][d + 2]: o[d], m, l
+  size_t total = 0;
+  int max_items = 0;
+};
+
+size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
+
+Layout layout_for(const PagedKV& kv, int cap) {
+  Layout L;
+  const int n_lists = kv.batch * kv.n_kv_heads;
+  const int G = kv.n_heads / kv.n_kv_heads;
+  const int64_t per_list = (int64_t(cap) + 1 + kMinChunk - 1) / kMinChunk;
+  const int64_t max_items = per_list * n_lists;
+  TW_CHECK(max_items < (int64_t(1) << 30), "sparse decode: ", n_lists, " lists of capacity ", cap,
+           " need too many work items");
+  L.max_items = (int)max_items;
+  L.hdr = 0;
+  L.start = align16(16);
+  L.items = L.start + align16(size_t(n_lists + 1) * 4);
+  L.part = L.items + align16(size_t(max_items) * 8);
+  L.total = L.part + align16(size_t(max_items) * G * (kv.head_dim + 2) * 4);
+  return L;
+}
+
+struct Args {
+  const void* k;
+  const void* v;
+  const int32_t* page_table;
+  const int32_t* seq_len;
+  const float* q;
+  const int32_t* count;
+  const int32_t* tokens;
+  float* out;
+  int* hdr;
+  int* start;
+  int2* items;
+  float* part;
+  int64_t n_pages;
+  int batch, n_kv_heads, group, max_pages, cap, max_items, sm_count;
+};
+
+__device__ __forceinline__ int list_len(const Args& a, int list, int* extra_out) {
+  const int b = list / a.n_kv_heads;
+  const int n = min(max(a.count[list], 0), a.cap);
+  const int cur = a.seq_len[b] - 1;
+  const int extra = (cur >= 0 && (n == 0 || a.tokens[(size_t)list * a.cap + n - 1] != cur)) ? 1 : 0;
+  if (extra_out) *extra_out = extra;
+  return n + extra;
+}
+
+// One block: tokens per item from the total, then the per-list prefix of item counts and the items.
+__global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
+  __shared__ long long red[kPlanThreads / 32];
+  __shared__ int sc[kPlanThreads / 32];
+  __shared__ int s_T, s_carry;
+  const int n_lists = a.batch * a.n_kv_heads;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  long long tot = 0;
+  for (int i = tid; i < n_lists; i += kPlanThreads) tot += list_len(a, i, nullptr);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
+  if (lane == 0) red[warp] = tot;
+  __syncthreads();
+  if (tid == 0) {
+    long long s = 0;
+    for (int w = 0; w < kPlanThreads / 32; ++w) s += red[w];
+    const long long want = (long long)a.sm_count * kItemsPerSm;
+    long long T = (s + want - 1) / want;
+    T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;  // whole 32-token groups for every warp
+    s_T = (int)std::min<long long>(std::max<long long>(T, kMinChunk), kMaxChunk);
+    s_carry = 0;
+  }
+  __syncthreads();
+  const int T = s_T;
+  for (int base = 0; base < n_lists; base += kPlanThreads) {
+    const int i = base + tid;
+    const int len = i < n_lists ? list_len(a, i, nullptr) : 0;
+    const int nc = (len + T - 1) / T;
+    int x = nc;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int u = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += u;
+    }
+    if (lane == 31) sc[warp] = x;
+    __syncthreads();
+    int off = s_carry;
+    for (int w = 0; w < warp; ++w) off += sc[w];
+    const int first = off + x - nc;
+    if (i < n_lists) {
+      a.start[i] = first;
+      for (int c = 0; c < nc; ++c) a.items[first + c] = make_int2(i, c);
+    }
+    __syncthreads();
+    if (tid == kPlanThreads - 1) s_carry = first + nc;
+    __syncthreads();
+  }
+  if (tid == 0) {
+    a.start[n_lists] = s_carry;
+    a.hdr[0] = s_carry;
+    a.hdr[1] = T;
+  }
+}
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__half> {
+  __device__ static float2 f2(uint32_t u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ static float2 f2(uint32_t u) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u)); }
+};
+
+// D/32 elements per lane: 4 (8 bytes) at d = 128, 2 (4 bytes) at d = 64.
+template <int D>
+struct LaneVec;
+template <>
+struct LaneVec<128> {
+  using T = uint2;
+  template <typename E>
+  __device__ static void to_float(const T& v, float (&x)[4]) {
+    const float2 a = Elem<E>::f2(v.x), b = Elem<E>::f2(v.y);
+    x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
+  }
+};
+template <>
+struct LaneVec<64> {
+  using T = uint32_t;
+  template <typename E>
+  __device__ static void to_float(const T& v, float (&x)[2]) {
+    const float2 a = Elem<E>::f2(v);
+    x[0] = a.x, x[1] = a.y;
+  }
+};
+
+// GP: the group size padded to 1, 2, 4 or 8 (register arrays sized at compile time).
+template <int D, typename E, int GP>
+__global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
+  constexpr int NE = D / 32;
+  using LV = LaneVec<D>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int G = a.group;
+  __shared__ float s_m[kAttnWarps][GP], s_l[kAttnWarps][GP];
+  __shared__ float s_o[kAttnWarps][GP][D];
+  const int n_items = a.hdr[0], T = a.hdr[1];
+  const float qscale = 1.f / sqrtf((float)D);
+
+  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+    const int2 it = a.items[item];
+    const int list = it.x, chunk = it.y;
+    const int b = list / a.n_kv_heads, h = list % a.n_kv_heads;
+    int extra;
+    const int len = list_len(a, list, &extra);
+    const int n = len - extra;
+    const int cur = a.seq_len[b] - 1;
+    const int j0 = chunk * T, j1 = min(len, j0 + T);
+    const int32_t* toks = a.tokens + (size_t)list * a.cap;
+    const int32_t* pt = a.page_table + (size_t)b * a.max_pages;
+
+    float q[GP][NE];
+#pragma unroll
+    for (int r = 0; r < GP; ++r)
+#pragma unroll
+      for (int e = 0; e < NE; ++e)
+        q[r][e] = r < G ? a.q[((size_t)b * a.n_kv_heads * G + (size_t)h * G + r) * D + lane * NE + e] * qscale : 0.f;
+    float m[GP], l[GP], o[GP][NE];
+#pragma unroll
+    for (int r = 0; r < GP; ++r) {
+      m[r] = -INFINITY, l[r] = 0.f;
+#pragma unroll
+      for (int e = 0; e < NE; ++e) o[r][e] = 0.f;
+    }
+
+    // Each warp takes groups of 32 list entries (warps interleaved): lane l resolves entry l's row
+    // (token -> page -> row: one round of dependent loads per 32 tokens, no block barrier), then
+    // kTok rows per step, broadcast by shuffles, with all K / V loads of a step in flight.
+    for (int jb0 = j0 + warp * 32; jb0 < j1; jb0 += kAttnThreads) {
+      int myrow = -1;
+      {
+        const int j = jb0 + lane;
+        int t = -1;
+        if (j < j1) t = j < n ? toks[j] : cur;
+        if (t >= 0 && t <= cur) {
+          const int phys = pt[t / kPageSize];
+          if (phys >= 0 && phys < a.n_pages) myrow = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
+        }
+      }
+      const int cnt = min(32, j1 - jb0);
+    for (int jj = 0; jj < cnt; jj += kTok) {
+      typename LV::T kv_k[kTok], kv_v[kTok];
+      bool ok[kTok];
+#pragma unroll
+      for (int u = 0; u < kTok; ++u) {
+        const int row = __shfl_sync(0xffffffffu, myrow, (jj + u) & 31);
+        ok[u] = jj + u < cnt && row >= 0;
+        kv_k[u] = typename LV::T{};
+        kv_v[u] = typename LV::T{};
+        if (ok[u]) {
+          const E* kp = static_cast<const E*>(a.k) + (size_t)row * D + lane * NE;
+          const E* vp = static_cast<const E*>(a.v) + (size_t)row * D + lane * NE;
+          kv_k[u] = *reinterpret_cast<const typename LV::T*>(kp);
+          kv_v[u] = *reinterpret_cast<const typename LV::T*>(vp);
+        }
+      }
+      float s[kTok][GP];
+#pragma unroll
+      for (int u = 0; u < kTok; ++u) {
+        float kf[NE];
+        LV::template to_float<E>(kv_k[u], kf);
+#pragma unroll
+        for (int r = 0; r < GP; ++r) {
+          float acc = 0.f;
+#pragma unroll
+          for (int e = 0; e < NE; ++e) acc += q[r][e] * kf[e];
+          s[u][r] = acc;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kTok; ++u)
+#pragma unroll
+        for (int r = 0; r < GP; ++r) {
+          if (r >= G) break;
+          float x = s[u][r];
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+          s[u][r] = ok[u] ? x : -INFINITY;
+        }
+#pragma unroll
+      for (int r = 0; r < GP; ++r) {
+        if (r >= G) break;
+        float mn = m[r];
+#pragma unroll
+        for (int u = 0; u < kTok; ++u) mn = fmaxf(mn, s[u][r]);
+        if (mn == -INFINITY) continue;
+        const float sc = expf(m[r] - mn);  // 0 when m was -inf
+        float pu[kTok];
+        float ps = 0.f;
+#pragma unroll
+        for (int u = 0; u < kTok; ++u) ps += (pu[u] = expf(s[u][r] - mn));
+        l[r] = l[r] * sc + ps;
+#pragma unroll
+        for (int e = 0; e < NE; ++e) o[r][e] *= sc;
+#pragma unroll
+        for (int u = 0; u < kTok; ++u) {
+          float vf[NE];
+          LV::template to_float<E>(kv_v[u], vf);
+#pragma unroll
+          for (int e = 0; e < NE; ++e) o[r][e] += pu[u] * vf[e];
+        }
+        m[r] = mn;
+      }
+    }
+    }
+
+    // Merge the warps' states, write the item's partial per query head.
+#pragma unroll
+    for (int r = 0; r < GP; ++r) {
+      if (r >= G) break;
+      if (lane == 0) s_m[warp][r] = m[r], s_l[warp][r] = l[r];
+#pragma unroll
+      for (int e = 0; e < NE; ++e) s_o[warp][r][lane * NE + e] = o[r][e];
+    }
+    __syncthreads();
+    float* part = a.part + (size_t)item * G * (D + 2);
+    for (int x = threadIdx.x; x < G * D; x += kAttnThreads) {
+      const int r = x / D, d = x % D;
+      float mx = -INFINITY;
+      for (int w = 0; w < kAttnWarps; ++w) mx = fmaxf(mx, s_m[w][r]);
+      float acc = 0.f, ls = 0.f;
+      if (mx != -INFINITY)
+        for (int w = 0; w < kAttnWarps; ++w) {
+          const float f = expf(s_m[w][r] - mx);
+          acc += s_o[w][r][d] * f;
+          ls += s_l[w][r] * f;
+        }
+      part[(size_t)r * (D + 2) + d] = acc;
+      if (d == 0) {
+        part[(size_t)r * (D + 2) + D] = mx;
+        part[(size_t)r * (D + 2) + D + 1] = ls;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Per query head (block), its list's items merged; D threads.
+template <int D>
+__global__ void __launch_bounds__(D) combine_kernel(const Args a) {
+  const int hq = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  const int G = a.group, h = hq / G, r = hq % G;
+  const int list = b * a.n_kv_heads + h;
+  const int i0 = a.start[list], i1 = a.start[list + 1];
+  float mx = -INFINITY;
+  for (int i = i0; i < i1; ++i) mx = fmaxf(mx, a.part[((size_t)i * G + r) * (D + 2) + D]);
+  float acc = 0.f, ls = 0.f;
+  if (mx != -INFINITY)
+    for (int i = i0; i < i1; ++i) {
+      const float* p = a.part + ((size_t)i * G + r) * (D + 2);
+      const float f = expf(p[D] - mx);
+      acc += p[d] * f;
+      ls += p[D + 1] * f;
+    }
+  a.out[((size_t)b * a.n_kv_heads * G + hq) * D + d] = ls > 0.f ? acc / ls : 0.f;
+}
+
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    TW_CUDA_CHECK(cudaGetDevice(&dev));
+    TW_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    return v;
+  }();
+  return n;
+}
+
+}  // namespace
+
+size_t sparse_decode_workspace_bytes(const PagedKV& kv, int list_capacity) {
+  check_config(kv);
+  TW_CHECK(list_capacity > 0, "sparse decode: list capacity ", list_capacity, " must be positive");
+  return layout_for(kv, list_capacity).total;
+}
+
+void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, float* out, void* workspace,
+                   size_t workspace_bytes, cudaStream_t stream) {
+  check_config(kv);
+  TW_CHECK(lists.capacity > 0 && lists.count && lists.tokens, "sparse decode: empty or null token lists");
+  TW_CHECK(q && out, "sparse decode: null query or output");
+  TW_CHECK(kv.n_pages * kv.n_kv_heads * kPageSize < (int64_t(1) << 31), "sparse decode: ", kv.n_pages, " pages x ",
+           kv.n_kv_heads, " kv heads exceed the 32-bit row index");
+  const Layout L = layout_for(kv, lists.capacity);
+  TW_CHECK(workspace && workspace_bytes >= L.total, "sparse decode: workspace of ", workspace_bytes, " bytes < ",
+           L.total, " (sparse_decode_workspace_bytes)");
+  TW_CHECK(reinterpret_cast<uintptr_t>(workspace) % 16 == 0, "sparse decode: workspace must be 16-byte aligned");
+  char* ws = static_cast<char*>(workspace);
+  Args a{};
+  a.k = kv.k;
+  a.v = kv.v;
+  a.page_table = kv.page_table;
+  a.seq_len = kv.seq_len;
+  a.q = q;
+  a.count = lists.count;
+  a.tokens = lists.tokens;
+  a.out = out;
+  a.hdr = reinterpret_cast<int*>(ws + L.hdr);
+  a.start = reinterpret_cast<int*>(ws + L.start);
+  a.items = reinterpret_cast<int2*>(ws + L.items);
+  a.part = reinterpret_cast<float*>(ws + L.part);
+  a.n_pages = kv.n_pages;
+  a.batch = kv.batch;
+  a.n_kv_heads = kv.n_kv_heads;
+  a.group = kv.n_heads / kv.n_kv_heads;
+  a.max_pages = kv.max_pages;
+  a.cap = lists.capacity;
+  a.max_items = L.max_items;
+  a.sm_count = sm_count();
+
+  plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
+  TW_CUDA_CHECK_LAUNCH();
+  // Fixed grid (shapes only): blocks loop over however many items the plan made.
+  const int grid = std::min(L.max_items, a.sm_count * 16);
+  const bool bf = kv.dtype == KvDtype::BF16;
+  const int G = a.group, gp = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  auto launch = [&](auto kern) {
+    kern<<<grid, kAttnThreads, 0, stream>>>(a);
+    TW_CUDA_CHECK_LAUNCH();
+  };
+  auto by_group = [&](auto d_tag, auto e_tag) {
+    constexpr int D = decltype(d_tag)::value;
+    using E = typename decltype(e_tag)::type;
+    switch (gp) {
+      case 1: launch(attend_kernel<D, E, 1>); break;
+      case 2: launch(attend_kernel<D, E, 2>); break;
+      case 4: launch(attend_kernel<D, E, 4>); break;
+      default: launch(attend_kernel<D, E, 8>); break;
+    }
+  };
+  using D128 = std::integral_constant<int, 128>;
+  using D64 = std::integral_constant<int, 64>;
+  struct F16 { using type = __half; };
+  struct BF16 { using type = __nv_bfloat16; };
+  if (kv.head_dim == 128) {
+    bf ? by_group(D128{}, BF16{}) : by_group(D128{}, F16{});
+    combine_kernel<128><<<dim3(kv.n_heads, kv.batch), 128, 0, stream>>>(a);
+  } else {
+    bf ? by_group(D64{}, BF16{}) : by_group(D64{}, F16{});
+    combine_kernel<64><<<dim3(kv.n_heads, kv.batch), 64, 0, stream>>>(a);
+  }
+  TW_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace tw::attn::cuda

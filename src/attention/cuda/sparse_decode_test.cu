@@ -1,0 +1,208 @@
+// Varlen sparse decode attention against the CPU references: sparse_reference (double, two-pass) on
+// random token lists, and with every position listed, dense_reference (p = 1 with select-all lists
+// is dense attention). bf16 runs use values that are exact in fp16, so the CPU cache holds exactly
+// the device's values and the same references apply.
+#include <gtest/gtest.h>
+
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <vector>
+
+#include "attention/cuda/pruner_test_util.h"
+#include "attention/cuda/sparse_decode.h"
+#include "attention/dense_cpu.h"
+#include "attention/sparse_cpu.h"
+
+namespace tw::attn::cuda {
+namespace {
+
+using namespace ptest;
+using ::tw::cuda::test::expect_error;
+using ::tw::cuda::test::fresh_seed;
+
+std::vector<float> run_sparse(const Batch& B, const HostLists& lists) {
+  const int n_lists = B.batch * B.spec.n_kv_heads;
+  DevLists dl(n_lists, lists.capacity);
+  dl.upload(lists);
+  const size_t ws = sparse_decode_workspace_bytes(B.kv, lists.capacity);
+  ::tw::cuda::DeviceBuffer dws(ws), dout(B.q.size() * 4);
+  TW_CUDA_CHECK(cudaMemset(dws.get(), 0xFF, ws));          // the workspace needs no initialisation
+  TW_CUDA_CHECK(cudaMemset(dout.get(), 0xFF, dout.size()));  // NaN: unwritten outputs show
+  sparse_decode(B.kv, B.d_q.as<float>(), dl.tl, dout.as<float>(), dws.get(), ws);
+  TW_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> out(B.q.size());
+  dout.download(out.data(), out.size() * 4);
+  return out;
+}
+
+// |gpu - ref| <= 2e-5 * max |ref| of the head's row + 1e-6 (fp32 accumulation over <= 10^4 tokens).
+void compare_rows(const std::vector<float>& got, const std::vector<float>& ref, int d, const char* what) {
+  int bad = 0;
+  for (size_t r = 0; r < got.size() / d; ++r) {
+    double mx = 0;
+    for (int i = 0; i < d; ++i) mx = std::max(mx, (double)std::fabs(ref[r * d + i]));
+    for (int i = 0; i < d; ++i) {
+      const size_t x = r * d + i;
+      ASSERT_TRUE(std::isfinite(got[x])) << what << ": output " << r << "," << i << " not written";
+      if (std::fabs(got[x] - ref[x]) > 2e-5 * mx + 1e-6 && ++bad <= 5)
+        ADD_FAILURE() << what << ": head row " << r << " dim " << i << ": gpu " << got[x] << " ref " << ref[x];
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+struct Cfg {
+  int H, Hkv, d;
+  KvDtype dtype;
+  std::vector<int> lens;
+};
+
+const std::vector<Cfg> kCfgs = {
+    {32, 8, 128, KvDtype::F16, {1, 17, 300, 2100, 70}},  {32, 8, 128, KvDtype::BF16, {1000, 33}},
+    {9, 3, 64, KvDtype::F16, {4100, 900, 2}},             {12, 2, 128, KvDtype::BF16, {5000, 2500}},
+    {14, 2, 64, KvDtype::BF16, {3500, 64, 16}},           {8, 8, 128, KvDtype::F16, {1500, 700}},
+    {16, 2, 64, KvDtype::F16, {6000}},
+};
+
+TEST(SparseDecodeCuda, RandomListsMatchCpu) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  for (const Cfg& c : kCfgs) {
+    SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, c.dtype == KvDtype::F16 ? " f16" : " bf16"));
+    BatchSpec spec;
+    spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens;
+    spec.kscale = 1.2f;
+    auto B = make_batch(spec, rng);
+    HostLists lists;
+    lists.capacity = 3000;
+    const ListKind kinds[] = {ListKind::QuestLike, ListKind::Random, ListKind::NoCurrent, ListKind::All};
+    for (int s = 0; s < B->batch; ++s)
+      for (int h = 0; h < c.Hkv; ++h)
+        lists.lists.push_back(make_candidates(kinds[(s + h) % 4], c.lens[s], lists.capacity, rng));
+    lists.lists[0].clear();  // an empty list: the current token alone
+    const std::vector<float> got = run_sparse(*B, lists);
+    std::vector<float> ref(got.size());
+    for (int s = 0; s < B->batch; ++s) {
+      const Selection sel = selection_of(lists, s, c.Hkv);
+      const size_t off = (size_t)s * c.H * c.d;
+      sparse_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, sel, c.lens[s], ref.data() + off);
+    }
+    compare_rows(got, ref, c.d, "sparse");
+  }
+}
+
+TEST(SparseDecodeCuda, SelectAllEqualsDense) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  for (const Cfg& c : {kCfgs[0], kCfgs[3], kCfgs[4]}) {
+    SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d));
+    BatchSpec spec;
+    spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens;
+    auto B = make_batch(spec, rng);
+    HostLists lists;
+    lists.capacity = *std::max_element(c.lens.begin(), c.lens.end());
+    for (int s = 0; s < B->batch; ++s)
+      for (int h = 0; h < c.Hkv; ++h) lists.lists.push_back(make_candidates(ListKind::All, c.lens[s], lists.capacity, rng));
+    const std::vector<float> got = run_sparse(*B, lists);
+    std::vector<float> ref(got.size());
+    for (int s = 0; s < B->batch; ++s) {
+      const size_t off = (size_t)s * c.H * c.d;
+      dense_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, c.lens[s], ref.data() + off);
+    }
+    compare_rows(got, ref, c.d, "select-all vs dense");
+  }
+}
+
+TEST(SparseDecodeCuda, BadConfigurationsFail) {
+  TW_REQUIRE_CUDA_DEVICE();
+  std::mt19937_64 rng(2);
+  BatchSpec spec;
+  spec.n_heads = 8, spec.n_kv_heads = 2, spec.head_dim = 64, spec.seq_len = {40};
+  auto B = make_batch(spec, rng);
+  DevLists dl(2, 64);
+  ::tw::cuda::DeviceBuffer out(B->q.size() * 4);
+  const size_t ws = sparse_decode_workspace_bytes(B->kv, 64);
+  ::tw::cuda::DeviceBuffer dws(ws);
+  PagedKV kv = B->kv;
+  kv.head_dim = 80;
+  expect_error([&] { sparse_decode(kv, B->d_q.as<float>(), dl.tl, out.as<float>(), dws.get(), ws); }, "head_dim");
+  kv = B->kv;
+  kv.n_heads = 20;  // G = 10
+  expect_error([&] { sparse_decode(kv, B->d_q.as<float>(), dl.tl, out.as<float>(), dws.get(), ws); }, "group");
+  expect_error([&] { sparse_decode(B->kv, B->d_q.as<float>(), dl.tl, out.as<float>(), dws.get(), ws - 16); },
+               "workspace");
+}
+
+__global__ void fill_half(__half* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    p[i] = __float2half((x >> 8) * (2.f / 16777216.f) - 1.f);
+  }
+}
+
+// Llama-3.1-8B shape, 32 sequences x 32768 tokens (distinct K/V per sequence: 4.3 GB), lists of
+// `per_list` random positions per (sequence, kv head) (~2% of the context, Twilight's typical |I1|).
+TEST(SparseDecodeCudaBench, DISABLED_Llama8B) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const int batch = 32, H = 32, Hkv = 8, d = 128, L = 32768;
+  const int64_t n_pages = (int64_t)batch * (L / kPageSize);
+  const size_t n_elem = (size_t)n_pages * Hkv * kPageSize * d;
+  ::tw::cuda::DeviceBuffer k(n_elem * 2), v(n_elem * 2);
+  fill_half<<<2048, 256>>>(k.as<__half>(), n_elem, 3u);
+  fill_half<<<2048, 256>>>(v.as<__half>(), n_elem, 5u);
+  TW_CUDA_CHECK_LAUNCH();
+  std::mt19937_64 rng(99);
+  std::vector<int32_t> pt(n_pages), len(batch, L);
+  std::iota(pt.begin(), pt.end(), 0);
+  std::shuffle(pt.begin(), pt.end(), rng);
+  ::tw::cuda::DeviceBuffer dpt(pt.size() * 4), dlen(len.size() * 4), dq((size_t)batch * H * d * 4),
+      dout((size_t)batch * H * d * 4);
+  dpt.upload(pt.data(), pt.size() * 4);
+  dlen.upload(len.data(), len.size() * 4);
+  const auto q = ::tw::cuda::test::random_normal(rng, (size_t)batch * H * d);
+  dq.upload(q.data(), q.size() * 4);
+  PagedKV kv;
+  kv.k = k.get(), kv.v = v.get(), kv.page_table = dpt.as<int32_t>(), kv.seq_len = dlen.as<int32_t>();
+  kv.batch = batch, kv.n_heads = H, kv.n_kv_heads = Hkv, kv.head_dim = d, kv.max_pages = L / kPageSize;
+  kv.n_pages = n_pages;
+  for (int per_list : {160, 655, 2048}) {
+    HostLists lists;
+    lists.capacity = 8193;
+    std::uniform_int_distribution<int> U(0, L - 2);
+    for (int i = 0; i < batch * Hkv; ++i) {
+      std::vector<int32_t> l;
+      while ((int)l.size() < per_list - 1) {
+        l.push_back(U(rng));
+        if ((int)l.size() == per_list - 1) {
+          std::sort(l.begin(), l.end());
+          l.erase(std::unique(l.begin(), l.end()), l.end());
+        }
+      }
+      l.push_back(L - 1);
+      lists.lists.push_back(l);
+    }
+    DevLists dl(batch * Hkv, lists.capacity);
+    dl.upload(lists);
+    const size_t ws = sparse_decode_workspace_bytes(kv, lists.capacity);
+    ::tw::cuda::DeviceBuffer dws(ws);
+    const auto [us, us_direct] = time_us([&](cudaStream_t st) {
+      sparse_decode(kv, dq.as<float>(), dl.tl, dout.as<float>(), dws.get(), ws, st);
+    });
+    const double bytes = (double)batch * Hkv * per_list * (2.0 * d * 2 + 4);
+    std::printf("BENCH sparse_decode: batch %d H %d Hkv %d d %d |I1| %d per kv head: median %.1f us per call "
+                "in a graph (%.1f us direct launch), %.1f MB read, %.0f GB/s\n",
+                batch, H, Hkv, d, per_list, us, us_direct, bytes / 1e6, bytes / us / 1e3);
+  }
+}
+
+}  // namespace
+}  // namespace tw::attn::cuda

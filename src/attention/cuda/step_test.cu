@@ -1,0 +1,158 @@
+// The Twilight decode step on the GPU (Quest select -> fused top-p pruner -> varlen sparse attention)
+// captured into a CUDA graph: the capture runs in global mode, where any synchronising call is an
+// error, so a successful capture shows the step needs no host synchronisation (every size lives on
+// the device). The replay must reproduce the un-captured run exactly, also after the inputs (query,
+// sequence lengths) change in place: the graph is not re-captured, the sizes follow the data.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "attention/cuda/pruner.h"
+#include "attention/cuda/pruner_test_util.h"
+#include "attention/cuda/quest.h"
+#include "attention/cuda/sparse_decode.h"
+#include "attention/sparse_cpu.h"
+
+namespace tw::attn::cuda {
+namespace {
+
+using namespace ptest;
+using ::tw::cuda::DeviceBuffer;
+using ::tw::cuda::test::fresh_seed;
+
+struct Step {
+  const Batch& B;
+  int64_t budget, max_len;
+  PruneParams prm;
+  int cap0 = 0;
+  DevLists i0, i1;
+  DeviceBuffer mass, qws, sws, out;
+  size_t qws_bytes = 0, sws_bytes = 0;
+
+  Step(const Batch& b, int64_t budget_, int64_t max_len_, float p)
+      : B(b),
+        budget(budget_),
+        max_len(max_len_),
+        cap0((int)quest_list_capacity(b.kv, budget_)),
+        i0(b.batch * b.spec.n_kv_heads, cap0),
+        i1(b.batch * b.spec.n_kv_heads, cap0 + 1),
+        mass((size_t)b.batch * b.spec.n_kv_heads * 4),
+        out(b.q.size() * 4) {
+    prm.p = p;
+    qws_bytes = quest_workspace_bytes(B.kv);
+    sws_bytes = sparse_decode_workspace_bytes(B.kv, i1.tl.capacity);
+    qws = DeviceBuffer(qws_bytes);
+    sws = DeviceBuffer(sws_bytes);
+  }
+  void run(cudaStream_t s) {
+    quest_select(B.kv, B.ks, B.d_q.as<float>(), budget, max_len, i0.tl, qws.get(), qws_bytes, s);
+    prune_topp(B.kv, B.ks, B.d_q.as<float>(), i0.tl, prm, i1.tl, mass.as<float>(), s);
+    sparse_decode(B.kv, B.d_q.as<float>(), i1.tl, out.as<float>(), sws.get(), sws_bytes, s);
+  }
+  void poison() {
+    i0.poison();
+    i1.poison();
+    TW_CUDA_CHECK(cudaMemset(out.get(), 0xFF, out.size()));
+    TW_CUDA_CHECK(cudaMemset(mass.get(), 0xFF, mass.size()));
+  }
+  struct Result {
+    HostLists lists;
+    std::vector<float> out, mass;
+  };
+  Result read() const {
+    Result r;
+    const int n_lists = B.batch * B.spec.n_kv_heads;
+    r.lists = i1.download(n_lists);
+    r.out.resize(B.q.size());
+    out.download(r.out.data(), r.out.size() * 4);
+    r.mass.resize(n_lists);
+    mass.download(r.mass.data(), r.mass.size() * 4);
+    return r;
+  }
+};
+
+void expect_same(const Step::Result& a, const Step::Result& b) {
+  ASSERT_EQ(a.lists.lists.size(), b.lists.lists.size());
+  for (size_t i = 0; i < a.lists.lists.size(); ++i) EXPECT_EQ(a.lists.lists[i], b.lists.lists[i]) << "list " << i;
+  int diff = 0;
+  for (size_t i = 0; i < a.out.size(); ++i) diff += !(a.out[i] == b.out[i]);
+  EXPECT_EQ(diff, 0) << "outputs differ between the captured and the direct run";
+  for (size_t i = 0; i < a.mass.size(); ++i) EXPECT_EQ(a.mass[i], b.mass[i]) << "mass " << i;
+}
+
+TEST(StepCuda, GraphReplayMatchesDirectRun) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  for (auto [H, Hkv, d, dt] : {std::tuple{32, 8, 128, KvDtype::F16}, std::tuple{14, 2, 64, KvDtype::BF16}}) {
+    SCOPED_TRACE(cat("H ", H, " Hkv ", Hkv, " d ", d));
+    BatchSpec spec;
+    spec.n_heads = H, spec.n_kv_heads = Hkv, spec.head_dim = d, spec.dtype = dt;
+    spec.seq_len = {3000, 900, 6100, 17, 4500};
+    spec.kscale = 2.f;
+    auto B = make_batch(spec, rng);
+    Step step(*B, 1024, 6100, 0.9f);
+    cudaStream_t s;
+    TW_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+
+    step.poison();
+    step.run(s);
+    TW_CUDA_CHECK(cudaStreamSynchronize(s));
+    const Step::Result direct = step.read();
+
+    cudaGraph_t graph;
+    TW_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    step.run(s);
+    cudaStreamCaptureStatus st;
+    TW_CUDA_CHECK(cudaStreamIsCapturing(s, &st));
+    EXPECT_EQ(st, cudaStreamCaptureStatusActive) << "capture was invalidated (a synchronising call?)";
+    TW_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    cudaGraphExec_t exec;
+    TW_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+
+    step.poison();
+    TW_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    TW_CUDA_CHECK(cudaStreamSynchronize(s));
+    expect_same(step.read(), direct);
+
+    // New query and shorter sequences written in place; the same graph follows them.
+    B->q = ::tw::cuda::test::random_normal(rng, B->q.size());
+    B->d_q.upload(B->q.data(), B->q.size() * 4);
+    std::vector<int32_t> len = {2990, 900, 5000, 9, 4497};
+    B->d_len.upload(len.data(), len.size() * 4);
+    step.poison();
+    TW_CUDA_CHECK(cudaGraphLaunch(exec, s));
+    TW_CUDA_CHECK(cudaStreamSynchronize(s));
+    const Step::Result replay = step.read();
+    step.poison();
+    step.run(s);
+    TW_CUDA_CHECK(cudaStreamSynchronize(s));
+    const Step::Result direct2 = step.read();
+    expect_same(replay, direct2);
+
+    // The chain's output is exact attention over the lists it produced (CPU reference).
+    std::vector<float> ref(replay.out.size());
+    for (int b = 0; b < B->batch; ++b) {
+      kv::SeqPages seq = B->seqs[b];
+      seq.n_tokens = len[b];
+      const Selection sel = selection_of(replay.lists, b, Hkv);
+      for (int h = 0; h < Hkv; ++h) EXPECT_EQ(sel.list(h)[sel.size(h) - 1], len[b] - 1);
+      const size_t off = (size_t)b * H * d;
+      sparse_reference(*B->pool, seq, 0, B->hs(), B->q.data() + off, sel, len[b], ref.data() + off);
+    }
+    int bad = 0;
+    for (size_t i = 0; i < ref.size(); ++i)
+      if (!(std::fabs(replay.out[i] - ref[i]) <= 1e-4 * (1 + std::fabs(ref[i]))) && ++bad <= 5)
+        ADD_FAILURE() << "output " << i << ": gpu " << replay.out[i] << " ref " << ref[i];
+    EXPECT_EQ(bad, 0);
+
+    TW_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    TW_CUDA_CHECK(cudaGraphDestroy(graph));
+    TW_CUDA_CHECK(cudaStreamDestroy(s));
+  }
+}
+
+}  // namespace
+}  // namespace tw::attn::cuda
