@@ -106,6 +106,8 @@ void set_attn_option(AttnConfig& c, const std::string& key, const std::string& v
     c.guard_frac = to_float("attn-guard-frac", v);
   } else if (key == "attn-widen-max") {
     c.widen_max = to_float("attn-widen-max", v);
+  } else if (key == "attn-margin") {
+    c.margin = to_float("attn-margin", v);
   } else if (key == "attn-true-mass") {
     if (v != "0" && v != "1") fail("attn-true-mass: expected 0 or 1, got '", v, "'");
     c.true_mass = v == "1";
@@ -152,6 +154,7 @@ void AttnConfig::validate() const {
            ") needs its channel file: --attn-ds-file FILE (make one with twilight calibrate)");
   TW_CHECK(guard_frac >= 0.f && guard_frac <= 1.f, "attn-guard-frac must be in [0, 1], got ", guard_frac);
   TW_CHECK(widen_max > 0.f && widen_max <= 1.f, "attn-widen-max must be in (0, 1], got ", widen_max);
+  TW_CHECK(margin >= 0.f, "attn-margin must be >= 0, got ", margin);
 }
 
 std::string AttnConfig::describe() const {
@@ -162,6 +165,7 @@ std::string AttnConfig::describe() const {
     if (gqa == GqaMode::Group && combine != GroupCombine::Mean) os << ", combine " << combine_name(combine);
     if (guard != Guard::Off) os << ", guard " << guard_name(guard) << " at " << guard_frac << " (1 - p)";
     if (guard == Guard::Widen) os << ", widen max " << widen_max;
+    if (margin > 0.f) os << ", margin " << margin;
     os << ")";
   }
   if (method != Method::Dense) {
@@ -316,6 +320,7 @@ void AttentionPolicy::decode(const kv::KVPool& pool, const kv::SeqPages& seq, in
     po.guard = guard ? cfg_.guard : Guard::Off;
     po.guard_frac = cfg_.guard_frac;
     po.widen_max = cfg_.widen_max;
+    po.margin = cfg_.margin;
     const PageBounds pb = guard ? PageBounds{page_bounds_.data(), n_pages} : PageBounds{};
     prune_topp(*side_, seq, layer, hs_, q, sel0_, n_ctx, po, pb, sel1_, pst_, tp);
     final_sel = &sel1_;

@@ -45,6 +45,7 @@ struct AttnConfig {
   Guard guard = Guard::Off;        // bound on the mass outside I0 (Quest page bounds) and what to do about it
   float guard_frac = 1.f;          // the guard acts when a head's bound > guard_frac * (1 - p)
   float widen_max = 0.5f;          // Widen: beyond this fraction of the context take all of it as I0
+  float margin = 0.f;              // estimate-error margin of the pruner (pruner.h), 0 = off
 
   void validate() const;           // tw::Error naming the bad value
   std::string describe() const;    // one line for logs
@@ -55,7 +56,8 @@ struct AttnConfig {
 // Read "key = value" lines (# comments) into cfg; keys: attn, attn-p, attn-base, attn-b0,
 // attn-skip-layers, attn-gqa (group|head), attn-min-tokens, attn-max-tokens, attn-sinks,
 // attn-dense-below, attn-true-mass (0|1), attn-ds-file, attn-combine (mean|union), attn-guard
-// (off|report|widen|all|dense), attn-guard-frac, attn-widen-max. Unknown keys and bad values are errors naming file and line.
+// (off|report|widen|all|dense), attn-guard-frac, attn-widen-max, attn-margin. Unknown keys and bad values
+// are errors naming file and line.
 void load_attn_config(const std::string& path, AttnConfig& cfg);
 // Apply one key/value (the CLI flags and the config file share this).
 void set_attn_option(AttnConfig& cfg, const std::string& key, const std::string& value);

@@ -289,11 +289,55 @@ BoundTerms bound_terms(float mx, float sum, const float* u, const std::vector<in
 }
 
 struct ListScratch {
-  std::vector<float> z, za, w, wprio;
+  std::vector<float> z, za, w, wprio, tau, kscale;
   std::vector<int32_t> idx, idx_r, cnt, t2, added;
   std::vector<char> mark;
   std::vector<std::pair<double, int32_t>> order;
 };
+
+// Estimate-error margin: the INT4 rounding moves each element of K~ by at most scale_t / 2, so
+// |z_true - z_est| <= e_rt = scale_t / 2 * sum_d |q_rd| / sqrt(d). Adds the candidates whose weight could
+// reach the top-p threshold tau if their score were margin * e_rt higher: w_rt * exp(margin * e_rt) >= tau
+// (Mean / Head: the group-averaged such weight against the one threshold; Union: per head against
+// that head's own threshold). sc.z holds the per-head weights, sc.w the average, sc.idx the kept
+// indices (ascending); sc.idx stays ascending.
+void add_margin(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d, const float* qi, int nq,
+                const int32_t* t, int64_t m, float margin, bool union_heads, ListScratch& sc) {
+  std::vector<float> qa(nq);
+  for (int r = 0; r < nq; ++r) {
+    double a = 0;
+    for (int i = 0; i < d; ++i) a += std::fabs(qi[(size_t)r * d + i]);
+    qa[r] = (float)(0.5 * margin * a / std::sqrt((double)d));
+  }
+  sc.kscale.resize(m);
+  int64_t cur_lp = -1;
+  const float* scale = nullptr;
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t lp = t[j] / kPageSize;
+    if (lp != cur_lp) scale = keys.scale(keys.ctx, layer, seq.pages[lp], kvh), cur_lp = lp;
+    sc.kscale[j] = scale[t[j] % kPageSize];
+  }
+  sc.mark.assign(m, 0);
+  for (int32_t j : sc.idx) sc.mark[j] = 1;
+  bool added = false;
+  for (int64_t j = 0; j < m; ++j) {
+    if (sc.mark[j]) continue;
+    bool keep = false;
+    if (union_heads) {
+      for (int r = 0; r < nq && !keep; ++r)
+        keep = sc.tau[r] > 0.f && sc.z[(size_t)r * m + j] * std::exp(qa[r] * sc.kscale[j]) >= sc.tau[r];
+    } else if (sc.tau[0] > 0.f) {
+      float up = 0.f;
+      for (int r = 0; r < nq; ++r) up += sc.z[(size_t)r * m + j] * std::exp(qa[r] * sc.kscale[j]);
+      keep = up / (float)nq >= sc.tau[0];
+    }
+    if (keep) sc.mark[j] = 1, added = true;
+  }
+  if (!added) return;
+  sc.idx.clear();
+  for (int64_t j = 0; j < m; ++j)
+    if (sc.mark[j]) sc.idx.push_back((int32_t)j);
+}
 
 }  // namespace
 
@@ -320,6 +364,7 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
   TW_CHECK(opt.guard_frac >= 0.f && opt.guard_frac <= 1.f, "pruner: guard fraction ", opt.guard_frac,
            " is not in [0, 1]");
   TW_CHECK(opt.widen_max > 0.f && opt.widen_max <= 1.f, "pruner: widen_max ", opt.widen_max, " is not in (0, 1]");
+  TW_CHECK(opt.margin >= 0.f && std::isfinite(opt.margin), "pruner: margin ", opt.margin, " must be finite and >= 0");
   TW_CHECK(n_ctx > 0 && (n_ctx + kPageSize - 1) / kPageSize <= (int64_t)seq.pages.size(), "pruner: n_ctx ", n_ctx,
            " exceeds the sequence's pages");
   const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
@@ -473,19 +518,21 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
         }
       }
       std::vector<int32_t>& idx = sc.idx;
+      sc.tau.assign(nq, 0.f);
       if (!union_heads) {
-        topp_select(sc.w.data(), m, opt.p, idx);
+        sc.tau[0] = topp_select(sc.w.data(), m, opt.p, idx).tau;
       } else {
         // Each head's own top-p set, united.
         sc.mark.assign(m, 0);
         for (int r = 0; r < nq; ++r) {
-          topp_select(sc.z.data() + (size_t)r * m, m, opt.p, sc.idx_r);
+          sc.tau[r] = topp_select(sc.z.data() + (size_t)r * m, m, opt.p, sc.idx_r).tau;
           for (int32_t j : sc.idx_r) sc.mark[j] = 1;
         }
         idx.clear();
         for (int64_t j = 0; j < m; ++j)
           if (sc.mark[j]) idx.push_back((int32_t)j);
       }
+      if (opt.margin > 0.f && m > 0) add_margin(keys, seq, layer, kvh, d, qi, nq, t, m, opt.margin, union_heads, sc);
 
       // Current token: forced in, ranked above every candidate for the floor and the cap.
       const bool cur_is_cand = m > 0 && t[m - 1] == cur;

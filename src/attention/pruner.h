@@ -86,6 +86,10 @@ struct PruneOptions {
   Guard guard = Guard::Off;                   // needs PageBounds unless Off
   float guard_frac = 1.f;   // the guard acts when a head's bound > guard_frac * (1 - p); in [0, 1]
   float widen_max = 0.5f;   // Widen: beyond this fraction of n_ctx take the whole context; in (0, 1]
+  // Estimate-error margin (0 = off): also keep candidates whose weight could reach the top-p threshold
+  // if their score were margin * e higher, e = scale_t / 2 * sum_d |q_d| / sqrt(d) the INT4 rounding
+  // bound of that token's score (1 = the full bound). Helps where the mirror is coarse (large scales).
+  float margin = 0.f;
 };
 
 // Per output list.

@@ -761,5 +761,103 @@ TEST(PrunerUnion, EveryHeadKeepsPOfItsOwnEstimatedMass) {
   }
 }
 
+TEST(PrunerMargin, AddsExactlyTheTokensThatCouldReachTheThreshold) {
+  // margin m: a candidate is added when its weight, raised by exp(m * e) with e = scale_t / 2 *
+  // sum |q| / sqrt(d) the INT4 rounding bound of its score, reaches the top-p threshold (group average
+  // in Mean / Head mode, per head in Union mode).
+  for (const GroupCombine comb : {GroupCombine::Mean, GroupCombine::Union}) {
+    for (const GqaMode mode : {GqaMode::Group, GqaMode::Head}) {
+      const Shape s{9, 3, 64};
+      const int64_t n = 800;
+      std::mt19937 rng(90 + (int)mode + 2 * (int)comb);
+      kv::KVPool pool({1, s.Hkv, s.d, (n + 15) / 16});
+      kv::SeqPages seq;
+      fill_random(pool, seq, 0, n, rng, 2.f);
+      TestMirror mir(pool, seq, 0, n);
+      std::normal_distribution<float> N(0.f, 1.f);
+      std::vector<float> q((size_t)s.H * s.d);
+      for (auto& x : q) x = N(rng);
+      const HeadShape hs{s.H, s.Hkv, s.d};
+      ThreadPool tp(2);
+      const int n_lists = mode == GqaMode::Group ? s.Hkv : s.H, G = s.H / s.Hkv;
+      const Selection in = random_selection(mode, n_lists, n, 0.7, true, rng);
+      PruneOptions o0{0.9f, 0, 0};
+      o0.combine = comb;
+      PruneOptions o1 = o0;
+      o1.margin = 0.3f;
+      Selection a, b;
+      std::vector<PruneStats> sa, sb;
+      prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n, o0, a, sa, tp);
+      prune_topp(int4_keys(mir), seq, 0, hs, q.data(), in, n, o1, b, sb, tp);
+      int added_total = 0;
+      for (int i = 0; i < n_lists; ++i) {
+        const std::set<int32_t> ka(a.list(i), a.list(i) + a.size(i)), kb(b.list(i), b.list(i) + b.size(i));
+        for (int32_t t : ka) ASSERT_TRUE(kb.count(t)) << "margin dropped token " << t;
+        const bool group = mode == GqaMode::Group, uni = group && comb == GroupCombine::Union;
+        const int nq = group ? G : 1, h0 = group ? i * G : i, kvh = group ? i : i / G;
+        // Per head: weights over the candidates (double) and the optimistic factor per candidate.
+        Selection heads;
+        heads.clear(GqaMode::Head, s.H);
+        for (int hq = 0; hq < s.H; ++hq) heads.push_list(in.list(i), in.size(i));
+        const int64_t m = in.size(i);
+        std::vector<std::vector<double>> w(nq), up(nq);
+        for (int r = 0; r < nq; ++r) {
+          w[r] = brute_weights(mir, seq, hs, q.data(), heads, h0 + r);
+          double qa = 0;
+          for (int x = 0; x < s.d; ++x) qa += std::fabs(q[(size_t)(h0 + r) * s.d + x]);
+          up[r].resize(m);
+          for (int64_t j = 0; j < m; ++j) {
+            const int32_t t = in.list(i)[j];
+            const double sc = mir.scales.at({seq.pages[t / 16], kvh})[t % 16];
+            up[r][j] = w[r][j] * std::exp(0.3 * 0.5 * sc * qa / std::sqrt((double)s.d));
+          }
+        }
+        // Thresholds: the smallest kept weight of the margin-free set (per head in Union mode).
+        std::vector<double> tau(nq, INFINITY);
+        for (int64_t j = 0; j < m; ++j) {
+          const int32_t t = in.list(i)[j];
+          if (!ka.count(t) || t == n - 1) continue;
+          if (uni) {
+            // A head's threshold is the smallest weight of ITS top-p set, unknown here; bound below.
+          } else {
+            double wm = 0;
+            for (int r = 0; r < nq; ++r) wm += w[r][j] / nq;
+            tau[0] = std::min(tau[0], wm);
+          }
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          const int32_t t = in.list(i)[j];
+          if (ka.count(t) || t == n - 1) continue;
+          if (uni) continue;
+          double u = 0;
+          for (int r = 0; r < nq; ++r) u += up[r][j] / nq;
+          if (kb.count(t)) {
+            ++added_total;
+            EXPECT_GE(u, tau[0] * (1 - 1e-4)) << "added token " << t << " cannot reach the threshold";
+          } else {
+            EXPECT_LT(u, tau[0] * (1 + 1e-4)) << "token " << t << " could reach the threshold but was not added";
+          }
+        }
+        if (uni) added_total += (int)(kb.size() - ka.size());
+      }
+      EXPECT_GT(added_total, 0) << "the margin added nothing: the test does not exercise it";
+      for (int i = 0; i < n_lists; ++i) EXPECT_GE(sb[i].est_mass_kept, sa[i].est_mass_kept - 1e-6f);
+    }
+  }
+  PruneOptions bad;
+  bad.margin = -1.f;
+  std::mt19937 rng(1);
+  kv::KVPool pool({1, 2, 64, 3});
+  kv::SeqPages seq;
+  fill_random(pool, seq, 0, 40, rng, 1.f);
+  TestMirror mir(pool, seq, 0, 40);
+  std::vector<float> q(4 * 64, 0.1f);
+  ThreadPool tp(1);
+  const Selection in = random_selection(GqaMode::Group, 2, 40, 0.5, true, rng);
+  Selection out;
+  std::vector<PruneStats> st;
+  EXPECT_THROW(prune_topp(int4_keys(mir), seq, 0, HeadShape{4, 2, 64}, q.data(), in, 40, bad, out, st, tp), Error);
+}
+
 }  // namespace
 }  // namespace tw::attn
