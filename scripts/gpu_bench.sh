@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU attention command (issue 4), for the GPU machine: build, check every kernel against the CPU
 # reference (cuda_tests), then the benchmark table: ours (dense / Quest / Twilight per stage) and
-# PyTorch SDPA anchors in the same call, merged into a table and a plot. Logs and results in $OUT.
+# PyTorch SDPA anchors in the same call, merged into a table and a plot. Results in $OUT, logs in $LOG.
 #
 #   device tool: run command="bash scripts/gpu_bench.sh" carry=["build-gtest-src"]
 #   quick:       BATCH=16 CTX=32768 bash scripts/gpu_bench.sh
+#   real input:  REAL_KV=build-dumps/qwen15b-emma-8192.kv bash scripts/gpu_bench.sh   (carry build-dumps too)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
@@ -12,33 +13,66 @@ BUILD=${BUILD:-build-gpu}
 BATCH=${BATCH:-1,16,64}
 CTX=${CTX:-8192,32768,131072}
 EXTRA=${EXTRA:-}
-mkdir -p "$OUT"
+LOG=${LOG:-$OUT/logs}  # logs apart: the device tool brings back at most 8 files of $OUT
+mkdir -p "$OUT" "$LOG"
 t0=$(date +%s)
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$LOG/gpu.txt"
 
 prefix=()
 if ! ls /usr/lib/x86_64-linux-gnu/cmake/GTest /usr/local/lib/cmake/GTest /usr/lib64/cmake/GTest >/dev/null 2>&1; then
   [ -f build-gtest-src/CMakeLists.txt ] || { echo "no GoogleTest here and build-gtest-src not carried"; exit 2; }
   cmake -S build-gtest-src -B /tmp/gtest-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_GMOCK=OFF \
-        -DCMAKE_INSTALL_PREFIX=/tmp/gtest >"$OUT/gtest_build.log" 2>&1 &&
-    ninja -C /tmp/gtest-build install >>"$OUT/gtest_build.log" 2>&1 || { tail -20 "$OUT/gtest_build.log"; exit 2; }
+        -DCMAKE_INSTALL_PREFIX=/tmp/gtest >"$LOG/gtest_build.log" 2>&1 &&
+    ninja -C /tmp/gtest-build install >>"$LOG/gtest_build.log" 2>&1 || { tail -20 "$LOG/gtest_build.log"; exit 2; }
   prefix=(-DCMAKE_PREFIX_PATH=/tmp/gtest)
 fi
-cmake -S . -B "$BUILD" -G Ninja -DTWILIGHT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a "${prefix[@]}" >"$OUT/configure.log" 2>&1 ||
-  { tail -30 "$OUT/configure.log"; exit 3; }
-ninja -C "$BUILD" cuda_tests twilight >"$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -30; exit 4; }
-echo "build done in $(( $(date +%s) - t0 )) s"
+configure() { cmake -S . -B "$BUILD" -G Ninja -DTWILIGHT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a "${prefix[@]}" >"$LOG/configure.log" 2>&1 ||
+  { tail -30 "$LOG/configure.log"; exit 3; }; }
+# TW_BIN: a twilight binary built elsewhere with the CUDA backend (the device lease is short): the
+# benchmark starts at once and cuda_tests builds beside it; otherwise build both first.
+if [ -n "${TW_BIN:-}" ] && [ -x "$TW_BIN" ]; then
+  BIN=$TW_BIN
+  configure
+  (ninja -C "$BUILD" cuda_tests >"$LOG/build.log" 2>&1; echo $? >"$LOG/build.rc") &
+  build_pid=$!
+else
+  BIN=$BUILD/twilight
+  configure
+  ninja -C "$BUILD" cuda_tests twilight >"$LOG/build.log" 2>&1 || { grep -E "error" "$LOG/build.log" | head -30; exit 4; }
+  echo 0 >"$LOG/build.rc"
+  build_pid=
+  echo "build done in $(( $(date +%s) - t0 )) s"
+fi
 
 rc=0
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  "$BUILD/cuda_tests" --gtest_filter='-QmatvecCudaModel.*:QmatvecCudaFixture.*' >"$OUT/tests.log" 2>&1 || rc=$?
-  grep -E '^\[ *(PASSED|FAILED) *\]|tests ran' "$OUT/tests.log" | head -40
-  echo "cuda_tests rc=$rc ($(( $(date +%s) - t0 )) s)"
-fi
-"$BUILD/twilight" bench --gpu --batch "$BATCH" --ctx "$CTX" --json "$OUT/ours.jsonl" $EXTRA >"$OUT/ours.md" 2>"$OUT/ours.err" ||
-  { echo "bench --gpu failed"; tail -5 "$OUT/ours.err"; rc=1; }
-PYTHONUNBUFFERED=1 python3 scripts/gpu_sdpa_anchor.py --batch "$BATCH" --ctx "$CTX" --json "$OUT/sdpa.jsonl" >"$OUT/sdpa.log" 2>&1 ||
-  { echo "sdpa anchor failed"; tail -5 "$OUT/sdpa.log"; rc=1; }
+"$BIN" bench --gpu --batch "$BATCH" --ctx "$CTX" --json "$OUT/ours.jsonl" $EXTRA 2>"$LOG/ours.err" | tee "$LOG/ours.md" ||
+  { echo "bench --gpu failed"; tail -5 "$LOG/ours.err"; rc=1; }
+PYTHONUNBUFFERED=1 python3 scripts/gpu_sdpa_anchor.py --batch "$BATCH" --ctx "$CTX" --json "$OUT/sdpa.jsonl" >"$LOG/sdpa.log" 2>&1 ||
+  { echo "sdpa anchor failed"; tail -5 "$LOG/sdpa.log"; rc=1; }
 python3 scripts/gpu_bench_report.py "$OUT/ours.jsonl" "$OUT/sdpa.jsonl" "$OUT/report.md" "$OUT/speedup.png" || rc=1
+
+# Real-model attention (a KV dump of the CPU engine, `twilight bench --attn-dump`; carry its folder):
+# the dump's own shape, anchors at that shape.
+if [ -n "${REAL_KV:-}" ]; then
+  RB=${REAL_BATCH:-1,16}; RC=${REAL_CTX:-8192,32768}
+  "$BIN" bench --gpu --kv "$REAL_KV" --batch "$RB" --ctx "$RC" --json "$OUT/real.jsonl" 2>"$LOG/real.err" | tee "$LOG/real.md" ||
+    { echo "bench --gpu --kv failed"; tail -5 "$LOG/real.err"; rc=1; }
+  shape=$(python3 -c "import json,sys; d=[json.loads(l) for l in open(sys.argv[1])][0]; print(d['heads'], d['kv_heads'], d['head_dim'])" "$OUT/real.jsonl") &&
+  read -r H HKV D <<<"$shape" &&
+  PYTHONUNBUFFERED=1 python3 scripts/gpu_sdpa_anchor.py --batch "$RB" --ctx "$RC" --heads "$H" --kv-heads "$HKV" --head-dim "$D" \
+    --json "$OUT/real_sdpa.jsonl" >"$LOG/real_sdpa.log" 2>&1 &&
+  python3 scripts/gpu_bench_report.py "$OUT/real.jsonl" "$OUT/real_sdpa.jsonl" "$OUT/report_real.md" || rc=1
+fi
+# Every kernel against the CPU reference (the model-file tests need files too big to carry).
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  [ -n "$build_pid" ] && wait "$build_pid"
+  if [ "$(cat "$LOG/build.rc" 2>/dev/null)" = 0 ]; then
+    "$BUILD/cuda_tests" --gtest_filter='-QmatvecCudaModel.*:QmatvecCudaFixture.*' >"$OUT/tests.log" 2>&1 || rc=$?
+    grep -E '^\[ *(PASSED|FAILED) *\]|tests ran' "$OUT/tests.log" | head -40
+    echo "cuda_tests rc=$rc"
+  else
+    echo "cuda_tests build failed"; grep -E "error" "$LOG/build.log" | head -20; rc=1
+  fi
+fi
 echo "total $(( $(date +%s) - t0 )) s"
 exit $rc

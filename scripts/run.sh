@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job on a fresh clone: set-up, Release build, then `twilight generate` with the default
-# model (SmolLM2-135M-Instruct Q4_1). Arguments go to `twilight generate`; without -m a default
-# model is passed, without -p/-f a default prompt.
+# The main job on a fresh clone: set-up, Release build, then long-context `twilight generate` with
+# the default model (SmolLM2-135M-Instruct Q4_1) and generate's default attention, Twilight (budgets
+# table at the end). Arguments go to `twilight generate`; without -m a default model is passed,
+# without -p/-f a default long prompt: ~5,500 tokens of the GPL-3 text (on every Debian system, in
+# base-files) followed by a question about it.
 #
-#   scripts/run.sh                                # default prompt
+#   scripts/run.sh                                # default long prompt
 #   scripts/run.sh -p "Write a haiku about dusk" -n 64 --temp 0.7
 #   scripts/run.sh -m ~/.cache/twilight/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf -p "def fib(n):"
 #
@@ -31,5 +33,10 @@ for a in "$@"; do
 done
 args=(generate)
 ((have_model)) || args+=(-m "$CACHE/models/SmolLM2-135M-Instruct-Q4_1.gguf")
-((have_prompt)) || args+=(-p "The three most important ideas in computer science are")
-exec build/twilight "${args[@]}" "$@"
+if ((!have_prompt)); then
+  prompt=$(mktemp /tmp/twilight-prompt.XXXXXX)
+  trap 'rm -f "$prompt"' EXIT
+  { head -c 24000 /usr/share/common-licenses/GPL-3; printf '\n\nQuestion: what does the license above require when you convey a modified version of the program? Answer:'; } >"$prompt"
+  args+=(--chat -f "$prompt" -n 64 --temp 0)
+fi
+build/twilight "${args[@]}" "$@"

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention/attend_block_avx512.h"
 #include "attention/fast_exp.h"
 #include "attention/online_softmax.h"
 #include "common/error.h"
@@ -181,19 +182,95 @@ __attribute__((target("avx2,fma,f16c"))) void attend_pages_avx2(const kv::KVPool
   }
 }
 
-// One place picks the page step: AVX2/FMA/F16C when the CPU has them and TWILIGHT_SIMD does not
-// force the scalar level (ops::active_simd), the portable loop otherwise.
-bool use_avx2_attention(int d) {
-  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return cpu && d % 8 == 0 && ops::active_simd() != ops::Simd::Scalar;
+// Row pointers of logical page lp of kv head kvh: rows[0][j] = K row j, rows[1][j] = V row j.
+void page_rows(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int kvh, int64_t lp, int d,
+               const uint16_t* (*rows)[kPageSize]) {
+  const int32_t phys = seq.pages[lp];
+  const uint16_t* kp = pool.k_page(layer, phys, kvh);
+  const uint16_t* vp = pool.v_page(layer, phys, kvh);
+  for (int j = 0; j < kPageSize; ++j) {
+    rows[0][j] = kp + (size_t)j * d;
+    rows[1][j] = vp + (size_t)j * d;
+  }
 }
 
-void attend(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int kvh, int64_t p0, int64_t p1, const float* q,
-            int nq, const int64_t* limit, SoftmaxState* st, int d, float* kbuf, float* vbuf) {
-  if (use_avx2_attention(d))
-    attend_pages_avx2(pool, seq, layer, kvh, p0, p1, q, nq, limit, st, d, kbuf, vbuf);
-  else
-    attend_pages(pool, seq, layer, kvh, p0, p1, q, nq, limit, st, d, kbuf, vbuf);
+// The page step at the AVX-512 level (d = 64 or 128): the K and V pages converted to fp32 once for
+// all nq queries (attend_block_avx512.h), the next page prefetched while this one is computed (a
+// kv head's pages are 4 KiB blocks at a stride, which the hardware prefetcher does not run ahead on).
+template <int NV>
+TW_AVX512 void attend_pages_avx512(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int kvh, int64_t p0,
+                                   int64_t p1, const float* q, int nq, const int64_t* limit, SoftmaxState* st,
+                                   int* ntr, float* pw) {
+  constexpr int P = kPageSize, d = 16 * NV;
+  alignas(64) float kbuf[P * d];
+  float* pbuf = pw;
+  const uint16_t* rows[2][2][P];  // [buffer][k, v][row]: this page's rows and the next page's
+  int64_t max_limit = -1;
+  for (int r = 0; r < nq; ++r) max_limit = std::max(max_limit, limit[r]);
+  for (int64_t lp = p0; lp < p1; ++lp) {
+    const int64_t t0 = lp * P;
+    const int nt = (int)std::min<int64_t>(P, max_limit - t0 + 1);
+    if (nt <= 0) break;
+    const uint16_t* const* krow = rows[lp & 1][0];
+    const uint16_t* const* vrow = rows[lp & 1][1];
+    if (lp == p0) page_rows(pool, seq, layer, kvh, lp, d, rows[lp & 1]);
+    avx512::Prefetch next;
+    if (lp + 1 < p1 && (lp + 1) * P <= max_limit) {  // the next page is read too: prefetch it
+      page_rows(pool, seq, layer, kvh, lp + 1, d, rows[(lp + 1) & 1]);
+      next = {rows[(lp + 1) & 1][0], rows[(lp + 1) & 1][1], (int)std::min<int64_t>(P, max_limit - (lp + 1) * P + 1)};
+    }
+    for (int r = 0; r < nq; ++r) ntr[r] = (int)std::clamp<int64_t>(limit[r] - t0 + 1, 0, P);
+    avx512::attend_rows<NV>(krow, vrow, nt, q, nq, ntr, st, kbuf, pbuf, next);
+  }
+}
+
+enum class Kernel { Portable, AVX2, AVX512 };
+
+
+// One place picks the page step for a SIMD level: AVX-512 for d = 64 / 128, AVX2/FMA/F16C for d % 8 == 0,
+// the portable loop otherwise (and at the scalar level: TWILIGHT_SIMD=scalar).
+Kernel pick_kernel(ops::Simd level, int d) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (level == ops::Simd::AVX512 && ops::simd_supported(ops::Simd::AVX512) && avx2 && (d == 64 || d == 128))
+    return Kernel::AVX512;
+  if (level != ops::Simd::Scalar && avx2 && d % 8 == 0) return Kernel::AVX2;
+  return Kernel::Portable;
+}
+
+// Per-thread scratch of the page step: reused across calls (no allocation per decode step).
+struct PageScratch {
+  std::vector<float> kbuf, vbuf;
+  std::vector<int> ntr;
+  std::vector<float, avx512::AlignedAlloc<float>> pw;  // [nq][16] softmax weights of a page (AVX-512 step)
+};
+PageScratch& page_scratch(int d, int nq) {
+  static thread_local PageScratch s;
+  if (s.kbuf.size() < (size_t)kPageSize * d) {
+    s.kbuf.resize((size_t)kPageSize * d);
+    s.vbuf.resize((size_t)kPageSize * d);
+  }
+  if (s.ntr.size() < (size_t)nq) s.ntr.resize(nq);
+  if (s.pw.size() < (size_t)nq * 16) s.pw.resize((size_t)nq * 16);
+  return s;
+}
+
+void attend(Kernel kern, const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int kvh, int64_t p0, int64_t p1,
+            const float* q, int nq, const int64_t* limit, SoftmaxState* st, int d) {
+  PageScratch& sc = page_scratch(d, nq);
+  switch (kern) {
+    case Kernel::AVX512:
+      if (d == 64)
+        attend_pages_avx512<4>(pool, seq, layer, kvh, p0, p1, q, nq, limit, st, sc.ntr.data(), sc.pw.data());
+      else
+        attend_pages_avx512<8>(pool, seq, layer, kvh, p0, p1, q, nq, limit, st, sc.ntr.data(), sc.pw.data());
+      break;
+    case Kernel::AVX2:
+      attend_pages_avx2(pool, seq, layer, kvh, p0, p1, q, nq, limit, st, d, sc.kbuf.data(), sc.vbuf.data());
+      break;
+    case Kernel::Portable:
+      attend_pages(pool, seq, layer, kvh, p0, p1, q, nq, limit, st, d, sc.kbuf.data(), sc.vbuf.data());
+      break;
+  }
 }
 
 void check_shape(const kv::KVPool& pool, const HeadShape& hs, int layer) {
@@ -208,38 +285,49 @@ void check_shape(const kv::KVPool& pool, const HeadShape& hs, int layer) {
 
 void dense_decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
                   int64_t n_ctx, float* out, ThreadPool& tp) {
+  dense_decode(pool, seq, layer, hs, q, n_ctx, out, tp, ops::active_simd());
+}
+
+void dense_decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                  int64_t n_ctx, float* out, ThreadPool& tp, ops::Simd level) {
   check_shape(pool, hs, layer);
   TW_CHECK(n_ctx > 0 && (n_ctx + kPageSize - 1) / kPageSize <= (int64_t)seq.pages.size(), "attention: n_ctx ", n_ctx,
            " exceeds the sequence's pages");
   const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads, hkv = hs.n_kv_heads;
   const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
+  const Kernel kern = pick_kernel(level, d);
   // Split-KV: enough chunks per kv head to keep every thread busy, at least 8 pages each.
   const int64_t want = std::max<int64_t>(1, (int64_t)tp.size() * 2 / hkv + ((tp.size() * 2) % hkv != 0));
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(want, n_pages / 8));
-  const float qscale = 1.f / std::sqrt((float)d);
-  std::vector<float> qs((size_t)hs.n_heads * d);
-  for (size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * qscale;
-
   const int64_t items = hkv * n_chunks;
-  std::vector<float> part_o((size_t)items * G * d, 0.f);
-  std::vector<SoftmaxState> part((size_t)items * G);
-  for (size_t i = 0; i < part.size(); ++i) part[i].o = part_o.data() + i * d;
-  const std::vector<int64_t> limit(G, n_ctx - 1);
+  // The caller's scratch, reused across decode steps (a step runs this once per layer).
+  struct Scratch {
+    std::vector<float> qs, part_o;
+    std::vector<SoftmaxState> part;
+    std::vector<int64_t> limit;
+  };
+  static thread_local Scratch tls;
+  Scratch& sc = tls;  // a local reference: the workers must see the caller's buffers, not their own thread_local
+  const float qscale = 1.f / std::sqrt((float)d);
+  sc.qs.resize((size_t)hs.n_heads * d);
+  for (size_t i = 0; i < sc.qs.size(); ++i) sc.qs[i] = q[i] * qscale;
+  sc.part_o.assign((size_t)items * G * d, 0.f);
+  sc.part.assign((size_t)items * G, SoftmaxState{});
+  for (size_t i = 0; i < sc.part.size(); ++i) sc.part[i].o = sc.part_o.data() + i * d;
+  sc.limit.assign(G, n_ctx - 1);
 
   tp.parallel_for(items, [&](int64_t b, int64_t e, int) {
-    std::vector<float> kbuf((size_t)kPageSize * d), vbuf((size_t)kPageSize * d);
     for (int64_t it = b; it < e; ++it) {
       const int h = (int)(it / n_chunks);
       const int64_t c = it % n_chunks;
       const int64_t p0 = n_pages * c / n_chunks, p1 = n_pages * (c + 1) / n_chunks;
-      attend(pool, seq, layer, h, p0, p1, qs.data() + (size_t)h * G * d, G, limit.data(), &part[it * G], d,
-                   kbuf.data(), vbuf.data());
+      attend(kern, pool, seq, layer, h, p0, p1, sc.qs.data() + (size_t)h * G * d, G, sc.limit.data(), &sc.part[it * G], d);
     }
   });
   for (int h = 0; h < hkv; ++h)
     for (int g = 0; g < G; ++g) {
-      SoftmaxState& acc = part[((size_t)h * n_chunks) * G + g];
-      for (int64_t c = 1; c < n_chunks; ++c) merge(acc, part[((size_t)h * n_chunks + c) * G + g], d);
+      SoftmaxState& acc = sc.part[((size_t)h * n_chunks) * G + g];
+      for (int64_t c = 1; c < n_chunks; ++c) merge(acc, sc.part[((size_t)h * n_chunks + c) * G + g], d);
       finish(acc, out + ((size_t)h * G + g) * d, d);
     }
 }
@@ -254,8 +342,8 @@ void dense_prefill(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, c
   // Work item: (kv head, block of T query tokens); the block's G*T queries share every K/V page read.
   constexpr int64_t T = 16;
   const int64_t n_blocks = (n + T - 1) / T;
+  const Kernel kern = pick_kernel(ops::active_simd(), d);
   tp.parallel_for(hkv * n_blocks, [&](int64_t b, int64_t e, int) {
-    std::vector<float> kbuf((size_t)kPageSize * d), vbuf((size_t)kPageSize * d);
     std::vector<float> qb((size_t)T * G * d), ob((size_t)T * G * d);
     std::vector<SoftmaxState> st((size_t)T * G);
     std::vector<int64_t> limit((size_t)T * G);
@@ -274,8 +362,7 @@ void dense_prefill(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, c
           std::fill(st[r].o, st[r].o + d, 0.f);
         }
       const int64_t last_page = (pos0 + i1 - 1) / kPageSize;
-      attend(pool, seq, layer, h, 0, last_page + 1, qb.data(), nq, limit.data(), st.data(), d, kbuf.data(),
-                   vbuf.data());
+      attend(kern, pool, seq, layer, h, 0, last_page + 1, qb.data(), nq, limit.data(), st.data(), d);
       for (int64_t i = i0; i < i1; ++i)
         for (int g = 0; g < G; ++g)
           finish(st[(size_t)(i - i0) * G + g], out + ((size_t)i * H + (size_t)h * G + g) * d, d);

@@ -1,11 +1,16 @@
 // Exact dense attention on the CPU over the paged KV cache: the reference every sparse path is
 // tested against, and the fallback. Online softmax, split over threads (decode: split-KV over page
-// ranges per kv head, then merge; prefill: blocks of query tokens per kv head).
+// ranges per kv head, then merge; prefill: blocks of query tokens per kv head). Every K/V page is
+// read once for all G query heads of its kv head (and, in prefill, a block of query tokens).
 #pragma once
 #include <cstdint>
 
 #include "common/threadpool.h"
 #include "kv/kv_cache.h"
+
+namespace tw::ops {
+enum class Simd;  // ops/cpu/matmul.h
+}
 
 namespace tw::attn {
 
@@ -19,6 +24,10 @@ struct HeadShape {
 // out: [n_heads][d].
 void dense_decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const HeadShape& hs,
                   const float* q, int64_t n_ctx, float* out, ThreadPool& tp);
+// The same at a given SIMD level (tests pin each level; the overload above uses ops::active_simd()):
+// AVX512 for d = 64 / 128 (attend_block_avx512.h), AVX2 for d % 8 == 0, else the portable loops.
+void dense_decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const HeadShape& hs,
+                  const float* q, int64_t n_ctx, float* out, ThreadPool& tp, ops::Simd level);
 
 // Causal prefill: n queries at positions pos0 .. pos0+n-1; query i sees tokens [0, pos0+i].
 // q: [n][n_heads][d]; out: [n][n_heads][d]. K/V of all n tokens must already be in the cache.

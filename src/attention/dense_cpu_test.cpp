@@ -11,6 +11,7 @@
 
 #include "attention/online_softmax.h"
 #include "common/fp16.h"
+#include "ops/cpu/matmul.h"
 
 namespace tw::attn {
 namespace {
@@ -47,6 +48,37 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DenseDecode,
                                            Case{12, 2, 128, 333, 1}, Case{12, 2, 128, 4099, 2},
                                            Case{14, 2, 64, 2048, 2}, Case{8, 8, 128, 257, 2},
                                            Case{32, 8, 128, 1500, 2}, Case{4, 1, 64, 16, 2}));
+
+// Every SIMD level this CPU runs (the suite's default level is only the best one, plus scalar via
+// TWILIGHT_SIMD): AVX-512 (d 64 / 128: attend_block_avx512.h), AVX2 and portable, with shapes that hit
+// groups of more than 8 queries (G = 16), G = 1, partial last pages and 1-3 threads.
+TEST(DenseDecode, EverySimdLevelMatchesReference) {
+  const Case cases[] = {Case{12, 2, 128, 4099, 2}, Case{9, 3, 64, 1000, 3}, Case{32, 2, 128, 700, 2},
+                        Case{8, 8, 64, 17, 1},     Case{6, 1, 128, 16, 2},   Case{4, 2, 64, 1, 1},
+                        Case{10, 2, 32, 333, 2},   Case{6, 2, 24, 100, 2}};
+  for (const ops::Simd level : {ops::Simd::Scalar, ops::Simd::AVX2, ops::Simd::AVX512}) {
+    if (!ops::simd_supported(level)) continue;
+    for (const Case c : cases) {
+      std::mt19937 rng(77 + c.n_ctx + c.d + (int)level);
+      kv::KVPool pool({1, c.Hkv, c.d, (c.n_ctx + 15) / 16});
+      kv::SeqPages seq;
+      fill_random(pool, seq, 0, c.n_ctx, rng, 2.f);
+      std::normal_distribution<float> N(0.f, 1.f);
+      std::vector<float> q((size_t)c.H * c.d);
+      for (auto& x : q) x = N(rng);
+      std::vector<float> out(q.size()), ref(q.size());
+      ThreadPool tp(c.threads);
+      const HeadShape hs{c.H, c.Hkv, c.d};
+      dense_reference(pool, seq, 0, hs, q.data(), c.n_ctx, ref.data());
+      for (int rep = 0; rep < 2; ++rep) {  // twice: the reused scratch must not leak state
+        dense_decode(pool, seq, 0, hs, q.data(), c.n_ctx, out.data(), tp, level);
+        for (size_t i = 0; i < out.size(); ++i)
+          ASSERT_NEAR(out[i], ref[i], 2e-5f + 2e-5f * std::fabs(ref[i]))
+              << ops::simd_name(level) << " H " << c.H << " d " << c.d << " n " << c.n_ctx << " at " << i;
+      }
+    }
+  }
+}
 
 TEST(DensePrefill, CausalMatchesReferencePerToken) {
   for (const Case c : {Case{9, 3, 64, 77, 2}, Case{12, 2, 128, 150, 1}, Case{8, 4, 64, 33, 2}}) {

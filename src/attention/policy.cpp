@@ -60,16 +60,19 @@ int64_t to_int(const std::string& key, const std::string& v) {
   if (v.empty() || *end) fail(key, ": expected an integer, got '", v, "'");
   return x;
 }
+float to_float(const std::string& key, const std::string& v) {
+  char* end = nullptr;
+  const float x = std::strtof(v.c_str(), &end);
+  if (v.empty() || *end || !std::isfinite(x)) fail(key, ": expected a number, got '", v, "'");
+  return x;
+}
 }  // namespace
 
 void set_attn_option(AttnConfig& c, const std::string& key, const std::string& v) {
   if (key == "attn") {
     c.method = parse_method(v);
   } else if (key == "attn-p") {
-    char* end = nullptr;
-    const float p = std::strtof(v.c_str(), &end);
-    if (v.empty() || *end || !std::isfinite(p)) fail("--attn-p: expected a number, got '", v, "'");
-    c.p = p;
+    c.p = to_float("--attn-p", v);
   } else if (key == "attn-base") {
     c.base = parse_base(v);
   } else if (key == "attn-b0") {
@@ -88,6 +91,23 @@ void set_attn_option(AttnConfig& c, const std::string& key, const std::string& v
     c.sinks = to_int("--attn-sinks", v);
   } else if (key == "attn-dense-below") {
     c.dense_below = to_int("--attn-dense-below", v);
+  } else if (key == "attn-combine") {
+    if (v == "mean") c.combine = GroupCombine::Mean;
+    else if (v == "union") c.combine = GroupCombine::Union;
+    else fail("attn-combine: expected mean or union, got '", v, "'");
+  } else if (key == "attn-guard") {
+    if (v == "off") c.guard = Guard::Off;
+    else if (v == "report") c.guard = Guard::Report;
+    else if (v == "widen") c.guard = Guard::Widen;
+    else if (v == "all") c.guard = Guard::All;
+    else if (v == "dense") c.guard = Guard::Dense;
+    else fail("attn-guard: expected off|report|widen|all|dense, got '", v, "'");
+  } else if (key == "attn-guard-frac") {
+    c.guard_frac = to_float("attn-guard-frac", v);
+  } else if (key == "attn-widen-max") {
+    c.widen_max = to_float("attn-widen-max", v);
+  } else if (key == "attn-margin") {
+    c.margin = to_float("attn-margin", v);
   } else if (key == "attn-true-mass") {
     if (v != "0" && v != "1") fail("attn-true-mass: expected 0 or 1, got '", v, "'");
     c.true_mass = v == "1";
@@ -132,14 +152,26 @@ void AttnConfig::validate() const {
   TW_CHECK(dense_below >= 0, "attn-dense-below must be >= 0");
   TW_CHECK(!uses_ds() || !ds_file.empty(), "Double Sparsity (", method == Method::DS ? "--attn ds" : "--attn-base ds",
            ") needs its channel file: --attn-ds-file FILE (make one with twilight calibrate)");
+  TW_CHECK(guard_frac >= 0.f && guard_frac <= 1.f, "attn-guard-frac must be in [0, 1], got ", guard_frac);
+  TW_CHECK(widen_max > 0.f && widen_max <= 1.f, "attn-widen-max must be in (0, 1], got ", widen_max);
+  TW_CHECK(margin >= 0.f, "attn-margin must be >= 0, got ", margin);
 }
 
 std::string AttnConfig::describe() const {
   std::ostringstream os;
   os << method_name(method);
-  if (method == Method::Twilight) os << " (p " << p << ", base " << base_name(base) << ")";
+  if (method == Method::Twilight) {
+    os << " (p " << p << ", base " << base_name(base);
+    if (gqa == GqaMode::Group && combine != GroupCombine::Mean) os << ", combine " << combine_name(combine);
+    if (guard != Guard::Off) os << ", guard " << guard_name(guard) << " at " << guard_frac << " (1 - p)";
+    if (guard == Guard::Widen) os << ", widen max " << widen_max;
+    if (margin > 0.f) os << ", margin " << margin;
+    os << ")";
+  }
   if (method != Method::Dense) {
-    os << ", B0 " << (b0 > 0 ? std::to_string(b0) : std::string("auto (n_ctx/4)")) << ", dense layers < " << skip_layers
+    if (!(method == Method::Twilight && base == Base::None))  // no selector: no B0
+      os << ", B0 " << (b0 > 0 ? std::to_string(b0) : std::string("auto (n_ctx/4)"));
+    os << ", dense layers < " << skip_layers
        << ", dense below " << dense_below << " tokens, " << (gqa == GqaMode::Group ? "group" : "head") << " mode";
   }
   return os.str();
@@ -154,7 +186,21 @@ void BudgetStats::reset(int layers, int lists) {
   i0.assign(n, 0);
   i1.assign(n, 0);
   est_mass.assign(n, 0);
+  est_mass_min.assign(n, 0);
+  bound0.assign(n, 0);
+  bound.assign(n, 0);
+  guard_acts.assign(n, 0);
+  added.assign(n, 0);
   true_mass.assign(n, 0);
+  true_min.assign(n, 0);
+  true_i0.assign(n, 0);
+  loss_outside.assign(n, 0);
+  loss_allowed.assign(n, 0);
+  loss_group.assign(n, 0);
+  loss_estimate.assign(n, 0);
+  bound_exact.assign(n, 0);
+  bound_violations.assign(n, 0);
+  bound_slack.assign(n, 0);
   dense_steps.assign(layers, 0);
 }
 
@@ -168,8 +214,17 @@ std::string BudgetStats::json(const AttnConfig& cfg) const {
       const size_t k = at(l, i);
       const double s = steps[k] ? (double)steps[k] : 1.0;
       os << (i ? ", " : "") << "{\"steps\": " << steps[k] << ", \"avg_ctx\": " << ctx[k] / s << ", \"avg_i0\": " << i0[k] / s
-         << ", \"avg_i1\": " << i1[k] / s << ", \"avg_est_mass\": " << est_mass[k] / s;
-      if (cfg.true_mass) os << ", \"avg_true_mass\": " << true_mass[k] / s;
+         << ", \"avg_i1\": " << i1[k] / s << ", \"avg_est_mass\": " << est_mass[k] / s
+         << ", \"avg_est_mass_min\": " << est_mass_min[k] / s;
+      if (cfg.method == Method::Twilight && cfg.guard != Guard::Off)
+        os << ", \"avg_bound0\": " << bound0[k] / s << ", \"avg_bound\": " << bound[k] / s
+           << ", \"guard_acts\": " << guard_acts[k] << ", \"avg_added\": " << added[k] / s;
+      if (cfg.true_mass)
+        os << ", \"avg_true_mass\": " << true_mass[k] / s << ", \"avg_true_min\": " << true_min[k] / s
+           << ", \"avg_true_i0\": " << true_i0[k] / s << ", \"avg_loss_outside\": " << loss_outside[k] / s
+           << ", \"avg_loss_allowed\": " << loss_allowed[k] / s << ", \"avg_loss_group\": " << loss_group[k] / s
+           << ", \"avg_loss_estimate\": " << loss_estimate[k] / s << ", \"avg_bound_exact\": " << bound_exact[k] / s
+           << ", \"bound_violations\": " << bound_violations[k] << ", \"avg_bound_slack\": " << bound_slack[k] / s;
       os << "}";
     }
     os << "]}";
@@ -186,6 +241,7 @@ AttentionPolicy::AttentionPolicy(const AttnConfig& cfg, const kv::KVShape& kv, c
     DsChannels ch = read_ds_channels(cfg_.ds_file);
     check_ds_model(ch, cfg_.ds_file, kv.n_layers, kv.n_kv_heads, kv.head_dim, model_fingerprint);
     ds_ = std::make_unique<DsSide>(kv, std::move(ch));
+    ds_file_ = cfg_.ds_file;
   }
   if (config_needs_side(cfg_)) side_ = std::make_unique<KeySide>(kv);  // bounds and/or INT4 mirror
   stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs.n_kv_heads : hs.n_heads);
@@ -203,6 +259,8 @@ void AttentionPolicy::reconfigure(const AttnConfig& cfg) {
            "') does not maintain");
   TW_CHECK(!cfg.uses_ds() || ds_, "attention policy: cannot switch to '", cfg.describe(),
            "': it needs the Double Sparsity label cache, which this policy does not maintain");
+  TW_CHECK(!cfg.uses_ds() || cfg.ds_file == ds_file_, "attention policy: cannot switch to ds with channel file '",
+           cfg.ds_file, "': the label cache was built from '", ds_file_, "'");
   cfg_ = cfg;
   stats_.reset(n_layers_, cfg_.gqa == GqaMode::Group ? hs_.n_kv_heads : hs_.n_heads);
 }
@@ -245,12 +303,26 @@ void AttentionPolicy::decode(const kv::KVPool& pool, const kv::SeqPages& seq, in
     case Base::DS: select_ds(*ds_, seq, layer, hs_, q, n_ctx, b0, cfg_.gqa, sel0_, &tp); break;
   }
   const Selection* final_sel = &sel0_;
+  const int64_t n_pages = (n_ctx + kv::kPageSize - 1) / kv::kPageSize;
+  // Per-query-head page bounds, for the guard (and the debug mode's exact bound). Base None proposes
+  // the whole context: nothing lies outside I0.
+  const bool guard = cfg_.method == Method::Twilight && cfg_.guard != Guard::Off && level1 != Base::None;
+  if (guard || (cfg_.true_mass && side_)) {
+    page_bounds_.resize((size_t)hs_.n_heads * n_pages);
+    quest_page_scores(*side_, seq, layer, hs_, q, n_ctx, GqaMode::Head, page_bounds_.data(), &tp);
+  }
   if (cfg_.method == Method::Twilight) {
     PruneOptions po;
     po.p = cfg_.p;
     po.min_tokens = cfg_.min_tokens;
     po.max_tokens = cfg_.max_tokens;
-    prune_topp(*side_, seq, layer, hs_, q, sel0_, n_ctx, po, sel1_, pst_, tp);
+    po.combine = cfg_.combine;
+    po.guard = guard ? cfg_.guard : Guard::Off;
+    po.guard_frac = cfg_.guard_frac;
+    po.widen_max = cfg_.widen_max;
+    po.margin = cfg_.margin;
+    const PageBounds pb = guard ? PageBounds{page_bounds_.data(), n_pages} : PageBounds{};
+    prune_topp(*side_, seq, layer, hs_, q, sel0_, n_ctx, po, pb, sel1_, pst_, tp);
     final_sel = &sel1_;
   }
   sparse_decode(pool, seq, layer, hs_, q, *final_sel, n_ctx, out, tp);
@@ -262,44 +334,121 @@ void AttentionPolicy::decode(const kv::KVPool& pool, const kv::SeqPages& seq, in
     stats_.ctx[k] += (double)n_ctx;
     stats_.i0[k] += (double)sel0_.size(i);
     stats_.i1[k] += (double)final_sel->size(i);
-    if (cfg_.method == Method::Twilight) stats_.est_mass[k] += pst_[i].est_mass_kept;
+    if (cfg_.method == Method::Twilight) {
+      const PruneStats& ps = pst_[i];
+      stats_.est_mass[k] += ps.est_mass_kept;
+      stats_.est_mass_min[k] += ps.est_mass_min;
+      stats_.bound0[k] += ps.outside_bound0;
+      stats_.bound[k] += ps.outside_bound;
+      stats_.guard_acts[k] += ps.action != 0;
+      stats_.added[k] += (double)ps.n_added;
+    }
   }
-  if (cfg_.true_mass) record(layer, n_ctx, pool, seq, q);
+  if (cfg_.true_mass) record(layer, n_ctx, pool, seq, q, tp);
 }
 
-// Debug: the exact attention mass of each query head on the attended tokens (list + current token),
-// averaged over the heads a list serves.
-void AttentionPolicy::record(int layer, int64_t n_ctx, const kv::KVPool& pool, const kv::SeqPages& seq, const float* q) {
+// Debug: exact weights of every query head over the whole context, and the split of the mass lost
+// into its causes (policy.h, BudgetStats). Slow (double precision, scalar): analysis only.
+void AttentionPolicy::record(int layer, int64_t n_ctx, const kv::KVPool& pool, const kv::SeqPages& seq, const float* q,
+                             ThreadPool& tp) {
   const Selection& sel = cfg_.method == Method::Twilight ? sel1_ : sel0_;
   const int d = hs_.head_dim, G = hs_.n_heads / hs_.n_kv_heads;
-  std::vector<double> w(n_ctx);
-  std::vector<char> kept(n_ctx);
-  for (int i = 0; i < sel.n_lists; ++i) {
-    std::fill(kept.begin(), kept.end(), 0);
-    for (int64_t j = 0; j < sel.size(i); ++j) kept[sel.list(i)[j]] = 1;
-    kept[n_ctx - 1] = 1;
-    const int h0 = sel.mode == GqaMode::Group ? i * G : i, h1 = sel.mode == GqaMode::Group ? h0 + G : i + 1;
-    double mass = 0;
-    for (int hq = h0; hq < h1; ++hq) {
-      const int kvh = hq / G;
-      double mx = -INFINITY;
-      for (int64_t t = 0; t < n_ctx; ++t) {
-        const uint16_t* k = pool.k_page(layer, seq.pages[t / kv::kPageSize], kvh) + (t % kv::kPageSize) * d;
-        double s = 0;
-        for (int x = 0; x < d; ++x) s += (double)q[hq * d + x] * fp16_to_fp32(k[x]);
-        w[t] = s / std::sqrt((double)d);
-        mx = std::max(mx, w[t]);
+  const int64_t n_pages = (n_ctx + kv::kPageSize - 1) / kv::kPageSize;
+  const bool twilight = cfg_.method == Method::Twilight;
+  // Without side structures (streaming / top-k alone) there is no estimate or bound to judge: those
+  // parts are reported as 0 (Eh = Eg = 1, bound 1).
+  const bool side = side_ != nullptr;
+  const Int4Keys k4 = side ? int4_keys(*side_) : Int4Keys{};
+  tp.parallel_for(sel.n_lists, [&](int64_t b, int64_t e, int) {
+    std::vector<double> w(n_ctx);
+    std::vector<float> zx, ze;
+    std::vector<char> kept(n_ctx), in0(n_ctx);
+    std::vector<int32_t> t0;
+    for (int64_t li = b; li < e; ++li) {
+      const int i = (int)li;
+      std::fill(kept.begin(), kept.end(), 0);
+      std::fill(in0.begin(), in0.end(), 0);
+      for (int64_t j = 0; j < sel.size(i); ++j) kept[sel.list(i)[j]] = 1;
+      kept[n_ctx - 1] = 1;
+      for (int64_t j = 0; j < sel0_.size(i); ++j) in0[sel0_.list(i)[j]] = 1;
+      in0[n_ctx - 1] = 1;
+      t0.clear();
+      for (int64_t t = 0; t < n_ctx; ++t)
+        if (in0[t]) t0.push_back((int32_t)t);
+      const int64_t m0 = (int64_t)t0.size();
+      const int h0 = sel.mode == GqaMode::Group ? i * G : i, h1 = sel.mode == GqaMode::Group ? h0 + G : i + 1;
+      const size_t k = stats_.at(layer, i);
+      const double eg = twilight ? pst_[i].est_mass_kept : 1.0;
+      double slack = 0, mass = 0, mass_min = INFINITY, mass_i0 = 0, l_out = 0, l_allowed = 0, l_group = 0, l_est = 0, bnd = 0;
+      for (int hq = h0; hq < h1; ++hq) {
+        const int kvh = hq / G;
+        double mx = -INFINITY;
+        for (int64_t t = 0; t < n_ctx; ++t) {
+          const uint16_t* kp = pool.k_page(layer, seq.pages[t / kv::kPageSize], kvh) + (t % kv::kPageSize) * d;
+          double s = 0;
+          for (int x = 0; x < d; ++x) s += (double)q[hq * d + x] * fp16_to_fp32(kp[x]);
+          w[t] = s / std::sqrt((double)d);
+          mx = std::max(mx, w[t]);
+        }
+        // The exact bound on the mass outside I0' (z exact), before w becomes the weights.
+        zx.resize(m0);
+        for (int64_t j = 0; j < m0; ++j) zx[j] = (float)w[t0[j]];
+        const float* uh = side ? page_bounds_.data() + (size_t)hq * n_pages : nullptr;
+        const double be = side ? outside_bound(zx.data(), t0.data(), m0, uh, n_ctx, 1.f / std::sqrt((float)d)) : 1.0;
+        double slack_sum = 0;
+        for (int64_t lp = 0; lp < n_pages && side; ++lp) {
+          double best = -INFINITY;
+          for (int64_t t = lp * kv::kPageSize; t < std::min<int64_t>(n_ctx, (lp + 1) * kv::kPageSize); ++t)
+            best = std::max(best, w[t]);
+          slack_sum += uh[lp] / std::sqrt((double)d) - best;
+        }
+        slack += slack_sum / n_pages / (h1 - h0);
+        double z = 0;
+        for (int64_t t = 0; t < n_ctx; ++t) z += (w[t] = std::exp(w[t] - mx));
+        double w1 = 0, w0 = 0, w10 = 0;
+        for (int64_t t = 0; t < n_ctx; ++t) {
+          w[t] /= z;
+          if (kept[t]) w1 += w[t];
+          if (in0[t]) w0 += w[t];
+          if (kept[t] && in0[t]) w10 += w[t];
+        }
+        // The head's own INT4 estimate over I0', and its weight of I1.
+        double eh = 1.0;
+        if (side) {
+          ze.resize(m0);
+          estimate_scores(k4, seq, layer, kvh, d, q + (size_t)hq * d, 1, t0.data(), m0, ze.data());
+          double emx = -INFINITY, es = 0, e1 = 0;
+          for (int64_t j = 0; j < m0; ++j) emx = std::max(emx, (double)ze[j]);
+          for (int64_t j = 0; j < m0; ++j) {
+            const double x = std::exp((double)ze[j] - emx);
+            es += x;
+            if (kept[t0[j]]) e1 += x;
+          }
+          eh = e1 / es;
+        }
+        const double cond = w0 > 0 ? w10 / w0 : 0.0;
+        mass += w1;
+        mass_min = std::min(mass_min, w1);
+        mass_i0 += w0;
+        l_out += 1 - w0;
+        l_allowed += w0 * (1 - eg);
+        l_group += w0 * (eg - eh);
+        l_est += w0 * (eh - cond);
+        bnd = std::max(bnd, be);
+        if (be < 1 - w0 - 1e-6) ++stats_.bound_violations[k];
       }
-      double z = 0, kept_mass = 0;
-      for (int64_t t = 0; t < n_ctx; ++t) {
-        const double e = std::exp(w[t] - mx);
-        z += e;
-        if (kept[t]) kept_mass += e;
-      }
-      mass += kept_mass / z;
+      const double nh = h1 - h0;
+      stats_.true_mass[k] += mass / nh;
+      stats_.true_min[k] += mass_min;
+      stats_.true_i0[k] += mass_i0 / nh;
+      stats_.loss_outside[k] += l_out / nh;
+      stats_.loss_allowed[k] += l_allowed / nh;
+      stats_.loss_group[k] += l_group / nh;
+      stats_.loss_estimate[k] += l_est / nh;
+      stats_.bound_exact[k] += bnd;
+      stats_.bound_slack[k] += slack;
     }
-    stats_.true_mass[stats_.at(layer, i)] += mass / (h1 - h0);
-  }
+  });
 }
 
 }  // namespace tw::attn

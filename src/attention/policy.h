@@ -40,6 +40,12 @@ struct AttnConfig {
   int64_t dense_below = 1024;      // contexts shorter than this stay dense (sparsity does not pay)
   bool true_mass = false;          // debug: also compute the true attention mass kept (exact weights)
   std::string ds_file;             // Double Sparsity channel file (twilight calibrate); needed by ds
+  // Twilight's honesty about the mass it keeps (pruner.h, TWILIGHT.md 4.5):
+  GroupCombine combine = GroupCombine::Mean;  // group mode: average the heads' weights, or unite their top-p sets
+  Guard guard = Guard::Off;        // bound on the mass outside I0 (Quest page bounds) and what to do about it
+  float guard_frac = 1.f;          // the guard acts when a head's bound > guard_frac * (1 - p)
+  float widen_max = 0.5f;          // Widen: beyond this fraction of the context take all of it as I0
+  float margin = 0.f;              // estimate-error margin of the pruner (pruner.h), 0 = off
 
   void validate() const;           // tw::Error naming the bad value
   std::string describe() const;    // one line for logs
@@ -49,7 +55,9 @@ struct AttnConfig {
 
 // Read "key = value" lines (# comments) into cfg; keys: attn, attn-p, attn-base, attn-b0,
 // attn-skip-layers, attn-gqa (group|head), attn-min-tokens, attn-max-tokens, attn-sinks,
-// attn-dense-below, attn-true-mass (0|1), attn-ds-file. Unknown keys and bad values are errors naming file and line.
+// attn-dense-below, attn-true-mass (0|1), attn-ds-file, attn-combine (mean|union), attn-guard
+// (off|report|widen|all|dense), attn-guard-frac, attn-widen-max, attn-margin. Unknown keys and bad values
+// are errors naming file and line.
 void load_attn_config(const std::string& path, AttnConfig& cfg);
 // Apply one key/value (the CLI flags and the config file share this).
 void set_attn_option(AttnConfig& cfg, const std::string& key, const std::string& value);
@@ -63,7 +71,27 @@ struct BudgetStats {
   std::vector<double> i0;           // sum of |I0| (selector output; = n_ctx without selector)
   std::vector<double> i1;           // sum of |I1| (tokens attended)
   std::vector<double> est_mass;     // sum of estimated mass kept (Twilight)
-  std::vector<double> true_mass;    // sum of true mass kept (debug mode), averaged over the group's heads
+  std::vector<double> est_mass_min; // sum of the estimated mass kept by the list's least-served head
+  // Guard (Twilight with a guard): bound U / (S + U) on the mass outside I0, max over the list's heads.
+  std::vector<double> bound0;       // sum of the bound for the selector's I0
+  std::vector<double> bound;        // sum of the bound for the final I0 (after widening)
+  std::vector<int64_t> guard_acts;  // steps where the guard widened I0 / took all / went dense
+  std::vector<double> added;        // sum of candidates the guard added
+  // Debug (true_mass): exact weights W over the whole context, per query head, averaged over the
+  // list's heads unless said otherwise. I0' = the selector's I0 plus the current token.
+  std::vector<double> true_mass;    // sum of W(I1), the true mass kept
+  std::vector<double> true_min;     // sum of min over the list's heads of W(I1)
+  std::vector<double> true_i0;      // sum of W(I0')
+  // The loss 1 - W(I1) split into four parts that add up (per head, when I1 is inside I0'):
+  //   outside   1 - W(I0')                      mass the selector never proposed       (cause a)
+  //   allowed   W(I0') (1 - Eg)                 what top-p gives up by design (Eg = list's est. mass)
+  //   group     W(I0') (Eg - Eh)                the head's estimated mass below the group's (cause c)
+  //   estimate  W(I0') (Eh - W(I1)/W(I0'))      INT4 estimate vs truth inside I0'       (cause b)
+  // with Eh = the head's own INT4-estimated weight of I1, normalised over I0'.
+  std::vector<double> loss_outside, loss_allowed, loss_group, loss_estimate;
+  std::vector<double> bound_exact;  // sum of the guard bound with exact z over I0' (max over heads)
+  std::vector<int64_t> bound_violations;  // heads where that bound < 1 - W(I0') (must stay 0)
+  std::vector<double> bound_slack;  // sum of the mean over pages of u_p / sqrt(d) - the page's best score (nats)
   std::vector<int64_t> dense_steps; // (n_layers) decode steps that ran dense at this layer
   size_t at(int l, int i) const { return (size_t)l * n_lists + i; }
   void reset(int layers, int lists);
@@ -100,14 +128,17 @@ class AttentionPolicy {
   void reset_stats();
 
  private:
-  void record(int layer, int64_t n_ctx, const kv::KVPool& pool, const kv::SeqPages& seq, const float* q);
+  void record(int layer, int64_t n_ctx, const kv::KVPool& pool, const kv::SeqPages& seq, const float* q,
+              ThreadPool& tp);
   AttnConfig cfg_;
   HeadShape hs_;
   int n_layers_;
   std::unique_ptr<KeySide> side_;
   std::unique_ptr<DsSide> ds_;  // Double Sparsity label cache (ds only)
+  std::string ds_file_;          // the channel file ds_ was built from (reconfigure must name the same)
   Selection sel0_, sel1_;
   std::vector<PruneStats> pst_;
+  std::vector<float> page_bounds_;  // [H][n_pages] Quest bounds per query head (guard, debug)
   BudgetStats stats_;
 };
 

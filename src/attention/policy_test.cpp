@@ -205,5 +205,105 @@ TEST(AttnConfig, ConfigFileWithLineNumbersInErrors) {
   EXPECT_THROW(load_attn_config("/nonexistent/attn.conf", c), Error);
 }
 
+TEST(AttentionPolicy, TrueMassSplitAddsUpAndTheBoundHolds) {
+  // Debug mode: outside + allowed + group + estimate = 1 - true mass (I1 inside I0'), per list and step;
+  // the exact-z bound never falls below the true outside mass.
+  for (const GqaMode mode : {GqaMode::Group, GqaMode::Head}) {
+    const int H = 9, Hkv = 3, d = 64;
+    const int64_t n = 2500;
+    Fixture f(1, H, Hkv, d, n);
+    AttnConfig c;
+    c.method = Method::Twilight;
+    c.b0 = 600;
+    c.p = 0.9f;
+    c.skip_layers = 0;
+    c.gqa = mode;
+    c.true_mass = true;
+    AttentionPolicy pol(c, f.ks, f.hs);
+    std::mt19937 rng(15);
+    f.fill(pol, n, rng);
+    std::normal_distribution<float> N(0.f, 1.f);
+    std::vector<float> q((size_t)H * d), out(q.size());
+    ThreadPool tp(2);
+    for (int step = 0; step < 2; ++step) {
+      for (auto& x : q) x = N(rng) * 1.5f;
+      pol.decode(f.pool, f.seq, 0, q.data(), n, out.data(), tp);
+    }
+    const BudgetStats& s = pol.stats();
+    for (int i = 0; i < s.n_lists; ++i) {
+      const size_t k = s.at(0, i);
+      ASSERT_EQ(s.steps[k], 2);
+      const double parts = s.loss_outside[k] + s.loss_allowed[k] + s.loss_group[k] + s.loss_estimate[k];
+      EXPECT_NEAR(parts, 2 - s.true_mass[k], 1e-6) << i;
+      EXPECT_GT(s.loss_outside[k], 0.0);  // B0 = 600 of 2500 misses some mass
+      EXPECT_NEAR(s.loss_outside[k], 2 - s.true_i0[k], 1e-9);
+      EXPECT_LE(s.true_min[k], s.true_mass[k] + 1e-12);
+      EXPECT_EQ(s.bound_violations[k], 0);
+      EXPECT_GE(s.bound_exact[k], s.loss_outside[k] - 1e-9);  // max over heads >= their mean
+      EXPECT_GT(s.bound_slack[k], 0.0);
+    }
+    const std::string js = s.json(c);
+    for (const char* key : {"avg_true_min", "avg_loss_outside", "avg_loss_estimate", "bound_violations"})
+      EXPECT_NE(js.find(key), std::string::npos) << key;
+  }
+}
+
+TEST(AttentionPolicy, GuardAtPOneOverQuestEqualsDense) {
+  // p = 1 tolerates no mass outside I0: the guard (widen / all) brings the whole context in and
+  // p = 1 keeps it, so Twilight over Quest equals dense attention.
+  for (const char* g : {"widen", "all", "dense"}) {
+    const int H = 12, Hkv = 2, d = 128;
+    const int64_t n = 1800;
+    Fixture f(1, H, Hkv, d, n);
+    AttnConfig c;
+    c.method = Method::Twilight;
+    c.b0 = 300;
+    c.p = 1.f;
+    c.skip_layers = 0;
+    set_attn_option(c, "attn-guard", g);
+    AttentionPolicy pol(c, f.ks, f.hs);
+    std::mt19937 rng(8);
+    f.fill(pol, n, rng);
+    std::normal_distribution<float> N(0.f, 1.f);
+    std::vector<float> q((size_t)H * d), out(q.size()), ref(q.size());
+    for (auto& x : q) x = N(rng);
+    ThreadPool tp(2);
+    pol.decode(f.pool, f.seq, 0, q.data(), n, out.data(), tp);
+    dense_decode(f.pool, f.seq, 0, f.hs, q.data(), n, ref.data(), tp);
+    for (size_t i = 0; i < out.size(); ++i) ASSERT_NEAR(out[i], ref[i], 1e-5f + 1e-5f * std::fabs(ref[i])) << g;
+    const BudgetStats& s = pol.stats();
+    for (int i = 0; i < Hkv; ++i) {
+      EXPECT_EQ(s.guard_acts[s.at(0, i)], 1) << g;
+      EXPECT_GT(s.bound0[s.at(0, i)], 0.0);
+      EXPECT_EQ(s.bound[s.at(0, i)], 0.0);
+    }
+    EXPECT_NE(s.json(c).find("\"avg_bound0\""), std::string::npos);
+  }
+}
+
+TEST(AttnConfig, GuardAndCombineOptions) {
+  AttnConfig c;
+  set_attn_option(c, "attn-combine", "union");
+  set_attn_option(c, "attn-guard", "widen");
+  set_attn_option(c, "attn-guard-frac", "0.5");
+  set_attn_option(c, "attn-widen-max", "0.25");
+  EXPECT_EQ(c.combine, GroupCombine::Union);
+  EXPECT_EQ(c.guard, Guard::Widen);
+  EXPECT_FLOAT_EQ(c.guard_frac, 0.5f);
+  EXPECT_FLOAT_EQ(c.widen_max, 0.25f);
+  c.method = Method::Twilight;
+  EXPECT_NE(c.describe().find("guard widen"), std::string::npos);
+  EXPECT_NE(c.describe().find("combine union"), std::string::npos);
+  EXPECT_NO_THROW(c.validate());
+  EXPECT_THROW(set_attn_option(c, "attn-combine", "max"), Error);
+  EXPECT_THROW(set_attn_option(c, "attn-guard", "on"), Error);
+  EXPECT_THROW(set_attn_option(c, "attn-guard-frac", "half"), Error);
+  c.guard_frac = 1.5f;
+  EXPECT_THROW(c.validate(), Error);
+  c.guard_frac = 1.f;
+  c.widen_max = 0.f;
+  EXPECT_THROW(c.validate(), Error);
+}
+
 }  // namespace
 }  // namespace tw::attn

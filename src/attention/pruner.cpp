@@ -31,6 +31,18 @@ TW_CLONES float exp_shift_sum(float* z, int64_t m, float mx) {
   return sum;
 }
 
+// The max of z[0..m) and sum_j exp(z[j] - max), z untouched.
+TW_CLONES void max_sumexp(const float* z, int64_t m, float& mx_out, float& sum_out) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < m; ++j) mx = z[j] > mx ? z[j] : mx;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < m; ++j) sum += fast_exp(z[j] - mx);
+  mx_out = mx;
+  sum_out = sum;
+}
+
 // acc[u] = q_u . codes for 4 (2) query heads at once; q_u = (qe + u*dh, qo + u*dh).
 __attribute__((always_inline)) inline void dot4(const float* qe, const float* qo, int dh, const float* lo,
                                                 const float* hi, float* acc) {
@@ -136,6 +148,16 @@ __attribute__((target("avx512f"))) void score_tokens_avx512(const Int4Keys& keys
       scale = keys.scale(keys.ctx, layer, phys, kvh);
       zero = keys.zero(keys.ctx, layer, phys, kvh);
       cur_lp = lp;
+      // Prefetch the mirror of the page ~2 pages of candidates ahead: candidate pages are scattered,
+      // and without it every page starts with a cache miss on its codes and scale (bench --attention).
+      const int64_t ja = j + 2 * kPageSize;
+      if (ja < m && tokens[ja] / kPageSize > lp) {
+        const int32_t pa = seq.pages[tokens[ja] / kPageSize];
+        const char* ca = reinterpret_cast<const char*>(keys.codes(keys.ctx, layer, pa, kvh));
+        for (int off = 0; off < kPageSize * dh; off += 64) _mm_prefetch(ca + off, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(keys.scale(keys.ctx, layer, pa, kvh)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(keys.zero(keys.ctx, layer, pa, kvh)), _MM_HINT_T0);
+      }
     }
     const int row = t % kPageSize;
     const uint8_t* c = codes + (size_t)row * dh;
@@ -218,9 +240,118 @@ void estimate_scores_reference(const Int4Keys& keys, const kv::SeqPages& seq, in
   }
 }
 
+const char* guard_name(Guard g) {
+  switch (g) {
+    case Guard::Off: return "off";
+    case Guard::Report: return "report";
+    case Guard::Widen: return "widen";
+    case Guard::All: return "all";
+    case Guard::Dense: return "dense";
+  }
+  return "?";
+}
+const char* combine_name(GroupCombine c) { return c == GroupCombine::Mean ? "mean" : "union"; }
+
+namespace {
+
+// Per logical page, how many of its tokens < n_ctx are NOT candidates. cnt: [n_pages].
+void outside_counts(const int32_t* t, int64_t m, int64_t n_ctx, std::vector<int32_t>& cnt) {
+  const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
+  cnt.resize(n_pages);
+  for (int64_t lp = 0; lp < n_pages; ++lp) cnt[lp] = (int32_t)std::min<int64_t>(kPageSize, n_ctx - lp * kPageSize);
+  for (int64_t j = 0; j < m; ++j) --cnt[t[j] / kPageSize];
+}
+
+// One head's guard terms, shifted by M = max(max z, max of the outside pages' scaled bounds): S from
+// the candidates' (max, sum exp) = (mx, sum), U from the outside pages. Returns U / (S + U).
+// A NaN or +inf page bound (possible only with inf keys) cannot rule its page out: bound 1, and a
+// widening guard takes the whole context.
+struct BoundTerms {
+  double M = -INFINITY, S = 0, U = 0;
+  bool unbounded = false;
+  double bound() const { return unbounded ? 1.0 : U > 0 ? U / (S + U) : 0.0; }
+};
+BoundTerms bound_terms(float mx, float sum, const float* u, const std::vector<int32_t>& cnt, float scale) {
+  BoundTerms b;
+  double umax = -INFINITY;
+  for (size_t lp = 0; lp < cnt.size(); ++lp)
+    if (cnt[lp] > 0) umax = std::isnan(u[lp]) ? INFINITY : std::max(umax, (double)u[lp] * scale);
+  if (umax == INFINITY) {
+    b.unbounded = true;
+    return b;
+  }
+  b.M = std::max((double)mx, umax);
+  if (b.M == -INFINITY) return b;  // no candidates and no outside tokens
+  b.S = sum > 0 ? (double)sum * std::exp((double)mx - b.M) : 0.0;
+  for (size_t lp = 0; lp < cnt.size(); ++lp)
+    if (cnt[lp] > 0) b.U += cnt[lp] * std::exp((double)u[lp] * scale - b.M);
+  return b;
+}
+
+struct ListScratch {
+  std::vector<float> z, za, w, wprio, tau, kscale;
+  std::vector<int32_t> idx, idx_r, cnt, t2, added;
+  std::vector<char> mark;
+  std::vector<std::pair<double, int32_t>> order;
+};
+
+// Estimate-error margin: the INT4 rounding moves each element of K~ by at most scale_t / 2, so
+// |z_true - z_est| <= e_rt = scale_t / 2 * sum_d |q_rd| / sqrt(d). Adds the candidates whose weight could
+// reach the top-p threshold tau if their score were margin * e_rt higher: w_rt * exp(margin * e_rt) >= tau
+// (Mean / Head: the group-averaged such weight against the one threshold; Union: per head against
+// that head's own threshold). sc.z holds the per-head weights, sc.w the average, sc.idx the kept
+// indices (ascending); sc.idx stays ascending.
+void add_margin(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d, const float* qi, int nq,
+                const int32_t* t, int64_t m, float margin, bool union_heads, ListScratch& sc) {
+  std::vector<float> qa(nq);
+  for (int r = 0; r < nq; ++r) {
+    double a = 0;
+    for (int i = 0; i < d; ++i) a += std::fabs(qi[(size_t)r * d + i]);
+    qa[r] = (float)(0.5 * margin * a / std::sqrt((double)d));
+  }
+  sc.kscale.resize(m);
+  int64_t cur_lp = -1;
+  const float* scale = nullptr;
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t lp = t[j] / kPageSize;
+    if (lp != cur_lp) scale = keys.scale(keys.ctx, layer, seq.pages[lp], kvh), cur_lp = lp;
+    sc.kscale[j] = scale[t[j] % kPageSize];
+  }
+  sc.mark.assign(m, 0);
+  for (int32_t j : sc.idx) sc.mark[j] = 1;
+  bool added = false;
+  for (int64_t j = 0; j < m; ++j) {
+    if (sc.mark[j]) continue;
+    bool keep = false;
+    if (union_heads) {
+      for (int r = 0; r < nq && !keep; ++r)
+        keep = sc.tau[r] > 0.f && sc.z[(size_t)r * m + j] * std::exp(qa[r] * sc.kscale[j]) >= sc.tau[r];
+    } else if (sc.tau[0] > 0.f) {
+      float up = 0.f;
+      for (int r = 0; r < nq; ++r) up += sc.z[(size_t)r * m + j] * std::exp(qa[r] * sc.kscale[j]);
+      keep = up / (float)nq >= sc.tau[0];
+    }
+    if (keep) sc.mark[j] = 1, added = true;
+  }
+  if (!added) return;
+  sc.idx.clear();
+  for (int64_t j = 0; j < m; ++j)
+    if (sc.mark[j]) sc.idx.push_back((int32_t)j);
+}
+
+}  // namespace
+
+double outside_bound(const float* z, const int32_t* tokens, int64_t m, const float* u, int64_t n_ctx, float scale) {
+  std::vector<int32_t> cnt;
+  outside_counts(tokens, m, n_ctx, cnt);
+  float mx = -INFINITY, sum = 0.f;
+  if (m > 0) max_sumexp(z, m, mx, sum);
+  return bound_terms(mx, sum, u, cnt, scale).bound();
+}
+
 void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
-                const Selection& in, int64_t n_ctx, const PruneOptions& opt, Selection& out,
-                std::vector<PruneStats>& stats, ThreadPool& tp) {
+                const Selection& in, int64_t n_ctx, const PruneOptions& opt, const PageBounds& bounds,
+                Selection& out, std::vector<PruneStats>& stats, ThreadPool& tp) {
   check_keys(keys);
   TW_CHECK(&in != &out, "pruner: input and output selections must differ");
   TW_CHECK(hs.n_kv_heads > 0 && hs.n_heads > 0 && hs.n_heads % hs.n_kv_heads == 0, "pruner: ", hs.n_heads,
@@ -230,8 +361,16 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
   TW_CHECK(opt.min_tokens >= 0 && opt.max_tokens >= 0, "pruner: negative floor or cap");
   TW_CHECK(opt.max_tokens == 0 || opt.max_tokens >= opt.min_tokens, "pruner: cap ", opt.max_tokens, " below floor ",
            opt.min_tokens);
+  TW_CHECK(opt.guard_frac >= 0.f && opt.guard_frac <= 1.f, "pruner: guard fraction ", opt.guard_frac,
+           " is not in [0, 1]");
+  TW_CHECK(opt.widen_max > 0.f && opt.widen_max <= 1.f, "pruner: widen_max ", opt.widen_max, " is not in (0, 1]");
+  TW_CHECK(opt.margin >= 0.f && std::isfinite(opt.margin), "pruner: margin ", opt.margin, " must be finite and >= 0");
   TW_CHECK(n_ctx > 0 && (n_ctx + kPageSize - 1) / kPageSize <= (int64_t)seq.pages.size(), "pruner: n_ctx ", n_ctx,
            " exceeds the sequence's pages");
+  const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
+  const bool guard = opt.guard != Guard::Off;
+  TW_CHECK(!guard || (bounds.u && bounds.n_pages == n_pages), "pruner: the guard needs page bounds for ", n_pages,
+           " pages, got ", bounds.u ? bounds.n_pages : 0);
   const int G = hs.n_heads / hs.n_kv_heads, d = hs.head_dim;
   const int want_lists = in.mode == GqaMode::Group ? hs.n_kv_heads : hs.n_heads;
   TW_CHECK(in.n_lists == want_lists, "pruner: selection has ", in.n_lists, " lists, expected ", want_lists);
@@ -245,36 +384,155 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
 
   const int n_lists = in.n_lists;
   const int nq = in.mode == GqaMode::Group ? G : 1;
+  const bool union_heads = in.mode == GqaMode::Group && opt.combine == GroupCombine::Union && nq > 1;
   const int32_t cur = (int32_t)(n_ctx - 1);
+  const float scale = 1.f / std::sqrt((float)d);
+  // The guard acts when a head's bound exceeds this (p = 1 tolerates no outside mass).
+  const double target = (double)opt.guard_frac * (1.0 - (double)opt.p);
   std::vector<std::vector<int32_t>> kept(n_lists);
   stats.assign(n_lists, PruneStats{});
 
   tp.parallel_for(n_lists, [&](int64_t b, int64_t e, int) {
-    std::vector<float> z, w, wprio;
-    std::vector<int32_t> idx;
+    ListScratch sc;
+    std::vector<float> mx(nq), sum(nq);
     for (int64_t li = b; li < e; ++li) {
       const int i = (int)li;
-      const int64_t m = in.size(i);
+      PruneStats st;
+      const int64_t m0 = in.size(i);
+      int64_t m = m0;
       const int32_t* t = in.list(i);
       check_list(t, m, n_ctx, i);
+      st.n_in = m0;
       const int kvh = in.mode == GqaMode::Group ? i : i / G;
-      const float* qi = q + (size_t)(in.mode == GqaMode::Group ? i * G : i) * d;
-      z.resize((size_t)nq * m);
-      w.assign(m, 0.f);
-      estimate_scores(keys, seq, layer, kvh, d, qi, nq, t, m, z.data());
-      // Softmax per query head, then the group average (sum of distributions / nq).
-      for (int r = 0; r < nq && m > 0; ++r) {
-        float* zr = z.data() + (size_t)r * m;
-        float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < m; ++j) mx = zr[j] > mx ? zr[j] : mx;
-        const float sum = exp_shift_sum(zr, m, mx);
-        const float inv = 1.f / (sum * (float)nq);
-        float* wp = w.data();
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) wp[j] += zr[j] * inv;
+      const int h0 = in.mode == GqaMode::Group ? i * G : i;  // first query head of the list
+      const float* qi = q + (size_t)h0 * d;
+      sc.z.resize((size_t)nq * m);
+      estimate_scores(keys, seq, layer, kvh, d, qi, nq, t, m, sc.z.data());
+      for (int r = 0; r < nq; ++r) {
+        mx[r] = -INFINITY, sum[r] = 0.f;
+        if (m > 0) max_sumexp(sc.z.data() + (size_t)r * m, m, mx[r], sum[r]);
       }
-      topp_select(w.data(), m, opt.p, idx);
+
+      // Guard: bound of the mass outside I0 per head, and the action when it is too large.
+      if (guard) {
+        outside_counts(t, m, n_ctx, sc.cnt);
+        double worst = 0;
+        std::vector<BoundTerms> bt(nq);
+        for (int r = 0; r < nq; ++r) {
+          bt[r] = bound_terms(mx[r], sum[r], bounds.u + (size_t)(h0 + r) * n_pages, sc.cnt, scale);
+          worst = std::max(worst, bt[r].bound());
+        }
+        st.outside_bound0 = st.outside_bound = (float)worst;
+        const bool act = opt.guard != Guard::Report && worst > target;
+        if (act && opt.guard == Guard::Dense) {
+          std::vector<int32_t>& o = kept[i];
+          o.resize(n_ctx);
+          for (int64_t x = 0; x < n_ctx; ++x) o[x] = (int32_t)x;
+          st.n_out = n_ctx;
+          st.est_mass_kept = st.est_mass_min = 1.f;
+          st.outside_bound = 0.f;
+          st.n_added = n_ctx - m0;
+          st.action = 3;
+          stats[i] = st;
+          continue;
+        }
+        if (act) {
+          // Pages to add: per head, the largest contributions to U until U_rest <= S * t / (1 - t).
+          sc.mark.assign(n_pages, 0);
+          bool all = opt.guard == Guard::All;
+          for (int r = 0; r < nq; ++r) all = all || bt[r].unbounded;
+          if (!all) {
+            int64_t n_add = 0;
+            for (int r = 0; r < nq; ++r) {
+              if (bt[r].bound() <= target) continue;
+              const float* ur = bounds.u + (size_t)(h0 + r) * n_pages;
+              sc.order.clear();
+              for (int64_t lp = 0; lp < n_pages; ++lp)
+                if (sc.cnt[lp] > 0) sc.order.emplace_back(sc.cnt[lp] * std::exp((double)ur[lp] * scale - bt[r].M), (int32_t)lp);
+              std::sort(sc.order.begin(), sc.order.end(), [](auto& a, auto& c) { return a.first > c.first || (a.first == c.first && a.second < c.second); });
+              const double allow = target < 1.0 ? bt[r].S * target / (1.0 - target) : INFINITY;
+              double rest = bt[r].U;
+              for (const auto& [c, lp] : sc.order) {
+                if (rest <= allow) break;
+                rest -= c;
+                if (!sc.mark[lp]) sc.mark[lp] = 1, n_add += sc.cnt[lp];
+              }
+            }
+            all = (double)(m0 + n_add) > (double)opt.widen_max * (double)n_ctx;
+          }
+          if (all) std::fill(sc.mark.begin(), sc.mark.end(), 1);
+          // The new candidates: I0 plus every non-candidate token of the marked pages.
+          sc.added.clear();
+          {
+            int64_t j = 0;
+            for (int64_t lp = 0; lp < n_pages; ++lp) {
+              if (!sc.mark[lp] || sc.cnt[lp] == 0) continue;
+              const int64_t t0 = lp * kPageSize, t1 = std::min<int64_t>(n_ctx, t0 + kPageSize);
+              for (int64_t x = t0; x < t1; ++x) {
+                while (j < m && t[j] < x) ++j;
+                const bool is_cand = j < m && t[j] == x;
+                if (!is_cand) sc.added.push_back((int32_t)x);
+              }
+            }
+          }
+          const int64_t ma = (int64_t)sc.added.size(), m2 = m + ma;
+          sc.za.resize((size_t)nq * ma);
+          estimate_scores(keys, seq, layer, kvh, d, qi, nq, sc.added.data(), ma, sc.za.data());
+          // Merge (both ascending) into t2 / z.
+          sc.t2.resize(m2);
+          std::vector<float> z2((size_t)nq * m2);
+          int64_t a = 0, c = 0;
+          for (int64_t k = 0; k < m2; ++k) {
+            const bool from_in = c >= ma || (a < m && t[a] < sc.added[c]);
+            sc.t2[k] = from_in ? t[a] : sc.added[c];
+            for (int r = 0; r < nq; ++r)
+              z2[(size_t)r * m2 + k] = from_in ? sc.z[(size_t)r * m + a] : sc.za[(size_t)r * ma + c];
+            from_in ? ++a : ++c;
+          }
+          sc.z.swap(z2);
+          t = sc.t2.data();
+          m = m2;
+          st.n_added = ma;
+          st.action = all ? 2 : 1;
+          outside_counts(t, m, n_ctx, sc.cnt);
+          worst = 0;
+          for (int r = 0; r < nq; ++r) {
+            max_sumexp(sc.z.data() + (size_t)r * m, m, mx[r], sum[r]);
+            worst = std::max(worst, bound_terms(mx[r], sum[r], bounds.u + (size_t)(h0 + r) * n_pages, sc.cnt, scale).bound());
+          }
+          st.outside_bound = (float)worst;
+        }
+      }
+
+      // Softmax per query head (in place: z row r becomes head r's weights), and the group average.
+      sc.w.assign(m, 0.f);
+      for (int r = 0; r < nq && m > 0; ++r) {
+        float* zr = sc.z.data() + (size_t)r * m;
+        const float s = exp_shift_sum(zr, m, mx[r]);
+        const float inv = 1.f / s, inv_g = 1.f / (s * (float)nq);
+        float* wp = sc.w.data();
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+          wp[j] += zr[j] * inv_g;
+          zr[j] *= inv;
+        }
+      }
+      std::vector<int32_t>& idx = sc.idx;
+      sc.tau.assign(nq, 0.f);
+      if (!union_heads) {
+        sc.tau[0] = topp_select(sc.w.data(), m, opt.p, idx).tau;
+      } else {
+        // Each head's own top-p set, united.
+        sc.mark.assign(m, 0);
+        for (int r = 0; r < nq; ++r) {
+          sc.tau[r] = topp_select(sc.z.data() + (size_t)r * m, m, opt.p, sc.idx_r).tau;
+          for (int32_t j : sc.idx_r) sc.mark[j] = 1;
+        }
+        idx.clear();
+        for (int64_t j = 0; j < m; ++j)
+          if (sc.mark[j]) idx.push_back((int32_t)j);
+      }
+      if (opt.margin > 0.f && m > 0) add_margin(keys, seq, layer, kvh, d, qi, nq, t, m, opt.margin, union_heads, sc);
 
       // Current token: forced in, ranked above every candidate for the floor and the cap.
       const bool cur_is_cand = m > 0 && t[m - 1] == cur;
@@ -284,10 +542,10 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
       const bool need_floor = opt.min_tokens > size && (int64_t)idx.size() < m;
       const bool need_cap = opt.max_tokens > 0 && size > opt.max_tokens;
       if (need_floor || need_cap) {
-        wprio = w;
-        if (cur_is_cand) wprio[m - 1] = INFINITY;
+        sc.wprio = sc.w;
+        if (cur_is_cand) sc.wprio[m - 1] = INFINITY;
         const int64_t k = need_cap ? opt.max_tokens - extra : opt.min_tokens - extra;
-        top_k_indices(wprio.data(), m, k, idx);
+        top_k_indices(sc.wprio.data(), m, k, idx);
       }
 
       std::vector<int32_t>& out_i = kept[i];
@@ -295,10 +553,20 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
       double mass = 0.0;
       for (int32_t j : idx) {
         out_i.push_back(t[j]);
-        mass += w[j];
+        mass += sc.w[j];
+      }
+      double mass_min = nq > 1 ? INFINITY : mass;
+      for (int r = 0; r < nq && nq > 1; ++r) {
+        const float* wr = sc.z.data() + (size_t)r * m;
+        double mr = 0.0;
+        for (int32_t j : idx) mr += wr[j];
+        mass_min = std::min(mass_min, mr);
       }
       if (!cur_is_cand) out_i.push_back(cur);  // every candidate is < cur: order stays ascending
-      stats[i] = PruneStats{m, (int64_t)out_i.size(), (float)mass};
+      st.n_out = (int64_t)out_i.size();
+      st.est_mass_kept = (float)mass;
+      st.est_mass_min = m > 0 ? (float)mass_min : 0.f;
+      stats[i] = st;
     }
   });
 
@@ -306,13 +574,25 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
   for (int i = 0; i < n_lists; ++i) out.push_list(kept[i].data(), (int64_t)kept[i].size());
 }
 
-void prune_topp(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
                 const Selection& in, int64_t n_ctx, const PruneOptions& opt, Selection& out,
                 std::vector<PruneStats>& stats, ThreadPool& tp) {
+  prune_topp(keys, seq, layer, hs, q, in, n_ctx, opt, PageBounds{}, out, stats, tp);
+}
+
+void prune_topp(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                const Selection& in, int64_t n_ctx, const PruneOptions& opt, const PageBounds& bounds,
+                Selection& out, std::vector<PruneStats>& stats, ThreadPool& tp) {
   TW_CHECK(ks.shape().n_kv_heads == hs.n_kv_heads && ks.shape().head_dim == hs.head_dim,
            "pruner: head shape does not match the key side structures");
   TW_CHECK(layer >= 0 && layer < ks.shape().n_layers, "pruner: layer out of range");
-  prune_topp(int4_keys(ks), seq, layer, hs, q, in, n_ctx, opt, out, stats, tp);
+  prune_topp(int4_keys(ks), seq, layer, hs, q, in, n_ctx, opt, bounds, out, stats, tp);
+}
+
+void prune_topp(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                const Selection& in, int64_t n_ctx, const PruneOptions& opt, Selection& out,
+                std::vector<PruneStats>& stats, ThreadPool& tp) {
+  prune_topp(ks, seq, layer, hs, q, in, n_ctx, opt, PageBounds{}, out, stats, tp);
 }
 
 }  // namespace tw::attn

@@ -9,8 +9,28 @@
 // Group mode (one list per kv head, the default): the G query heads' normalised weights are averaged
 // (sum / G, still a distribution) and one list is kept for the kv head. Head mode: one list per
 // query head, each with its own softmax.
+// Group mode combines the G heads in one of two ways (PruneOptions::combine):
+//   Mean  (default): the G query heads' normalised weights are averaged (sum / G, still a
+//         distribution) and one top-p set is kept for the kv head. A diffuse head can keep much
+//         less than p of its own mass while peaked heads keep more.
+//   Union: each head's own top-p set, united: every head keeps >= p of ITS estimated mass.
+// Head mode: one list per query head, each with its own softmax.
 // Estimated weights below ~1e-38 of a list's maximum (score gap > 87) are 0 and so dropped even at
 // p = 1 (topp.h keeps only positive weights); they carry no fp32 mass.
+//
+// Guardrail (TWILIGHT.md 4.5): the estimate is normalised over the candidates I0 only, so attention
+// mass outside I0 is invisible to it. With Quest page bounds u_p (an upper bound of q.k over page p,
+// scaled by 1/sqrt(d)) and n_p = the page's tokens that are not candidates, per query head
+//   U = sum_p n_p exp(u_p - M),  S = sum_{i in I0} exp(z_i - M),  bound = U / (S + U)
+// is an upper bound of the true weight outside I0 when z is exact (with INT4 z it is an estimate).
+// When the bound exceeds guard_frac * (1 - p) for a head of a list, the guard acts on that list:
+//   Widen: add the non-candidate pages with the largest u_p, per head, until every head's bound (with
+//          the S it had before widening, so conservatively) is back under the target; if that would
+//          make I0 larger than widen_max * n_ctx, take the whole context as I0 instead (then prune).
+//   All:   take the whole context as I0, then prune as usual.
+//   Dense: keep the whole context (no pruning) for that list.
+// Report only measures the bound. The bound reported is the one of the final I0 (0 when I0 covers
+// the context).
 // GQA-aware estimate: each INT4 row is loaded and unpacked once per kv head and scored against all G
 // query heads (TWILIGHT.md section 4.2). Threads split the lists; results do not depend on the
 // thread count.
@@ -53,17 +73,43 @@ Int4Keys int4_keys(const M& m) {
   return v;
 }
 
+enum class GroupCombine { Mean, Union };
+enum class Guard { Off, Report, Widen, All, Dense };
+const char* guard_name(Guard g);
+const char* combine_name(GroupCombine c);
+
 struct PruneOptions {
   float p = 0.95f;          // top-p mass, in (0, 1]
   int64_t min_tokens = 0;   // floor: lists shorter than this get the heaviest candidates added (0 = none)
   int64_t max_tokens = 0;   // cap: at most this many tokens per list, current token included (0 = none)
+  GroupCombine combine = GroupCombine::Mean;  // Group mode only
+  Guard guard = Guard::Off;                   // needs PageBounds unless Off
+  float guard_frac = 1.f;   // the guard acts when a head's bound > guard_frac * (1 - p); in [0, 1]
+  float widen_max = 0.5f;   // Widen: beyond this fraction of n_ctx take the whole context; in (0, 1]
+  // Estimate-error margin (0 = off): also keep candidates whose weight could reach the top-p threshold
+  // if their score were margin * e higher, e = scale_t / 2 * sum_d |q_d| / sqrt(d) the INT4 rounding
+  // bound of that token's score (1 = the full bound). Helps where the mirror is coarse (large scales).
+  float margin = 0.f;
 };
 
 // Per output list.
 struct PruneStats {
-  int64_t n_in = 0;           // candidates
+  int64_t n_in = 0;           // candidates (the selector's I0)
   int64_t n_out = 0;          // kept tokens (current token included)
-  float est_mass_kept = 0.f;  // sum of the estimated (group-averaged in Group mode) weights kept
+  float est_mass_kept = 0.f;  // estimated weights kept, averaged over the list's heads (over the final I0)
+  float est_mass_min = 0.f;   // the same, the list's least-served head
+  float outside_bound = 0.f;  // guard: max over the list's heads of U / (S + U) for the final I0
+  float outside_bound0 = 0.f; // guard: the same for the selector's I0 (before the guard acted)
+  int64_t n_added = 0;        // guard: candidates added to I0
+  int action = 0;             // guard: 0 none, 1 widened, 2 whole context as I0, 3 dense (no pruning)
+};
+
+// Quest page bounds for the guard: u[h * n_pages + lp] = sum_d max(q_d kmax_d, q_d kmin_d) of query
+// head h (NOT scaled by 1/sqrt(d)) over logical page lp, n_pages = ceil(n_ctx / 16); as written by
+// quest_page_scores(..., GqaMode::Head, ...).
+struct PageBounds {
+  const float* u = nullptr;  // [n_heads][n_pages]
+  int64_t n_pages = 0;
 };
 
 // q: [n_heads][d] post-RoPE query. in: candidates (mode and n_lists must match hs); positions in
@@ -72,7 +118,15 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
                 const Selection& in, int64_t n_ctx, const PruneOptions& opt, Selection& out,
                 std::vector<PruneStats>& stats, ThreadPool& tp);
 
+// With the guard (opt.guard != Off needs bounds.u).
+void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                const Selection& in, int64_t n_ctx, const PruneOptions& opt, const PageBounds& bounds,
+                Selection& out, std::vector<PruneStats>& stats, ThreadPool& tp);
+
 // The same on the engine's key side structures (key_side.h).
+void prune_topp(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                const Selection& in, int64_t n_ctx, const PruneOptions& opt, const PageBounds& bounds,
+                Selection& out, std::vector<PruneStats>& stats, ThreadPool& tp);
 void prune_topp(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
                 const Selection& in, int64_t n_ctx, const PruneOptions& opt, Selection& out,
                 std::vector<PruneStats>& stats, ThreadPool& tp);
@@ -83,5 +137,10 @@ void estimate_scores(const Int4Keys& keys, const kv::SeqPages& seq, int layer, i
                      const int32_t* tokens, int64_t m, float* z);
 void estimate_scores_reference(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d,
                                const float* q, int nq, const int32_t* tokens, int64_t m, float* z);
+
+// The guard's bound for one query head: z [m] scores (already scaled) of the candidates tokens [m]
+// (ascending), u [n_pages] the head's raw page bounds, scale = 1/sqrt(d). Returns U / (S + U) over the
+// non-candidate tokens < n_ctx (0 when there are none). Computed in double, max-shifted (no overflow).
+double outside_bound(const float* z, const int32_t* tokens, int64_t m, const float* u, int64_t n_ctx, float scale);
 
 }  // namespace tw::attn

@@ -5,6 +5,7 @@
 #include <numeric>
 #include <vector>
 
+#include "attention/fp16_rows.h"
 #include "attention/select_util.h"
 #include "common/error.h"
 
@@ -21,13 +22,12 @@ using kv::kPageSize;
 // multiply-adds of 16-wide rows per head. Group: max over the heads into out[t]; Head: out[g * stride + t].
 // Only tokens < n_ctx are written (the tail of the last page holds stale or unwritten slots).
 TW_CLONES void score_pages(const DsSide& ds, const int32_t* pages, int layer, int h, int64_t lp0, int64_t lp1,
-                           const float* qs, int G, int r, int64_t n_ctx, bool group, float* out, int64_t stride) {
+                           const float* qs, int G, int r, int64_t n_ctx, bool group, float* out, int64_t stride,
+                           Fp16CvtFn cvt) {
   float lab[kDsMaxR * kPageSize];  // r <= kDsMaxR (DsSide checks)
   for (int64_t lp = lp0; lp < lp1; ++lp) {
-    const _Float16* l16 = reinterpret_cast<const _Float16*>(ds.labels(layer, pages[lp], h));
     const int nt = (int)std::min<int64_t>(kPageSize, n_ctx - lp * kPageSize);
-#pragma omp simd
-    for (int i = 0; i < r * kPageSize; ++i) lab[i] = (float)l16[i];
+    cvt(ds.labels(layer, pages[lp], h), lab, r * kPageSize);
     float best[kPageSize];
     for (int j = 0; j < kPageSize; ++j) best[j] = -INFINITY;
     for (int g = 0; g < G; ++g) {
@@ -65,13 +65,15 @@ void ds_token_scores(const DsSide& ds, const kv::SeqPages& seq, int layer, const
     const int32_t* c = ds.channels().at(layer, hq / G);
     for (int i = 0; i < r; ++i) qs[(size_t)hq * r + i] = q[(size_t)hq * d + c[i]];
   }
+  static const Fp16CvtFn cvt = pick_fp16_cvt();
   // Work item: (kv head, page), as quest_page_scores.
   auto run = [&](int64_t b, int64_t e, int) {
     while (b < e) {
       const int h = (int)(b / n_pages);
       const int64_t lp0 = b % n_pages, lp1 = std::min<int64_t>(n_pages, lp0 + (e - b));
       float* o = group ? scores + (size_t)h * n_ctx : scores + (size_t)h * G * n_ctx;
-      score_pages(ds, seq.pages.data(), layer, h, lp0, lp1, qs.data() + (size_t)h * G * r, G, r, n_ctx, group, o, n_ctx);
+      score_pages(ds, seq.pages.data(), layer, h, lp0, lp1, qs.data() + (size_t)h * G * r, G, r, n_ctx, group, o, n_ctx,
+                  cvt);
       b += lp1 - lp0;
     }
   };

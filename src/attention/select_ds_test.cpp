@@ -9,6 +9,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
+#include <functional>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "attention/policy.h"
+#include "attention/select_util.h"
 #include "attention/sparse_cpu.h"
 #include "attention/test_util.h"
 #include "common/error.h"
@@ -439,6 +442,40 @@ TEST(DsSelectTies, RejectsBadInput) {
 }
 
 
+// ---- the shared top-k helper (radix select) against nth_element + sort on adversarial keys
+
+TEST(SelectUtil, TopKAndLastMatchesSortReference) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> N(0.f, 1.f);
+  const float specials[] = {0.f, -0.f, NAN, INFINITY, -INFINITY, 1e-40f, -1e-40f, 3.4e38f, -3.4e38f, 1.f, -1.f};
+  std::vector<int32_t> tmp;
+  for (int trial = 0; trial < 400; ++trial) {
+    const int64_t n = trial < 50 ? 1 + trial : 1 + (int64_t)(rng() % 3000);
+    std::vector<float> key(n);
+    const int kind = trial % 5;
+    for (auto& x : key) {
+      if (kind == 0) x = N(rng);
+      else if (kind == 1) x = (float)(int)(rng() % 4);                 // heavy ties
+      else if (kind == 2) x = specials[rng() % std::size(specials)];   // NaN, +-inf, +-0, denormals
+      else if (kind == 3) x = 0.5f;                                    // all equal
+      else x = N(rng) * 1e-3f + (float)(rng() % 2);                    // two clusters
+    }
+    const int64_t k = 1 + (int64_t)(rng() % (n + 2));  // also k >= n
+    Selection got;
+    got.clear(GqaMode::Group, 1);
+    detail::push_top_k_and_last(got, key.data(), n, k, tmp);
+    // Reference: stable sort by the ranking key (NaN as +inf; -0 == +0), take k, add the last, sort.
+    std::vector<int32_t> idx(n);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(),
+                     [&](int32_t a, int32_t b) { return detail::rank_key(key[a]) > detail::rank_key(key[b]); });
+    idx.resize(std::min(k, n));
+    if (std::find(idx.begin(), idx.end(), (int32_t)(n - 1)) == idx.end()) idx.push_back((int32_t)(n - 1));
+    std::sort(idx.begin(), idx.end());
+    ASSERT_EQ(std::vector<int32_t>(got.list(0), got.list(0) + got.size(0)), idx) << "trial " << trial << " n " << n << " k " << k;
+  }
+}
+
 // ---- calibration statistic
 
 TEST(DsCalibration, MatchesReferenceAndFindsPlantedChannels) {
@@ -522,6 +559,25 @@ TEST(DsPolicy, NeedsAFileForThisModel) {
   // Methods that do not use ds ignore the file.
   c.method = Method::Quest;
   EXPECT_NO_THROW(AttentionPolicy(c, kv::KVShape{3, 3, 64, 8}, hs));
+  // reconfigure (evaluation harnesses: one policy, several configurations) keeps the label cache only
+  // for the channel file it was built from.
+  c.method = Method::Twilight;
+  c.base = Base::DS;
+  c.ds_file = p;
+  AttentionPolicy both(c, kv::KVShape{3, 3, 64, 8}, hs);
+  AttnConfig to = c;
+  to.method = Method::DS;
+  EXPECT_NO_THROW(both.reconfigure(to));
+  to.method = Method::Quest;
+  EXPECT_NO_THROW(both.reconfigure(to));
+  to.method = Method::DS;
+  to.ds_file = p + ".other";
+  EXPECT_THROW(both.reconfigure(to), Error);
+  AttnConfig quest_only = c;
+  quest_only.method = Method::Quest;
+  AttentionPolicy qp(quest_only, kv::KVShape{3, 3, 64, 8}, hs);
+  to.ds_file = p;
+  EXPECT_THROW(qp.reconfigure(to), Error);  // no label cache
   std::remove(p.c_str());
 }
 
@@ -579,6 +635,48 @@ TEST(DsPolicy, DecodeAttendsTheDsSelection) {
     }
   }
   std::remove(p.c_str());
+}
+
+// Speed of the ds selector for the Qwen2.5 1.5B attention shape (H 12, Hkv 2, d 128, r 32), split
+// into scoring and top-k. Not part of the suite; run with
+// --gtest_also_run_disabled_tests --gtest_filter='*Bench*'.
+TEST(DsSelectBench, DISABLED_Select) {
+  using clk = std::chrono::steady_clock;
+  auto us = [](clk::duration d) { return std::chrono::duration<double, std::micro>(d).count(); };
+  const HeadShape hs{12, 2, 128};
+  std::mt19937 rng(9);
+  std::normal_distribution<float> N(0.f, 1.f);
+  for (int64_t n : {4096, 32768}) {
+    const kv::KVShape shape{1, 2, 128, n / kPageSize};
+    kv::KVPool pool(shape);
+    DsSide ds(shape, random_channels(1, 2, 128, 32, rng));
+    kv::SeqPages seq;
+    test_util::fill_random(pool, seq, 0, n, rng, 1.f);
+    const auto a0 = clk::now();
+    for (int64_t t = 0; t < n; ++t) ds.append(pool, 0, seq, t);
+    const double t_append = us(clk::now() - a0) / n;
+    std::vector<float> q((size_t)12 * 128), sc((size_t)2 * n);
+    for (auto& x : q) x = N(rng);
+    ThreadPool tp2(2);
+    Selection s;
+    auto best = [&](const std::function<void()>& f) {
+      double b = 1e30;
+      for (int r = 0; r < 20; ++r) {
+        auto t0 = clk::now();
+        f();
+        b = std::min(b, us(clk::now() - t0));
+      }
+      return b;
+    };
+    const double s1 = best([&] { ds_token_scores(ds, seq, 0, hs, q.data(), n, GqaMode::Group, sc.data()); });
+    const double s2 = best([&] { ds_token_scores(ds, seq, 0, hs, q.data(), n, GqaMode::Group, sc.data(), &tp2); });
+    const double g1 = best([&] { select_ds(ds, seq, 0, hs, q.data(), n, n / 4, GqaMode::Group, s); });
+    const double g2 = best([&] { select_ds(ds, seq, 0, hs, q.data(), n, n / 4, GqaMode::Group, s, &tp2); });
+    const double bytes = 2.0 * n * 32 * 2;  // labels read, fp16
+    std::printf("n_ctx %6lld  append %.3f us/token; ds scores (group): %.1f us 1 thread (%.1f GB/s of labels), %.1f us 2 threads; "
+                "select_ds B0 n/4: %.1f us (1 thr) / %.1f us (2 thr)\n",
+                (long long)n, t_append, s1, bytes / s1 / 1e3, s2, g1, g2);
+  }
 }
 
 }  // namespace

@@ -25,8 +25,13 @@ inline float rank_key(float x) { return std::isnan(x) ? INFINITY : x; }
 // idx[0..r) (unordered). r <= 0 or r >= n: idx unchanged.
 void top_r(std::vector<int32_t>& idx, const float* key, int64_t r);
 
-// Append to out one list: the k best tokens of [0, n_ctx) by key (top_r's order), plus the current
-// token n_ctx - 1 when it is not among them; ascending. tmp is scratch.
+// The k-th largest (1 <= k <= n) of n order-preserving uint32 keys by radix select (O(n), no sort);
+// n_equal_taken = how many of the keys equal to it belong to the top k.
+uint32_t kth_largest_bits(const uint32_t* u, int64_t n, int64_t k, int64_t& n_equal_taken);
+
+// Append to out one list: the k best tokens of [0, n_ctx) by key (top_r's order: descending, NaN as
+// +inf, ties lower position first), plus the current token n_ctx - 1 when it is not among them;
+// ascending. O(n_ctx) (radix select on the key bits). tmp is scratch.
 void push_top_k_and_last(Selection& out, const float* key, int64_t n_ctx, int64_t k, std::vector<int32_t>& tmp);
 
 }  // namespace tw::attn::detail

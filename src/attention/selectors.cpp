@@ -8,6 +8,9 @@
 
 #include "attention/select_util.h"
 #include "common/error.h"
+#include "ops/cpu/matmul.h"
+
+#include <immintrin.h>
 
 namespace tw::attn {
 
@@ -64,6 +67,79 @@ TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, i
     if (group) out[lp] = best;
   }
 }
+
+// score_pages at the AVX-512 level for d % 16 == 0, over logical pages [lp0, lp1) and EVERY kv head
+// (page-major: a thread reads the bounds of its pages as one contiguous stream, [page][head][d]):
+// per (page, kv head), the bound slices are loaded once and FMA'd against the G heads' q+ / q-
+// (8 heads at a time, each its own accumulator), the next page's bounds are prefetched. Output as
+// score_pages: Group: out[h * n_pages + lp] = max over the group (NaN ranks as +inf); Head:
+// out[(h * G + g) * n_pages + lp].
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on the intrinsics' _mm512_undefined_*
+// NG heads g0 .. g0+NG-1 of one (page, kv head): u[g] = sum over d of q+ * kmax + q- * kmin.
+template <int NG>
+__attribute__((target("avx512f,fma"))) inline void bound_dots(const float* mn, const float* mx, const float* qh, int g0,
+                                                              int d, float* u) {
+  __m512 acc[NG];
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g) acc[g] = _mm512_setzero_ps();
+  for (int v = 0; v < d / 16; ++v) {
+    const __m512 a = _mm512_loadu_ps(mx + 16 * v), b = _mm512_loadu_ps(mn + 16 * v);
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; ++g) {
+      const float* qg = qh + (size_t)(g0 + g) * 2 * d + 16 * v;
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, acc[g]);
+      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), b, acc[g]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < NG; ++g) u[g] = _mm512_reduce_add_ps(acc[g]);
+}
+
+__attribute__((target("avx512f,fma"))) void score_pages_avx512(const KeySide& ks, const int32_t* pages, int layer,
+                                                              int hkv, int64_t lp0, int64_t lp1, const float* qpn,
+                                                              int G, int d, bool group, float* out, int64_t n_pages) {
+  float u[8];
+  for (int64_t lp = lp0; lp < lp1; ++lp) {
+    constexpr int PFD = 2;  // pages ahead (1-16 measured within noise; 2 kept)
+    if (lp + PFD < lp1)  // two pages ahead: the bounds of all heads of a page are contiguous
+      for (int h = 0; h < hkv; ++h) {
+        const char* a = reinterpret_cast<const char*>(ks.kmin(layer, pages[lp + PFD], h));
+        const char* b = reinterpret_cast<const char*>(ks.kmax(layer, pages[lp + PFD], h));
+        for (int off = 0; off < d * 4; off += 64) {
+          _mm_prefetch(a + off, _MM_HINT_T0);
+          _mm_prefetch(b + off, _MM_HINT_T0);
+        }
+      }
+    for (int h = 0; h < hkv; ++h) {
+      const float* mn = ks.kmin(layer, pages[lp], h);
+      const float* mx = ks.kmax(layer, pages[lp], h);
+      const float* qh = qpn + (size_t)h * G * 2 * d;
+      float best = -INFINITY;
+      for (int g0 = 0; g0 < G; g0 += 8) {
+        const int ng = G - g0 < 8 ? G - g0 : 8;
+        switch (ng) {  // the head count as a template argument keeps the accumulators in registers
+          case 1: bound_dots<1>(mn, mx, qh, g0, d, u); break;
+          case 2: bound_dots<2>(mn, mx, qh, g0, d, u); break;
+          case 3: bound_dots<3>(mn, mx, qh, g0, d, u); break;
+          case 4: bound_dots<4>(mn, mx, qh, g0, d, u); break;
+          case 5: bound_dots<5>(mn, mx, qh, g0, d, u); break;
+          case 6: bound_dots<6>(mn, mx, qh, g0, d, u); break;
+          case 7: bound_dots<7>(mn, mx, qh, g0, d, u); break;
+          default: bound_dots<8>(mn, mx, qh, g0, d, u); break;
+        }
+        for (int g = 0; g < ng; ++g) {
+          if (group)
+            best = (std::isnan(u[g]) || u[g] > best) ? rank_key(u[g]) : best;
+          else
+            out[((size_t)h * G + g0 + g) * n_pages + lp] = u[g];
+        }
+      }
+      if (group) out[(size_t)h * n_pages + lp] = best;
+    }
+  }
+}
+#pragma GCC diagnostic pop
 
 // Exact scores q.k/sqrt(d) of the G query heads of kv head h for tokens [0, n_ctx): s [G][n_ctx].
 TW_CLONES void exact_scores(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int h, const float* qg, int G,
@@ -139,6 +215,17 @@ void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, co
       qpn[(size_t)hq * 2 * d + i] = x > 0.f ? x : 0.f;
       qpn[(size_t)hq * 2 * d + d + i] = x < 0.f ? x : 0.f;
     }
+  if (ops::active_simd() == ops::Simd::AVX512 && d % 16 == 0) {
+    // Work item: one page, all kv heads.
+    auto run = [&](int64_t b, int64_t e, int) {
+      score_pages_avx512(ks, seq.pages.data(), layer, hkv, b, e, qpn.data(), G, d, group, scores, n_pages);
+    };
+    if (tp && tp->size() > 1 && n_pages * hkv >= 256)
+      tp->parallel_for(n_pages, run);
+    else
+      run(0, n_pages, 0);
+    return;
+  }
   // Work item: (kv head, page); a chunk covers consecutive pages of one or two heads.
   auto run = [&](int64_t b, int64_t e, int) {
     while (b < e) {

@@ -7,7 +7,9 @@
 
 #include <immintrin.h>
 
+#include "attention/attend_block_avx512.h"
 #include "attention/fast_exp.h"
+#include "attention/fp16_rows.h"
 #include "attention/online_softmax.h"
 #include "common/error.h"
 #include "common/fp16.h"
@@ -24,17 +26,10 @@ using kv::kPageSize;
 constexpr int64_t kChunkTokens = 128;  // split-KV granularity (fixed: results independent of threads)
 constexpr int kBlock = 16;             // tokens gathered per K/V block
 
-// fp16 -> fp32 rows: F16C / AVX-512 conversions (GCC 12 does not vectorise a _Float16 loop; the
-// scalar conversion was over half of the sparse attention time), the bit conversion otherwise.
-// GCC 12 warns about the intrinsics' own _mm512_undefined_* placeholders (a known false positive).
+// fp16 -> fp32 rows: attention/fp16_rows.h. GCC 12 warns about the intrinsics' own
+// _mm512_undefined_* placeholders (a known false positive).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) void cvt_avx512(const uint16_t* src, float* dst, int n) {
-  int i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-  for (; i < n; ++i) dst[i] = fp16_to_fp32(src[i]);
-}
 // s[j] = q . k_j for nt rows of kbuf ([nt][d], d % 16 == 0), one shuffle-tree reduction per row.
 __attribute__((target("avx512f"))) void scores_avx512(const float* q, const float* kbuf, int nt, int d, float* s) {
   for (int j = 0; j < nt; ++j) {
@@ -84,22 +79,7 @@ void scores_portable(const float* q, const float* kbuf, int nt, int d, float* s)
 }
 using ScoreFn = void (*)(const float*, const float*, int, int, float*);
 
-__attribute__((target("avx2,f16c"))) void cvt_f16c(const uint16_t* src, float* dst, int n) {
-  int i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = fp16_to_fp32(src[i]);
-}
-void cvt_scalar(const uint16_t* src, float* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = fp16_to_fp32(src[i]);
-}
-using CvtFn = void (*)(const uint16_t*, float*, int);
-CvtFn pick_cvt() {
-  const ops::Simd level = ops::active_simd();  // TWILIGHT_SIMD=scalar pins the portable path
-  if (level == ops::Simd::AVX512) return cvt_avx512;
-  if (level == ops::Simd::AVX2 && __builtin_cpu_supports("f16c")) return cvt_f16c;
-  return cvt_scalar;
-}
+using CvtFn = Fp16CvtFn;
 
 // Attend nq queries (q: [nq][d], scaled by 1/sqrt(d)) of kv head kvh to tokens tok(j), j in [j0, j1),
 // where tok(j) = t[j] for j < m and `cur` for j == m (the appended current token).
@@ -138,6 +118,43 @@ TW_CLONES void attend_list(const kv::KVPool& pool, const kv::SeqPages& seq, int 
   }
 }
 
+// attend_list at the AVX-512 level (d = 64 / 128): blocks of 16 listed rows through attend_rows
+// (attend_block_avx512.h: K converted once for the nq queries, V converted inside the accumulation),
+// the next block's rows prefetched while this one is computed (listed rows are scattered).
+template <int NV>
+TW_AVX512 void attend_list_avx512(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int kvh, const int32_t* t,
+                                  int64_t m, int32_t cur, int64_t j0, int64_t j1, const float* q, int nq,
+                                  SoftmaxState* st, float* pbuf) {
+  constexpr int d = 16 * NV;
+  alignas(64) float kbuf[kBlock * d];
+  const uint16_t* rows[2][2][kBlock];  // [buffer][k, v][row]
+  auto fill = [&](int64_t b0, const uint16_t* (*r)[kBlock]) {
+    const int nt = (int)std::min<int64_t>(kBlock, j1 - b0);
+    for (int j = 0; j < nt; ++j) {
+      const int64_t jj = b0 + j;
+      const int32_t pos = jj < m ? t[jj] : cur;
+      const int32_t phys = seq.pages[pos / kPageSize];
+      const size_t off = (size_t)(pos % kPageSize) * d;
+      r[0][j] = pool.k_page(layer, phys, kvh) + off;
+      r[1][j] = pool.v_page(layer, phys, kvh) + off;
+    }
+    return nt;
+  };
+  int buf = 0;
+  int nt = fill(j0, rows[0]);
+  for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
+    avx512::Prefetch next;
+    int nt_next = 0;
+    if (b0 + kBlock < j1) {
+      nt_next = fill(b0 + kBlock, rows[buf ^ 1]);
+      next = {rows[buf ^ 1][0], rows[buf ^ 1][1], nt_next};
+    }
+    avx512::attend_rows<NV>(rows[buf][0], rows[buf][1], nt, q, nq, nullptr, st, kbuf, pbuf, next);
+    buf ^= 1;
+    nt = nt_next;
+  }
+}
+
 void check_args(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const HeadShape& hs, const Selection& sel,
                 int64_t n_ctx) {
   const kv::KVShape& ks = pool.shape();
@@ -169,6 +186,11 @@ void check_args(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, cons
 
 void sparse_decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
                    const Selection& sel, int64_t n_ctx, float* out, ThreadPool& tp) {
+  sparse_decode(pool, seq, layer, hs, q, sel, n_ctx, out, tp, ops::active_simd());
+}
+
+void sparse_decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                   const Selection& sel, int64_t n_ctx, float* out, ThreadPool& tp, ops::Simd level) {
   check_args(pool, seq, layer, hs, sel, n_ctx);
   const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads;
   const bool group = sel.mode == GqaMode::Group;
@@ -177,42 +199,66 @@ void sparse_decode(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, c
   const int32_t cur = (int32_t)(n_ctx - 1);
 
   // Work items: (list, chunk). len[i] counts the appended current token when the list lacks it.
-  std::vector<int64_t> len(n_lists), first_item(n_lists + 1, 0);
+  // The caller's scratch is reused across decode steps (workers reach it through the reference).
+  struct Scratch {
+    std::vector<int64_t> len, first_item;
+    std::vector<float> qs, part_o;
+    std::vector<SoftmaxState> part;
+  };
+  static thread_local Scratch tls;
+  Scratch& sc = tls;
+  sc.len.assign(n_lists, 0);
+  sc.first_item.assign(n_lists + 1, 0);
   for (int i = 0; i < n_lists; ++i) {
     const int64_t m = sel.size(i);
-    len[i] = m + ((m > 0 && sel.list(i)[m - 1] == cur) ? 0 : 1);
-    first_item[i + 1] = first_item[i] + (len[i] + kChunkTokens - 1) / kChunkTokens;
+    sc.len[i] = m + ((m > 0 && sel.list(i)[m - 1] == cur) ? 0 : 1);
+    sc.first_item[i + 1] = sc.first_item[i] + (sc.len[i] + kChunkTokens - 1) / kChunkTokens;
   }
-  const int64_t items = first_item[n_lists];
+  const int64_t items = sc.first_item[n_lists];
   const float qscale = 1.f / std::sqrt((float)d);
-  std::vector<float> qs((size_t)hs.n_heads * d);
-  for (size_t i = 0; i < qs.size(); ++i) qs[i] = q[i] * qscale;
+  sc.qs.resize((size_t)hs.n_heads * d);
+  for (size_t i = 0; i < sc.qs.size(); ++i) sc.qs[i] = q[i] * qscale;
+  sc.part_o.assign((size_t)items * nq * d, 0.f);
+  sc.part.assign((size_t)items * nq, SoftmaxState{});
+  for (size_t i = 0; i < sc.part.size(); ++i) sc.part[i].o = sc.part_o.data() + i * d;
 
-  std::vector<float> part_o((size_t)items * nq * d, 0.f);
-  std::vector<SoftmaxState> part((size_t)items * nq);
-  for (size_t i = 0; i < part.size(); ++i) part[i].o = part_o.data() + i * d;
-
-  static const CvtFn cvt = pick_cvt();
-  const bool wide = cvt == cvt_avx512 && d % 16 == 0;
+  const CvtFn cvt = fp16_cvt_for(level);
+  const bool wide = cvt == fp16_cvt_for(ops::Simd::AVX512) && d % 16 == 0;
+  const bool blocks512 = wide && (d == 64 || d == 128);
   const ScoreFn score = wide ? scores_avx512 : scores_portable;
   const AccumFn accum = wide ? accum_avx512 : accum_portable;
   tp.parallel_for(items, [&](int64_t b, int64_t e, int) {
-    std::vector<float> kbuf((size_t)kBlock * d), vbuf((size_t)kBlock * d);
-    int i = (int)(std::upper_bound(first_item.begin(), first_item.end(), b) - first_item.begin()) - 1;
+    struct Local {
+      std::vector<float> kbuf, vbuf;
+      std::vector<float, avx512::AlignedAlloc<float>> pbuf;
+    };
+    static thread_local Local lc;  // per worker: no allocation per decode step
+    if (lc.kbuf.size() < (size_t)kBlock * d) {
+      lc.kbuf.resize((size_t)kBlock * d);
+      lc.vbuf.resize((size_t)kBlock * d);
+    }
+    if (lc.pbuf.size() < (size_t)nq * 16) lc.pbuf.resize((size_t)nq * 16);
+    int i = (int)(std::upper_bound(sc.first_item.begin(), sc.first_item.end(), b) - sc.first_item.begin()) - 1;
     for (int64_t it = b; it < e; ++it) {
-      while (it >= first_item[i + 1]) ++i;
-      const int64_t c = it - first_item[i];
-      const int64_t j0 = c * kChunkTokens, j1 = std::min(len[i], j0 + kChunkTokens);
+      while (it >= sc.first_item[i + 1]) ++i;
+      const int64_t c = it - sc.first_item[i];
+      const int64_t j0 = c * kChunkTokens, j1 = std::min(sc.len[i], j0 + kChunkTokens);
       const int kvh = group ? i : i / G;
-      const float* qi = qs.data() + (size_t)(group ? i * G : i) * d;
-      attend_list(pool, seq, layer, kvh, sel.list(i), sel.size(i), cur, j0, j1, qi, nq, &part[(size_t)it * nq], d,
-                  kbuf.data(), vbuf.data(), cvt, score, accum);
+      const float* qi = sc.qs.data() + (size_t)(group ? i * G : i) * d;
+      SoftmaxState* st = &sc.part[(size_t)it * nq];
+      if (blocks512 && d == 128)
+        attend_list_avx512<8>(pool, seq, layer, kvh, sel.list(i), sel.size(i), cur, j0, j1, qi, nq, st, lc.pbuf.data());
+      else if (blocks512)
+        attend_list_avx512<4>(pool, seq, layer, kvh, sel.list(i), sel.size(i), cur, j0, j1, qi, nq, st, lc.pbuf.data());
+      else
+        attend_list(pool, seq, layer, kvh, sel.list(i), sel.size(i), cur, j0, j1, qi, nq, st, d, lc.kbuf.data(),
+                    lc.vbuf.data(), cvt, score, accum);
     }
   });
   for (int i = 0; i < n_lists; ++i)
     for (int r = 0; r < nq; ++r) {
-      SoftmaxState& acc = part[(size_t)first_item[i] * nq + r];
-      for (int64_t it = first_item[i] + 1; it < first_item[i + 1]; ++it) merge(acc, part[(size_t)it * nq + r], d);
+      SoftmaxState& acc = sc.part[(size_t)sc.first_item[i] * nq + r];
+      for (int64_t it = sc.first_item[i] + 1; it < sc.first_item[i + 1]; ++it) merge(acc, sc.part[(size_t)it * nq + r], d);
       finish(acc, out + (size_t)((group ? i * G : i) + r) * d, d);
     }
 }

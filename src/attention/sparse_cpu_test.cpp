@@ -14,6 +14,7 @@
 #include "attention/topp.h"
 #include "common/error.h"
 #include "common/fp16.h"
+#include "ops/cpu/matmul.h"
 
 namespace tw::attn {
 namespace {
@@ -127,6 +128,51 @@ TEST(SparseDecode, RandomListsMatchReference) {
           ThreadPool tp(threads);
           sparse_decode(pool, seq, 0, hs, q.data(), sel, n_ctx, out.data(), tp);
           expect_close(out, ref, 2e-5f, "random lists");
+        }
+      }
+    }
+  }
+}
+
+// Every SIMD level this CPU runs against the reference (the suite's default level is only the best
+// one): the AVX-512 block step (d 64 / 128), the AVX-512 loops (d 32), the AVX2 / portable ones; lists
+// with scattered, contiguous and single tokens, longer than a chunk, groups of more than 8 queries.
+TEST(SparseDecode, EverySimdLevelMatchesReference) {
+  for (const ops::Simd level : {ops::Simd::Scalar, ops::Simd::AVX2, ops::Simd::AVX512}) {
+    if (!ops::simd_supported(level)) continue;
+    for (const Case c : {Case{12, 2, 128}, Case{9, 3, 64}, Case{32, 2, 128}, Case{4, 4, 64}, Case{8, 2, 32}}) {
+      const int64_t n_ctx = 777;
+      std::mt19937 rng(500 + c.H + c.d + (int)level);
+      kv::KVPool pool({1, c.Hkv, c.d, (n_ctx + 15) / 16});
+      kv::SeqPages seq;
+      fill_random(pool, seq, 0, n_ctx, rng, 2.f);
+      std::normal_distribution<float> N(0.f, 1.f);
+      std::vector<float> q((size_t)c.H * c.d);
+      for (auto& x : q) x = N(rng);
+      const HeadShape hs{c.H, c.Hkv, c.d};
+      for (const GqaMode mode : {GqaMode::Group, GqaMode::Head}) {
+        const int n_lists = mode == GqaMode::Group ? c.Hkv : c.H;
+        Selection sel;
+        sel.clear(mode, n_lists);
+        for (int i = 0; i < n_lists; ++i) {
+          std::vector<int32_t> t;
+          if (i % 3 == 0) {  // contiguous run (Quest-like pages)
+            for (int64_t x = 100; x < 400; ++x) t.push_back((int32_t)x);
+          } else if (i % 3 == 1) {  // one token
+            t.push_back((int32_t)(i * 7));
+          } else {  // scattered
+            std::bernoulli_distribution B(0.3);
+            for (int64_t x = 0; x < n_ctx; ++x)
+              if (B(rng)) t.push_back((int32_t)x);
+          }
+          sel.push_list(t.data(), (int64_t)t.size());
+        }
+        std::vector<float> ref(q.size()), out(q.size());
+        sparse_reference(pool, seq, 0, hs, q.data(), sel, n_ctx, ref.data());
+        for (int threads : {1, 2}) {
+          ThreadPool tp(threads);
+          sparse_decode(pool, seq, 0, hs, q.data(), sel, n_ctx, out.data(), tp, level);
+          expect_close(out, ref, 2e-5f, ops::simd_name(level));
         }
       }
     }

@@ -9,9 +9,9 @@
 namespace tw::cli {
 
 void AttnFlags::add_to(Args& a) {
-  a.opt({"--attn"}, "KIND", "decode attention: dense|quest|ds|streaming|topk|twilight", &method);
+  a.opt({"--attn"}, "KIND", "decode attention: dense|quest|ds|streaming|topk|twilight (generate's default: twilight, p 0.95, base none, combine union; bench: dense)", &method);
   a.opt({"--attn-p"}, "P", "Twilight top-p mass in (0, 1] (default 0.95)", &p);
-  a.opt({"--attn-base"}, "SEL", "Twilight's selector: none|quest|streaming|topk|ds (default quest)", &base);
+  a.opt({"--attn-base"}, "SEL", "Twilight's selector: none|quest|streaming|topk|ds (default quest; none in generate's default)", &base);
   a.opt({"--attn-b0"}, "N", "selector budget in tokens (default 0 = n_ctx/4, at least 256)", &b0);
   a.opt({"--attn-skip-layers"}, "N", "first N layers stay dense (default 2)", &skip);
   a.opt({"--attn-gqa"}, "MODE", "group (one list per kv head, default) | head", &gqa);
@@ -24,6 +24,11 @@ void AttnFlags::add_to(Args& a) {
 attn::AttnConfig AttnFlags::resolve(attn::Method default_method) const {
   attn::AttnConfig c;
   c.method = default_method;
+  return resolve(c);
+}
+
+attn::AttnConfig AttnFlags::resolve(const attn::AttnConfig& defaults) const {
+  attn::AttnConfig c = defaults;
   if (!config.empty()) attn::load_attn_config(config, c);
   const std::pair<const char*, const std::string*> kv[] = {{"attn", &method},           {"attn-p", &p},
                                                            {"attn-base", &base},        {"attn-b0", &b0},

@@ -18,8 +18,9 @@ struct AttnFlags {
   bool true_mass = false;
 
   void add_to(Args& a);
-  // Build the config: defaults (method = default_method), then the file, then the flags; validated.
-  attn::AttnConfig resolve(attn::Method default_method) const;
+  // Build the config: the defaults, then the file, then the flags; validated.
+  attn::AttnConfig resolve(const attn::AttnConfig& defaults) const;
+  attn::AttnConfig resolve(attn::Method default_method) const;  // AttnConfig{} with this method
 };
 
 // Budget summary table (stderr) for a finished run.

@@ -14,7 +14,9 @@
 //    step > layer, so each call finds its layer's KV cold (20+ layers of KV exceed the L3).
 //  - Breakdown: the policy's stages called one by one on the same inputs (select_quest,
 //    estimate_scores, prune_topp, sparse_decode / dense_decode). prune_topp runs the INT4 estimate
-//    itself: "prune" = prune_topp time minus the standalone estimate time (softmax + top-p + lists).
+//    itself: "prune" = prune_topp time minus the time of the estimate alone (estimate_scores over
+//    the same candidates, one kv head per thread as prune_topp splits them, timed in a separate pass
+//    over the layers so both see equally cold data): softmax + top-p + building the lists.
 //  - Bytes (TWILIGHT.md section 2 with the CPU layout): dense and attend read 2*d*2 B per (token,
 //    kv head) (K and V fp16; group mode reads a kv head's rows once for its G query heads); select
 //    (Quest) 2*d*4 B per (page, kv head) (fp32 min and max); estimate d/2 + 8 B per (candidate, kv
@@ -26,6 +28,7 @@
 
 #include <immintrin.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -55,6 +58,14 @@ namespace tw::cli {
 namespace {
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// CPU time of the whole process (all threads): on a loaded machine it excludes the time the threads
+// were preempted, which wall time does not.
+double cpu_now() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
@@ -285,7 +296,8 @@ struct Result {
   float p = 0.f;
   bool ran_dense = false;           // the policy fell back to dense (budget covering the context)
   std::vector<double> samples_us;   // per-layer time, one per repetition
-  double us = 0, sel = 0, est = 0, prune = 0, att = 0;  // medians, µs per layer
+  std::vector<double> cpu_samples_us;  // per-layer process CPU time (all threads, spinning included)
+  double us = 0, cpu_us = 0, sel = 0, est = 0, prune = 0, att = 0;  // medians, µs per layer
   double i0 = 0, i1 = 0, est_mass = 0;                   // per list (kv head), averaged
   double b_sel = 0, b_est = 0, b_att = 0;                // bytes per layer call (all kv heads)
   double build_s = 0;               // side-structure build time
@@ -368,7 +380,7 @@ int cmd_bench_attention(int argc, char** argv) {
   a.opt({"--ctx"}, "N[,N]", "contexts to bench (default 4096,8192,16384,32768; beyond the dump: tiled)", &ctx_s);
   a.opt({"--quest-b0"}, "B[,B]", "Quest fixed budgets: tokens or n/K (default 1024,n/8; 'none' = no Quest rows)", &quest_s);
   a.opt({"--p"}, "P[,P]", "Twilight top-p values (default 0.95,0.85; 'none' = no Twilight rows)", &p_s);
-  a.opt({"--twilight-b0"}, "B", "Twilight's Quest budget B0: tokens or n/K (default n/4)", &tw_b0_s);
+  a.opt({"--twilight-b0"}, "B[,B]", "Twilight's Quest budgets B0: tokens or n/K (default n/4)", &tw_b0_s);
   a.opt({"--skip-layers"}, "N", "time layers >= N only (the policy's dense layers; default 2)", &skip, 0, 1 << 20);
   a.opt({"--steps"}, "S", "queries per layer (default: all in the dump)", &steps, 1, 1 << 20);
   a.opt({"--tile-keep"}, "N", "tiling past the dump repeats tokens [N, n_tokens) (default 64: sinks kept once)", &tile_keep,
@@ -388,14 +400,17 @@ int cmd_bench_attention(int argc, char** argv) {
       const BudgetSpec b = parse_budget("--quest-b0", s);
       methods.push_back({"quest B0=" + b.text, attn::Method::Quest, b, 0.f});
     }
-  const BudgetSpec tw_b0 = parse_budget("--twilight-b0", tw_b0_s);
+  std::vector<BudgetSpec> tw_b0s;
+  for (const std::string& s : split(tw_b0_s)) tw_b0s.push_back(parse_budget("--twilight-b0", s));
+  TW_CHECK(!tw_b0s.empty(), "--twilight-b0: empty list");
   if (p_s != "none")
-    for (const std::string& s : split(p_s)) {
-      char* end = nullptr;
-      const float p = std::strtof(s.c_str(), &end);
-      TW_CHECK(!s.empty() && !*end && p > 0.f && p <= 1.f, "--p: expected values in (0, 1], got '", s, "'");
-      methods.push_back({"twilight p=" + s + " B0=" + tw_b0.text, attn::Method::Twilight, tw_b0, p});
-    }
+    for (const BudgetSpec& tw_b0 : tw_b0s)
+      for (const std::string& s : split(p_s)) {
+        char* end = nullptr;
+        const float p = std::strtof(s.c_str(), &end);
+        TW_CHECK(!s.empty() && !*end && p > 0.f && p <= 1.f, "--p: expected values in (0, 1], got '", s, "'");
+        methods.push_back({"twilight p=" + s + " B0=" + tw_b0.text, attn::Method::Twilight, tw_b0, p});
+      }
 
   ThreadPool tp(threads > 0 ? threads : default_threads());
   std::unique_ptr<Model> m;
@@ -474,15 +489,20 @@ int cmd_bench_attention(int argc, char** argv) {
       // Total: the policy's decode.
       for (int rep = -1; rep < reps; ++rep) {
         double tot = 0;
+        const double c0 = cpu_now();
         for (int s = 0; s < steps; ++s)
           for (int li : timed) {
             const double t0 = now();
             pol.decode(pool, seq, li, dump.query(s, li), ctx, outv.data(), tp);
             tot += now() - t0;
           }
-        if (rep >= 0) r.samples_us.push_back(tot / calls * 1e6);
+        if (rep >= 0) {
+          r.samples_us.push_back(tot / calls * 1e6);
+          r.cpu_samples_us.push_back((cpu_now() - c0) / calls * 1e6);
+        }
       }
       r.us = median(r.samples_us);
+      r.cpu_us = median(r.cpu_samples_us);
       // Budgets (the policy's own accounting, over every call above).
       if (sparse_run) {
         const attn::BudgetStats& st = pol.stats();
@@ -529,19 +549,9 @@ int cmd_bench_attention(int argc, char** argv) {
             t_sel += t1 - t0;
             const attn::Selection* fin = &sel0;
             if (ms.method == attn::Method::Twilight) {
-              const attn::Int4Keys keys = attn::int4_keys(ks);
               t0 = now();
-              tp.parallel_for(hkv, [&](int64_t b, int64_t e, int) {
-                for (int64_t h = b; h < e; ++h) {
-                  z[h].resize((size_t)G * sel0.size((int)h));
-                  attn::estimate_scores(keys, seq, li, (int)h, d, q + (size_t)h * G * d, G, sel0.list((int)h),
-                                        sel0.size((int)h), z[h].data());
-                }
-              });
-              t1 = now();
-              t_est += t1 - t0;
               attn::prune_topp(ks, seq, li, hs, q, sel0, ctx, po, sel1, pst, tp);
-              t_pr += now() - t1;
+              t_pr += now() - t0;
               fin = &sel1;
             }
             t0 = now();
@@ -557,6 +567,25 @@ int cmd_bench_attention(int argc, char** argv) {
               }
             }
           }
+        // The INT4 estimate alone, in its own pass (the same stream of layers, so its data is as cold
+        // as inside prune_topp above; timed after the pass above, it does not warm prune_topp's).
+        if (sparse && ms.method == attn::Method::Twilight)
+          for (int s = 0; s < steps; ++s)
+            for (int li : timed) {
+              const float* q = dump.query(s, li);
+              const attn::KeySide& ks = *pol.side();
+              attn::select_quest(ks, seq, li, hs, q, ctx, cfg.b0, cfg.gqa, sel0, tp);
+              const attn::Int4Keys keys = attn::int4_keys(ks);
+              const double t0 = now();
+              tp.parallel_for(hkv, [&](int64_t b, int64_t e, int) {
+                for (int64_t h = b; h < e; ++h) {
+                  z[h].resize((size_t)G * sel0.size((int)h));
+                  attn::estimate_scores(keys, seq, li, (int)h, d, q + (size_t)h * G * d, G, sel0.list((int)h),
+                                        sel0.size((int)h), z[h].data());
+                }
+              });
+              t_est += now() - t0;
+            }
         if (rep >= 0) {
           v_sel.push_back(t_sel / calls * 1e6);
           v_est.push_back(t_est / calls * 1e6);
@@ -593,9 +622,9 @@ int cmd_bench_attention(int argc, char** argv) {
       const Result& r = results[i];
       const double du = dense_us(r.ctx);
       std::printf("  {\"ctx\": %lld, \"kv_source\": \"%s\", \"method\": \"%s\", \"b0\": %lld, \"p\": %.3f, \"ran_dense\": %s, "
-                  "\"us_per_layer\": %.2f, \"speedup_vs_dense\": %.3f, \"samples_us\": [",
+                  "\"us_per_layer\": %.2f, \"cpu_us_per_layer\": %.2f, \"speedup_vs_dense\": %.3f, \"samples_us\": [",
                   (long long)r.ctx, r.kv_src.c_str(), r.label.c_str(), (long long)r.b0, r.p, r.ran_dense ? "true" : "false",
-                  r.us, r.us > 0 ? du / r.us : 0.0);
+                  r.us, r.cpu_us, r.us > 0 ? du / r.us : 0.0);
       for (size_t k = 0; k < r.samples_us.size(); ++k) std::printf("%s%.2f", k ? ", " : "", r.samples_us[k]);
       std::printf("], \"select_us\": %.2f, \"estimate_us\": %.2f, \"prune_us\": %.2f, \"attend_us\": %.2f, "
                   "\"avg_i0\": %.1f, \"avg_i1\": %.1f, \"avg_est_mass\": %.4f, \"bytes_select\": %.0f, \"bytes_estimate\": %.0f, "
@@ -615,15 +644,15 @@ int cmd_bench_attention(int argc, char** argv) {
   std::printf("KV: %s\n", kv_desc.c_str());
   std::printf("memory read bandwidth (same run, %zu MiB, median of %d): %.1f GB/s with %d threads, %.1f GB/s with 1\n\n",
               bw.bytes >> 20, bw.reps, bw.read_all, tp.size(), bw.read_one);
-  std::printf("| ctx | KV | method | \\|I0\\| | \\|I1\\| (%% ctx) | est. mass | µs / layer | vs dense | select | estimate | "
+  std::printf("| ctx | KV | method | \\|I0\\| | \\|I1\\| (%% ctx) | est. mass | µs / layer | cpu µs | vs dense | select | estimate | "
               "prune | attend | MiB / layer | GB/s | %% of bw |\n"
-              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (const Result& r : results) {
     const double du = dense_us(r.ctx);
     const bool tw = r.method == attn::Method::Twilight;
-    std::printf("| %lld | %s | %s%s | %.0f | %.0f (%.2f%%) | %s | %.1f | %.2fx | %s | %s | %s | %.1f | %.2f | %.1f | %.0f%% |\n",
+    std::printf("| %lld | %s | %s%s | %.0f | %.0f (%.2f%%) | %s | %.1f | %.1f | %.2fx | %s | %s | %s | %.1f | %.2f | %.1f | %.0f%% |\n",
                 (long long)r.ctx, r.kv_src.c_str(), r.label.c_str(), r.ran_dense ? " (ran dense)" : "", r.i0, r.i1,
-                100.0 * r.i1 / r.ctx, tw ? fmt(r.est_mass, 3).c_str() : "-", r.us,
+                100.0 * r.i1 / r.ctx, tw ? fmt(r.est_mass, 3).c_str() : "-", r.us, r.cpu_us,
                 r.us > 0 ? du / r.us : 0.0, r.method == attn::Method::Dense ? "-" : fmt(r.sel, 1).c_str(),
                 tw ? fmt(r.est, 1).c_str() : "-",
                 tw ? fmt(r.prune, 1).c_str() : "-", r.att, r.bytes() / 1048576.0,

@@ -39,6 +39,8 @@ std::vector<T> parse_list(const std::string& flag, const std::string& s, bool al
 }  // namespace
 
 int cmd_bench_gpu(int argc, char** argv) {
+  std::string kv_dump;
+  int64_t keep = 16;
   std::string batch = "1,16,64", ctx = "8192,32768,131072", ps = "0.85,0.95", b0s = "8192,0", dtype = "f16", json_path;
   int heads = 32, kv_heads = 8, head_dim = 128, reps = 10, trials = 7;
   float logit_std = 1.0f, heavy_frac = 0.002f, heavy_boost = 6.0f;
@@ -56,6 +58,9 @@ int cmd_bench_gpu(int argc, char** argv) {
   a.opt({"--logit-std"}, "X", "synthetic input: std of the logits q.k/sqrt(d) (default 1)", &logit_std, 0.f, 100.f);
   a.opt({"--heavy-frac"}, "X", "synthetic input: fraction of heavy tokens (default 0.002)", &heavy_frac, 0.f, 1.f);
   a.opt({"--heavy-boost"}, "X", "synthetic input: logit boost of heavy tokens (default 6)", &heavy_boost, 0.f, 100.f);
+  a.opt({"--kv"}, "FILE", "real-model input: a KV dump (bench --attn-dump); its shape replaces --heads/--kv-heads/--head-dim",
+        &kv_dump);
+  a.opt({"--keep"}, "N", "with --kv: tokens kept once when tiling past the dump (default 16)", &keep, 0, 1LL << 40);
   a.opt({"--reps"}, "N", "calls per timed block (default 10)", &reps, 1, 100000);
   a.opt({"--trials"}, "N", "timed blocks, median reported (default 7)", &trials, 1, 1000);
   a.opt({"--json"}, "FILE", "also write one JSON object per row to FILE", &json_path);
@@ -74,6 +79,8 @@ int cmd_bench_gpu(int argc, char** argv) {
   o.logit_std = logit_std;
   o.heavy_frac = heavy_frac;
   o.heavy_boost = heavy_boost;
+  o.kv_dump = kv_dump;
+  o.dump_keep = keep;
   o.reps = reps;
   o.trials = trials;
   if (!tw::cuda::available()) fail("bench --gpu: no CUDA device");

@@ -44,6 +44,21 @@ std::vector<CompareSpec> parse_compare_specs(const std::vector<std::string>& spe
 }
 
 attn::AttnConfig policy_config_for(const std::vector<CompareSpec>& specs) {
+  // Double Sparsity: its label cache comes from one channel file, so every ds spec must name the same;
+  // Twilight over ds maintains both the label cache and the key side structures (Quest bounds, INT4).
+  const CompareSpec* ds = nullptr;
+  for (const CompareSpec& s : specs) {
+    if (!s.cfg.uses_ds()) continue;
+    TW_CHECK(!ds || ds->cfg.ds_file == s.cfg.ds_file, "--compare: every ds configuration must use the same ds-file ('",
+             ds ? ds->cfg.ds_file : "", "' vs '", s.cfg.ds_file, "')");
+    ds = &s;
+  }
+  if (ds) {
+    attn::AttnConfig c = ds->cfg;
+    c.method = attn::Method::Twilight;
+    c.base = attn::Base::DS;
+    return c;
+  }
   for (const CompareSpec& s : specs)
     if (attn::AttentionPolicy::config_needs_side(s.cfg)) return s.cfg;
   return attn::AttnConfig{};  // dense: nothing to maintain

@@ -95,9 +95,16 @@ int cmd_generate(int argc, char** argv) {
   eo.model_path = model.empty() ? require_model(kSmolLM2File) : model;
   eo.n_ctx = n_ctx;
   eo.threads = threads;
-  // Dense stays the default until docs/ACCURACY.md shows Twilight matching it (issue 3); before
-  // loading, so bad attention options fail fast.
-  eo.attn = af.resolve(attn::Method::Dense);
+  // Default decode attention (docs/ACCURACY.md, "Guardrail and true mass"): Twilight at p = 0.95
+  // with the INT4 estimate over every token (no level-1 selector: Quest's candidates at B0 = n/4 left
+  // 5-13% of the true mass out) and the union of the group's per-head top-p sets (every head keeps p
+  // of its own mass); within the noise floor of dense perplexity. Contexts under attn-dense-below
+  // (1024) decode dense. Resolved before loading, so bad attention options fail fast.
+  attn::AttnConfig def;
+  def.method = attn::Method::Twilight;
+  def.base = attn::Base::None;
+  def.combine = attn::GroupCombine::Union;
+  eo.attn = af.resolve(def);
   std::fprintf(stderr, "[twilight] loading %s\n", eo.model_path.c_str());
   Engine e(eo);
   const ModelConfig& c = e.model().config();

@@ -99,6 +99,9 @@ expect 0 "usage: twilight generate" -- generate --help
 # Twilight on a prompt long enough to go sparse (>= 1024 tokens): budgets table and JSON written.
 python3 -c "print(' '.join(str(i) for i in range(700)))" >"$TMP/numbers.txt" 2>/dev/null || seq 700 | tr '\n' ' ' >"$TMP/numbers.txt"
 expect 0 "sparse layers attend [0-9.]+% of the context" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 4 --temp 0 --attn twilight --attn-b0 512 --attn-stats "$TMP/budgets.json"
+# generate's default decode attention on a long prompt: Twilight (p 0.95, INT4 estimate over every token, union), budgets shown
+expect 0 "attention budgets \(twilight \(p 0.95, base none, combine union\), dense layers < 2" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 2 --temp 0
+expect 0 "attention: dense" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 2 --temp 0 --attn dense
 if grep -q '"avg_i1"' "$TMP/budgets.json" 2>/dev/null && [[ ! -e "$TMP/budgets.json.tmp" ]]; then pass=$((pass + 1)); else echo "FAIL: budgets JSON"; fail=$((fail + 1)); fi
 # Double Sparsity: calibrate on a short text, then decode with the channel file (ds alone, and as
 # Twilight's level 1 through a config file); a file for another model is an error before any work.
@@ -107,7 +110,7 @@ expect 0 "wrote .*smol.ds \(30 x 3 lists of 16 channels" -- calibrate -m "$MODEL
 expect 0 "sparse layers attend [0-9.]+% of the context" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 4 --temp 0 --attn ds --attn-b0 512 --attn-ds-file "$TMP/smol.ds"
 grep -q "attention: ds, B0 512" "$TMP/err" && grep -q "sparse layers attend" "$TMP/err" && pass=$((pass + 1)) || { echo "FAIL: ds budgets"; fail=$((fail + 1)); }
 printf 'attn = twilight\nattn-base = ds\nattn-ds-file = %s\n' "$TMP/smol.ds" >"$TMP/ds.conf"
-expect 0 "twilight \(p 0.95, base ds\)" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 2 --temp 0 --attn-b0 512 --attn-config "$TMP/ds.conf"
+expect 0 "twilight \(p 0.95, base ds[,)]" -- generate -m "$MODEL" -f "$TMP/numbers.txt" -n 2 --temp 0 --attn-b0 512 --attn-config "$TMP/ds.conf"
 sed 's/^fingerprint .*/fingerprint 0123456789abcdef/' "$TMP/smol.ds" >"$TMP/other.ds"
 expect 1 "was calibrated for another model.*fingerprint 0123456789abcdef" -- generate -m "$MODEL" -p hi --attn ds --attn-ds-file "$TMP/other.ds"
 sed 's/^head_dim 64/head_dim 128/' "$TMP/smol.ds" >"$TMP/other.ds"
@@ -141,6 +144,8 @@ expect 1 "--compare \"sparse\": unknown attention 'sparse'" -- perplexity -f "$T
 expect 1 "'p' is not key=value" -- perplexity -f "$TEXT" --prefix 64 --compare "twilight p"
 expect 1 "--attn-b0: expected an integer, got 'x'" -- perplexity -f "$TEXT" --prefix 64 --compare "quest b0=x"
 expect 1 "unknown attention option 'attn-colour'" -- perplexity -f "$TEXT" --prefix 64 --compare "quest colour=red"
+expect 1 "--compare \"ds b0=64\": Double Sparsity \(--attn ds\) needs its channel file" -- perplexity -f "$TEXT" --prefix 64 --compare "ds b0=64"
+expect 1 "every ds configuration must use the same ds-file \('/x/a.ds' vs '/x/b.ds'\)" -- perplexity -f "$TEXT" --prefix 200 --compare "ds b0=64 ds-file=/x/a.ds" --compare "twilight base=ds ds-file=/x/b.ds"
 expect 1 "budget b0=4096 covers the whole context of 2000 tokens" -- perplexity -f "$TEXT" --prefix 2000 --compare "quest b0=4096"
 expect 1 "-o $TMP/nodir/x.json: folder '.*' does not exist" -- perplexity -f "$TEXT" --prefix 64 --compare dense -o "$TMP/nodir/x.json"
 expect 1 "needs 8499 cached tokens, more than the context of 8192 tokens" -- perplexity -m "$MODEL" -f "$TEXT" --prefix 8000 --score 500 --compare dense

@@ -2,7 +2,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cuda_fp16.h>
+
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -17,6 +20,8 @@
 #include "attention/cuda/quest.h"
 #include "attention/cuda/sparse_decode.h"
 #include "common/error.h"
+#include "common/fp16.h"
+#include "kv/kv_dump.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/device.h"
 
@@ -54,6 +59,26 @@ __global__ void gen_tokens(float* __restrict__ kbuf, float* __restrict__ vbuf, i
     const bool heavy = t == 0 || uniform01(mix64(seed * 3 + tok)) < heavy_frac;
     kbuf[e] = normal(seed * 5 + 1, (uint64_t)e + (uint64_t)t0 * batch * hkv * d) + (heavy ? c * u[bh * d + i] : 0.f);
     vbuf[e] = normal(seed * 7 + 2, (uint64_t)e + (uint64_t)t0 * batch * hkv * d);
+    if (i == 0 && bh % hkv == 0) pos[j * batch + bh / hkv] = (int32_t)t;
+  }
+}
+
+// Real-model tokens: K/V of context position t from the dump's position tiled_source(t) (kv_dump.h),
+// the same for every sequence of the batch (each sequence still has its own pages). dk / dv:
+// [n_tok][Hkv][d] fp16 bits of one dumped layer.
+__global__ void gather_tokens(float* __restrict__ kbuf, float* __restrict__ vbuf, int32_t* __restrict__ pos,
+                              const __half* __restrict__ dk, const __half* __restrict__ dv, int64_t n_tok, int64_t keep,
+                              int64_t t0, int n, int batch, int hkv, int d) {
+  const int64_t total = (int64_t)n * batch * hkv * d;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+    const int i = (int)(e % d);
+    const int64_t bh = (e / d) % ((int64_t)batch * hkv);
+    const int64_t j = e / ((int64_t)d * batch * hkv);
+    const int64_t t = t0 + j;
+    const int64_t src = t < n_tok ? t : keep + (t - n_tok) % (n_tok - keep);
+    const int64_t off = (src * hkv + bh % hkv) * d + i;
+    kbuf[e] = __half2float(dk[off]);
+    vbuf[e] = __half2float(dv[off]);
     if (i == 0 && bh % hkv == 0) pos[j * batch + bh / hkv] = (int32_t)t;
   }
 }
@@ -122,7 +147,21 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
   TW_CHECK(!o.batch.empty() && !o.ctx.empty() && !o.p.empty() && !o.b0.empty(), "gpu bench: empty size list");
   for (float p : o.p) TW_CHECK(p > 0.f && p <= 1.f, "gpu bench: p must be in (0, 1], got ", p);
   TW_CHECK(o.reps > 0 && o.trials > 0, "gpu bench: reps and trials must be positive");
-  const int H = o.n_heads, Hkv = o.n_kv_heads, d = o.head_dim, G = H / std::max(Hkv, 1);
+  kv::KVDump dump;
+  std::string input = o.input_name;
+  int H = o.n_heads, Hkv = o.n_kv_heads, d = o.head_dim;
+  if (!o.kv_dump.empty()) {
+    TW_CHECK(o.dtype == KvDtype::F16, "gpu bench: a KV dump holds fp16 K/V; bf16 needs synthetic input");
+    dump = kv::read_kv_dump(o.kv_dump);
+    H = dump.info.n_heads;
+    Hkv = dump.info.n_kv_heads;
+    d = dump.info.head_dim;
+    TW_CHECK(o.dump_keep >= 0 && o.dump_keep < dump.info.n_tokens, "gpu bench: dump_keep ", o.dump_keep,
+             " must be below the dump's ", dump.info.n_tokens, " tokens");
+    input = "real KV dump of " + dump.info.model_name + " (" + std::to_string(dump.info.n_tokens) + " tokens, " +
+            std::to_string(dump.info.layers.size()) + " layers; " + dump.info.desc + ")";
+  }
+  const int G = H / std::max(Hkv, 1);
   {  // configuration errors before any allocation
     PagedKV probe;
     probe.k = probe.v = reinterpret_cast<const void*>(uintptr_t(256));
@@ -142,16 +181,24 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
   const double copy_bw = copy_bandwidth(st);
   js << "{\"kind\":\"device\",\"gpu\":\"" << dev.name << "\",\"sm\":" << dev.sm_count << ",\"copy_GBps\":" << copy_bw / 1e9
      << ",\"heads\":" << H << ",\"kv_heads\":" << Hkv << ",\"head_dim\":" << d << ",\"dtype\":\""
-     << (o.dtype == KvDtype::F16 ? "f16" : "bf16") << "\",\"input\":\"" << o.input_name << "\"}\n";
+     << (o.dtype == KvDtype::F16 ? "f16" : "bf16") << "\",\"input\":\"" << (o.kv_dump.empty() ? input : "real") << "\"}\n";
   table << "GPU: " << ::tw::cuda::describe(dev) << "; copy bandwidth (read + write) " << fmt(copy_bw / 1e9, 0)
         << " GB/s, measured in this run\n"
         << "shape: H " << H << ", Hkv " << Hkv << ", d " << d << ", " << (o.dtype == KvDtype::F16 ? "fp16" : "bf16")
-        << " KV; input: " << o.input_name << " (logit std " << o.logit_std << ", heavy " << o.heavy_frac << " at +"
-        << o.heavy_boost << ")\n\n"
+        << " KV; input: " << input;
+  if (o.kv_dump.empty()) table << " (logit std " << o.logit_std << ", heavy " << o.heavy_frac << " at +" << o.heavy_boost << ")";
+  table << "\n\n"
         << "| batch | ctx | p | B0 | dense us | dense GB/s (% copy) | Quest us | Twilight us (graph) | select | prune | attend "
            "| I1 avg (% ctx) | est mass | x dense | x Quest |\n"
         << "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
   const size_t esz = 2;  // fp16 / bf16
+  std::vector<DeviceBuffer> dump_k, dump_v;  // per dumped layer [n_tok][Hkv][d] fp16
+  for (size_t i = 0; i < dump.k.size(); ++i) {
+    dump_k.emplace_back(dump.k[i].size() * 2);
+    dump_k.back().upload(dump.k[i].data(), dump.k[i].size() * 2);
+    dump_v.emplace_back(dump.v[i].size() * 2);
+    dump_v.back().upload(dump.v[i].data(), dump.v[i].size() * 2);
+  }
 
   for (int B : o.batch) {
     for (int64_t L : o.ctx) {
@@ -164,7 +211,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       const size_t sz_b = (size_t)n_pages * Hkv * kPageSize * sizeof(float);
       int64_t b0_max = 0;
       for (int64_t b0 : o.b0) b0_max = std::max(b0_max, b0 > 0 ? b0 : L / 4);
-      PagedKV shape;  // for the capacity / workspace queries (pointers filled per set)
+      PagedKV shape;  // the sets' shape (pointers filled per set)
       shape.dtype = o.dtype;
       shape.batch = B;
       shape.n_heads = H;
@@ -225,6 +272,9 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
             const double sc = o.logit_std * std::sqrt((double)d) / std::sqrt(n2);
             for (int i = 0; i < d; ++i) qr[i] = (float)(qr[i] * sc);
           }
+        const int dl = dump_k.empty() ? 0 : s % (int)dump_k.size();  // dumped layer replayed by this set
+        if (!dump_k.empty())
+          for (int b = 0; b < B; ++b) std::memcpy(&q[(size_t)b * H * d], dump.query(0, dl), (size_t)H * d * 4);
         S->q = DeviceBuffer(q.size() * 4);
         S->q.upload(q.data(), q.size() * 4);
         ubuf.upload(u.data(), u.size() * 4);
@@ -238,8 +288,13 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         const float c = o.heavy_boost / std::max(o.logit_std, 1e-3f);
         for (int64_t t0 = 0; t0 < L; t0 += chunk) {
           const int n = (int)std::min<int64_t>(chunk, L - t0);
-          gen_tokens<<<4 * dev.sm_count, 256, 0, st>>>(kbuf.as<float>(), vbuf.as<float>(), posbuf.as<int32_t>(),
-                                                       ubuf.as<float>(), t0, n, B, Hkv, d, o.seed * 7919 + s, o.heavy_frac, c);
+          if (dump_k.empty())
+            gen_tokens<<<4 * dev.sm_count, 256, 0, st>>>(kbuf.as<float>(), vbuf.as<float>(), posbuf.as<int32_t>(),
+                                                         ubuf.as<float>(), t0, n, B, Hkv, d, o.seed * 7919 + s, o.heavy_frac, c);
+          else
+            gather_tokens<<<4 * dev.sm_count, 256, 0, st>>>(kbuf.as<float>(), vbuf.as<float>(), posbuf.as<int32_t>(),
+                                                            dump_k[dl].as<__half>(), dump_v[dl].as<__half>(),
+                                                            dump.info.n_tokens, o.dump_keep, t0, n, B, Hkv, d);
           TW_CUDA_CHECK_LAUNCH();
           for (int j = 0; j < n; ++j)
             kv_append(S->kv, S->side, kbuf.as<float>() + (size_t)j * B * Hkv * d, vbuf.as<float>() + (size_t)j * B * Hkv * d,
@@ -257,16 +312,28 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       TW_CUDA_CHECK(cudaStreamSynchronize(st));
 
       // ---- dense (ours), once per size -------------------------------------------------------------
-      const DenseDecodePlan dplan = plan_dense_decode(shape, L, dev.sm_count);
-      const size_t dws_b = dense_decode_workspace_bytes(shape, dplan);
-      const size_t qws_b = quest_workspace_bytes(shape);
-      const size_t sws_b = sparse_decode_workspace_bytes(shape, cap1);
+      const PagedKV& kv0 = sets[0]->kv;  // the shape queries validate pointers too: use a built set
+      const DenseDecodePlan dplan = plan_dense_decode(kv0, L, dev.sm_count);
+      const size_t dws_b = dense_decode_workspace_bytes(kv0, dplan);
+      const size_t qws_b = quest_workspace_bytes(kv0);
+      const size_t sws_b = sparse_decode_workspace_bytes(kv0, cap1);
       DeviceBuffer dws(std::max<size_t>(dws_b, 16)), qws(std::max<size_t>(qws_b, 16)), sws(std::max<size_t>(sws_b, 16));
       auto dense = [&](int i) { dense_decode(sets[i]->kv, dplan, sets[i]->q.as<float>(), sets[i]->out.as<float>(), dws.get(), dws_b, st); };
       const double t_dense = time_calls(dense, n_sets, o.reps, o.trials, st);
 
+      std::vector<int64_t> b0s;  // resolved budgets, each once (8192 and L/4 coincide at L = 32k)
       for (int64_t b0_opt : o.b0) {
-        const int64_t b0 = std::min<int64_t>(b0_opt > 0 ? b0_opt : L / 4, L);
+        const int64_t b = std::min<int64_t>(b0_opt > 0 ? b0_opt : L / 4, L);
+        if (std::find(b0s.begin(), b0s.end(), b) == b0s.end()) b0s.push_back(b);
+      }
+      for (const int64_t b0 : b0s) {
+        // Lists sized for this B0 (the pruner's launch shape follows the I0 capacity, so lists sized
+        // for a larger budget would time idle blocks); the buffers hold the largest.
+        const int c0 = (int)quest_list_capacity(kv0, b0);
+        for (auto& S : sets) {
+          S->i0.capacity = c0;
+          S->i1.capacity = c0 + 1;
+        }
         auto select = [&](int i) {
           quest_select(sets[i]->kv, sets[i]->side, sets[i]->q.as<float>(), b0, L, sets[i]->i0, qws.get(), qws_b, st);
         };
@@ -276,20 +343,20 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         const double t_sel = time_calls(select, n_sets, o.reps, o.trials, st);
         for (int i = 0; i < n_sets; ++i) select(i);  // every set's I0 for the stages below
         const double t_att0 = time_calls(attend0, n_sets, o.reps, o.trials, st);
-        std::vector<int32_t> c0((size_t)B * Hkv);
-        sets[0]->i0c.download(c0.data(), c0.size() * 4);
-        const double i0_avg = std::accumulate(c0.begin(), c0.end(), 0.0) / c0.size();
+        std::vector<int32_t> n0((size_t)B * Hkv);
+        sets[0]->i0c.download(n0.data(), n0.size() * 4);
+        const double i0_avg = std::accumulate(n0.begin(), n0.end(), 0.0) / n0.size();
 
         for (float p : o.p) {
           std::ostringstream row;
           row << "{\"kind\":\"row\",\"batch\":" << B << ",\"ctx\":" << L << ",\"p\":" << p << ",\"b0\":" << b0
-              << ",\"kv_sets\":" << n_sets << ",\"dense_us\":" << t_dense * 1e6
+              << ",\"kv_sets\":" << n_sets << ",\"dense_splits\":" << dplan.n_splits << ",\"dense_us\":" << t_dense * 1e6
               << ",\"dense_GBps\":" << kv_bytes / t_dense / 1e9 << ",\"quest_select_us\":" << t_sel * 1e6
               << ",\"quest_attend_us\":" << t_att0 * 1e6 << ",\"i0_avg\":" << i0_avg;
           PruneParams prm;
           prm.p = p;
           try {
-            prune_plan(shape, cap0, prm);
+            prune_plan(kv0, c0, prm);
           } catch (const Error& e) {
             js << row.str() << ",\"twilight_error\":\"" << e.what() << "\"}\n";
             table << "| " << B << " | " << L << " | " << p << " | " << b0 << " | " << fmt(t_dense * 1e6) << " | "
@@ -340,7 +407,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
           const double i1_avg = i1_sum / n_lists;
           const double lists = (double)B * Hkv;
           const double by_sel = lists * max_pages * 2.0 * d * esz;
-          const double by_prune = lists * i0_avg * (d / 2.0 + 8 + 4);
+          const double by_prune = lists * i0_avg * (d / 2.0 + 8 + 4);  // codes + scale/zero + I0 index
           const double by_att = lists * i1_avg * (2.0 * d * esz + 4);
           const double t_quest = t_sel + t_att0;
           row << ",\"prune_us\":" << t_prune * 1e6 << ",\"attend_us\":" << t_att1 * 1e6

@@ -37,6 +37,12 @@ struct GpuAttnBenchOptions {
   float heavy_frac = 0.002f;
   float heavy_boost = 6.0f;
   std::string input_name = "synthetic";
+  // Real-model input: a KV dump of the CPU engine (kv/kv_dump.h, `twilight bench --attn-dump`). The
+  // shape (H, Hkv, d) becomes the dump's; set i replays dumped layer i % n_layers with the real
+  // post-RoPE query of its first stored step for every sequence; contexts longer than the dump
+  // are tiled (kv::tiled_source: the first `dump_keep` tokens once, the rest repeated).
+  std::string kv_dump;
+  int64_t dump_keep = 16;
   double min_rotation_bytes = 1.0e9;  // rotate KV sets until their total reaches this
   double max_mem_bytes = 110.0e9;     // sizes that do not fit are reported as skipped
   int reps = 10, trials = 7;

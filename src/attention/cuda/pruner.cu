@@ -17,15 +17,16 @@ namespace tw::attn::cuda {
 
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 256;     // 8 warps; three blocks per SM (registers <= 85, shared memory <= 75 KB)
+constexpr int kMinBlocksPerSm = 3;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 1024;        // every radix level: level 1 = bits 29..20 (weights <= 1 have bit 30 clear
                                    // below 2.0), levels 2 and 3 = bits 19..10 and 9..0
 constexpr int kBinsPerThread = kBins / kThreads;
 constexpr int kMaxCluster = 16;
-constexpr int kUnroll = 2;         // 16-row tiles whose loads a warp has in flight at once
+constexpr int kUnroll = 4;         // 16-row tiles whose loads a warp has in flight at once
 constexpr uint32_t kPrioKey = 0x3fc00000u;  // 1.5f: the current token's rank for floor / cap, above any weight
-static_assert(kBins % kThreads == 0, "bins split evenly over the threads");
+static_assert(kBins == 4 * kThreads, "four bins per thread (one 16-byte load per limb)");
 
 using u64 = unsigned long long;
 // Histogram masses are fixed point, w * 2^52 (w <= ~1: sums stay far below 2^63): integer atomics
@@ -50,7 +51,7 @@ struct Small {
   u64 sel_cum, sel_total;
   int ccount;                // this block's count (published to the cluster)
   u64 cmass;                 // this block's kept mass, fixed point (published)
-  int bcast_i[4];
+  uint2 bfrag[8][2][32];      // the query as MMA B fragments: [k-step][hi, lo][lane]
 };
 
 struct Args {
@@ -70,6 +71,7 @@ struct Args {
   float p;
   int min_tokens, max_tokens;
   int chunk, zstride;
+  int stop;  // benchmarking aid (TW_PRUNE_STOP_AFTER): leave after phase `stop` (0 = run everything)
 };
 
 __device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
@@ -168,34 +170,54 @@ __device__ int block_scan_excl_int(int v, int* total, Small& S) {
   return off + x - v;
 }
 
-// One radix level: the cluster's histograms (count, fixed-point mass) of this level are summed bin
-// by bin, scanned from the top bin down, and the first bin where cum0 + (value above and in the
-// bin) >= target is returned with cum0 + the value above it. Count mode: value = count.
+// Histograms: per bin the fixed-point mass in three 20-bit limbs, [3][kBins] u32 (count mode: the
+// count in limb 0). Native 32-bit shared atomics, no 64-bit CAS loops; a limb sums at most
+// kMaxChunk values below 2^20, so it cannot overflow. Integer sums: every block of the cluster and
+// every run sees the same values.
+constexpr int kLimbBits = 20;
+constexpr int kMaxChunk = 4096;  // candidates per block at most (limb overflow bound, see plan)
+__device__ __forceinline__ u64 limb_value(uint32_t l0, uint32_t l1, uint32_t l2) {
+  return (u64)l0 + ((u64)l1 << kLimbBits) + ((u64)l2 << (2 * kLimbBits));
+}
+
+__device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w) {
+  const u64 f = fixed_mass(w);
+  constexpr uint32_t kMask = (1u << kLimbBits) - 1;
+  if (f & kMask) atomicAdd(&hc[bin], (uint32_t)(f & kMask));
+  if ((f >> kLimbBits) & kMask) atomicAdd(&hc[kBins + bin], (uint32_t)((f >> kLimbBits) & kMask));
+  if (f >> (2 * kLimbBits)) atomicAdd(&hc[2 * kBins + bin], (uint32_t)(f >> (2 * kLimbBits)));
+}
+
+// One radix level: the cluster's histograms of this level are summed bin by bin, scanned from the
+// top bin down, and the first bin where cum0 + (value above and in the bin) >= target is returned
+// with cum0 + the value above it.
 // frac > 0 (level 1 of the mass select): target = ceil(frac * total of these histograms); the scan
-// then always reaches it. Integer sums: every block finds the same bin.
-// Should a lower level's bucket not reach the target (it cannot: integer masses add up exactly; kept
-// as a guard), the lowest non-empty bin is taken (the whole boundary bucket, as topp.cpp does).
-__device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* cnt, const u64* mass, bool count_mode,
-                           double frac, u64 target, u64 cum0, int& bin_out, u64& cum_out) {
+// then always reaches it. Should a lower level's bucket not reach the target (it cannot: integer
+// masses add up exactly; kept as a guard), the lowest non-empty bin is taken (the whole boundary
+// bucket, as topp.cpp does).
+__device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist, bool count_mode, double frac,
+                           u64 target, u64 cum0, int& bin_out, u64& cum_out) {
   __syncthreads();
   cl.sync();  // every block's histogram of this level is complete
   const int C = (int)cl.num_blocks();
   u64 v[kBinsPerThread];
-  uint32_t c[kBinsPerThread];
-  u64 tsum = 0;
 #pragma unroll
-  for (int i = 0; i < kBinsPerThread; ++i) {
-    const int bin = kBins - 1 - (threadIdx.x * kBinsPerThread + i);
-    u64 sm = 0;
-    uint32_t n = 0;
-    for (int r = 0; r < C; ++r) {
-      n += cl.map_shared_rank(cnt, r)[bin];
-      if (!count_mode) sm += cl.map_shared_rank(mass, r)[bin];
+  for (int i = 0; i < kBinsPerThread; ++i) v[i] = 0;
+  const int bin0 = kBins - kBinsPerThread * (threadIdx.x + 1);  // this thread's bins: bin0 .. bin0+3
+#pragma unroll 2
+  for (int r = 0; r < C; ++r) {
+    const uint32_t* hr = cl.map_shared_rank(hist, r);
+    const uint4 l0 = *reinterpret_cast<const uint4*>(hr + bin0);
+    if (count_mode) {
+      v[0] += l0.w, v[1] += l0.z, v[2] += l0.y, v[3] += l0.x;
+    } else {
+      const uint4 l1 = *reinterpret_cast<const uint4*>(hr + kBins + bin0);
+      const uint4 l2 = *reinterpret_cast<const uint4*>(hr + 2 * kBins + bin0);
+      v[0] += limb_value(l0.w, l1.w, l2.w), v[1] += limb_value(l0.z, l1.z, l2.z);
+      v[2] += limb_value(l0.y, l1.y, l2.y), v[3] += limb_value(l0.x, l1.x, l2.x);
     }
-    c[i] = n;
-    v[i] = count_mode ? (u64)n : sm;
-    tsum += v[i];
   }
+  u64 tsum = v[0] + v[1] + v[2] + v[3];
   if (threadIdx.x == 0) {
     S.sel_bin = -1;
     S.low_bin = kBins;
@@ -208,9 +230,9 @@ __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* cnt,
   u64 run = cum0 + excl, last_cum = 0;
   int last_nonempty = -1;
 #pragma unroll
-  for (int i = 0; i < kBinsPerThread; ++i) {
-    const int bin = kBins - 1 - (threadIdx.x * kBinsPerThread + i);
-    if (c[i] == 0) continue;
+  for (int i = 0; i < kBinsPerThread; ++i) {  // descending bins
+    const int bin = bin0 + kBinsPerThread - 1 - i;
+    if (v[i] == 0) continue;
     if (mine && run < target && run + v[i] >= target) {
       S.sel_bin = bin;
       S.sel_cum = run;
@@ -235,34 +257,34 @@ __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* cnt,
 // (mass or count of keys >= v) >= target; `cum_above` gets the value of keys > v. Two histogram
 // buffers alternate, so a buffer is only cleared after every block has passed the next level's
 // cluster barrier (its remote readers are done); `next` is the buffer the first level uses.
+// first_built: the caller already built level 1's histogram (mass mode) in hist[next].
 template <class KeyFn>
-__device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn key_of, bool count_mode, double frac,
-                                 u64 target, uint32_t* const (&cnt)[2], u64* const (&mass)[2], int& next,
-                                 u64& cum_above) {
+__device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn key_of, bool count_mode, bool first_built,
+                                 double frac, u64 target, uint32_t* const (&hist)[2], int& next, u64& cum_above) {
   uint32_t prefix = 0;
   u64 cum = 0;
 #pragma unroll 1
   for (int level = 0; level < 3; ++level) {
-    uint32_t* hc = next ? cnt[1] : cnt[0];
-    u64* hm = next ? mass[1] : mass[0];
+    uint32_t* hc = next ? hist[1] : hist[0];
     const int shift = level == 0 ? 20 : level == 1 ? 10 : 0;
-    for (int j = threadIdx.x; j < m; j += kThreads) {
+    for (int j = threadIdx.x; j < m && !(level == 0 && first_built); j += kThreads) {
       uint32_t k;
       float w;
       if (!key_of(j, k, w)) continue;
       if (level > 0 && (k >> (shift + 10)) != prefix) continue;
       const uint32_t bin = (k >> shift) & (kBins - 1);
-      atomicAdd(&hc[bin], 1u);
-      if (!count_mode) atomicAdd(&hm[bin], fixed_mass(w));
+      if (count_mode)
+        atomicAdd(&hc[bin], 1u);
+      else
+        hist_add(hc, bin, w);
     }
     int bin;
     u64 before;
-    scan_level(cl, S, hc, hm, count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
+    scan_level(cl, S, hc, count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
     if (level == 0 && frac > 0.0) target = (u64)ceil(frac * (double)S.sel_total);
     // Clear the other buffer for the next level: its last remote readers passed the barrier above.
-    uint32_t* oc = next ? cnt[0] : cnt[1];
-    u64* om = next ? mass[0] : mass[1];
-    for (int i = threadIdx.x; i < kBins; i += kThreads) oc[i] = 0u, om[i] = 0ull;
+    uint32_t* oc = next ? hist[0] : hist[1];
+    for (int i = threadIdx.x; i < 3 * kBins; i += kThreads) oc[i] = 0u;
     next ^= 1;
     if (bin < 0) bin = 0;  // nothing selectable (cannot happen with a positive target)
     prefix = (prefix << 10) | (uint32_t)bin;
@@ -273,8 +295,8 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn k
   return prefix;
 }
 
-template <int D>
-__global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
+template <int D, bool PACK>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const Args a) {
   constexpr int KS = D / 16;  // MMA k-steps per row
   using RB = RowBytes<D>;
   cg::cluster_group cl = cg::this_cluster();
@@ -288,10 +310,8 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
   Small& S = *reinterpret_cast<Small*>(smem_raw);
   float* zs = reinterpret_cast<float*>(smem_raw + ((sizeof(Small) + 15) & ~size_t(15)));  // [G][zstride]
   int32_t* rowidx = reinterpret_cast<int32_t*>(zs + (size_t)G * a.zstride);              // [chunk]
-  uint32_t* cntA = reinterpret_cast<uint32_t*>(rowidx + a.chunk);
-  uint32_t* cntB = cntA + kBins;
-  u64* massA = reinterpret_cast<u64*>(cntB + kBins);
-  u64* massB = massA + kBins;
+  uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + a.chunk);  // [3][kBins]
+  uint32_t* histB = histA + 3 * kBins;
 
   const int list = b * a.n_kv_heads + h;
   const int n = min(max(a.in_count[list], 0), a.in_cap);
@@ -315,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
   const int32_t* toks = toks_all + beg;
 
   // ---- prologue: histograms cleared, query scaled and split, row indices resolved ----
-  for (int i = tid; i < kBins; i += kThreads) cntA[i] = 0u, massA[i] = 0ull, cntB[i] = 0u, massB[i] = 0ull;
+  for (int i = tid; i < 6 * kBins; i += kThreads) histA[i] = 0u;
   const float qscale = 1.f / sqrtf((float)D);
   const float* qh = a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G) * D;
   if (warp < kMaxGroup) {
@@ -337,47 +357,69 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
       S.cmax[warp] = ldexpf(1.f, sh);  // scratch: the factor, read below
     }
   }
-  for (int j = tid; j < m; j += kThreads) {
-    const int t = toks[j];
-    int ri = -1;
-    if (t >= 0 && t <= cur) {
-      const int phys = a.page_table[(size_t)b * a.max_pages + t / kPageSize];
-      if (phys >= 0 && phys < a.n_pages) ri = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
+  // Row indices: token -> page -> row, four tokens per thread in flight (dependent loads).
+  for (int j0 = tid; j0 < m; j0 += 4 * kThreads) {
+    int t[4], ph[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + u * kThreads;
+      t[u] = j < m ? toks[j] : -1;
     }
-    rowidx[j] = ri;
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      ph[u] = (t[u] >= 0 && t[u] <= cur) ? a.page_table[(size_t)b * a.max_pages + t[u] / kPageSize] : -1;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + u * kThreads;
+      if (j < m)
+        rowidx[j] = (ph[u] >= 0 && ph[u] < a.n_pages) ? (ph[u] * a.n_kv_heads + h) * kPageSize + t[u] % kPageSize : -1;
+    }
   }
   __syncthreads();
 
-  // B fragments (the query, 8 columns = heads): lane (g, t) holds head g's elements of the row slice
-  // its A fragment covers: word j of the lane's D/8 bytes holds elements base .. base+7,
+  // B fragments (the query, 8 columns): lane (g, t) holds column g's elements of the row slice its
+  // A fragment covers: word j of the lane's D/8 bytes holds elements base .. base+7,
   // base = t*D/4 + 8j; k-step 2j pairs (e0,e4),(e1,e5), k-step 2j+1 pairs (e2,e6),(e3,e7).
+  // Columns: PACK (G <= 4): 0..3 the hi parts of heads 0..3, 4..7 their lo parts (one MMA per
+  // k-step, hi + lo added after); else column = head, with separate hi and lo fragments (two MMAs).
+  // Built once by warp 0 into shared memory (registers are the occupancy limit).
   const int g = lane >> 2, t4 = lane & 3;
-  uint32_t bh[KS][2], bl[KS][2];
-  {
-    const float fac = g < G ? S.cmax[g] : 0.f;
+  if (warp == 0) {
+    const int head = PACK ? (g & 3) : g;
+    const bool lo_col = PACK && g >= 4;
+    const float fac = head < G ? S.cmax[head] : 0.f;
 #pragma unroll
     for (int s = 0; s < KS; ++s) {
       const int base = t4 * (D / 4) + 8 * (s / 2) + ((s & 1) ? 2 : 0);
+      uint32_t hb[2], lb[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int d0 = base + r, d1 = base + r + 4;
         float v0 = 0.f, v1 = 0.f;
-        if (g < G) {
-          v0 = qh[(size_t)g * D + d0] * qscale * fac;
-          v1 = qh[(size_t)g * D + d1] * qscale * fac;
+        if (head < G) {
+          v0 = qh[(size_t)head * D + d0] * qscale * fac;
+          v1 = qh[(size_t)head * D + d1] * qscale * fac;
         }
         const __half h0 = __float2half_rn(v0), h1 = __float2half_rn(v1);
         const __half l0 = __float2half_rn(v0 - __half2float(h0)), l1 = __float2half_rn(v1 - __half2float(h1));
-        bh[s][r] = half2_bits(__halves2half2(h0, h1));
-        bl[s][r] = half2_bits(__halves2half2(l0, l1));
+        hb[r] = half2_bits(__halves2half2(h0, h1));
+        lb[r] = half2_bits(__halves2half2(l0, l1));
+      }
+      if (PACK) {
+        S.bfrag[s][0][lane] = lo_col ? make_uint2(lb[0], lb[1]) : make_uint2(hb[0], hb[1]);
+      } else {
+        S.bfrag[s][0][lane] = make_uint2(hb[0], hb[1]);
+        S.bfrag[s][1][lane] = make_uint2(lb[0], lb[1]);
       }
     }
   }
-  // Heads of this lane's accumulator columns.
+  __syncthreads();
+  // Heads of this lane's accumulator columns (PACK: lanes t4 >= 2 hold copies, heads >= G, unused).
   const int hc0 = 2 * t4, hc1 = 2 * t4 + 1;
   const float qs0 = hc0 < G ? S.qsum[hc0] : 0.f, qs1 = hc1 < G ? S.qsum[hc1] : 0.f;
   const float qi0 = hc0 < G ? S.qinv[hc0] : 0.f, qi1 = hc1 < G ? S.qinv[hc1] : 0.f;
 
+  if (a.stop == 1) { __syncthreads(); cl.sync(); return; }
   // ---- estimate: 16-row tiles per warp, kUnroll tiles of loads in flight ----
   float lmax0 = -INFINITY, lmax1 = -INFINITY;
   const int ntiles = (m + 15) / 16;
@@ -411,10 +453,18 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
         uint32_t a04, a15, a26, a37, b04, b15, b26, b37;
         unpack8(wa[j], a04, a15, a26, a37);
         unpack8(wb[j], b04, b15, b26, b37);
-        mma16816(acc, a04, b04, a15, b15, bh[2 * j][0], bh[2 * j][1]);
-        mma16816(acc, a04, b04, a15, b15, bl[2 * j][0], bl[2 * j][1]);
-        mma16816(acc, a26, b26, a37, b37, bh[2 * j + 1][0], bh[2 * j + 1][1]);
-        mma16816(acc, a26, b26, a37, b37, bl[2 * j + 1][0], bl[2 * j + 1][1]);
+        const uint2 h0 = S.bfrag[2 * j][0][lane], h1 = S.bfrag[2 * j + 1][0][lane];
+        mma16816(acc, a04, b04, a15, b15, h0.x, h0.y);
+        mma16816(acc, a26, b26, a37, b37, h1.x, h1.y);
+        if (!PACK) {
+          const uint2 l0 = S.bfrag[2 * j][1][lane], l1 = S.bfrag[2 * j + 1][1][lane];
+          mma16816(acc, a04, b04, a15, b15, l0.x, l0.y);
+          mma16816(acc, a26, b26, a37, b37, l1.x, l1.y);
+        }
+      }
+      if (PACK) {  // column c (hi) + column c + 4 (lo): lanes t4 and t4 ^ 2
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 2);
       }
       const float sc_g = __shfl_sync(0xffffffffu, sz[u], g), zp_g = __shfl_sync(0xffffffffu, sz[u], 16 + g);
       const float sc_g8 = __shfl_sync(0xffffffffu, sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, sz[u], 24 + g);
@@ -451,28 +501,21 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, S.wred[w][tid]);
     S.cmax[tid] = mx;
   }
-  cl.sync();
-  if (tid < G) {
-    float mx = -INFINITY;
-    for (int r = 0; r < C; ++r) mx = fmaxf(mx, cl.map_shared_rank(S.cmax, r)[tid]);
-    S.gmax[tid] = mx;
-  }
   __syncthreads();
 
-  // ---- softmax sums: e = exp(z - max) in place; exponents below -87 give 0 (fast_exp.h's rule) ----
+  if (a.stop == 2) { __syncthreads(); cl.sync(); return; }
+  // ---- softmax statistics, one cluster exchange: each block's (max, sum of exp(z - its max)) per
+  // head, combined as S = sum_c S_c exp(M_c - M). Exponents below -87 give 0 (fast_exp.h's rule). ----
   {
-    float gm[kMaxGroup], ls[kMaxGroup];
+    float cm[kMaxGroup], ls[kMaxGroup];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, ls[r] = 0.f;
+    for (int r = 0; r < kMaxGroup; ++r) cm[r] = r < G ? S.cmax[r] : 0.f, ls[r] = 0.f;
     for (int j = tid; j < m; j += kThreads) {
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
         if (r >= G) break;
-        float* zp = zs + (size_t)r * a.zstride + j;
-        const float x = *zp - gm[r];
-        const float e = (x < -87.f || gm[r] == -INFINITY) ? 0.f : expf(x);
-        *zp = e;
-        ls[r] += e;
+        const float x = zs[(size_t)r * a.zstride + j] - cm[r];
+        ls[r] += (x < -87.f || cm[r] == -INFINITY) ? 0.f : expf(x);
       }
     }
 #pragma unroll
@@ -490,38 +533,49 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
   }
   cl.sync();
   if (tid < G) {
+    float mx = -INFINITY;
+    for (int r = 0; r < C; ++r) mx = fmaxf(mx, cl.map_shared_rank(S.cmax, r)[tid]);
     float s = 0.f;
-    for (int r = 0; r < C; ++r) s += cl.map_shared_rank(S.csum, r)[tid];
+    if (mx != -INFINITY)
+      for (int r = 0; r < C; ++r) {
+        const float mr = cl.map_shared_rank(S.cmax, r)[tid];
+        if (mr != -INFINITY) s += cl.map_shared_rank(S.csum, r)[tid] * expf(mr - mx);
+      }
+    S.gmax[tid] = mx;
     S.ginv[tid] = 1.f / (s * (float)G);
   }
   __syncthreads();
 
-  // ---- group weights w = sum_r e_r / (S_r G), into row 0 of zs ----
+  // ---- group weights w = sum_r exp(z_r - M_r) / (S_r G), into row 0 of zs; the level-1 histogram
+  // of the top-p select is built in the same pass ----
   float* ws = zs;
+  uint32_t* const hist[2] = {histA, histB};
+  const bool topp = a.p < 1.f;
   {
-    float inv[kMaxGroup];
+    float gm[kMaxGroup], inv[kMaxGroup];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) inv[r] = r < G ? S.ginv[r] : 0.f;
+    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, inv[r] = r < G ? S.ginv[r] : 0.f;
     for (int j = tid; j < m; j += kThreads) {
       float w = 0.f;
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
         if (r >= G) break;
-        w += zs[(size_t)r * a.zstride + j] * inv[r];
+        const float x = zs[(size_t)r * a.zstride + j] - gm[r];
+        w += ((x < -87.f || gm[r] == -INFINITY) ? 0.f : expf(x)) * inv[r];
       }
       ws[j] = w;
+      if (topp) hist_add(histA, (__float_as_uint(w) >> 20) & (kBins - 1), w);
     }
   }
   __syncthreads();
 
-  uint32_t* const hcnt[2] = {cntA, cntB};
-  u64* const hmass[2] = {massA, massB};
   int next = 0;
   const bool forced_here = cur_is_cand && beg + m == n;  // the current token is this block's last entry
 
+  if (a.stop == 3) { __syncthreads(); cl.sync(); return; }
   // ---- top-p threshold (keys of positive weights; zeros never kept) ----
   uint32_t tau_key = 1u;  // p = 1: every positive weight
-  if (a.p < 1.f) {
+  if (topp) {
     // Target p * total, the total being the level-1 histograms' sum (topp.cpp does the same).
     auto key_fn = [&](int j, uint32_t& k, float& w) {
       w = ws[j];
@@ -529,23 +583,34 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
       return k != 0u;
     };
     u64 above;
-    tau_key = radix_select(cl, S, m, key_fn, false, (double)a.p, 0ull, hcnt, hmass, next, above);
+    tau_key = radix_select(cl, S, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
     if (tau_key == 0u) tau_key = 1u;
   }
 
-  // ---- keep flags (reuse rowidx), counts over the cluster ----
+  if (a.stop == 4) { __syncthreads(); cl.sync(); return; }
+  // ---- keep flags (reuse rowidx); count and kept mass published to the cluster together ----
+  // Each thread owns a contiguous run of the block's slice, so one block scan orders the output.
   int32_t* flag = rowidx;
-  int my = 0;
-  for (int j = tid; j < m; j += kThreads) {
+  const int run_len = (m + kThreads - 1) / kThreads;
+  const int r0 = min(m, tid * run_len), r1 = min(m, r0 + run_len);
+  int my = 0, my_off = 0;
+  auto count_and_publish = [&]() {
+    my = 0;
+    u64 lm = 0;
+    for (int j = r0; j < r1; ++j)
+      if (flag[j]) ++my, lm += fixed_mass(ws[j]);
+    int tot;
+    my_off = block_scan_excl_int(my, &tot, S);
+    u64 excl, mtot;
+    (void)block_scan_incl(lm, excl, mtot, S);
+    if (tid == 0) S.ccount = tot, S.cmass = mtot;
+    cl.sync();
+  };
+  for (int j = r0; j < r1; ++j) {
     const uint32_t k = __float_as_uint(ws[j]);
-    const int f = (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
-    flag[j] = f;
-    my += f;
+    flag[j] = (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
   }
-  int tot;
-  (void)block_scan_excl_int(my, &tot, S);
-  if (tid == 0) S.ccount = tot;
-  cl.sync();
+  count_and_publish();
   int kept = 0;
   for (int r = 0; r < C; ++r) kept += *cl.map_shared_rank(&S.ccount, r);
 
@@ -568,7 +633,7 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
         return true;
       };
       u64 above;
-      const uint32_t vk = radix_select(cl, S, m, key_fn, true, 0.0, (u64)k, hcnt, hmass, next, above);
+      const uint32_t vk = radix_select(cl, S, m, key_fn, true, false, 0.0, (u64)k, hist, next, above);
       const int need = k - (int)above;  // ties at vk to keep, lowest list index first
       // Ties in list order: this block's offset among the cluster's ties, then an ordered block scan.
       int nt = 0;
@@ -593,44 +658,27 @@ __global__ void __launch_bounds__(kThreads) prune_kernel(const Args a) {
       }
     }
     __syncthreads();
-    my = 0;
-    for (int j = tid; j < m; j += kThreads) my += flag[j];
-    (void)block_scan_excl_int(my, &tot, S);
-    if (tid == 0) S.ccount = tot;
-    cl.sync();
+    count_and_publish();
   }
-  __syncthreads();
   int off = 0;
   kept = 0;
+  u64 mass = 0;
   for (int r = 0; r < C; ++r) {
     const int cr = *cl.map_shared_rank(&S.ccount, r);
     if (r < rank) off += cr;
     kept += cr;
+    mass += *cl.map_shared_rank(&S.cmass, r);
   }
-
-  // ---- ordered compaction of the kept positions; kept mass ----
-  u64 lmass = 0;
-  for (int base = 0; base < m; base += kThreads) {
-    const int j = base + tid;
-    const int f = j < m ? flag[j] : 0;
-    int rtot;
-    const int r = block_scan_excl_int(f, &rtot, S);
-    if (f) {
-      out_toks[off + r] = toks[j];
-      lmass += fixed_mass(ws[j]);
-    }
-    off += rtot;
-  }
-  u64 excl, btot;
-  (void)block_scan_incl(lmass, excl, btot, S);
-  if (tid == 0) S.cmass = btot;
-  cl.sync();
   if (rank == 0 && tid == 0) {
-    u64 mass = 0;
-    for (int r = 0; r < C; ++r) mass += *cl.map_shared_rank(&S.cmass, r);
     a.out_count[list] = kept + extra;
     if (a.est_mass) a.est_mass[list] = (float)((double)mass * kFixedUnit);
   }
+
+  if (a.stop == 5) { __syncthreads(); cl.sync(); return; }
+  // ---- ordered compaction of the kept positions ----
+  int o = off + my_off;
+  for (int j = r0; j < r1; ++j)
+    if (flag[j]) out_toks[o++] = toks[j];
   if (rank == C - 1 && tid == 0 && extra) out_toks[kept] = cur;  // every candidate is < cur: still ascending
   cl.sync();  // no block leaves while others may read its shared memory
 }
@@ -655,7 +703,7 @@ Shape check_args(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
 size_t smem_for(int G, int chunk, int* zstride) {
   const int zs = (chunk + 31) / 32 * 32 + 4;  // +4 floats: the 4 column groups of a tile hit distinct banks
   if (zstride) *zstride = zs;
-  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * kBins * (4 + 8);
+  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * 3 * kBins * 4;
 }
 
 int tokens_per_block() {
@@ -667,6 +715,28 @@ int tokens_per_block() {
   return v;
 }
 
+// The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
+// clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
+// captures stay free of it.
+void (*kernel_for(int head_dim, int group))(Args) {
+  const bool pack = group <= 4;
+  void (*kern)(Args) = head_dim == 128 ? (pack ? prune_kernel<128, true> : prune_kernel<128, false>)
+                                       : (pack ? prune_kernel<64, true> : prune_kernel<64, false>);
+  static std::once_flag once[4];
+  std::call_once(once[(head_dim == 128 ? 2 : 0) + (pack ? 1 : 0)], [kern] {
+    int dev = 0, optin = 0;
+    TW_CUDA_CHECK(cudaGetDevice(&dev));
+    TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       (int)cudaSharedmemCarveoutMaxShared));
+  });
+  return kern;
+}
+
+cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream);
+
 }  // namespace
 
 PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
@@ -675,14 +745,15 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   TW_CUDA_CHECK(cudaGetDevice(&dev));
   int optin = 0;
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  // Shared memory per block: aim at <= 100 KiB (two or more blocks per SM), accept up to the opt-in
-  // limit before giving up; blocks per list from the parallelism target first.
+  // Blocks per list: from the parallelism target (tokens_per_block), then more until a block's
+  // slice fits kMaxChunk and, preferably, <= 75 KiB of shared memory (three blocks per SM), else up to
+  // the opt-in limit.
   const int cmin = std::clamp((in_capacity + tokens_per_block() - 1) / tokens_per_block(), 1, kMaxCluster);
-  for (size_t limit : {size_t(100) << 10, (size_t)optin}) {
+  for (size_t limit : {size_t(75) << 10, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
       const int chunk = ((in_capacity + c - 1) / c + 15) / 16 * 16;
       const size_t smem = smem_for(sh.G, chunk, nullptr);
-      if (smem <= limit) return PrunePlan{c, chunk, smem};
+      if (chunk <= kMaxChunk && smem <= limit) return PrunePlan{c, chunk, smem};
     }
   }
   fail("pruner (CUDA): I0 capacity ", in_capacity, " with group size ", sh.G, " does not fit ", kMaxCluster,
@@ -721,34 +792,44 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   a.min_tokens = prm.min_tokens;
   a.max_tokens = prm.max_tokens;
   a.chunk = plan.chunk;
+  {
+    static const int stop = [] {
+      const char* e = std::getenv("TW_PRUNE_STOP_AFTER");
+      return e ? std::atoi(e) : 0;
+    }();
+    a.stop = stop;
+  }
   smem_for(a.group, plan.chunk, &a.zstride);
 
-  void (*kern)(Args) = kv.head_dim == 128 ? prune_kernel<128> : prune_kernel<64>;
-  // Attributes once per kernel (the largest size any plan may ask); not stream work, so a call during
-  // graph capture is fine, but doing it once keeps the capture free of them.
-  static std::once_flag once128, once64;
-  auto set_attrs = [](void (*k)(Args)) {
-    int dev = 0, optin = 0;
-    TW_CUDA_CHECK(cudaGetDevice(&dev));
-    TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-    TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  };
-  std::call_once(kv.head_dim == 128 ? once128 : once64, set_attrs, kern);
+  void (*kern)(Args) = kernel_for(kv.head_dim, a.group);
+  const cudaLaunchConfig_t cfg = launch_config(plan, kv, stream);
+  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
+}
 
+int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+  const PrunePlan plan = prune_plan(kv, in_capacity, prm);
+  const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0);
+  int n = 0;
+  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, kv.n_heads / kv.n_kv_heads), &cfg));
+  return n;
+}
+
+namespace {
+cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(plan.cluster, kv.n_kv_heads, kv.batch);
   cfg.blockDim = dim3(kThreads, 1, 1);
   cfg.dynamicSmemBytes = plan.smem_bytes;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  static thread_local cudaLaunchAttribute attr[1];  // cfg points at it
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = plan.cluster;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
+  return cfg;
 }
+}  // namespace
 
 }  // namespace tw::attn::cuda

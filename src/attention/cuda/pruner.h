@@ -21,6 +21,9 @@
 //    their bits: 11 + 10 + 10 bits), mass histograms per level, so tau is one exact float value;
 //  - compaction of the kept positions in list order (block scans, cluster prefix of the counts).
 // Larger I0 lists are split over more blocks of the cluster (up to 16); see prune_plan for limits.
+// Benchmarking aid: TW_PRUNE_STOP_AFTER=k (1 rows resolved, 2 estimate, 3 softmax and weights,
+// 4 threshold, 5 counts) makes the kernel leave after phase k, to time the phases by differences;
+// the output is then incomplete.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -46,6 +49,10 @@ struct PrunePlan {
 // Validates and plans; throws tw::Error for unsupported head dim (64, 128), group size (1..8),
 // p outside (0, 1], floor/cap, or an I0 capacity too large for 16 blocks of shared memory.
 PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm);
+
+// Diagnostic for benchmarks: clusters of this plan the GPU holds at once
+// (cudaOccupancyMaxActiveClusters); the launch has batch * Hkv of them.
+int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm);
 
 // kv: shape, page_table, seq_len (K/V themselves are not read). ks: k4, k4_scale, k4_zero.
 // q: [batch][H][d] float. in: I0 lists (positions ascending, unique, in [0, seq_len); counts are

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <numeric>
 #include <string>
@@ -363,6 +364,110 @@ TEST(PrunerCuda, BadConfigurationsFail) {
   ks.k4 = nullptr;
   expect_error([&] { prune_topp(B->kv, ks, B->d_q.as<float>(), in.tl, prm, out.tl, nullptr); }, "INT4");
   expect_error([&] { prune_plan(B->kv, 1 << 24, prm); }, "does not fit");
+}
+
+
+// ---- benchmark (disabled; run with --gtest_also_run_disabled_tests) ----
+// Llama-3.1-8B attention shape: 32 sequences x 32 query heads / 8 kv heads x d 128, 32768 tokens per
+// sequence, B0 = 8192 candidates per (sequence, kv head) as whole pages (a Quest-like I0), every
+// sequence its own pages (distinct data: ~600 MB of INT4 mirror, 10x the L2). Prints BENCH lines:
+// median over repeats (CUDA events), bytes read, GB/s; the copy bandwidth measured in the same run.
+namespace bench {
+
+__global__ void fill_random_bytes(uint8_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    p[i] = (uint8_t)x;
+  }
+}
+__global__ void fill_scale_zero(float* s, float* z, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    const float u = (x & 0xffff) / 65536.f, v = (x >> 16) / 65536.f;
+    s[i] = 0.05f + 0.5f * u;          // per-token spread: some tokens far more peaked than others
+    z[i] = -7.5f * s[i] + (v - 0.5f);
+  }
+}
+
+}  // namespace bench
+
+TEST(PrunerCudaBench, DISABLED_Llama8B_B0_8192) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const int batch = 32, H = 32, Hkv = 8, d = 128, L = 32768, B0 = 8192;
+  const int pages_per_seq = L / kPageSize;
+  const int64_t n_pages = (int64_t)batch * pages_per_seq;
+  std::mt19937_64 rng(12345);
+  const size_t n_rows = (size_t)n_pages * Hkv * kPageSize;
+  ::tw::cuda::DeviceBuffer k4(n_rows * d / 2), k4s(n_rows * 4), k4z(n_rows * 4), kdummy(256), vdummy(256);
+  bench::fill_random_bytes<<<1024, 256>>>(k4.as<uint8_t>(), k4.size(), 7u);
+  bench::fill_scale_zero<<<1024, 256>>>(k4s.as<float>(), k4z.as<float>(), n_rows, 11u);
+  TW_CUDA_CHECK_LAUNCH();
+  std::vector<int32_t> perm(n_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> pt(perm), len(batch, L);
+  ::tw::cuda::DeviceBuffer dpt(pt.size() * 4), dlen(len.size() * 4);
+  dpt.upload(pt.data(), pt.size() * 4);
+  dlen.upload(len.data(), len.size() * 4);
+  const std::vector<float> q = ::tw::cuda::test::random_normal(rng, (size_t)batch * H * d);
+  ::tw::cuda::DeviceBuffer dq(q.size() * 4);
+  dq.upload(q.data(), q.size() * 4);
+  HostLists in;
+  in.capacity = B0;
+  for (int s = 0; s < batch; ++s)
+    for (int h = 0; h < Hkv; ++h) in.lists.push_back(make_candidates(ListKind::QuestLike, L, B0, rng));
+  DevLists din(batch * Hkv, B0), dout(batch * Hkv, B0 + 1);
+  din.upload(in);
+  ::tw::cuda::DeviceBuffer dmass((size_t)batch * Hkv * 4);
+
+  PagedKV kv;
+  kv.k = kdummy.get(), kv.v = vdummy.get();  // the pruner reads the INT4 mirror only
+  kv.page_table = dpt.as<int32_t>(), kv.seq_len = dlen.as<int32_t>();
+  kv.batch = batch, kv.n_heads = H, kv.n_kv_heads = Hkv, kv.head_dim = d, kv.max_pages = pages_per_seq;
+  kv.n_pages = n_pages;
+  KeySideDev ks;
+  ks.k4 = k4.as<uint8_t>(), ks.k4_scale = k4s.as<float>(), ks.k4_zero = k4z.as<float>();
+
+  // Copy bandwidth of this GPU in this run (bytes read + written), the ceiling for the pruner's reads.
+  {
+    ::tw::cuda::DeviceBuffer a(size_t(2) << 30), b(size_t(2) << 30);
+    cudaEvent_t e0, e1;
+    TW_CUDA_CHECK(cudaEventCreate(&e0));
+    TW_CUDA_CHECK(cudaEventCreate(&e1));
+    std::vector<float> ts;
+    for (int r = 0; r < 6; ++r) {
+      TW_CUDA_CHECK(cudaEventRecord(e0));
+      TW_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), a.size(), cudaMemcpyDeviceToDevice));
+      TW_CUDA_CHECK(cudaEventRecord(e1));
+      TW_CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms;
+      TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      if (r) ts.push_back(ms);
+    }
+    const double ms = median(ts);
+    std::printf("BENCH copy: %.3f ms for 2 x %zu bytes: %.0f GB/s (read + write)\n", ms, a.size(),
+                2.0 * a.size() / ms / 1e6);
+  }
+
+  for (float p : {0.85f, 0.95f}) {
+    PruneParams prm;
+    prm.p = p;
+    const PrunePlan plan = prune_plan(kv, B0, prm);
+    const auto [us, us_direct] = time_us(
+        [&](cudaStream_t st) { prune_topp(kv, ks, dq.as<float>(), din.tl, prm, dout.tl, dmass.as<float>(), st); });
+    const HostLists out = dout.download(batch * Hkv);
+    double kept = 0;
+    for (const auto& l : out.lists) kept += l.size();
+    // Bytes: per candidate its d/2 code bytes + scale + zero + its position; per page one table entry.
+    const double bytes = (double)batch * Hkv * B0 * (d / 2 + 8 + 4) + (double)batch * Hkv * (B0 / 16) * 4;
+    std::printf("BENCH pruner group p=%.2f: batch %d H %d Hkv %d d %d B0 %d (%d rows of G=%d heads): median %.1f us "
+                "per call in a graph (%.1f us direct launch), %.1f MB read, %.0f GB/s, mean |I1| %.0f, "
+                "cluster %d (%d clusters resident at once), smem %zu B\n",
+                p, batch, H, Hkv, d, B0, batch * H, H / Hkv, us, us_direct, bytes / 1e6, bytes / us / 1e3,
+                kept / (batch * Hkv), plan.cluster, prune_max_active_clusters(kv, B0, prm), plan.smem_bytes);
+  }
 }
 
 }  // namespace

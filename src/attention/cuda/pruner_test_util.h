@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "attention/cuda/layout.h"
@@ -249,6 +250,56 @@ inline Selection selection_of(const HostLists& h, int s, int Hkv) {
     sel.push_list(l.data(), (int64_t)l.size());
   }
   return sel;
+}
+
+// ---- benchmark timing ----
+inline double median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Median time of one call of fn (microseconds) from CUDA-graph replays of kPerGraph calls: no host
+// work or launch gaps in the numbers (the step runs as a graph). Also the median of direct calls.
+template <class Fn>
+inline std::pair<double, double> time_us(Fn fn) {
+  constexpr int kPerGraph = 10;
+  cudaStream_t s;
+  TW_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  fn(s);  // warm-up (attributes, module load)
+  cudaEvent_t e0, e1;
+  TW_CUDA_CHECK(cudaEventCreate(&e0));
+  TW_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<float> direct, graph;
+  for (int r = 0; r < 13; ++r) {
+    TW_CUDA_CHECK(cudaEventRecord(e0, s));
+    fn(s);
+    TW_CUDA_CHECK(cudaEventRecord(e1, s));
+    TW_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms;
+    TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 3) direct.push_back(ms * 1e3f);
+  }
+  cudaGraph_t g;
+  TW_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < kPerGraph; ++i) fn(s);
+  TW_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+  cudaGraphExec_t x;
+  TW_CUDA_CHECK(cudaGraphInstantiate(&x, g, 0));
+  for (int r = 0; r < 13; ++r) {
+    TW_CUDA_CHECK(cudaEventRecord(e0, s));
+    TW_CUDA_CHECK(cudaGraphLaunch(x, s));
+    TW_CUDA_CHECK(cudaEventRecord(e1, s));
+    TW_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms;
+    TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 3) graph.push_back(ms * 1e3f / kPerGraph);
+  }
+  TW_CUDA_CHECK(cudaGraphExecDestroy(x));
+  TW_CUDA_CHECK(cudaGraphDestroy(g));
+  TW_CUDA_CHECK(cudaEventDestroy(e0));
+  TW_CUDA_CHECK(cudaEventDestroy(e1));
+  TW_CUDA_CHECK(cudaStreamDestroy(s));
+  return {median(graph), median(direct)};
 }
 
 }  // namespace tw::attn::cuda::ptest

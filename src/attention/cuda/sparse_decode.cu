@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common/error.h"
 #include "ops/cuda/cuda_check.h"
@@ -13,12 +14,12 @@ namespace tw::attn::cuda {
 
 namespace {
 
-constexpr int kMinChunk = 64;      // tokens per work item at least (bounds the workspace)
+constexpr int kMinChunk = 128;     // tokens per work item at least (bounds the workspace); T is a multiple
 constexpr int kMaxChunk = 1024;    // and at most (long lists always split)
 constexpr int kPlanThreads = 1024;
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = 32 * kAttnWarps;
-constexpr int kTok = 4;            // tokens a warp has in flight per step
+constexpr int kTok = 8;            // tokens a warp has in flight per step
 constexpr int kItemsPerSm = 8;     // the planner aims at this many work items per SM
 
 // Workspace layout (all int32 / float, 16-byte aligned pieces).
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
     for (int w = 0; w < kPlanThreads / 32; ++w) s += red[w];
     const long long want = (long long)a.sm_count * kItemsPerSm;
     long long T = (s + want - 1) / want;
-    T = (T + 31) / 32 * 32;
+    T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;  // whole 32-token groups for every warp
     s_T = (int)std::min<long long>(std::max<long long>(T, kMinChunk), kMaxChunk);
     s_carry = 0;
   }
@@ -163,14 +164,15 @@ struct LaneVec<64> {
   }
 };
 
-template <int D, typename E>
+// GP: the group size padded to 1, 2, 4 or 8 (register arrays sized at compile time).
+template <int D, typename E, int GP>
 __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
   constexpr int NE = D / 32;
   using LV = LaneVec<D>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int G = a.group;
-  __shared__ float s_m[kAttnWarps][kMaxGroup], s_l[kAttnWarps][kMaxGroup];
-  __shared__ float s_o[kAttnWarps][kMaxGroup][D];
+  __shared__ float s_m[kAttnWarps][GP], s_l[kAttnWarps][GP];
+  __shared__ float s_o[kAttnWarps][GP][D];
   const int n_items = a.hdr[0], T = a.hdr[1];
   const float qscale = 1.f / sqrtf((float)D);
 
@@ -186,49 +188,58 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     const int32_t* toks = a.tokens + (size_t)list * a.cap;
     const int32_t* pt = a.page_table + (size_t)b * a.max_pages;
 
-    float q[kMaxGroup][NE];
+    float q[GP][NE];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r)
+    for (int r = 0; r < GP; ++r)
 #pragma unroll
       for (int e = 0; e < NE; ++e)
         q[r][e] = r < G ? a.q[((size_t)b * a.n_kv_heads * G + (size_t)h * G + r) * D + lane * NE + e] * qscale : 0.f;
-    float m[kMaxGroup], l[kMaxGroup], o[kMaxGroup][NE];
+    float m[GP], l[GP], o[GP][NE];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) {
+    for (int r = 0; r < GP; ++r) {
       m[r] = -INFINITY, l[r] = 0.f;
 #pragma unroll
       for (int e = 0; e < NE; ++e) o[r][e] = 0.f;
     }
 
-    // The warp's tokens: groups of kTok consecutive list entries, warps interleaved.
-    for (int jb = j0 + warp * kTok; jb < j1; jb += kAttnWarps * kTok) {
+    // Each warp takes groups of 32 list entries (warps interleaved): lane l resolves entry l's row
+    // (token -> page -> row: one round of dependent loads per 32 tokens, no block barrier), then
+    // kTok rows per step, broadcast by shuffles, with all K / V loads of a step in flight.
+    for (int jb0 = j0 + warp * 32; jb0 < j1; jb0 += kAttnThreads) {
+      int myrow = -1;
+      {
+        const int j = jb0 + lane;
+        int t = -1;
+        if (j < j1) t = j < n ? toks[j] : cur;
+        if (t >= 0 && t <= cur) {
+          const int phys = pt[t / kPageSize];
+          if (phys >= 0 && phys < a.n_pages) myrow = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
+        }
+      }
+      const int cnt = min(32, j1 - jb0);
+    for (int jj = 0; jj < cnt; jj += kTok) {
       typename LV::T kv_k[kTok], kv_v[kTok];
       bool ok[kTok];
 #pragma unroll
       for (int u = 0; u < kTok; ++u) {
-        const int j = jb + u;
-        int t = -1;
-        if (j < j1) t = j < n ? toks[j] : cur;
-        int phys = -1;
-        if (t >= 0 && t <= cur) phys = pt[t / kPageSize];
-        ok[u] = phys >= 0 && phys < a.n_pages;
+        const int row = __shfl_sync(0xffffffffu, myrow, (jj + u) & 31);
+        ok[u] = jj + u < cnt && row >= 0;
         kv_k[u] = typename LV::T{};
         kv_v[u] = typename LV::T{};
         if (ok[u]) {
-          const size_t row = ((size_t)phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
-          const E* kp = static_cast<const E*>(a.k) + row * D + lane * NE;
-          const E* vp = static_cast<const E*>(a.v) + row * D + lane * NE;
+          const E* kp = static_cast<const E*>(a.k) + (size_t)row * D + lane * NE;
+          const E* vp = static_cast<const E*>(a.v) + (size_t)row * D + lane * NE;
           kv_k[u] = *reinterpret_cast<const typename LV::T*>(kp);
           kv_v[u] = *reinterpret_cast<const typename LV::T*>(vp);
         }
       }
-      float s[kTok][kMaxGroup];
+      float s[kTok][GP];
 #pragma unroll
       for (int u = 0; u < kTok; ++u) {
         float kf[NE];
         LV::template to_float<E>(kv_k[u], kf);
 #pragma unroll
-        for (int r = 0; r < kMaxGroup; ++r) {
+        for (int r = 0; r < GP; ++r) {
           float acc = 0.f;
 #pragma unroll
           for (int e = 0; e < NE; ++e) acc += q[r][e] * kf[e];
@@ -238,7 +249,7 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
 #pragma unroll
       for (int u = 0; u < kTok; ++u)
 #pragma unroll
-        for (int r = 0; r < kMaxGroup; ++r) {
+        for (int r = 0; r < GP; ++r) {
           if (r >= G) break;
           float x = s[u][r];
 #pragma unroll
@@ -246,7 +257,7 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
           s[u][r] = ok[u] ? x : -INFINITY;
         }
 #pragma unroll
-      for (int r = 0; r < kMaxGroup; ++r) {
+      for (int r = 0; r < GP; ++r) {
         if (r >= G) break;
         float mn = m[r];
 #pragma unroll
@@ -270,10 +281,11 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
         m[r] = mn;
       }
     }
+    }
 
     // Merge the warps' states, write the item's partial per query head.
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) {
+    for (int r = 0; r < GP; ++r) {
       if (r >= G) break;
       if (lane == 0) s_m[warp][r] = m[r], s_l[warp][r] = l[r];
 #pragma unroll
@@ -345,6 +357,8 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   check_config(kv);
   TW_CHECK(lists.capacity > 0 && lists.count && lists.tokens, "sparse decode: empty or null token lists");
   TW_CHECK(q && out, "sparse decode: null query or output");
+  TW_CHECK(kv.n_pages * kv.n_kv_heads * kPageSize < (int64_t(1) << 31), "sparse decode: ", kv.n_pages, " pages x ",
+           kv.n_kv_heads, " kv heads exceed the 32-bit row index");
   const Layout L = layout_for(kv, lists.capacity);
   TW_CHECK(workspace && workspace_bytes >= L.total, "sparse decode: workspace of ", workspace_bytes, " bytes < ",
            L.total, " (sparse_decode_workspace_bytes)");
@@ -377,19 +391,30 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   // Fixed grid (shapes only): blocks loop over however many items the plan made.
   const int grid = std::min(L.max_items, a.sm_count * 16);
   const bool bf = kv.dtype == KvDtype::BF16;
-  if (kv.head_dim == 128) {
-    if (bf)
-      attend_kernel<128, __nv_bfloat16><<<grid, kAttnThreads, 0, stream>>>(a);
-    else
-      attend_kernel<128, __half><<<grid, kAttnThreads, 0, stream>>>(a);
+  const int G = a.group, gp = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  auto launch = [&](auto kern) {
+    kern<<<grid, kAttnThreads, 0, stream>>>(a);
     TW_CUDA_CHECK_LAUNCH();
+  };
+  auto by_group = [&](auto d_tag, auto e_tag) {
+    constexpr int D = decltype(d_tag)::value;
+    using E = typename decltype(e_tag)::type;
+    switch (gp) {
+      case 1: launch(attend_kernel<D, E, 1>); break;
+      case 2: launch(attend_kernel<D, E, 2>); break;
+      case 4: launch(attend_kernel<D, E, 4>); break;
+      default: launch(attend_kernel<D, E, 8>); break;
+    }
+  };
+  using D128 = std::integral_constant<int, 128>;
+  using D64 = std::integral_constant<int, 64>;
+  struct F16 { using type = __half; };
+  struct BF16 { using type = __nv_bfloat16; };
+  if (kv.head_dim == 128) {
+    bf ? by_group(D128{}, BF16{}) : by_group(D128{}, F16{});
     combine_kernel<128><<<dim3(kv.n_heads, kv.batch), 128, 0, stream>>>(a);
   } else {
-    if (bf)
-      attend_kernel<64, __nv_bfloat16><<<grid, kAttnThreads, 0, stream>>>(a);
-    else
-      attend_kernel<64, __half><<<grid, kAttnThreads, 0, stream>>>(a);
-    TW_CUDA_CHECK_LAUNCH();
+    bf ? by_group(D64{}, BF16{}) : by_group(D64{}, F16{});
     combine_kernel<64><<<dim3(kv.n_heads, kv.batch), 64, 0, stream>>>(a);
   }
   TW_CUDA_CHECK_LAUNCH();

@@ -4,8 +4,12 @@
 // the device's values and the same references apply.
 #include <gtest/gtest.h>
 
+#include <cuda_fp16.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <numeric>
 #include <vector>
 
 #include "attention/cuda/pruner_test_util.h"
@@ -135,6 +139,69 @@ TEST(SparseDecodeCuda, BadConfigurationsFail) {
   expect_error([&] { sparse_decode(kv, B->d_q.as<float>(), dl.tl, out.as<float>(), dws.get(), ws); }, "group");
   expect_error([&] { sparse_decode(B->kv, B->d_q.as<float>(), dl.tl, out.as<float>(), dws.get(), ws - 16); },
                "workspace");
+}
+
+__global__ void fill_half(__half* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t x = (uint32_t)i * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    p[i] = __float2half((x >> 8) * (2.f / 16777216.f) - 1.f);
+  }
+}
+
+// Llama-3.1-8B shape, 32 sequences x 32768 tokens (distinct K/V per sequence: 4.3 GB), lists of
+// `per_list` random positions per (sequence, kv head) (~2% of the context, Twilight's typical |I1|).
+TEST(SparseDecodeCudaBench, DISABLED_Llama8B) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const int batch = 32, H = 32, Hkv = 8, d = 128, L = 32768;
+  const int64_t n_pages = (int64_t)batch * (L / kPageSize);
+  const size_t n_elem = (size_t)n_pages * Hkv * kPageSize * d;
+  ::tw::cuda::DeviceBuffer k(n_elem * 2), v(n_elem * 2);
+  fill_half<<<2048, 256>>>(k.as<__half>(), n_elem, 3u);
+  fill_half<<<2048, 256>>>(v.as<__half>(), n_elem, 5u);
+  TW_CUDA_CHECK_LAUNCH();
+  std::mt19937_64 rng(99);
+  std::vector<int32_t> pt(n_pages), len(batch, L);
+  std::iota(pt.begin(), pt.end(), 0);
+  std::shuffle(pt.begin(), pt.end(), rng);
+  ::tw::cuda::DeviceBuffer dpt(pt.size() * 4), dlen(len.size() * 4), dq((size_t)batch * H * d * 4),
+      dout((size_t)batch * H * d * 4);
+  dpt.upload(pt.data(), pt.size() * 4);
+  dlen.upload(len.data(), len.size() * 4);
+  const auto q = ::tw::cuda::test::random_normal(rng, (size_t)batch * H * d);
+  dq.upload(q.data(), q.size() * 4);
+  PagedKV kv;
+  kv.k = k.get(), kv.v = v.get(), kv.page_table = dpt.as<int32_t>(), kv.seq_len = dlen.as<int32_t>();
+  kv.batch = batch, kv.n_heads = H, kv.n_kv_heads = Hkv, kv.head_dim = d, kv.max_pages = L / kPageSize;
+  kv.n_pages = n_pages;
+  for (int per_list : {160, 655, 2048}) {
+    HostLists lists;
+    lists.capacity = 8193;
+    std::uniform_int_distribution<int> U(0, L - 2);
+    for (int i = 0; i < batch * Hkv; ++i) {
+      std::vector<int32_t> l;
+      while ((int)l.size() < per_list - 1) {
+        l.push_back(U(rng));
+        if ((int)l.size() == per_list - 1) {
+          std::sort(l.begin(), l.end());
+          l.erase(std::unique(l.begin(), l.end()), l.end());
+        }
+      }
+      l.push_back(L - 1);
+      lists.lists.push_back(l);
+    }
+    DevLists dl(batch * Hkv, lists.capacity);
+    dl.upload(lists);
+    const size_t ws = sparse_decode_workspace_bytes(kv, lists.capacity);
+    ::tw::cuda::DeviceBuffer dws(ws);
+    const auto [us, us_direct] = time_us([&](cudaStream_t st) {
+      sparse_decode(kv, dq.as<float>(), dl.tl, dout.as<float>(), dws.get(), ws, st);
+    });
+    const double bytes = (double)batch * Hkv * per_list * (2.0 * d * 2 + 4);
+    std::printf("BENCH sparse_decode: batch %d H %d Hkv %d d %d |I1| %d per kv head: median %.1f us per call "
+                "in a graph (%.1f us direct launch), %.1f MB read, %.0f GB/s\n",
+                batch, H, Hkv, d, per_list, us, us_direct, bytes / 1e6, bytes / us / 1e3);
+  }
 }
 
 }  // namespace
