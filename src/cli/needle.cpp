@@ -8,7 +8,7 @@
 // its last token is prefilled densely once; for each configuration the cache is truncated back, the
 // last prompt token is fed as a decode step with that configuration's attention (so the first
 // answer token already depends on it: stricter than a dense-prefill-then-sparse-decode split) and up
-// to --max-new tokens are decoded greedily. Correct = the number's digits appear in the answer.
+// to --max-new tokens are decoded greedily. Correct = a run of digits in the answer is the number.
 #include <algorithm>
 #include <cctype>
 #include <cmath>
