@@ -85,7 +85,9 @@ void check_model(const std::string& fixture, const char* model_file, int threads
         ++agree;
       } else {
         if (free_run < 0) free_run = (int)s;
-        if (gap[s] < 0.15 * sd_last)
+        // A flip is consistent with the logit tolerance (0.35 sigma per logit, above) while the
+        // reference's top-2 gap is below it; larger gaps are real disagreements.
+        if (gap[s] < 0.35 * sd_last)
           ++near_ties;
         else
           ADD_FAILURE() << "greedy step " << s << ": ours " << best << ", llama.cpp " << greedy[s] << " (reference gap " << gap[s] << ")";
