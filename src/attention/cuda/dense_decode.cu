@@ -1,5 +1,7 @@
 #include "attention/cuda/dense_decode.h"
 
+#include "attention/cuda/decode_tile.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -16,77 +18,19 @@ namespace {
 
 constexpr int kWarps = 4;  // warps per block; each takes every kWarps-th page of the block's split
 
-// Two floats -> one register of two T (low half = a), round to nearest even.
-template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  const __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <typename T> __device__ __forceinline__ float2 unpack2(uint32_t r);
-template <> __device__ __forceinline__ float2 unpack2<__half>(uint32_t r) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&r));
-}
-template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t r) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r));
-}
-
-// D += A B, m16n8k16, fp32 accumulators. A rows 8..15 are always zero here (query heads live in rows
-// 0..7), so their two registers are passed as 0 and C rows 8..15 are dropped.
-template <typename T>
-__device__ __forceinline__ void mma_rows8(float& c0, float& c1, uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  float c2 = 0.f, c3 = 0.f;
-  if constexpr (std::is_same_v<T, __half>)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-  else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-}
-
-// 16-byte streaming load: K/V are read once per step, keep them out of L1.
-__device__ __forceinline__ uint4 ldg_stream(const void* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
+using namespace tile;
 
 // Tokens of the sequence the kernels attend to, and its page count.
 __device__ __forceinline__ int seq_tokens(const int32_t* seq_len, int b, int max_pages) {
   return max(0, min(seq_len[b], max_pages * kPageSize));
 }
 
-// Fragment layouts (PTX mma.m16n8k16; lane = 4 * gi + ti):
-//   scores S[head][token] = Q[head][:] . K[token][:]: A = Q (rows = query heads of the group, padded
-//   to 16 with zeros), B = K^T (n = 16 tokens of a page as two n8 tiles), k = head dim. The head dim
-//   is summed over, so its order is free: lane (gi, ti) loads 16-byte chunks 4i+ti of token rows gi
-//   and gi+8 and uses each chunk for two k-steps; q's fragments follow the same permutation.
-//   out O[head][dim] += P[head][token] V[token][dim]: A = P straight from the score accumulators
-//   (the FlashAttention-2 layout), B = V with k = tokens {2ti, 2ti+1, 2ti+8, 2ti+9} and n = dims; lane
-//   (gi, ti) loads chunks gi (+8) of those four rows and pairs the two tokens of a dim with a byte
-//   permute. Output dim of accumulator (nt, j): 8 * (2ti + j + 8 * (nt / 8)) + nt % 8.
+// One warp per page (a 16-token tile of decode_tile.cuh), warps interleaved over the block's split.
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
     const T* __restrict__ kpool, const T* __restrict__ vpool, const int32_t* __restrict__ page_table,
     const int32_t* __restrict__ seq_len, int max_pages, int n_heads, int group, int pages_per_split,
     const float* __restrict__ q, float* __restrict__ out, float* __restrict__ part_o, float2* __restrict__ part_ml) {
-  constexpr int KS = D / 16;  // k-steps of the score mma
-  constexpr int NT = D / 8;   // n-tiles of the P.V mma
-  constexpr int KC = D / 32;  // 16-byte K chunks per lane per token row
-  constexpr int VC = D / 64;  // 16-byte V chunks per lane per token row
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int n_splits = gridDim.x, hkv = gridDim.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
@@ -97,121 +41,24 @@ __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
   const int p1 = split == n_splits - 1 ? np : min(np, p0 + pages_per_split);
   if (n_splits > 1 && p0 >= np) return;  // the combine kernel skips splits past the sequence
 
-  // q of head gi of the group, scaled by log2(e)/sqrt(d) (softmax in base 2), as hi + lo in T.
-  uint32_t qh[KS][2], ql[KS][2];
-  {
-    const float sc = 1.44269504088896341f / sqrtf((float)D);
-    const float* qg = q + ((int64_t)b * n_heads + (int64_t)h * group + gi) * D;
-#pragma unroll
-    for (int j = 0; j < KS; ++j) {
-      const int base = 8 * (4 * (j / 2) + ti) + 4 * (j % 2);
-      float4 v = gi < group ? *reinterpret_cast<const float4*>(qg + base) : make_float4(0.f, 0.f, 0.f, 0.f);
-      v.x *= sc, v.y *= sc, v.z *= sc, v.w *= sc;
-      qh[j][0] = pack2<T>(v.x, v.y);
-      qh[j][1] = pack2<T>(v.z, v.w);
-      const float2 h0 = unpack2<T>(qh[j][0]), h1 = unpack2<T>(qh[j][1]);
-      ql[j][0] = pack2<T>(v.x - h0.x, v.y - h0.y);
-      ql[j][1] = pack2<T>(v.z - h1.x, v.w - h1.y);
-    }
-  }
-
-  float m = -INFINITY, l = 0.f;  // running max (base 2) and sum of this lane's query head gi
-  float o[NT][2];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = 0.f;
-
+  Acc<T, D> acc;
+  acc.init(gi < group ? q + ((int64_t)b * n_heads + (int64_t)h * group + gi) * D : nullptr, ti);
+  const int tok[4] = {2 * ti, 2 * ti + 1, 2 * ti + 8, 2 * ti + 9};
   const int32_t* pt = page_table + (int64_t)b * max_pages;
   for (int p = p0 + warp; p < p1; p += kWarps) {
     const int64_t head = ((int64_t)pt[p] * hkv + h) * kPageSize * D;
     const T* kp = kpool + head;
     const T* vp = vpool + head;
-    uint4 kr[2][KC], vr[4][VC];
-#pragma unroll
-    for (int i = 0; i < KC; ++i) {
-      kr[0][i] = ldg_stream(kp + gi * D + (4 * i + ti) * 8);
-      kr[1][i] = ldg_stream(kp + (gi + 8) * D + (4 * i + ti) * 8);
-    }
-#pragma unroll
-    for (int c = 0; c < VC; ++c) {
-      vr[0][c] = ldg_stream(vp + (2 * ti) * D + (gi + 8 * c) * 8);
-      vr[1][c] = ldg_stream(vp + (2 * ti + 1) * D + (gi + 8 * c) * 8);
-      vr[2][c] = ldg_stream(vp + (2 * ti + 8) * D + (gi + 8 * c) * 8);
-      vr[3][c] = ldg_stream(vp + (2 * ti + 9) * D + (gi + 8 * c) * 8);
-    }
-
-    float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};  // tokens 2ti, 2ti+1 and 2ti+8, 2ti+9
-#pragma unroll
-    for (int j = 0; j < KS; ++j) {
-      const int i = j / 2, w = 2 * (j % 2);
-      mma_rows8<T>(s0[0], s0[1], qh[j][0], qh[j][1], word(kr[0][i], w), word(kr[0][i], w + 1));
-      mma_rows8<T>(s0[0], s0[1], ql[j][0], ql[j][1], word(kr[0][i], w), word(kr[0][i], w + 1));
-      mma_rows8<T>(s1[0], s1[1], qh[j][0], qh[j][1], word(kr[1][i], w), word(kr[1][i], w + 1));
-      mma_rows8<T>(s1[0], s1[1], ql[j][0], ql[j][1], word(kr[1][i], w), word(kr[1][i], w + 1));
-    }
-    float sv[4] = {s0[0], s0[1], s1[0], s1[1]};
-    const int valid = n - p * kPageSize;
-    if (valid < kPageSize) {  // partial last page: slots past the sequence hold anything (even NaN)
-      const int tok[4] = {2 * ti, 2 * ti + 1, 2 * ti + 8, 2 * ti + 9};
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (tok[e] >= valid) {
-          sv[e] = -INFINITY;
-#pragma unroll
-          for (int c = 0; c < VC; ++c) vr[e][c] = make_uint4(0, 0, 0, 0);
-        }
-    }
-    float mx = fmaxf(fmaxf(sv[0], sv[1]), fmaxf(sv[2], sv[3]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float base = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2f(m - base);
-    const uint32_t pa0 = pack2<T>(exp2f(sv[0] - base), exp2f(sv[1] - base));
-    const uint32_t pa2 = pack2<T>(exp2f(sv[2] - base), exp2f(sv[3] - base));
-    // The normaliser sums the rounded weights P.V uses, so the output stays a convex combination.
-    const float2 r0 = unpack2<T>(pa0), r2 = unpack2<T>(pa2);
-    l = l * alpha + ((r0.x + r0.y) + (r2.x + r2.y));
-    m = m_new;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int c = nt / 8, w = (nt % 8) / 2;
-      const uint32_t sel = (nt & 1) ? 0x7632u : 0x5410u;  // high or low halves of the two tokens
-      const uint32_t b0 = __byte_perm(word(vr[0][c], w), word(vr[1][c], w), sel);
-      const uint32_t b1 = __byte_perm(word(vr[2][c], w), word(vr[3][c], w), sel);
-      o[nt][0] *= alpha;
-      o[nt][1] *= alpha;
-      mma_rows8<T>(o[nt][0], o[nt][1], pa0, pa2, b0, b1);
-    }
+    const int valid = n - p * kPageSize;  // partial last page: slots past the sequence hold anything
+    const T* vrow[4] = {vp + tok[0] * D, vp + tok[1] * D, vp + tok[2] * D, vp + tok[3] * D};
+    const bool live[4] = {tok[0] < valid, tok[1] < valid, tok[2] < valid, tok[3] < valid};
+    acc.step(kp + gi * D, kp + (gi + 8) * D, vrow, live, valid >= kPageSize, gi, ti);
   }
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  acc.finish();
 
   // Merge the warps of the block (log-sum-exp), then write the output or the split's partial.
-  __shared__ float s_m[kWarps][kMaxGroup], s_l[kWarps][kMaxGroup];
-  __shared__ float s_o[kWarps][kMaxGroup][D];
-  if (ti == 0) {
-    s_m[warp][gi] = m;
-    s_l[warp][gi] = l;
-  }
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int dim = 8 * (2 * ti + 8 * (nt / 8)) + nt % 8;
-    s_o[warp][gi][dim] = o[nt][0];
-    s_o[warp][gi][dim + 8] = o[nt][1];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < group * D; idx += kWarps * 32) {
-    const int g = idx / D, dim = idx % D;
-    float mm = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, s_m[w][g]);
-    float L = 0.f, O = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = mm == -INFINITY ? 0.f : exp2f(s_m[w][g] - mm);
-      L += s_l[w][g] * f;
-      O += s_o[w][g][dim] * f;
-    }
+  __shared__ float smem[kWarps * kMaxGroup * (D + 2)];
+  block_merge<kWarps>(acc, group, smem, [&](int g, int dim, float O, float mm, float L) {
     const int64_t row = (int64_t)b * n_heads + (int64_t)h * group + g;
     if (n_splits == 1) {
       out[row * D + dim] = L > 0.f ? O / L : 0.f;
@@ -220,7 +67,7 @@ __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
       part_o[r * D + dim] = O;
       if (dim == 0) part_ml[r] = make_float2(mm, L);
     }
-  }
+  });
 }
 
 // Merges the splits of one (sequence, query head): one thread per dim.

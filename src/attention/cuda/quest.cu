@@ -15,78 +15,97 @@ namespace tw::attn::cuda {
 namespace {
 
 constexpr int kScoreWarps = 8;
-constexpr int kScorePages = kScoreWarps * 8;  // pages per block pass: 4 lanes per page
+constexpr int kScoreUnroll = 4;  // row steps of a warp whose loads are in flight at once
 constexpr int kSelectThreads = 256;
 
 __device__ __forceinline__ int seq_tokens(const int32_t* seq_len, int b, int max_pages) {
   return max(0, min(seq_len[b], max_pages * kPageSize));
 }
 
-// 8 values of T in a 16-byte vector -> float.
-template <typename T>
-__device__ __forceinline__ void to_float8(const uint4& v, float* f) {
+// N values of T (N = 2, 4, 8) loaded as one vector and widened to float.
+template <int N> struct VecOf;
+template <> struct VecOf<8> { using T = uint4; };
+template <> struct VecOf<4> { using T = uint2; };
+template <> struct VecOf<2> { using T = uint32_t; };
+template <typename T, int N>
+__device__ __forceinline__ void to_float(const typename VecOf<N>::T& v, float (&f)[N]) {
   const T* h = reinterpret_cast<const T*>(&v);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) f[i] = float(h[i]);
+  for (int i = 0; i < N; ++i) f[i] = float(h[i]);
 }
 
-// Group scores of pages of one (sequence, kv head). 4 lanes per page, each summing a quarter of the
-// head dim (16-byte chunks quarter, quarter+4, ...), then two shuffles. The per-dim term is the CPU's
-// q+ * kmax + q- * kmin (= max(q*kmax, q*kmin) as kmax >= kmin), NaN-propagating the same way.
-template <typename T, int D>
+// Group scores of pages of one (sequence, kv head). A row (one page's kmax or kmin, d values) is
+// spread over LPR lanes, DPL = D / LPR dims each, so a lane keeps its dims of q+ = max(q, 0) and
+// q- = min(q, 0) for the whole group in registers (2 * GP * DPL floats) and the bounds stream through
+// with no shared-memory traffic. The per-dim term is the CPU's q+ * kmax + q- * kmin (= max(q*kmax,
+// q*kmin) as kmax >= kmin), NaN-propagating the same way. Each warp owns a run of `ppw` pages: the
+// page table is read 32 entries per load, then kScoreUnroll row steps of loads go out together.
+template <typename T, int D, int GP, int LPR>
 __global__ void __launch_bounds__(kScoreWarps * 32) quest_score_kernel(
     const T* __restrict__ kmin, const T* __restrict__ kmax, const int32_t* __restrict__ page_table,
-    const int32_t* __restrict__ seq_len, int max_pages, int n_heads, int group, const float* __restrict__ q,
+    const int32_t* __restrict__ seq_len, int max_pages, int n_heads, int group, int ppw, const float* __restrict__ q,
     float* __restrict__ scores) {
-  constexpr int CH = D / 32;  // chunks per lane per row
+  constexpr int DPL = D / LPR;   // dims per lane
+  constexpr int PPR = 32 / LPR;  // pages per row step of the warp
+  constexpr int PPS = PPR * kScoreUnroll;
+  static_assert(32 % PPS == 0, "a round of 32 page-table entries is whole steps");
+  using V = typename VecOf<DPL>::T;
   const int h = blockIdx.y, b = blockIdx.z, hkv = gridDim.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % LPR, slot = lane / LPR;
   const int np = (seq_tokens(seq_len, b, max_pages) + kPageSize - 1) / kPageSize;
-  if (blockIdx.x * kScorePages >= np) return;  // whole block: before any barrier
+  const int beg = (blockIdx.x * kScoreWarps + warp) * ppw, end = min(np, beg + ppw);
+  if (beg >= end) return;  // no barrier in this kernel
 
-  __shared__ __align__(16) float s_q[kMaxGroup][2][D];  // q+ = max(q, 0), q- = min(q, 0)
-  for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
-    const int g = idx / D, dim = idx % D;
-    const float x = q[((int64_t)b * n_heads + (int64_t)h * group + g) * D + dim];
-    s_q[g][0][dim] = x > 0.f ? x : 0.f;
-    s_q[g][1][dim] = x < 0.f ? x : 0.f;
+  float qp[GP][DPL], qn[GP][DPL];
+#pragma unroll
+  for (int g = 0; g < GP; ++g) {
+    const float* qg = q + ((int64_t)b * n_heads + (int64_t)h * group + g) * D + sub * DPL;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const float x = g < group ? qg[i] : 0.f;
+      qp[g][i] = x > 0.f ? x : 0.f;
+      qn[g][i] = x < 0.f ? x : 0.f;
+    }
   }
-  __syncthreads();
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, quarter = lane & 3;
   const int32_t* pt = page_table + (int64_t)b * max_pages;
   float* out = scores + ((int64_t)b * hkv + h) * max_pages;
-  for (int base = blockIdx.x * kScorePages; base < np; base += gridDim.x * kScorePages) {
-    const int p = base + warp * 8 + (lane >> 2);
-    float u[kMaxGroup];
+  for (int r0 = beg; r0 < end; r0 += 32) {
+    const int phys_lane = r0 + lane < end ? pt[r0 + lane] : 0;
+#pragma unroll 1
+    for (int s0 = 0; s0 < 32 && r0 + s0 < end; s0 += PPS) {
+      V mx[kScoreUnroll], mn[kScoreUnroll];
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) u[g] = 0.f;
-    if (p < np) {
-      const int64_t row = ((int64_t)pt[p] * hkv + h) * D;
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        const int d0 = 8 * (quarter + 4 * c);
-        float mx[8], mn[8];
-        to_float8<T>(__ldg(reinterpret_cast<const uint4*>(kmax + row + d0)), mx);
-        to_float8<T>(__ldg(reinterpret_cast<const uint4*>(kmin + row + d0)), mn);
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-          if (g >= group) break;
-          const float* qp = &s_q[g][0][d0];
-          const float* qn = &s_q[g][1][d0];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) u[g] += qp[i] * mx[i] + qn[i] * mn[i];
+      for (int u = 0; u < kScoreUnroll; ++u) {
+        const int k = s0 + u * PPR + slot;
+        const int phys = __shfl_sync(0xffffffffu, phys_lane, k);
+        if (r0 + k < end) {
+          const int64_t row = ((int64_t)phys * hkv + h) * D + sub * DPL;
+          mx[u] = __ldg(reinterpret_cast<const V*>(kmax + row));
+          mn[u] = __ldg(reinterpret_cast<const V*>(kmin + row));
+        } else {
+          mx[u] = V{}, mn[u] = V{};
         }
       }
-    }
-    float best = -INFINITY;
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g >= group) break;
-      float x = u[g] + __shfl_xor_sync(0xffffffffu, u[g], 1);
-      x += __shfl_xor_sync(0xffffffffu, x, 2);
-      best = fmaxf(best, isnan(x) ? INFINITY : x);  // NaN cannot rule a page out
+      for (int u = 0; u < kScoreUnroll; ++u) {
+        float fx[DPL], fn[DPL];
+        to_float<T, DPL>(mx[u], fx);
+        to_float<T, DPL>(mn[u], fn);
+        float best = -INFINITY;
+#pragma unroll
+        for (int g = 0; g < GP; ++g) {
+          float x = 0.f;
+#pragma unroll
+          for (int i = 0; i < DPL; ++i) x += qp[g][i] * fx[i] + qn[g][i] * fn[i];
+#pragma unroll
+          for (int o = 1; o < LPR; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+          if (g < group) best = fmaxf(best, isnan(x) ? INFINITY : x);  // NaN cannot rule a page out
+        }
+        const int k = s0 + u * PPR + slot;
+        if (sub == 0 && r0 + k < end) out[r0 + k] = best;
+      }
     }
-    if (quarter == 0 && p < np) out[p] = best;
   }
 }
 
@@ -205,14 +224,38 @@ __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float*
   if (tid == 0) count[li] = (r + 1) * kPageSize + (n - (np - 1) * kPageSize);
 }
 
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    TW_CUDA_CHECK(cudaGetDevice(&dev));
+    TW_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    return v;
+  }();
+  return n;
+}
+
+// Group sizes up to 4: 16 lanes per row; 8: 32 lanes (the q registers stay at 2 * GP * D / LPR).
 template <typename T, int D>
 void launch_score(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t max_seq_len, float* scores,
                   cudaStream_t stream) {
   const int64_t np = std::min<int64_t>((max_seq_len + kPageSize - 1) / kPageSize, kv.max_pages);
-  const int gx = (int)std::max<int64_t>(1, (np + kScorePages - 1) / kScorePages);
-  quest_score_kernel<T, D><<<dim3(gx, kv.n_kv_heads, kv.batch), kScoreWarps * 32, 0, stream>>>(
-      static_cast<const T*>(side.kmin), static_cast<const T*>(side.kmax), kv.page_table, kv.seq_len, kv.max_pages,
-      kv.n_heads, kv.n_heads / kv.n_kv_heads, q, scores);
+  // Pages per warp: enough warps to fill the GPU (~48 per SM), at least 32 pages each (the q setup
+  // and page-table round are per warp), at most 256.
+  const int64_t rows = np * kv.n_kv_heads * kv.batch;
+  const int64_t want = (int64_t)sm_count() * 48;
+  const int ppw = (int)std::min<int64_t>(256, std::max<int64_t>(32, (rows + want - 1) / want + 31) / 32 * 32);
+  const int gx = (int)std::max<int64_t>(1, (np + (int64_t)kScoreWarps * ppw - 1) / ((int64_t)kScoreWarps * ppw));
+  const dim3 grid(gx, kv.n_kv_heads, kv.batch);
+  const int group = kv.n_heads / kv.n_kv_heads;
+  auto go = [&](auto kern) {
+    kern<<<grid, kScoreWarps * 32, 0, stream>>>(static_cast<const T*>(side.kmin), static_cast<const T*>(side.kmax),
+                                                kv.page_table, kv.seq_len, kv.max_pages, kv.n_heads, group, ppw, q,
+                                                scores);
+  };
+  if (group <= 1) go(quest_score_kernel<T, D, 1, 16>);
+  else if (group <= 2) go(quest_score_kernel<T, D, 2, 16>);
+  else if (group <= 4) go(quest_score_kernel<T, D, 4, 16>);
+  else go(quest_score_kernel<T, D, 8, 32>);
   TW_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,5 +1,7 @@
 #include "attention/cuda/sparse_decode.h"
 
+#include "attention/cuda/decode_tile.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,7 +21,6 @@ constexpr int kMaxChunk = 1024;    // and at most (long lists always split)
 constexpr int kPlanThreads = 1024;
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = 32 * kAttnWarps;
-constexpr int kTok = 8;            // tokens a warp has in flight per step
 constexpr int kItemsPerSm = 8;     // the planner aims at this many work items per SM
 
 // Workspace layout (all int32 / float, 16-byte aligned pieces).
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
     for (int w = 0; w < kPlanThreads / 32; ++w) s += red[w];
     const long long want = (long long)a.sm_count * kItemsPerSm;
     long long T = (s + want - 1) / want;
-    T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;  // whole 32-token groups for every warp
+    T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;  // whole 16-token tiles, two per warp
     s_T = (int)std::min<long long>(std::max<long long>(T, kMinChunk), kMaxChunk);
     s_carry = 0;
   }
@@ -131,50 +132,20 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
   }
 }
 
-template <typename T>
-struct Elem;
-template <>
-struct Elem<__half> {
-  __device__ static float2 f2(uint32_t u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  __device__ static float2 f2(uint32_t u) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u)); }
-};
-
-// D/32 elements per lane: 4 (8 bytes) at d = 128, 2 (4 bytes) at d = 64.
-template <int D>
-struct LaneVec;
-template <>
-struct LaneVec<128> {
-  using T = uint2;
-  template <typename E>
-  __device__ static void to_float(const T& v, float (&x)[4]) {
-    const float2 a = Elem<E>::f2(v.x), b = Elem<E>::f2(v.y);
-    x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
-  }
-};
-template <>
-struct LaneVec<64> {
-  using T = uint32_t;
-  template <typename E>
-  __device__ static void to_float(const T& v, float (&x)[2]) {
-    const float2 a = Elem<E>::f2(v);
-    x[0] = a.x, x[1] = a.y;
-  }
-};
-
-// GP: the group size padded to 1, 2, 4 or 8 (register arrays sized at compile time).
-template <int D, typename E, int GP>
+// One item = entries [j0, j1) of a list (the current token appended as the last entry when the
+// list lacks it). The block first resolves every entry's K / V row (token -> page -> row: two
+// dependent loads, once per item), then its warps take 16-entry tiles (decode_tile.cuh, the dense
+// kernel's arithmetic) and the block merges them into the item's partial state.
+template <int D, typename E>
 __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
-  constexpr int NE = D / 32;
-  using LV = LaneVec<D>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gi = lane >> 2, ti = lane & 3;
   const int G = a.group;
-  __shared__ float s_m[kAttnWarps][GP], s_l[kAttnWarps][GP];
-  __shared__ float s_o[kAttnWarps][GP][D];
+  __shared__ int s_row[kMaxChunk];
+  __shared__ float smem[kAttnWarps * kMaxGroup * (D + 2)];
   const int n_items = a.hdr[0], T = a.hdr[1];
-  const float qscale = 1.f / sqrtf((float)D);
+  const E* kpool = static_cast<const E*>(a.k);
+  const E* vpool = static_cast<const E*>(a.v);
+  const int tok[4] = {2 * ti, 2 * ti + 1, 2 * ti + 8, 2 * ti + 9};
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
     const int2 it = a.items[item];
@@ -184,133 +155,49 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     const int len = list_len(a, list, &extra);
     const int n = len - extra;
     const int cur = a.seq_len[b] - 1;
-    const int j0 = chunk * T, j1 = min(len, j0 + T);
+    const int j0 = chunk * T, j1 = min(len, j0 + T), cnt = j1 - j0;
     const int32_t* toks = a.tokens + (size_t)list * a.cap;
     const int32_t* pt = a.page_table + (size_t)b * a.max_pages;
-
-    float q[GP][NE];
-#pragma unroll
-    for (int r = 0; r < GP; ++r)
-#pragma unroll
-      for (int e = 0; e < NE; ++e)
-        q[r][e] = r < G ? a.q[((size_t)b * a.n_kv_heads * G + (size_t)h * G + r) * D + lane * NE + e] * qscale : 0.f;
-    float m[GP], l[GP], o[GP][NE];
-#pragma unroll
-    for (int r = 0; r < GP; ++r) {
-      m[r] = -INFINITY, l[r] = 0.f;
-#pragma unroll
-      for (int e = 0; e < NE; ++e) o[r][e] = 0.f;
-    }
-
-    // Each warp takes groups of 32 list entries (warps interleaved): lane l resolves entry l's row
-    // (token -> page -> row: one round of dependent loads per 32 tokens, no block barrier), then
-    // kTok rows per step, broadcast by shuffles, with all K / V loads of a step in flight.
-    for (int jb0 = j0 + warp * 32; jb0 < j1; jb0 += kAttnThreads) {
-      int myrow = -1;
-      {
-        const int j = jb0 + lane;
-        int t = -1;
-        if (j < j1) t = j < n ? toks[j] : cur;
-        if (t >= 0 && t <= cur) {
-          const int phys = pt[t / kPageSize];
-          if (phys >= 0 && phys < a.n_pages) myrow = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
-        }
+    for (int x = threadIdx.x; x < cnt; x += kAttnThreads) {
+      const int j = j0 + x;
+      const int t = j < n ? toks[j] : cur;
+      int row = -1;
+      if (t >= 0 && t <= cur) {
+        const int phys = pt[t / kPageSize];
+        if (phys >= 0 && phys < a.n_pages) row = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
       }
-      const int cnt = min(32, j1 - jb0);
-    for (int jj = 0; jj < cnt; jj += kTok) {
-      typename LV::T kv_k[kTok], kv_v[kTok];
-      bool ok[kTok];
-#pragma unroll
-      for (int u = 0; u < kTok; ++u) {
-        const int row = __shfl_sync(0xffffffffu, myrow, (jj + u) & 31);
-        ok[u] = jj + u < cnt && row >= 0;
-        kv_k[u] = typename LV::T{};
-        kv_v[u] = typename LV::T{};
-        if (ok[u]) {
-          const E* kp = static_cast<const E*>(a.k) + (size_t)row * D + lane * NE;
-          const E* vp = static_cast<const E*>(a.v) + (size_t)row * D + lane * NE;
-          kv_k[u] = *reinterpret_cast<const typename LV::T*>(kp);
-          kv_v[u] = *reinterpret_cast<const typename LV::T*>(vp);
-        }
-      }
-      float s[kTok][GP];
-#pragma unroll
-      for (int u = 0; u < kTok; ++u) {
-        float kf[NE];
-        LV::template to_float<E>(kv_k[u], kf);
-#pragma unroll
-        for (int r = 0; r < GP; ++r) {
-          float acc = 0.f;
-#pragma unroll
-          for (int e = 0; e < NE; ++e) acc += q[r][e] * kf[e];
-          s[u][r] = acc;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kTok; ++u)
-#pragma unroll
-        for (int r = 0; r < GP; ++r) {
-          if (r >= G) break;
-          float x = s[u][r];
-#pragma unroll
-          for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-          s[u][r] = ok[u] ? x : -INFINITY;
-        }
-#pragma unroll
-      for (int r = 0; r < GP; ++r) {
-        if (r >= G) break;
-        float mn = m[r];
-#pragma unroll
-        for (int u = 0; u < kTok; ++u) mn = fmaxf(mn, s[u][r]);
-        if (mn == -INFINITY) continue;
-        const float sc = expf(m[r] - mn);  // 0 when m was -inf
-        float pu[kTok];
-        float ps = 0.f;
-#pragma unroll
-        for (int u = 0; u < kTok; ++u) ps += (pu[u] = expf(s[u][r] - mn));
-        l[r] = l[r] * sc + ps;
-#pragma unroll
-        for (int e = 0; e < NE; ++e) o[r][e] *= sc;
-#pragma unroll
-        for (int u = 0; u < kTok; ++u) {
-          float vf[NE];
-          LV::template to_float<E>(kv_v[u], vf);
-#pragma unroll
-          for (int e = 0; e < NE; ++e) o[r][e] += pu[u] * vf[e];
-        }
-        m[r] = mn;
-      }
-    }
-    }
-
-    // Merge the warps' states, write the item's partial per query head.
-#pragma unroll
-    for (int r = 0; r < GP; ++r) {
-      if (r >= G) break;
-      if (lane == 0) s_m[warp][r] = m[r], s_l[warp][r] = l[r];
-#pragma unroll
-      for (int e = 0; e < NE; ++e) s_o[warp][r][lane * NE + e] = o[r][e];
+      s_row[x] = row;
     }
     __syncthreads();
+
+    tile::Acc<E, D> acc;
+    acc.init(gi < G ? a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G + gi) * D : nullptr, ti);
+    for (int base = warp * 16; base < cnt; base += kAttnWarps * 16) {
+      const int mine = base + (lane & 15) < cnt ? s_row[base + (lane & 15)] : -1;  // lanes 16..31 repeat 0..15
+      // A dead entry (past the chunk, or a bad token) reads row 0, a readable row, and is masked.
+      const int rk0 = max(__shfl_sync(0xffffffffu, mine, gi), 0), rk1 = max(__shfl_sync(0xffffffffu, mine, gi + 8), 0);
+      const E* vrow[4];
+      bool live[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = __shfl_sync(0xffffffffu, mine, tok[e]);
+        live[e] = r >= 0;
+        vrow[e] = vpool + (size_t)max(r, 0) * D;
+      }
+      const bool all_live = __all_sync(0xffffffffu, mine >= 0);
+      acc.step(kpool + (size_t)rk0 * D, kpool + (size_t)rk1 * D, vrow, live, all_live, gi, ti);
+    }
+    acc.finish();
+
     float* part = a.part + (size_t)item * G * (D + 2);
-    for (int x = threadIdx.x; x < G * D; x += kAttnThreads) {
-      const int r = x / D, d = x % D;
-      float mx = -INFINITY;
-      for (int w = 0; w < kAttnWarps; ++w) mx = fmaxf(mx, s_m[w][r]);
-      float acc = 0.f, ls = 0.f;
-      if (mx != -INFINITY)
-        for (int w = 0; w < kAttnWarps; ++w) {
-          const float f = expf(s_m[w][r] - mx);
-          acc += s_o[w][r][d] * f;
-          ls += s_l[w][r] * f;
-        }
-      part[(size_t)r * (D + 2) + d] = acc;
+    tile::block_merge<kAttnWarps>(acc, G, smem, [&](int g, int d, float O, float mm, float L) {
+      part[(size_t)g * (D + 2) + d] = O;
       if (d == 0) {
-        part[(size_t)r * (D + 2) + D] = mx;
-        part[(size_t)r * (D + 2) + D + 1] = ls;
+        part[(size_t)g * (D + 2) + D] = mm;
+        part[(size_t)g * (D + 2) + D + 1] = L;
       }
-    }
-    __syncthreads();
+    });
+    __syncthreads();  // s_row and smem are reused by the next item
   }
 }
 
@@ -327,7 +214,7 @@ __global__ void __launch_bounds__(D) combine_kernel(const Args a) {
   if (mx != -INFINITY)
     for (int i = i0; i < i1; ++i) {
       const float* p = a.part + ((size_t)i * G + r) * (D + 2);
-      const float f = expf(p[D] - mx);
+      const float f = exp2f(p[D] - mx);  // m in log2 units (decode_tile.cuh)
       acc += p[d] * f;
       ls += p[D + 1] * f;
     }
@@ -391,30 +278,21 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   // Fixed grid (shapes only): blocks loop over however many items the plan made.
   const int grid = std::min(L.max_items, a.sm_count * 16);
   const bool bf = kv.dtype == KvDtype::BF16;
-  const int G = a.group, gp = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
-  auto launch = [&](auto kern) {
-    kern<<<grid, kAttnThreads, 0, stream>>>(a);
-    TW_CUDA_CHECK_LAUNCH();
-  };
-  auto by_group = [&](auto d_tag, auto e_tag) {
+  auto by_dtype = [&](auto d_tag) {
     constexpr int D = decltype(d_tag)::value;
-    using E = typename decltype(e_tag)::type;
-    switch (gp) {
-      case 1: launch(attend_kernel<D, E, 1>); break;
-      case 2: launch(attend_kernel<D, E, 2>); break;
-      case 4: launch(attend_kernel<D, E, 4>); break;
-      default: launch(attend_kernel<D, E, 8>); break;
-    }
+    if (bf)
+      attend_kernel<D, __nv_bfloat16><<<grid, kAttnThreads, 0, stream>>>(a);
+    else
+      attend_kernel<D, __half><<<grid, kAttnThreads, 0, stream>>>(a);
+    TW_CUDA_CHECK_LAUNCH();
   };
   using D128 = std::integral_constant<int, 128>;
   using D64 = std::integral_constant<int, 64>;
-  struct F16 { using type = __half; };
-  struct BF16 { using type = __nv_bfloat16; };
   if (kv.head_dim == 128) {
-    bf ? by_group(D128{}, BF16{}) : by_group(D128{}, F16{});
+    by_dtype(D128{});
     combine_kernel<128><<<dim3(kv.n_heads, kv.batch), 128, 0, stream>>>(a);
   } else {
-    bf ? by_group(D64{}, BF16{}) : by_group(D64{}, F16{});
+    by_dtype(D64{});
     combine_kernel<64><<<dim3(kv.n_heads, kv.batch), 64, 0, stream>>>(a);
   }
   TW_CUDA_CHECK_LAUNCH();

@@ -39,18 +39,24 @@ std::vector<float> run_sparse(const Batch& B, const HostLists& lists) {
   return out;
 }
 
-// |gpu - ref| <= 2e-5 * max |ref| of the head's row + 1e-6 (fp32 accumulation over <= 10^4 tokens).
-void compare_rows(const std::vector<float>& got, const std::vector<float>& ref, int d, const char* what) {
+// Per (sequence, head) row: ||gpu - ref|| / ||ref|| <= 2e-3 (fp16) / 1.5e-2 (bf16). The kernel rounds the
+// softmax weights to the KV dtype for the tensor-core P.V (the dense kernel's arithmetic,
+// decode_tile.cuh): ~u/sqrt(3) relative with u = 2^-11 / 2^-8; any indexing, masking or merge mistake
+// is O(1).
+void compare_rows(const std::vector<float>& got, const std::vector<float>& ref, int d, KvDtype dtype,
+                  const char* what) {
+  const double tol = dtype == KvDtype::F16 ? 2e-3 : 1.5e-2;
   int bad = 0;
   for (size_t r = 0; r < got.size() / d; ++r) {
-    double mx = 0;
-    for (int i = 0; i < d; ++i) mx = std::max(mx, (double)std::fabs(ref[r * d + i]));
+    double e2 = 0, r2 = 0;
     for (int i = 0; i < d; ++i) {
       const size_t x = r * d + i;
       ASSERT_TRUE(std::isfinite(got[x])) << what << ": output " << r << "," << i << " not written";
-      if (std::fabs(got[x] - ref[x]) > 2e-5 * mx + 1e-6 && ++bad <= 5)
-        ADD_FAILURE() << what << ": head row " << r << " dim " << i << ": gpu " << got[x] << " ref " << ref[x];
+      e2 += (double(got[x]) - ref[x]) * (double(got[x]) - ref[x]);
+      r2 += double(ref[x]) * ref[x];
     }
+    if (std::sqrt(e2) > tol * std::sqrt(r2) + 1e-6 && ++bad <= 5)
+      ADD_FAILURE() << what << ": head row " << r << ": relative error " << std::sqrt(e2 / std::max(r2, 1e-30));
   }
   EXPECT_EQ(bad, 0);
 }
@@ -93,7 +99,7 @@ TEST(SparseDecodeCuda, RandomListsMatchCpu) {
       const size_t off = (size_t)s * c.H * c.d;
       sparse_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, sel, c.lens[s], ref.data() + off);
     }
-    compare_rows(got, ref, c.d, "sparse");
+    compare_rows(got, ref, c.d, c.dtype, "sparse");
   }
 }
 
@@ -117,7 +123,7 @@ TEST(SparseDecodeCuda, SelectAllEqualsDense) {
       const size_t off = (size_t)s * c.H * c.d;
       dense_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, c.lens[s], ref.data() + off);
     }
-    compare_rows(got, ref, c.d, "select-all vs dense");
+    compare_rows(got, ref, c.d, c.dtype, "select-all vs dense");
   }
 }
 

@@ -5,6 +5,7 @@
 // sequence lengths) change in place: the graph is not re-captured, the sizes follow the data.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -142,10 +143,20 @@ TEST(StepCuda, GraphReplayMatchesDirectRun) {
       const size_t off = (size_t)b * H * d;
       sparse_reference(*B->pool, seq, 0, B->hs(), B->q.data() + off, sel, len[b], ref.data() + off);
     }
+    // Per head row, relative: the sparse kernel rounds the softmax weights to the KV dtype for the
+    // tensor-core P.V (sparse_decode_test.cu states the bound).
+    const double tol = B->kv.dtype == KvDtype::F16 ? 2e-3 : 1.5e-2;
     int bad = 0;
-    for (size_t i = 0; i < ref.size(); ++i)
-      if (!(std::fabs(replay.out[i] - ref[i]) <= 1e-4 * (1 + std::fabs(ref[i]))) && ++bad <= 5)
-        ADD_FAILURE() << "output " << i << ": gpu " << replay.out[i] << " ref " << ref[i];
+    for (size_t r = 0; r < ref.size() / d; ++r) {
+      double e2 = 0, r2 = 0;
+      for (int i = 0; i < d; ++i) {
+        const double o = replay.out[r * d + i], x = ref[r * d + i];
+        e2 += (o - x) * (o - x);
+        r2 += x * x;
+      }
+      if (!(std::sqrt(e2) <= tol * std::sqrt(r2) + 1e-6) && ++bad <= 5)
+        ADD_FAILURE() << "head row " << r << ": relative error " << std::sqrt(e2 / std::max(r2, 1e-30));
+    }
     EXPECT_EQ(bad, 0);
 
     TW_CUDA_CHECK(cudaGraphExecDestroy(exec));
