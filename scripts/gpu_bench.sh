@@ -6,6 +6,7 @@
 #   device tool: run command="bash scripts/gpu_bench.sh" carry=["build-gtest-src"]
 #   quick:       BATCH=16 CTX=32768 bash scripts/gpu_bench.sh
 #   real input:  REAL_KV=build-dumps/qwen15b-emma-8192.kv bash scripts/gpu_bench.sh   (carry build-dumps too)
+#   concentrated synthetic rows too: CONC_STD=2.5 bash scripts/gpu_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
@@ -50,6 +51,15 @@ rc=0
 PYTHONUNBUFFERED=1 python3 scripts/gpu_sdpa_anchor.py --batch "$BATCH" --ctx "$CTX" --json "$OUT/sdpa.jsonl" >"$LOG/sdpa.log" 2>&1 ||
   { echo "sdpa anchor failed"; tail -5 "$LOG/sdpa.log"; rc=1; }
 python3 scripts/gpu_bench_report.py "$OUT/ours.jsonl" "$OUT/sdpa.jsonl" "$OUT/report.md" "$OUT/speedup.png" || rc=1
+
+# Concentrated synthetic input (CONC_STD = the logit std, e.g. 2.5): budgets near the real models' (the
+# default std 1 is the diffuse hard case); same shape, so the same SDPA anchors apply.
+if [ -n "${CONC_STD:-}" ]; then
+  "$BIN" bench --gpu --batch "$BATCH" --ctx "$CTX" --logit-std "$CONC_STD" --attn-b0 "${CONC_B0:-8192}" \
+    --json "$OUT/conc.jsonl" $EXTRA 2>"$LOG/conc.err" | tee "$LOG/conc.md" ||
+    { echo "bench --gpu (concentrated) failed"; tail -5 "$LOG/conc.err"; rc=1; }
+  python3 scripts/gpu_bench_report.py "$OUT/conc.jsonl" "$OUT/sdpa.jsonl" "$OUT/report_conc.md" || rc=1
+fi
 
 # Real-model attention (a KV dump of the CPU engine, `twilight bench --attn-dump`; carry its folder):
 # the dump's own shape, anchors at that shape.

@@ -17,14 +17,16 @@ namespace tw::attn::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;     // 8 warps; three blocks per SM (registers <= 85, shared memory <= 75 KB)
-constexpr int kMinBlocksPerSm = 3;
+constexpr int kThreads = 256;     // 8 warps
+// Two builds of the kernel, by the blocks per SM the plan's shared memory allows: three (<= 75 KB,
+// registers <= 85) or two (registers <= 128, spent on twice the estimate loads in flight).
+constexpr size_t kThreeBlockSmem = size_t(75) << 10;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 1024;        // every radix level: level 1 = bits 29..20 (weights <= 1 have bit 30 clear
                                    // below 2.0), levels 2 and 3 = bits 19..10 and 9..0
 constexpr int kBinsPerThread = kBins / kThreads;
 constexpr int kMaxCluster = 16;
-constexpr int kUnroll = 4;         // 16-row tiles whose loads a warp has in flight at once
+constexpr int kRowsInFlight = 8;   // row indices a thread resolves at once (two dependent loads each)
 constexpr uint32_t kPrioKey = 0x3fc00000u;  // 1.5f: the current token's rank for floor / cap, above any weight
 static_assert(kBins == 4 * kThreads, "four bins per thread (one 16-byte load per limb)");
 
@@ -295,8 +297,9 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn k
   return prefix;
 }
 
-template <int D, bool PACK>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const Args a) {
+template <int D, bool PACK, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
+  constexpr int kUnroll = MINB >= 3 ? 4 : 8;  // 16-row tiles whose loads a warp has in flight at once
   constexpr int KS = D / 16;  // MMA k-steps per row
   using RB = RowBytes<D>;
   cg::cluster_group cl = cg::this_cluster();
@@ -357,19 +360,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) prune_kernel(const 
       S.cmax[warp] = ldexpf(1.f, sh);  // scratch: the factor, read below
     }
   }
-  // Row indices: token -> page -> row, four tokens per thread in flight (dependent loads).
-  for (int j0 = tid; j0 < m; j0 += 4 * kThreads) {
-    int t[4], ph[4];
+  // Row indices: token -> page -> row, kRowsInFlight tokens per thread in flight (dependent loads).
+  for (int j0 = tid; j0 < m; j0 += kRowsInFlight * kThreads) {
+    int t[kRowsInFlight], ph[kRowsInFlight];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < kRowsInFlight; ++u) {
       const int j = j0 + u * kThreads;
       t[u] = j < m ? toks[j] : -1;
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u)
+    for (int u = 0; u < kRowsInFlight; ++u)
       ph[u] = (t[u] >= 0 && t[u] <= cur) ? a.page_table[(size_t)b * a.max_pages + t[u] / kPageSize] : -1;
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < kRowsInFlight; ++u) {
       const int j = j0 + u * kThreads;
       if (j < m)
         rowidx[j] = (ph[u] >= 0 && ph[u] < a.n_pages) ? (ph[u] * a.n_kv_heads + h) * kPageSize + t[u] % kPageSize : -1;
@@ -710,7 +713,7 @@ int tokens_per_block() {
   static const int v = [] {
     const char* s = std::getenv("TW_PRUNE_TOKENS_PER_BLOCK");  // tuning knob for the benchmark
     const int x = s ? std::atoi(s) : 0;
-    return x >= 256 ? x : 2048;
+    return x >= 256 ? x : 4096;
   }();
   return v;
 }
@@ -718,12 +721,15 @@ int tokens_per_block() {
 // The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
 // clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
 // captures stay free of it.
-void (*kernel_for(int head_dim, int group))(Args) {
-  const bool pack = group <= 4;
-  void (*kern)(Args) = head_dim == 128 ? (pack ? prune_kernel<128, true> : prune_kernel<128, false>)
-                                       : (pack ? prune_kernel<64, true> : prune_kernel<64, false>);
-  static std::once_flag once[4];
-  std::call_once(once[(head_dim == 128 ? 2 : 0) + (pack ? 1 : 0)], [kern] {
+void (*kernel_for(int head_dim, int group, size_t smem))(Args) {
+  const bool pack = group <= 4, three = smem <= kThreeBlockSmem;
+  void (*kern)(Args) =
+      three ? (head_dim == 128 ? (pack ? prune_kernel<128, true, 3> : prune_kernel<128, false, 3>)
+                               : (pack ? prune_kernel<64, true, 3> : prune_kernel<64, false, 3>))
+            : (head_dim == 128 ? (pack ? prune_kernel<128, true, 2> : prune_kernel<128, false, 2>)
+                               : (pack ? prune_kernel<64, true, 2> : prune_kernel<64, false, 2>));
+  static std::once_flag once[8];
+  std::call_once(once[(head_dim == 128 ? 4 : 0) + (pack ? 2 : 0) + (three ? 1 : 0)], [kern] {
     int dev = 0, optin = 0;
     TW_CUDA_CHECK(cudaGetDevice(&dev));
     TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -746,10 +752,16 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   int optin = 0;
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   // Blocks per list: from the parallelism target (tokens_per_block), then more until a block's
-  // slice fits kMaxChunk and, preferably, <= 75 KiB of shared memory (three blocks per SM), else up to
-  // the opt-in limit.
+  // slice fits kMaxChunk and, preferably, <= 120 KiB of shared memory (two blocks per SM), else up to
+  // the opt-in limit. Fewer, larger blocks per list win: every radix level is a cluster barrier (H200,
+  // 256 lists x B0 8192: 2 blocks of 4096 149 us, 4 of 2048 173 us, 8 of 1024 422 us).
   const int cmin = std::clamp((in_capacity + tokens_per_block() - 1) / tokens_per_block(), 1, kMaxCluster);
-  for (size_t limit : {size_t(75) << 10, (size_t)optin}) {
+  static const size_t first_limit = [] {
+    const char* s = std::getenv("TW_PRUNE_SMEM_KB");  // tuning knob for the benchmark
+    const int x = s ? std::atoi(s) : 0;
+    return x > 0 ? size_t(x) << 10 : size_t(75) << 10;
+  }();
+  for (size_t limit : {first_limit, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
       const int chunk = ((in_capacity + c - 1) / c + 15) / 16 * 16;
       const size_t smem = smem_for(sh.G, chunk, nullptr);
@@ -801,7 +813,7 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   }
   smem_for(a.group, plan.chunk, &a.zstride);
 
-  void (*kern)(Args) = kernel_for(kv.head_dim, a.group);
+  void (*kern)(Args) = kernel_for(kv.head_dim, a.group, plan.smem_bytes);
   const cudaLaunchConfig_t cfg = launch_config(plan, kv, stream);
   TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
 }
@@ -810,7 +822,7 @@ int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PrunePar
   const PrunePlan plan = prune_plan(kv, in_capacity, prm);
   const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0);
   int n = 0;
-  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, kv.n_heads / kv.n_kv_heads), &cfg));
+  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, kv.n_heads / kv.n_kv_heads, plan.smem_bytes), &cfg));
   return n;
 }
 
