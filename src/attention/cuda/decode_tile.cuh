@@ -101,24 +101,34 @@ struct Acc {
     for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = 0.f;
   }
 
-  // One tile. k0 / k1: rows of tile tokens gi and gi+8; v[e]: rows of tokens {2ti, 2ti+1, 2ti+8,
-  // 2ti+9}; live[e]: whether those four tokens count (a dead token's score is -inf and its V is
-  // zeroed: its row may hold anything, even NaN, but must be readable memory). Loads are unconditional
-  // (a predicated load per chunk cost the dense kernel 25% of its bandwidth).
-  // all_live (warp-uniform): every token of the tile counts, the masking is skipped.
-  __device__ __forceinline__ void step(const T* k0, const T* k1, const T* const (&v)[4], const bool (&live)[4],
-                                       bool all_live, int gi, int ti) {
+  // A tile's K / V fragments in registers (loaded one tile ahead of the math by the callers, so a
+  // warp has two tiles of loads in flight).
+  struct Regs {
     uint4 kr[2][KC], vr[4][VC];
+  };
+
+  // k0 / k1: rows of tile tokens gi and gi+8; v[e]: rows of tokens {2ti, 2ti+1, 2ti+8, 2ti+9}. Every row
+  // must be readable memory (a dead token's row may hold anything, even NaN: compute masks it). Loads
+  // are unconditional (a predicated load per chunk cost the dense kernel 25% of its bandwidth).
+  __device__ __forceinline__ static void load(Regs& r, const T* k0, const T* k1, const T* const (&v)[4], int gi,
+                                              int ti) {
 #pragma unroll
     for (int i = 0; i < KC; ++i) {
-      kr[0][i] = ldg_stream(k0 + (4 * i + ti) * 8);
-      kr[1][i] = ldg_stream(k1 + (4 * i + ti) * 8);
+      r.kr[0][i] = ldg_stream(k0 + (4 * i + ti) * 8);
+      r.kr[1][i] = ldg_stream(k1 + (4 * i + ti) * 8);
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e)
 #pragma unroll
-      for (int c = 0; c < VC; ++c) vr[e][c] = ldg_stream(v[e] + (gi + 8 * c) * 8);
+      for (int c = 0; c < VC; ++c) r.vr[e][c] = ldg_stream(v[e] + (gi + 8 * c) * 8);
+  }
 
+  // One tile's scores, softmax update and P.V. live[e]: whether tokens {2ti, 2ti+1, 2ti+8, 2ti+9}
+  // count (a dead token's score is -inf and its V is zeroed); all_live (warp-uniform): every token of
+  // the tile counts, the masking is skipped.
+  __device__ __forceinline__ void compute(Regs& r, const bool (&live)[4], bool all_live) {
+    auto& kr = r.kr;
+    auto& vr = r.vr;
     float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};  // tokens 2ti, 2ti+1 and 2ti+8, 2ti+9
 #pragma unroll
     for (int j = 0; j < KS; ++j) {

@@ -45,14 +45,29 @@ __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
   acc.init(gi < group ? q + ((int64_t)b * n_heads + (int64_t)h * group + gi) * D : nullptr, ti);
   const int tok[4] = {2 * ti, 2 * ti + 1, 2 * ti + 8, 2 * ti + 9};
   const int32_t* pt = page_table + (int64_t)b * max_pages;
-  for (int p = p0 + warp; p < p1; p += kWarps) {
+  using Regs = typename Acc<T, D>::Regs;
+  auto load = [&](Regs& r, int p) {
     const int64_t head = ((int64_t)pt[p] * hkv + h) * kPageSize * D;
     const T* kp = kpool + head;
     const T* vp = vpool + head;
-    const int valid = n - p * kPageSize;  // partial last page: slots past the sequence hold anything
     const T* vrow[4] = {vp + tok[0] * D, vp + tok[1] * D, vp + tok[2] * D, vp + tok[3] * D};
+    Acc<T, D>::load(r, kp + gi * D, kp + (gi + 8) * D, vrow, gi, ti);
+  };
+  auto compute = [&](Regs& r, int p) {
+    const int valid = n - p * kPageSize;  // partial last page: slots past the sequence hold anything
     const bool live[4] = {tok[0] < valid, tok[1] < valid, tok[2] < valid, tok[3] < valid};
-    acc.step(kp + gi * D, kp + (gi + 8) * D, vrow, live, valid >= kPageSize, gi, ti);
+    acc.compute(r, live, valid >= kPageSize);
+  };
+  // Two pages per warp in flight: the next page's loads go out before this page's math.
+  Regs ra, rb;
+  if (p0 + warp < p1) load(ra, p0 + warp);
+  for (int p = p0 + warp; p < p1; p += 2 * kWarps) {
+    const int q1 = p + kWarps;
+    if (q1 < p1) load(rb, q1);
+    compute(ra, p);
+    if (q1 >= p1) break;
+    if (q1 + kWarps < p1) load(ra, q1 + kWarps);
+    compute(rb, q1);
   }
   acc.finish();
 

@@ -172,20 +172,33 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
 
     tile::Acc<E, D> acc;
     acc.init(gi < G ? a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G + gi) * D : nullptr, ti);
-    for (int base = warp * 16; base < cnt; base += kAttnWarps * 16) {
-      const int mine = base + (lane & 15) < cnt ? s_row[base + (lane & 15)] : -1;  // lanes 16..31 repeat 0..15
+    using Regs = typename tile::Acc<E, D>::Regs;
+    auto load = [&](Regs& r, int base, bool (&live)[4], bool& all_live) {
       // A dead entry (past the chunk, or a bad token) reads row 0, a readable row, and is masked.
+      const int mine = base + (lane & 15) < cnt ? s_row[base + (lane & 15)] : -1;  // lanes 16..31 repeat 0..15
       const int rk0 = max(__shfl_sync(0xffffffffu, mine, gi), 0), rk1 = max(__shfl_sync(0xffffffffu, mine, gi + 8), 0);
       const E* vrow[4];
-      bool live[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = __shfl_sync(0xffffffffu, mine, tok[e]);
         live[e] = r >= 0;
         vrow[e] = vpool + (size_t)max(r, 0) * D;
       }
-      const bool all_live = __all_sync(0xffffffffu, mine >= 0);
-      acc.step(kpool + (size_t)rk0 * D, kpool + (size_t)rk1 * D, vrow, live, all_live, gi, ti);
+      all_live = __all_sync(0xffffffffu, mine >= 0);
+      tile::Acc<E, D>::load(r, kpool + (size_t)rk0 * D, kpool + (size_t)rk1 * D, vrow, gi, ti);
+    };
+    // Two tiles per warp in flight: the next tile's loads go out before this tile's math.
+    constexpr int kStride = kAttnWarps * 16;
+    Regs ra, rb;
+    bool la[4], lb[4], aa = true, ab = true;
+    if (warp * 16 < cnt) load(ra, warp * 16, la, aa);
+    for (int base = warp * 16; base < cnt; base += 2 * kStride) {
+      const int b1 = base + kStride;
+      if (b1 < cnt) load(rb, b1, lb, ab);
+      acc.compute(ra, la, aa);
+      if (b1 >= cnt) break;
+      if (b1 + kStride < cnt) load(ra, b1 + kStride, la, aa);
+      acc.compute(rb, lb, ab);
     }
     acc.finish();
 
