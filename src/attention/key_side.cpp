@@ -22,7 +22,7 @@ inline uint8_t int4_code(float k, float zero, float scale) {
 
 // Fast path for one (page, head): k16 = the page's fp16 K [kPageSize][d]; slots 0..slot are valid.
 // Writes bounds over those slots and the INT4 row of `slot`.
-TW_CLONES void update_head(const uint16_t* k16, int slot, int d, float* kmin, float* kmax, uint8_t* codes,
+TW_CLONES void update_head(const uint16_t* k16, int slot, int d, uint16_t* kmin16, uint16_t* kmax16, uint8_t* codes,
                            float* scale, float* zero) {
   // fp16 -> fp32 of the valid slots (vcvtph2ps on F16C targets).
   float kf[kPageSize * 256];  // d <= 256 checked by the constructor
@@ -31,6 +31,7 @@ TW_CLONES void update_head(const uint16_t* k16, int slot, int d, float* kmin, fl
 #pragma omp simd
   for (int i = 0; i < n; ++i) kf[i] = (float)h[i];
 
+  float kmin[256], kmax[256];
   for (int i = 0; i < d; ++i) {
     kmin[i] = kf[i];
     kmax[i] = kf[i];
@@ -42,6 +43,11 @@ TW_CLONES void update_head(const uint16_t* k16, int slot, int d, float* kmin, fl
       kmin[i] = kj[i] < kmin[i] ? kj[i] : kmin[i];
       kmax[i] = kj[i] > kmax[i] ? kj[i] : kmax[i];
     }
+  }
+  // Exact: each bound is one of the page's fp16 values.
+  for (int i = 0; i < d; ++i) {
+    kmin16[i] = fp32_to_fp16(kmin[i]);
+    kmax16[i] = fp32_to_fp16(kmax[i]);
   }
 
   const float* k = kf + (size_t)slot * d;
@@ -91,8 +97,8 @@ KeySide::KeySide(const kv::KVShape& s) : shape_(s) {
            " unsupported (must be even, at most 256)");
   const size_t heads = (size_t)s.n_pages * s.n_kv_heads;
   for (int l = 0; l < s.n_layers; ++l) {
-    kmin_.emplace_back(new float[heads * s.head_dim]);
-    kmax_.emplace_back(new float[heads * s.head_dim]);
+    kmin_.emplace_back(new uint16_t[heads * s.head_dim]);
+    kmax_.emplace_back(new uint16_t[heads * s.head_dim]);
     k4_.emplace_back(new uint8_t[heads * kPageSize * (s.head_dim / 2)]);
     k4s_.emplace_back(new float[heads * kPageSize]);
     k4z_.emplace_back(new float[heads * kPageSize]);
@@ -101,7 +107,7 @@ KeySide::KeySide(const kv::KVShape& s) : shape_(s) {
 
 size_t KeySide::bytes() const {
   const size_t heads = (size_t)shape_.n_layers * shape_.n_pages * shape_.n_kv_heads;
-  return heads * (2 * shape_.head_dim * sizeof(float) + kPageSize * (shape_.head_dim / 2) + 2 * kPageSize * sizeof(float));
+  return heads * (2 * shape_.head_dim * sizeof(uint16_t) + kPageSize * (shape_.head_dim / 2) + 2 * kPageSize * sizeof(float));
 }
 
 void KeySide::locate(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos, int32_t& phys,
@@ -138,16 +144,17 @@ void KeySide::append_reference(const kv::KVPool& pool, int layer, const kv::SeqP
   std::vector<float> k(d);
   for (int h = 0; h < shape_.n_kv_heads; ++h) {
     const uint16_t* page = pool.k_page(layer, phys, h);
-    float* mn = kmin_[layer].get() + bound_off(phys, h);
-    float* mx = kmax_[layer].get() + bound_off(phys, h);
+    uint16_t* mn16 = kmin_[layer].get() + bound_off(phys, h);
+    uint16_t* mx16 = kmax_[layer].get() + bound_off(phys, h);
     for (int i = 0; i < d; ++i) {
-      mn[i] = INFINITY;
-      mx[i] = -INFINITY;
+      float mn = INFINITY, mx = -INFINITY;
       for (int j = 0; j <= slot; ++j) {
         const float x = fp16_to_fp32(page[(size_t)j * d + i]);
-        mn[i] = std::min(mn[i], x);
-        mx[i] = std::max(mx[i], x);
+        mn = std::min(mn, x);
+        mx = std::max(mx, x);
       }
+      mn16[i] = fp32_to_fp16(mn);
+      mx16[i] = fp32_to_fp16(mx);
     }
     for (int i = 0; i < d; ++i) k[i] = fp16_to_fp32(page[(size_t)slot * d + i]);
     const size_t so = slot_off(phys, h) + slot;

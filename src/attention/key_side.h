@@ -1,7 +1,9 @@
 // Side structures of the key cache that Twilight needs (TWILIGHT.md sections 1 and 5), indexed like
 // the KV pool pages: (layer, physical page, kv head).
-//  - Quest page bounds: element-wise min / max of K over the page's tokens, [d] floats each. A page's
-//    bound gives u_p = sum_d max(q_d*kmax_d, q_d*kmin_d) >= q.k_t for every token t of the page.
+//  - Quest page bounds: element-wise min / max of K over the page's tokens, [d] fp16 each (IEEE half
+//    bits, like the pool's K: a min / max of fp16 values is an fp16 value, so storing it in fp16 is
+//    exact and halves the bytes Quest scoring reads). A page's bound gives
+//    u_p = sum_d max(q_d*kmax_d, q_d*kmin_d) >= q.k_t for every token t of the page.
 //  - INT4 key mirror: per (token, kv head), asymmetric over the head dim:
 //      scale = max((max(K) - min(K)) / 15, 1e-8), zero = min(K),
 //      code  = clamp(floor((K - zero) / scale + 0.5), 0, 15)   (round half up; K - zero >= 0),
@@ -36,9 +38,9 @@ class KeySide {
   // Scalar reference of append (same arithmetic, obviously correct; for tests). Results are bit-identical.
   void append_reference(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos);
 
-  // [d] floats.
-  const float* kmin(int layer, int32_t phys, int h) const { return kmin_[layer].get() + bound_off(phys, h); }
-  const float* kmax(int layer, int32_t phys, int h) const { return kmax_[layer].get() + bound_off(phys, h); }
+  // [d] fp16 (IEEE half bits; common/fp16.h fp16_to_fp32, or vcvtph2ps).
+  const uint16_t* kmin(int layer, int32_t phys, int h) const { return kmin_[layer].get() + bound_off(phys, h); }
+  const uint16_t* kmax(int layer, int32_t phys, int h) const { return kmax_[layer].get() + bound_off(phys, h); }
   // [kPageSize][d/2] bytes: slot j's codes at j * d/2.
   const uint8_t* k4(int layer, int32_t phys, int h) const { return k4_[layer].get() + code_off(phys, h); }
   // [kPageSize] floats.
@@ -55,7 +57,8 @@ class KeySide {
   kv::KVShape shape_;
   // Per layer, left uninitialised (like the pool): [n_pages][n_kv_heads][d] bounds,
   // [n_pages][n_kv_heads][kPageSize][d/2] codes, [n_pages][n_kv_heads][kPageSize] scale / zero.
-  std::vector<std::unique_ptr<float[]>> kmin_, kmax_, k4s_, k4z_;
+  std::vector<std::unique_ptr<uint16_t[]>> kmin_, kmax_;
+  std::vector<std::unique_ptr<float[]>> k4s_, k4z_;
   std::vector<std::unique_ptr<uint8_t[]>> k4_;
 };
 

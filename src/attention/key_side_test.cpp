@@ -50,8 +50,8 @@ void check_seq(const kv::KVPool& pool, const KeySide& a, const KeySide& b, int l
             mn = std::min(mn, fp16_to_fp32(page[j * d + i]));
             mx = std::max(mx, fp16_to_fp32(page[j * d + i]));
           }
-          ASSERT_EQ(ks->kmin(layer, phys, h)[i], mn) << "page " << lp << " head " << h << " dim " << i;
-          ASSERT_EQ(ks->kmax(layer, phys, h)[i], mx) << "page " << lp << " head " << h << " dim " << i;
+          ASSERT_EQ(fp16_to_fp32(ks->kmin(layer, phys, h)[i]), mn) << "page " << lp << " head " << h << " dim " << i;
+          ASSERT_EQ(fp16_to_fp32(ks->kmax(layer, phys, h)[i]), mx) << "page " << lp << " head " << h << " dim " << i;
         }
         for (int j = 0; j < valid; ++j) {
           for (int i = 0; i < d; ++i) k[i] = fp16_to_fp32(page[j * d + i]);
@@ -192,12 +192,12 @@ TEST_P(KeySideRandom, QuestBoundIsUpperBound) {
     for (int64_t t = 0; t < n; ++t)
       for (int h = 0; h < c.Hkv; ++h) {
         const int32_t phys = seq.pages[t / kPageSize];
-        const float* mn = ks.kmin(0, phys, h);
-        const float* mx = ks.kmax(0, phys, h);
+        const uint16_t* mn = ks.kmin(0, phys, h);
+        const uint16_t* mx = ks.kmax(0, phys, h);
         const uint16_t* kr = pool.k_page(0, phys, h) + (t % kPageSize) * c.d;
         double u = 0, dot = 0, mag = 0;  // float * float is exact in double
         for (int i = 0; i < c.d; ++i) {
-          u += std::max((double)q[i] * mx[i], (double)q[i] * mn[i]);
+          u += std::max((double)q[i] * fp16_to_fp32(mx[i]), (double)q[i] * fp16_to_fp32(mn[i]));
           dot += (double)q[i] * fp16_to_fp32(kr[i]);
           mag += std::fabs((double)q[i] * fp16_to_fp32(kr[i]));
         }
@@ -221,8 +221,8 @@ TEST(KeySide, ConstantKeyUsesClampedScale) {
   EXPECT_EQ(ks.k4_scale(0, seq.pages[0], 0)[0], kInt4MinScale);
   EXPECT_EQ(ks.k4_zero(0, seq.pages[0], 0)[0], -2.5f);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(ks.k4(0, seq.pages[0], 0)[i], 0);
-  EXPECT_EQ(ks.kmin(0, seq.pages[0], 0)[3], -2.5f);
-  EXPECT_EQ(ks.kmax(0, seq.pages[0], 0)[3], -2.5f);
+  EXPECT_EQ(fp16_to_fp32(ks.kmin(0, seq.pages[0], 0)[3]), -2.5f);
+  EXPECT_EQ(fp16_to_fp32(ks.kmax(0, seq.pages[0], 0)[3]), -2.5f);
 }
 
 TEST(KeySide, NibbleOrderAndRounding) {
@@ -256,8 +256,8 @@ TEST(KeySide, NibbleOrderAndRounding) {
 TEST(KeySide, BytesCountsEverything) {
   const kv::KVShape shape{3, 2, 128, 10};
   KeySide ks(shape);
-  // Per (layer, page, head): 2 * 128 floats bounds + 16 * 64 code bytes + 2 * 16 floats scale/zero.
-  EXPECT_EQ(ks.bytes(), (size_t)3 * 10 * 2 * (2 * 128 * 4 + 16 * 64 + 2 * 16 * 4));
+  // Per (layer, page, head): 2 * 128 fp16 bounds + 16 * 64 code bytes + 2 * 16 floats scale/zero.
+  EXPECT_EQ(ks.bytes(), (size_t)3 * 10 * 2 * (2 * 128 * 2 + 16 * 64 + 2 * 16 * 4));
 }
 
 TEST(KeySide, RejectsBadInput) {

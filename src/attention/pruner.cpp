@@ -6,6 +6,7 @@
 
 #include <immintrin.h>
 
+#include "attention/attend_block_avx512.h"  // reduce16
 #include "attention/topp.h"
 #include "attention/fast_exp.h"
 #include "common/error.h"
@@ -18,6 +19,7 @@ namespace {
 using kv::kPageSize;
 
 #define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define TW_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 
 // In place: z[j] = exp(z[j] - mx), returns the sum.
 TW_CLONES float exp_shift_sum(float* z, int64_t m, float mx) {
@@ -43,40 +45,13 @@ TW_CLONES void max_sumexp(const float* z, int64_t m, float& mx_out, float& sum_o
   sum_out = sum;
 }
 
-// acc[u] = q_u . codes for 4 (2) query heads at once; q_u = (qe + u*dh, qo + u*dh).
-__attribute__((always_inline)) inline void dot4(const float* qe, const float* qo, int dh, const float* lo,
-                                                const float* hi, float* acc) {
-  const float *e0 = qe, *e1 = qe + dh, *e2 = qe + 2 * dh, *e3 = qe + 3 * dh;
-  const float *o0 = qo, *o1 = qo + dh, *o2 = qo + 2 * dh, *o3 = qo + 3 * dh;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int i = 0; i < dh; ++i) {
-    a0 += e0[i] * lo[i] + o0[i] * hi[i];
-    a1 += e1[i] * lo[i] + o1[i] * hi[i];
-    a2 += e2[i] * lo[i] + o2[i] * hi[i];
-    a3 += e3[i] * lo[i] + o3[i] * hi[i];
-  }
-  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-}
-__attribute__((always_inline)) inline void dot2(const float* qe, const float* qo, int dh, const float* lo,
-                                                const float* hi, float* acc) {
-  const float *e0 = qe, *e1 = qe + dh, *o0 = qo, *o1 = qo + dh;
-  float a0 = 0.f, a1 = 0.f;
-#pragma omp simd reduction(+ : a0, a1)
-  for (int i = 0; i < dh; ++i) {
-    a0 += e0[i] * lo[i] + o0[i] * hi[i];
-    a1 += e1[i] * lo[i] + o1[i] * hi[i];
-  }
-  acc[0] = a0, acc[1] = a1;
-}
-
-// Scores of a run of tokens against nq queries. qe/qo: [nq][d/2], the even / odd elements of the
-// scaled queries (so that the low / high nibbles pair with them without an interleaving shuffle);
-// qsum: [nq], the sums of the scaled queries (the zero-point term: q . (zero + c * s) =
-// zero * sum(q) + s * (q . c)). lo/hi: scratch [d/2].
-TW_CLONES void score_tokens(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d,
-                            const float* qe, const float* qo, const float* qsum, int nq, const int32_t* tokens,
-                            int64_t m, float* z, float* lo, float* hi) {
+// Integer dot products of the INT4 codes of a run of tokens with nq int8 queries (the estimate of
+// pruner.h, "INT4 estimate"): dot = sum_i code_i * q8_i, exact in int32; then
+// z = fma(scale_t, fma(sq, dot, cq), zero_t * qsum) per (head, token), the same operations as the
+// reference. q8: [nq][d] in element order. Portable (vectorised by the compiler per clone).
+TW_CLONES void score_tokens(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d, const int8_t* q8,
+                            const float* sq, const float* cq, const float* qsum, int nq, const int32_t* tokens,
+                            int64_t m, float* z) {
   const int dh = d / 2;
   int64_t cur_lp = -1;
   const uint8_t* codes = nullptr;
@@ -93,91 +68,91 @@ TW_CLONES void score_tokens(const Int4Keys& keys, const kv::SeqPages& seq, int l
     }
     const int row = t % kPageSize;
     const uint8_t* c = codes + (size_t)row * dh;
-#pragma omp simd
-    for (int i = 0; i < dh; ++i) {
-      lo[i] = (float)(c[i] & 15);
-      hi[i] = (float)(c[i] >> 4);
-    }
-    const float s = scale[row], zp = zero[row];
-    // Heads in blocks of 4 / 2 / 1: independent accumulator chains share each unpacked row (one
-    // chain per token was latency-bound on the FMA chain).
-    int r = 0;
-    for (; r + 4 <= nq; r += 4) {
-      float a[4];
-      dot4(qe + (size_t)r * dh, qo + (size_t)r * dh, dh, lo, hi, a);
-      for (int u = 0; u < 4; ++u) z[(size_t)(r + u) * m + j] = zp * qsum[r + u] + s * a[u];
-    }
-    for (; r + 2 <= nq; r += 2) {
-      float a[2];
-      dot2(qe + (size_t)r * dh, qo + (size_t)r * dh, dh, lo, hi, a);
-      for (int u = 0; u < 2; ++u) z[(size_t)(r + u) * m + j] = zp * qsum[r + u] + s * a[u];
-    }
-    for (; r < nq; ++r) {
-      const float* e = qe + (size_t)r * dh;
-      const float* o = qo + (size_t)r * dh;
-      float acc = 0.f;
+    for (int r = 0; r < nq; ++r) {
+      const int8_t* qr = q8 + (size_t)r * d;
+      int32_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int i = 0; i < dh; ++i) acc += e[i] * lo[i] + o[i] * hi[i];
-      z[(size_t)r * m + j] = zp * qsum[r] + s * acc;
+      for (int i = 0; i < dh; ++i) acc += (int32_t)(c[i] & 15) * qr[2 * i] + (int32_t)(c[i] >> 4) * qr[2 * i + 1];
+      z[(size_t)r * m + j] = std::fma(scale[row], std::fma(sq[r], (float)acc, cq[r]), zero[row] * qsum[r]);
     }
   }
 }
 
-// The same with AVX-512 intrinsics for d = 32 * C (C = 2: d = 64, C = 4: d = 128): the unpacked row
-// stays in 2C registers, every head accumulates lo and hi chains separately and ends with one
-// shuffle-tree reduction (the portable loop above ends each dot product in 16 dependent scalar adds).
-// GCC 12 warns about the intrinsics' own _mm512_undefined_* placeholders (a known false positive).
+// The same at the AVX-512 VNNI level for d = 64 (NB = 1) and d = 128 (NB = 2), 16 tokens at a time:
+//  - unpack: each token's codes become NB zmm of bytes 0..15 (d = 128: low nibbles = even elements,
+//    high nibbles = odd elements; d = 64: [low 32 | high 32] in one zmm), staged in L1 scratch;
+//  - per head: vpdpbusd of the unpacked codes (u8) with the head's int8 query laid out the same way
+//    (qv: [nq][NB][64] bytes), 16 int32 accumulators (one per token), converted to fp32 (exact: |dot| <
+//    2^24) and summed by one transpose-and-add tree (reduce16: 16 tokens' dots in one vector), then the
+//    affine map to the score vectorised over the 16 tokens. Bit-identical to score_tokens.
+// The mirror of the page ~2 pages of candidates ahead is prefetched (candidate pages are scattered).
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-template <int C>
-__attribute__((target("avx512f"))) void score_tokens_avx512(const Int4Keys& keys, const kv::SeqPages& seq, int layer,
-                                                            int kvh, const float* qe, const float* qo,
-                                                            const float* qsum, int nq, const int32_t* tokens,
-                                                            int64_t m, float* z) {
-  constexpr int dh = 16 * C;
-  const __m512i mask = _mm512_set1_epi32(15);
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on the intrinsics' _mm512_undefined_*
+template <int NB>
+TW_VNNI void score_tokens_vnni(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, const uint8_t* qv,
+                               const float* sq, const float* cq, const float* qsum, int nq, const int32_t* tokens,
+                               int64_t m, float* z) {
+  constexpr int dh = 32 * NB;  // code bytes per row
+  alignas(64) uint8_t ubuf[16][NB * 64];
+  alignas(64) float sbuf[16], zbuf[16];
+  const __m512i m15 = _mm512_set1_epi8(15);
   int64_t cur_lp = -1;
   const uint8_t* codes = nullptr;
   const float *scale = nullptr, *zero = nullptr;
-  for (int64_t j = 0; j < m; ++j) {
-    const int32_t t = tokens[j];
-    const int64_t lp = t / kPageSize;
-    if (lp != cur_lp) {
-      const int32_t phys = seq.pages[lp];
-      codes = keys.codes(keys.ctx, layer, phys, kvh);
-      scale = keys.scale(keys.ctx, layer, phys, kvh);
-      zero = keys.zero(keys.ctx, layer, phys, kvh);
-      cur_lp = lp;
-      // Prefetch the mirror of the page ~2 pages of candidates ahead: candidate pages are scattered,
-      // and without it every page starts with a cache miss on its codes and scale (bench --attention).
-      const int64_t ja = j + 2 * kPageSize;
-      if (ja < m && tokens[ja] / kPageSize > lp) {
-        const int32_t pa = seq.pages[tokens[ja] / kPageSize];
-        const char* ca = reinterpret_cast<const char*>(keys.codes(keys.ctx, layer, pa, kvh));
-        for (int off = 0; off < kPageSize * dh; off += 64) _mm_prefetch(ca + off, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(keys.scale(keys.ctx, layer, pa, kvh)), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(keys.zero(keys.ctx, layer, pa, kvh)), _MM_HINT_T0);
+  for (int64_t b0 = 0; b0 < m; b0 += 16) {
+    const int nt = (int)std::min<int64_t>(16, m - b0);
+    for (int j = 0; j < nt; ++j) {
+      const int32_t t = tokens[b0 + j];
+      const int64_t lp = t / kPageSize;
+      if (lp != cur_lp) {
+        const int32_t phys = seq.pages[lp];
+        codes = keys.codes(keys.ctx, layer, phys, kvh);
+        scale = keys.scale(keys.ctx, layer, phys, kvh);
+        zero = keys.zero(keys.ctx, layer, phys, kvh);
+        cur_lp = lp;
+        const int64_t ja = b0 + j + 2 * kPageSize;
+        if (ja < m && tokens[ja] / kPageSize > lp) {
+          const int32_t pa = seq.pages[tokens[ja] / kPageSize];
+          const char* ca = reinterpret_cast<const char*>(keys.codes(keys.ctx, layer, pa, kvh));
+          for (int off = 0; off < kPageSize * dh; off += 64) _mm_prefetch(ca + off, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(keys.scale(keys.ctx, layer, pa, kvh)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(keys.zero(keys.ctx, layer, pa, kvh)), _MM_HINT_T0);
+        }
       }
+      const int row = t % kPageSize;
+      const uint8_t* c = codes + (size_t)row * dh;
+      if constexpr (NB == 2) {
+        const __m512i b = _mm512_loadu_si512(c);
+        _mm512_store_si512(ubuf[j], _mm512_and_si512(b, m15));
+        _mm512_store_si512(ubuf[j] + 64, _mm512_and_si512(_mm512_srli_epi16(b, 4), m15));
+      } else {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+        const __m512i bb = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+        _mm512_store_si512(ubuf[j], _mm512_and_si512(bb, m15));
+      }
+      sbuf[j] = scale[row];
+      zbuf[j] = zero[row];
     }
-    const int row = t % kPageSize;
-    const uint8_t* c = codes + (size_t)row * dh;
-    __m512 lo[C], hi[C];
-    for (int k = 0; k < C; ++k) {
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * k)));
-      lo[k] = _mm512_cvtepi32_ps(_mm512_and_si512(b, mask));
-      hi[k] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    for (int j = nt; j < 16; ++j) {  // padding lanes: finite, masked out below
+      for (int k = 0; k < NB; ++k) _mm512_store_si512(ubuf[j] + 64 * k, _mm512_setzero_si512());
+      sbuf[j] = 0.f, zbuf[j] = 0.f;
     }
-    const float s = scale[row], zp = zero[row];
+    const __m512 vs = _mm512_load_ps(sbuf), vz = _mm512_load_ps(zbuf);
+    const __mmask16 valid = (__mmask16)((1u << nt) - 1u);
     for (int r = 0; r < nq; ++r) {
-      const float* e = qe + (size_t)r * dh;
-      const float* o = qo + (size_t)r * dh;
-      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(e), lo[0]);
-      __m512 b = _mm512_mul_ps(_mm512_loadu_ps(o), hi[0]);
-      for (int k = 1; k < C; ++k) {
-        a = _mm512_fmadd_ps(_mm512_loadu_ps(e + 16 * k), lo[k], a);
-        b = _mm512_fmadd_ps(_mm512_loadu_ps(o + 16 * k), hi[k], b);
+      __m512i q[NB];
+      for (int k = 0; k < NB; ++k) q[k] = _mm512_loadu_si512(qv + ((size_t)r * NB + k) * 64);
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_load_si512(ubuf[j]), q[0]);
+        if constexpr (NB == 2) a = _mm512_dpbusd_epi32(a, _mm512_load_si512(ubuf[j] + 64), q[1]);
+        acc[j] = _mm512_cvtepi32_ps(a);
       }
-      z[(size_t)r * m + j] = zp * qsum[r] + s * _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+      const __m512 dot = avx512::reduce16(acc);
+      const __m512 t = _mm512_fmadd_ps(_mm512_set1_ps(sq[r]), dot, _mm512_set1_ps(cq[r]));
+      const __m512 zz = _mm512_fmadd_ps(vs, t, _mm512_mul_ps(vz, _mm512_set1_ps(qsum[r])));
+      _mm512_mask_storeu_ps(z + (size_t)r * m + b0, valid, zz);
     }
   }
 }
@@ -196,46 +171,68 @@ void check_list(const int32_t* t, int64_t m, int64_t n_ctx, int list) {
 
 }  // namespace
 
+void quantize_query_int8(const float* q, int d, int8_t* q8, float& sq, float& cq, float& qsum) {
+  const float qscale = 1.f / std::sqrt((float)d);
+  float amax = 0.f, s = 0.f;
+  for (int i = 0; i < d; ++i) {
+    const float x = q[i] * qscale;
+    amax = std::max(amax, std::fabs(x));
+    s += x;
+  }
+  sq = amax / 127.f;
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  double res = 0.0;  // sum of the rounding residuals qs_i - sq * q8_i
+  for (int i = 0; i < d; ++i) {
+    const float x = q[i] * qscale;
+    const float r = std::nearbyint(x * inv);  // |x * inv| <= 127 (up to rounding of inv): clamp below
+    q8[i] = (int8_t)std::clamp(r, -127.f, 127.f);
+    res += (double)x - (double)sq * q8[i];
+  }
+  cq = (float)(7.5 * res);
+  qsum = s;
+}
+
 void estimate_scores(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d, const float* q, int nq,
                      const int32_t* tokens, int64_t m, float* z) {
   check_keys(keys);
   TW_CHECK(d > 0 && d % 2 == 0, "pruner: head dim ", d, " must be even");
-  const int dh = d / 2;
-  const float qscale = 1.f / std::sqrt((float)d);
-  std::vector<float> qe((size_t)nq * dh), qo((size_t)nq * dh), qsum(nq), lo(dh), hi(dh);
-  for (int r = 0; r < nq; ++r) {
-    float s = 0.f;
-    for (int i = 0; i < dh; ++i) {
-      qe[(size_t)r * dh + i] = q[(size_t)r * d + 2 * i] * qscale;
-      qo[(size_t)r * dh + i] = q[(size_t)r * d + 2 * i + 1] * qscale;
-      s += qe[(size_t)r * dh + i] + qo[(size_t)r * dh + i];
-    }
-    qsum[r] = s;
+  std::vector<int8_t> q8((size_t)nq * d);
+  std::vector<float> sq(nq), cq(nq), qsum(nq);
+  for (int r = 0; r < nq; ++r) quantize_query_int8(q + (size_t)r * d, d, q8.data() + (size_t)r * d, sq[r], cq[r], qsum[r]);
+  static const bool vnni = ops::active_simd() == ops::Simd::AVX512;  // the AVX512 level includes VNNI, BW, VL
+  if (vnni && (d == 64 || d == 128)) {
+    // Per head, the int8 query in the unpacked codes' byte order: even elements then odd ones.
+    const int dh = d / 2;
+    std::vector<uint8_t> qv((size_t)nq * d);
+    for (int r = 0; r < nq; ++r)
+      for (int i = 0; i < dh; ++i) {
+        qv[(size_t)r * d + i] = (uint8_t)q8[(size_t)r * d + 2 * i];
+        qv[(size_t)r * d + dh + i] = (uint8_t)q8[(size_t)r * d + 2 * i + 1];
+      }
+    if (d == 64)
+      score_tokens_vnni<1>(keys, seq, layer, kvh, qv.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
+    else
+      score_tokens_vnni<2>(keys, seq, layer, kvh, qv.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
+    return;
   }
-  static const bool avx512 = ops::active_simd() == ops::Simd::AVX512;  // implies AVX-512F
-  if (avx512 && d == 64)
-    score_tokens_avx512<2>(keys, seq, layer, kvh, qe.data(), qo.data(), qsum.data(), nq, tokens, m, z);
-  else if (avx512 && d == 128)
-    score_tokens_avx512<4>(keys, seq, layer, kvh, qe.data(), qo.data(), qsum.data(), nq, tokens, m, z);
-  else
-    score_tokens(keys, seq, layer, kvh, d, qe.data(), qo.data(), qsum.data(), nq, tokens, m, z, lo.data(), hi.data());
+  score_tokens(keys, seq, layer, kvh, d, q8.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
 }
 
 void estimate_scores_reference(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d,
                                const float* q, int nq, const int32_t* tokens, int64_t m, float* z) {
   check_keys(keys);
-  for (int64_t j = 0; j < m; ++j) {
-    const int32_t t = tokens[j], phys = seq.pages[t / kPageSize];
-    const int row = t % kPageSize;
-    const uint8_t* c = keys.codes(keys.ctx, layer, phys, kvh) + (size_t)row * (d / 2);
-    const double s = keys.scale(keys.ctx, layer, phys, kvh)[row], zp = keys.zero(keys.ctx, layer, phys, kvh)[row];
-    for (int r = 0; r < nq; ++r) {
-      double acc = 0.0;
-      for (int i = 0; i < d; ++i) {
-        const int code = (i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4);
-        acc += (double)q[(size_t)r * d + i] * (zp + code * s);
-      }
-      z[(size_t)r * m + j] = (float)(acc / std::sqrt((double)d));
+  std::vector<int8_t> q8(d);
+  for (int r = 0; r < nq; ++r) {
+    float sq, cq, qsum;
+    quantize_query_int8(q + (size_t)r * d, d, q8.data(), sq, cq, qsum);
+    for (int64_t j = 0; j < m; ++j) {
+      const int32_t t = tokens[j], phys = seq.pages[t / kPageSize];
+      const int row = t % kPageSize;
+      const uint8_t* c = keys.codes(keys.ctx, layer, phys, kvh) + (size_t)row * (d / 2);
+      const float s = keys.scale(keys.ctx, layer, phys, kvh)[row], zp = keys.zero(keys.ctx, layer, phys, kvh)[row];
+      int64_t dot = 0;
+      for (int i = 0; i < d; ++i) dot += (int64_t)((i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4)) * q8[i];
+      z[(size_t)r * m + j] = std::fma(s, std::fma(sq, (float)dot, cq), zp * qsum);
     }
   }
 }
@@ -295,19 +292,29 @@ struct ListScratch {
   std::vector<std::pair<double, int32_t>> order;
 };
 
-// Estimate-error margin: the INT4 rounding moves each element of K~ by at most scale_t / 2, so
-// |z_true - z_est| <= e_rt = scale_t / 2 * sum_d |q_rd| / sqrt(d). Adds the candidates whose weight could
+// Estimate-error margin: the INT4 rounding moves each element of K~ by at most scale_t / 2 and the
+// int8 query adds at most 7.5 * scale_t * sum_d |qs_d - sq * q8_d| (pruner.h), so
+// |z_true - z_est| <= e_rt = scale_t * (sum_d |qs_rd| / 2 + 7.5 * sum_d |qs_rd - sq_r * q8_rd|). Adds the candidates whose weight could
 // reach the top-p threshold tau if their score were margin * e_rt higher: w_rt * exp(margin * e_rt) >= tau
 // (Mean / Head: the group-averaged such weight against the one threshold; Union: per head against
 // that head's own threshold). sc.z holds the per-head weights, sc.w the average, sc.idx the kept
 // indices (ascending); sc.idx stays ascending.
 void add_margin(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d, const float* qi, int nq,
                 const int32_t* t, int64_t m, float margin, bool union_heads, ListScratch& sc) {
+  // qa[r] * scale_t = margin * e_rt (pruner.h: INT4 rounding of the keys + int8 rounding of the query).
   std::vector<float> qa(nq);
+  std::vector<int8_t> q8(d);
+  const float qscale = 1.f / std::sqrt((float)d);
   for (int r = 0; r < nq; ++r) {
-    double a = 0;
-    for (int i = 0; i < d; ++i) a += std::fabs(qi[(size_t)r * d + i]);
-    qa[r] = (float)(0.5 * margin * a / std::sqrt((double)d));
+    float sq, cq, qsum;
+    quantize_query_int8(qi + (size_t)r * d, d, q8.data(), sq, cq, qsum);
+    double a = 0, res = 0;
+    for (int i = 0; i < d; ++i) {
+      const double x = (double)(qi[(size_t)r * d + i] * qscale);
+      a += std::fabs(x);
+      res += std::fabs(x - (double)sq * q8[i]);
+    }
+    qa[r] = (float)(margin * (0.5 * a + 7.5 * res));
   }
   sc.kscale.resize(m);
   int64_t cur_lp = -1;

@@ -2,7 +2,7 @@
 // a selector's candidates with the INT4 key mirror, then keep the exact top-p set of them.
 //
 // Per list of the input Selection:
-//   z_i = q . K~_i / sqrt(d) for every candidate i (K~ = zero + code * scale, the INT4 mirror),
+//   z_i = the INT4 estimate of q . K_i / sqrt(d) for every candidate i (below),
 //   w   = softmax(z) over the candidates (fp32),
 //   I   = topp_select(w, p) (topp.h: the exact threshold, ties kept), then floor / cap, plus the
 //         current token n_ctx - 1 (always kept, also when the selector did not propose it).
@@ -31,6 +31,14 @@
 //   Dense: keep the whole context (no pruning) for that list.
 // Report only measures the bound. The bound reported is the one of the final I0 (0 when I0 covers
 // the context).
+// INT4 estimate (integer form, so the CPU can use AVX-512 VNNI): per query head, qs = q / sqrt(d) is
+// quantised once per call to int8, symmetric: sq = max|qs| / 127, q8 = round(qs / sq) (to nearest
+// even), with the per-head constants qsum = sum qs and cq = 7.5 * sum_i (qs_i - sq * q8_i). Then
+//   z = scale_t * (sq * dot + cq) + zero_t * qsum,   dot = sum_i code_ti * q8_i (exact in int32),
+// which is q . K~_t / sqrt(d) (K~ = zero + code * scale, the INT4 mirror) up to
+// scale_t * sum_i (code_ti - 7.5) * (qs_i - sq * q8_i): centring the codes at 7.5 halves the query
+// rounding's worst case, |error| <= 7.5 * scale_t * sum_i |qs_i - sq * q8_i| <= 3.75 * d * sq * scale_t.
+// Every SIMD level computes exactly this (bit-identical to estimate_scores_reference).
 // GQA-aware estimate: each INT4 row is loaded and unpacked once per kv head and scored against all G
 // query heads (TWILIGHT.md section 4.2). Threads split the lists; results do not depend on the
 // thread count.
@@ -87,8 +95,9 @@ struct PruneOptions {
   float guard_frac = 1.f;   // the guard acts when a head's bound > guard_frac * (1 - p); in [0, 1]
   float widen_max = 0.5f;   // Widen: beyond this fraction of n_ctx take the whole context; in (0, 1]
   // Estimate-error margin (0 = off): also keep candidates whose weight could reach the top-p threshold
-  // if their score were margin * e higher, e = scale_t / 2 * sum_d |q_d| / sqrt(d) the INT4 rounding
-  // bound of that token's score (1 = the full bound). Helps where the mirror is coarse (large scales).
+  // if their score were margin * e higher, e = scale_t * (sum_d |qs_d| / 2 + 7.5 * sum_d |qs_d - sq * q8_d|)
+  // (qs = q / sqrt(d)) the bound of that token's estimate error (INT4 keys + int8 query; 1 = the full
+  // bound). Helps where the mirror is coarse (large scales).
   float margin = 0.f;
 };
 
@@ -131,10 +140,13 @@ void prune_topp(const KeySide& ks, const kv::SeqPages& seq, int layer, const Hea
                 const Selection& in, int64_t n_ctx, const PruneOptions& opt, Selection& out,
                 std::vector<PruneStats>& stats, ThreadPool& tp);
 
-// The estimate alone: z[r][j] = q_r . K~_{tokens[j]} / sqrt(d) for nq query heads sharing kv head
-// `kvh`. q: [nq][d]; z: [nq][m]. Fast (unpack once, score all nq) and scalar reference versions.
+// The estimate alone (the INT4 estimate above): z[r][j] for nq query heads sharing kv head `kvh` and
+// the tokens tokens[j]. q: [nq][d]; z: [nq][m]. Fast (unpack once, score all nq) and scalar reference
+// versions, bit-identical.
 void estimate_scores(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d, const float* q, int nq,
                      const int32_t* tokens, int64_t m, float* z);
+// The estimate's query quantisation (above) of one head: q [d] -> q8 [d], sq, cq, qsum.
+void quantize_query_int8(const float* q, int d, int8_t* q8, float& sq, float& cq, float& qsum);
 void estimate_scores_reference(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d,
                                const float* q, int nq, const int32_t* tokens, int64_t m, float* z);
 

@@ -33,20 +33,6 @@ void top_r(std::vector<int32_t>& idx, const float* key, int64_t r) {
   std::nth_element(idx.begin(), idx.begin() + r, idx.end(), better);
 }
 
-namespace {
-
-// Order-preserving map float -> uint32 for the ranking key: larger key, larger u. NaN ranks as +inf
-// (rank_key) and -0.0 as +0.0, so u ties exactly when the float comparison of rank_key ties.
-inline uint32_t order_bits(float x) {
-  x = rank_key(x);
-  if (x == 0.f) x = 0.f;
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-}  // namespace
-
 uint32_t kth_largest_bits(const uint32_t* u, int64_t n, int64_t k, int64_t& n_equal_taken) {
   // Radix select on the bits, 11 + 11 + 10, high to low: each level histograms the candidates whose
   // higher bits equal the boundary found so far and walks the buckets from the top until k is reached.

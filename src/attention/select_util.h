@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "attention/dense_cpu.h"  // HeadShape
@@ -24,6 +25,16 @@ inline float rank_key(float x) { return std::isnan(x) ? INFINITY : x; }
 // Top r of idx[0..n) by key[idx] descending, ties lower index first; the chosen ones end up in
 // idx[0..r) (unordered). r <= 0 or r >= n: idx unchanged.
 void top_r(std::vector<int32_t>& idx, const float* key, int64_t r);
+
+// Order-preserving map float -> uint32 for the ranking key: larger key, larger u. NaN ranks as +inf
+// (rank_key) and -0.0 as +0.0, so u ties exactly when the float comparison of rank_key ties.
+inline uint32_t order_bits(float x) {
+  x = rank_key(x);
+  if (x == 0.f) x = 0.f;
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
 
 // The k-th largest (1 <= k <= n) of n order-preserving uint32 keys by radix select (O(n), no sort);
 // n_equal_taken = how many of the keys equal to it belong to the top k.

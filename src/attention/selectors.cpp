@@ -6,8 +6,14 @@
 #include <numeric>
 #include <vector>
 
+// GCC 12 flags the intrinsics' _mm512_undefined_* placeholders inside reduce16 (a known false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include "attention/attend_block_avx512.h"  // reduce16, AlignedAlloc, TW_AVX512
+#pragma GCC diagnostic pop
 #include "attention/select_util.h"
 #include "common/error.h"
+#include "common/fp16.h"
 #include "ops/cpu/matmul.h"
 
 #include <immintrin.h>
@@ -23,7 +29,6 @@ using kv::kPageSize;
 using detail::check_common;
 using detail::n_lists_of;
 using detail::rank_key;
-using detail::top_r;
 
 void push_all(Selection& out, int64_t n_ctx, int n_lists, std::vector<int32_t>& tmp) {
   tmp.resize(n_ctx);
@@ -35,13 +40,16 @@ void push_all(Selection& out, int64_t n_ctx, int n_lists, std::vector<int32_t>& 
 // head's q+ = max(q, 0) then q- = min(q, 0): max(q*kmax, q*kmin) = q+*kmax + q-*kmin term by term
 // (kmax >= kmin), which turns the bound into two dot products. Heads go four at a time so the four
 // reductions are independent chains (one chain per head was latency-bound). zeros: [2][d] of 0 to pad a
-// block. Group: max over the heads into out[lp]; Head: out[g * stride + lp].
+// block. Group: max over the heads into out[lp]; Head: out[g * stride + lp]. The fp16 bounds are
+// converted to fp32 per page (bit-exact scalar conversion: this is the portable path).
 TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, int h, int64_t lp0, int64_t lp1,
                            const float* qpn, const float* zeros, int G, int d, bool group, float* out,
                            int64_t stride) {
+  float mn[256], mx[256];  // d <= 256 (KeySide's limit)
   for (int64_t lp = lp0; lp < lp1; ++lp) {
-    const float* mn = ks.kmin(layer, pages[lp], h);
-    const float* mx = ks.kmax(layer, pages[lp], h);
+    const uint16_t* mn16 = ks.kmin(layer, pages[lp], h);
+    const uint16_t* mx16 = ks.kmax(layer, pages[lp], h);
+    for (int i = 0; i < d; ++i) mn[i] = fp16_to_fp32(mn16[i]), mx[i] = fp16_to_fp32(mx16[i]);
     float best = -INFINITY;
     for (int g0 = 0; g0 < G; g0 += 4) {
       const float* qb[4];
@@ -68,74 +76,116 @@ TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, i
   }
 }
 
-// score_pages at the AVX-512 level for d % 16 == 0, over logical pages [lp0, lp1) and EVERY kv head
-// (page-major: a thread reads the bounds of its pages as one contiguous stream, [page][head][d]):
-// per (page, kv head), the bound slices are loaded once and FMA'd against the G heads' q+ / q-
-// (8 heads at a time, each its own accumulator), the next page's bounds are prefetched. Output as
-// score_pages: Group: out[h * n_pages + lp] = max over the group (NaN ranks as +inf); Head:
-// out[(h * G + g) * n_pages + lp].
+// score_pages at the AVX-512 level for d % 16 == 0, over logical pages [lp0, lp1) and EVERY kv head,
+// in blocks of 16 pages. Per (kv head, pair of pages), each 16-wide slice of the fp16 bounds is
+// converted once (vcvtph2ps) and FMA'd against the G heads' q+ / q- (up to 8 heads at a time, each
+// q slice loaded once for the two pages: 2 FMAs per channel per head, one load per 2 FMAs); the
+// per-(head, page) accumulators go to scratch and one transpose-and-add tree (reduce16) per head turns
+// 16 pages' accumulators into 16 scores (a full horizontal reduction per (head, page) cost half as
+// much as the FMAs). Bounds are prefetched PFD pages ahead. Output as score_pages: Group:
+// out[h * n_pages + lp] = max over the group (NaN ranks as +inf); Head: out[(h * G + g) * n_pages + lp].
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on the intrinsics' _mm512_undefined_*
-// NG heads g0 .. g0+NG-1 of one (page, kv head): u[g] = sum over d of q+ * kmax + q- * kmin.
-template <int NG>
-__attribute__((target("avx512f,fma"))) inline void bound_dots(const float* mn, const float* mx, const float* qh, int g0,
-                                                              int d, float* u) {
-  __m512 acc[NG];
+// Heads g0 .. g0+NG-1 against NP pages (bounds mn[p], mx[p]): acc[(g0 + g) * 16 + jp[p]] (16 floats each).
+// qk: the kv head's packed query [d/16][G][q+, q-][16] (one base pointer, constant offsets: with a
+// pointer per head the compiler ran out of general registers).
+template <int NG, int NP>
+TW_AVX512 inline void bound_dots(const uint16_t* const* mn, const uint16_t* const* mx, const float* qk, int G,
+                                 int g0, int d, const int* jp, float* acc) {
+  __m512 a[NP][NG];
 #pragma GCC unroll 8
-  for (int g = 0; g < NG; ++g) acc[g] = _mm512_setzero_ps();
-  for (int v = 0; v < d / 16; ++v) {
-    const __m512 a = _mm512_loadu_ps(mx + 16 * v), b = _mm512_loadu_ps(mn + 16 * v);
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) a[p][g] = _mm512_setzero_ps();
+  const float* qv = qk + (size_t)g0 * 32;
+  for (int v = 0; v < d / 16; ++v, qv += (size_t)G * 32) {
+    __m512 hi[NP], lo[NP];
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) {
+      hi[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mx[p] + 16 * v)));
+      lo[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn[p] + 16 * v)));
+    }
 #pragma GCC unroll 8
     for (int g = 0; g < NG; ++g) {
-      const float* qg = qh + (size_t)(g0 + g) * 2 * d + 16 * v;
-      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg), a, acc[g]);
-      acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), b, acc[g]);
+      const __m512 qp = _mm512_load_ps(qv + 32 * g), qn = _mm512_load_ps(qv + 32 * g + 16);
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) {
+        a[p][g] = _mm512_fmadd_ps(qp, hi[p], a[p][g]);
+        a[p][g] = _mm512_fmadd_ps(qn, lo[p], a[p][g]);
+      }
     }
   }
 #pragma GCC unroll 8
-  for (int g = 0; g < NG; ++g) u[g] = _mm512_reduce_add_ps(acc[g]);
+  for (int g = 0; g < NG; ++g)
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) _mm512_store_ps(acc + ((size_t)(g0 + g) * 16 + jp[p]) * 16, a[p][g]);
 }
 
-__attribute__((target("avx512f,fma"))) void score_pages_avx512(const KeySide& ks, const int32_t* pages, int layer,
-                                                              int hkv, int64_t lp0, int64_t lp1, const float* qpn,
-                                                              int G, int d, bool group, float* out, int64_t n_pages) {
-  float u[8];
-  for (int64_t lp = lp0; lp < lp1; ++lp) {
-    constexpr int PFD = 2;  // pages ahead (1-16 measured within noise; 2 kept)
-    if (lp + PFD < lp1)  // two pages ahead: the bounds of all heads of a page are contiguous
-      for (int h = 0; h < hkv; ++h) {
-        const char* a = reinterpret_cast<const char*>(ks.kmin(layer, pages[lp + PFD], h));
-        const char* b = reinterpret_cast<const char*>(ks.kmax(layer, pages[lp + PFD], h));
-        for (int off = 0; off < d * 4; off += 64) {
-          _mm_prefetch(a + off, _MM_HINT_T0);
-          _mm_prefetch(b + off, _MM_HINT_T0);
-        }
-      }
+template <int NP>
+TW_AVX512 inline void bound_dots_heads(const uint16_t* const* mn, const uint16_t* const* mx, const float* qk, int G,
+                                       int d, const int* jp, float* acc) {
+  for (int g0 = 0; g0 < G; g0 += 8) {
+    switch (G - g0 < 8 ? G - g0 : 8) {  // the head count as a template argument keeps the accumulators in registers
+      case 1: bound_dots<1, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+      case 2: bound_dots<2, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+      case 3: bound_dots<3, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+      case 4: bound_dots<4, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+      case 5: bound_dots<5, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+      case 6: bound_dots<6, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+      case 7: bound_dots<7, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+      default: bound_dots<8, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+    }
+  }
+}
+
+// qpk: [hkv][d/16][G][q+, q-][16], 64-byte aligned.
+TW_AVX512 void score_pages_avx512(const KeySide& ks, const int32_t* pages, int layer, int hkv, int64_t lp0, int64_t lp1,
+                                  const float* qpk, int G, int d, bool group, float* out, int64_t n_pages) {
+  static thread_local std::vector<float, avx512::AlignedAlloc<float>> accbuf;
+  if (accbuf.size() < (size_t)G * 256) accbuf.resize((size_t)G * 256);
+  float* acc = accbuf.data();  // [G][16 pages][16 lanes]
+  constexpr int PFD = 4;       // pages ahead
+  const int lines = d * 2 / 64 > 0 ? d * 2 / 64 : 1;  // cache lines per fp16 bound row
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  for (int64_t b0 = lp0; b0 < lp1; b0 += 16) {
+    const int np = (int)std::min<int64_t>(16, lp1 - b0);
+    const __mmask16 valid = (__mmask16)((1u << np) - 1u);
     for (int h = 0; h < hkv; ++h) {
-      const float* mn = ks.kmin(layer, pages[lp], h);
-      const float* mx = ks.kmax(layer, pages[lp], h);
-      const float* qh = qpn + (size_t)h * G * 2 * d;
-      float best = -INFINITY;
-      for (int g0 = 0; g0 < G; g0 += 8) {
-        const int ng = G - g0 < 8 ? G - g0 : 8;
-        switch (ng) {  // the head count as a template argument keeps the accumulators in registers
-          case 1: bound_dots<1>(mn, mx, qh, g0, d, u); break;
-          case 2: bound_dots<2>(mn, mx, qh, g0, d, u); break;
-          case 3: bound_dots<3>(mn, mx, qh, g0, d, u); break;
-          case 4: bound_dots<4>(mn, mx, qh, g0, d, u); break;
-          case 5: bound_dots<5>(mn, mx, qh, g0, d, u); break;
-          case 6: bound_dots<6>(mn, mx, qh, g0, d, u); break;
-          case 7: bound_dots<7>(mn, mx, qh, g0, d, u); break;
-          default: bound_dots<8>(mn, mx, qh, g0, d, u); break;
-        }
-        for (int g = 0; g < ng; ++g) {
-          if (group)
-            best = (std::isnan(u[g]) || u[g] > best) ? rank_key(u[g]) : best;
-          else
-            out[((size_t)h * G + g0 + g) * n_pages + lp] = u[g];
+      const float* qh = qpk + (size_t)h * G * 2 * d;
+      int j = 0;
+      for (; j < np; j += 2) {
+        for (int p = j; p < j + 2 && p < np; ++p)
+          if (h == 0 && b0 + p + PFD < lp1)  // all heads of a page ahead (contiguous [page][head][d])
+            for (int hh = 0; hh < hkv; ++hh) {
+              const char* a = reinterpret_cast<const char*>(ks.kmin(layer, pages[b0 + p + PFD], hh));
+              const char* b = reinterpret_cast<const char*>(ks.kmax(layer, pages[b0 + p + PFD], hh));
+              for (int l = 0; l < lines; ++l) {
+                _mm_prefetch(a + 64 * l, _MM_HINT_T0);
+                _mm_prefetch(b + 64 * l, _MM_HINT_T0);
+              }
+            }
+        const uint16_t* mn[2] = {ks.kmin(layer, pages[b0 + j], h), nullptr};
+        const uint16_t* mx[2] = {ks.kmax(layer, pages[b0 + j], h), nullptr};
+        const int jp[2] = {j, j + 1};
+        if (j + 1 < np) {
+          mn[1] = ks.kmin(layer, pages[b0 + j + 1], h);
+          mx[1] = ks.kmax(layer, pages[b0 + j + 1], h);
+          bound_dots_heads<2>(mn, mx, qh, G, d, jp, acc);
+        } else {
+          bound_dots_heads<1>(mn, mx, qh, G, d, jp, acc);
         }
       }
-      if (group) out[(size_t)h * n_pages + lp] = best;
+      for (; j < 16; ++j)  // unused lanes of a partial block: finite, masked out below
+        for (int g = 0; g < G; ++g) _mm512_store_ps(acc + ((size_t)g * 16 + j) * 16, _mm512_setzero_ps());
+      __m512 best = _mm512_set1_ps(-INFINITY);
+      for (int g = 0; g < G; ++g) {
+        const __m512 u = avx512::reduce16(reinterpret_cast<const __m512*>(acc + (size_t)g * 256));
+        if (group)  // NaN (inf keys only) ranks as +inf: it cannot rule the page out
+          best = _mm512_max_ps(best, _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(u, u, _CMP_UNORD_Q), inf));
+        else
+          _mm512_mask_storeu_ps(out + ((size_t)h * G + g) * n_pages + b0, valid, u);
+      }
+      if (group) _mm512_mask_storeu_ps(out + (size_t)h * n_pages + b0, valid, best);
     }
   }
 }
@@ -181,22 +231,33 @@ void quest_impl(const KeySide& ks, const kv::SeqPages& seq, int layer, const Hea
   // Here n_pages >= 2: the sink page and the last page are distinct and always kept.
   std::vector<float> scores((size_t)n_lists * n_pages);
   quest_page_scores(ks, seq, layer, hs, q, n_ctx, mode, scores.data(), tp);
-  const int64_t r = std::max<int64_t>(0, n_sel - 2);
-  std::vector<int32_t> idx;
+  // Per list: the r-th largest score T among pages 1 .. n_pages-2 by radix select (order_bits: NaN
+  // ranks as +inf), then one ascending pass keeps the pages above T and the first ones equal to T
+  // (ties: lower page first), so the tokens come out ascending without a sort.
+  const int64_t r = std::max<int64_t>(0, n_sel - 2), mid = n_pages - 2;  // r < mid here
+  std::vector<uint32_t> u(mid);
+  const int64_t last0 = (n_pages - 1) * kPageSize;
+  const int64_t n_tok = (r + 1) * kPageSize + (n_ctx - last0);
   for (int li = 0; li < n_lists; ++li) {
-    idx.resize(n_pages - 2);
-    std::iota(idx.begin(), idx.end(), 1);
-    top_r(idx, scores.data() + (size_t)li * n_pages, r);
-    idx.resize(std::min<int64_t>(r, (int64_t)idx.size()));
-    idx.push_back(0);
-    idx.push_back((int32_t)(n_pages - 1));
-    std::sort(idx.begin(), idx.end());
-    tmp.clear();
-    for (int32_t lp : idx) {
-      const int64_t t1 = std::min<int64_t>(n_ctx, (int64_t)(lp + 1) * kPageSize);
-      for (int64_t t = (int64_t)lp * kPageSize; t < t1; ++t) tmp.push_back((int32_t)t);
+    const float* sc = scores.data() + (size_t)li * n_pages;
+    uint32_t T = 0;
+    int64_t eq_left = 0;
+    if (r > 0) {
+      for (int64_t p = 0; p < mid; ++p) u[p] = detail::order_bits(sc[p + 1]);
+      T = detail::kth_largest_bits(u.data(), mid, r, eq_left);
     }
-    out.push_list(tmp.data(), (int64_t)tmp.size());
+    const size_t base = out.tokens.size();
+    out.tokens.resize(base + n_tok);
+    int32_t* o = out.tokens.data() + base;
+    auto emit = [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) *o++ = (int32_t)t;
+    };
+    emit(0, kPageSize);
+    for (int64_t p = 0; p < mid && r > 0; ++p)
+      if (u[p] > T || (u[p] == T && eq_left-- > 0)) emit((p + 1) * kPageSize, (p + 2) * kPageSize);
+    emit(last0, n_ctx);
+    TW_CHECK(o == out.tokens.data() + base + n_tok, "quest selector: internal error (page count)");
+    out.offsets.push_back((int32_t)out.tokens.size());
   }
 }
 
@@ -216,9 +277,17 @@ void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, co
       qpn[(size_t)hq * 2 * d + d + i] = x < 0.f ? x : 0.f;
     }
   if (ops::active_simd() == ops::Simd::AVX512 && d % 16 == 0) {
+    // q+ / q- repacked per kv head as [d/16][G][2][16].
+    std::vector<float, avx512::AlignedAlloc<float>> qpk(qpn.size());
+    for (int h = 0; h < hkv; ++h)
+      for (int g = 0; g < G; ++g)
+        for (int i = 0; i < d; ++i)
+          for (int sgn = 0; sgn < 2; ++sgn)
+            qpk[(size_t)h * G * 2 * d + (((size_t)(i / 16) * G + g) * 2 + sgn) * 16 + i % 16] =
+                qpn[((size_t)h * G + g) * 2 * d + (size_t)sgn * d + i];
     // Work item: one page, all kv heads.
     auto run = [&](int64_t b, int64_t e, int) {
-      score_pages_avx512(ks, seq.pages.data(), layer, hkv, b, e, qpn.data(), G, d, group, scores, n_pages);
+      score_pages_avx512(ks, seq.pages.data(), layer, hkv, b, e, qpk.data(), G, d, group, scores, n_pages);
     };
     if (tp && tp->size() > 1 && n_pages * hkv >= 256)
       tp->parallel_for(n_pages, run);

@@ -100,11 +100,12 @@ void quest_ref(const Env& e, const float* q, int64_t n_ctx, GqaMode mode, std::v
     const int h = hq / G;
     const int li = mode == GqaMode::Group ? h : hq;
     for (int64_t p = 0; p < np; ++p) {
-      const float* mn = e.ks.kmin(kLayer, e.seq.pages[p], h);
-      const float* mx = e.ks.kmax(kLayer, e.seq.pages[p], h);
+      const uint16_t* mn = e.ks.kmin(kLayer, e.seq.pages[p], h);
+      const uint16_t* mx = e.ks.kmax(kLayer, e.seq.pages[p], h);
       double u = 0, m = 0;
       for (int i = 0; i < d; ++i) {
-        const double a = (double)q[(size_t)hq * d + i] * mx[i], b = (double)q[(size_t)hq * d + i] * mn[i];
+        const double a = (double)q[(size_t)hq * d + i] * fp16_to_fp32(mx[i]),
+                     b = (double)q[(size_t)hq * d + i] * fp16_to_fp32(mn[i]);
         u += std::max(a, b);
         m += std::fabs(a) + std::fabs(b);
       }
@@ -243,7 +244,8 @@ TEST_P(Selectors, RandomMatchesBruteForce) {
 INSTANTIATE_TEST_SUITE_P(Shapes, Selectors,
                          ::testing::Values(Case{9, 3, 64, 1}, Case{9, 3, 64, 5}, Case{9, 3, 64, 16}, Case{9, 3, 64, 1037},
                                            Case{12, 2, 128, 17}, Case{12, 2, 128, 700}, Case{14, 2, 64, 333},
-                                           Case{32, 8, 128, 130}, Case{32, 8, 128, 515}));
+                                           Case{32, 8, 128, 130}, Case{32, 8, 128, 515},
+                                           Case{18, 1, 64, 300}));  // G = 18: several blocks of 8 heads
 
 TEST(Selectors, QuestScoresMatchReference) {
   const HeadShape hs{12, 2, 128};
@@ -503,7 +505,7 @@ TEST(SelectorsBench, DISABLED_AppendAndQuest) {
     const double q1 = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Group, s); });
     const double q2 = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Group, s, tp2); });
     const double qh = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Head, s); });
-    const double bytes = 2.0 * (n / kPageSize) * 2 * 128 * 4;  // kmin + kmax read, fp32
+    const double bytes = 2.0 * (n / kPageSize) * 2 * 128 * 2;  // kmin + kmax read, fp16
     std::printf("n_ctx %6lld  quest scores (group): %.1f us 1 thread (%.1f GB/s of bounds), %.1f us 2 threads\n",
                 (long long)n, s1, bytes / s1 / 1e3, s2);
     std::printf("n_ctx %6lld  select_quest budget %lld: group %.1f us (1 thr) / %.1f us (2 thr), head %.1f us (1 thr)\n",

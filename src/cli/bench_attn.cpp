@@ -19,7 +19,7 @@
 //    over the layers so both see equally cold data): softmax + top-p + building the lists.
 //  - Bytes (TWILIGHT.md section 2 with the CPU layout): dense and attend read 2*d*2 B per (token,
 //    kv head) (K and V fp16; group mode reads a kv head's rows once for its G query heads); select
-//    (Quest) 2*d*4 B per (page, kv head) (fp32 min and max); estimate d/2 + 8 B per (candidate, kv
+//    (Quest) 2*d*2 B per (page, kv head) (fp16 min and max); estimate d/2 + 8 B per (candidate, kv
 //    head) (INT4 codes + fp32 scale and zero); prune touches only the estimate's weights (in cache,
 //    0 B counted).
 //  - Times: per layer (one decode query, all heads of the layer), mean over steps x layers within a
@@ -558,7 +558,7 @@ int cmd_bench_attention(int argc, char** argv) {
             attn::sparse_decode(pool, seq, li, hs, q, *fin, ctx, outv.data(), tp);
             t_att += now() - t0;
             if (rep == 0) {
-              b_sel += (double)((ctx + kv::kPageSize - 1) / kv::kPageSize) * hkv * 2 * d * 4;
+              b_sel += (double)((ctx + kv::kPageSize - 1) / kv::kPageSize) * hkv * 2 * d * 2;  // fp16 min + max
               for (int h = 0; h < fin->n_lists; ++h) {
                 const int64_t m = fin->size(h);
                 const bool has_cur = m > 0 && fin->list(h)[m - 1] == ctx - 1;
