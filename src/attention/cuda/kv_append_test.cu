@@ -11,6 +11,7 @@
 #include "attention/cuda/attn_test_util.h"
 #include "attention/cuda/kv_append.h"
 #include "attention/key_side.h"
+#include "common/fp16.h"
 #include "kv/kv_cache.h"
 
 namespace tw::attn::cuda {
@@ -33,7 +34,7 @@ struct DevSide {
 
 // Host mirror of everything kv_append writes, built by the reference path.
 struct HostSide {
-  std::vector<float> kmin, kmax, scale, zero;  // bounds as floats (the CPU's type)
+  std::vector<float> kmin, kmax, scale, zero;  // bounds widened to float
   std::vector<uint8_t> k4;
 };
 
@@ -124,8 +125,10 @@ void run_case(std::mt19937_64& rng, KvDtype dt, int hkv, int d, const std::vecto
       for (int h = 0; h < hkv; ++h) {
         const size_t bo = ((size_t)phys * hkv + h) * d, so = ((size_t)phys * hkv + h) * kPageSize;
         if (dt == KvDtype::F16) {
-          std::copy_n(ks.kmin(0, phys, h), d, &hs.kmin[bo]);
-          std::copy_n(ks.kmax(0, phys, h), d, &hs.kmax[bo]);
+          for (int i = 0; i < d; ++i) {  // the CPU keeps the bounds as fp16 bits
+            hs.kmin[bo + i] = fp16_to_fp32(ks.kmin(0, phys, h)[i]);
+            hs.kmax[bo + i] = fp16_to_fp32(ks.kmax(0, phys, h)[i]);
+          }
           std::copy_n(ks.k4_scale(0, phys, h), kPageSize, &hs.scale[so]);
           std::copy_n(ks.k4_zero(0, phys, h), kPageSize, &hs.zero[so]);
           std::copy_n(ks.k4(0, phys, h), kPageSize * d / 2, &hs.k4[so * d / 2]);

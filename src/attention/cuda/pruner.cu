@@ -40,8 +40,9 @@ constexpr double kFixedUnit = 0x1p-52;
 // Block-wide fixed fields at the start of dynamic shared memory; the same layout in every block of a
 // cluster, so a field's address maps to the other blocks' copies (distributed shared memory).
 struct Small {
-  float qsum[kMaxGroup];     // sum of the scaled query per head (the zero-point term)
-  float qinv[kMaxGroup];     // 1 / the power of two the query was multiplied by before the fp16 split
+  float qsum[kMaxGroup];     // per head: sum of qs = q / sqrt(d) (the zero-point term)
+  float sq[kMaxGroup];       // per head: the int8 query's scale
+  float cq[kMaxGroup];       // per head: 7.5 * sum of the query's rounding residuals
   float wred[kWarps][kMaxGroup];
   float cmax[kMaxGroup];     // this block's score max per head (read by the cluster)
   float csum[kMaxGroup];     // this block's exp sum per head (read by the cluster)
@@ -53,7 +54,8 @@ struct Small {
   u64 sel_cum, sel_total;
   int ccount;                // this block's count (published to the cluster)
   u64 cmass;                 // this block's kept mass, fixed point (published)
-  uint2 bfrag[8][2][32];      // the query as MMA B fragments: [k-step][hi, lo][lane]
+  int8_t q8[kMaxGroup][128]; // the int8 query per head
+  uint2 bq[4][32];           // the int8 query as MMA B fragments: [k32-step][lane]
 };
 
 struct Args {
@@ -76,28 +78,14 @@ struct Args {
   int stop;  // benchmarking aid (TW_PRUNE_STOP_AFTER): leave after phase `stop` (0 = run everything)
 };
 
-__device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ __half2 bits_half2(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
 
-// 8 INT4 codes of one 32-bit word (element 2i low nibble of byte i, 2i+1 high) as four fp16 pairs,
-// exact: (e0,e4), (e1,e5), (e2,e6), (e3,e7). 0x6400 | c is the half 1024 + c (c in the low mantissa bits).
-__device__ __forceinline__ void unpack8(uint32_t w, uint32_t& e04, uint32_t& e15, uint32_t& e26, uint32_t& e37) {
-  const uint32_t magic = 0x64006400u;
-  const __half2 k1024 = __floats2half2_rn(1024.f, 1024.f);
-  const __half2 k16 = __floats2half2_rn(0.0625f, 0.0625f), km64 = __floats2half2_rn(-64.f, -64.f);
-  const uint32_t w8 = w >> 8;
-  e04 = half2_bits(__hsub2(bits_half2((w & 0x000f000fu) | magic), k1024));
-  e15 = half2_bits(__hfma2(bits_half2((w & 0x00f000f0u) | magic), k16, km64));
-  e26 = half2_bits(__hsub2(bits_half2((w8 & 0x000f000fu) | magic), k1024));
-  e37 = half2_bits(__hfma2(bits_half2((w8 & 0x00f000f0u) | magic), k16, km64));
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
+// D += A B, m16n8k32, u8 (codes 0..15) x s8 (the int8 query), exact int32 accumulators.
+__device__ __forceinline__ void imma16832(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
@@ -117,11 +105,6 @@ struct RowBytes<64> {
   __device__ static void words(const T& v, uint32_t (&w)[2]) { w[0] = v.x, w[1] = v.y; }
 };
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -297,10 +280,9 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn k
   return prefix;
 }
 
-template <int D, bool PACK, int MINB>
+template <int D, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   constexpr int kUnroll = MINB >= 3 ? 4 : 8;  // 16-row tiles whose loads a warp has in flight at once
-  constexpr int KS = D / 16;  // MMA k-steps per row
   using RB = RowBytes<D>;
   cg::cluster_group cl = cg::this_cluster();
   const int C = (int)cl.num_blocks();
@@ -339,26 +321,47 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
 
   // ---- prologue: histograms cleared, query scaled and split, row indices resolved ----
   for (int i = tid; i < 6 * kBins; i += kThreads) histA[i] = 0u;
+  // The query in int8, as the CPU's quantize_query_int8 (pruner.h), one warp per head: x = q * qscale
+  // and sq are the CPU's float operations; the max is order-free; qsum is summed in the CPU's order (one
+  // lane, from shared memory); the rounding residuals x - sq * q8 are exact in double (sq * q8 has
+  // 31 bits; x is within half a step of it), so only their double sum's order differs from the CPU's,
+  // far below the rounding of cq to float.
   const float qscale = 1.f / sqrtf((float)D);
   const float* qh = a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G) * D;
-  if (warp < kMaxGroup) {
-    float s = 0.f, mx = 0.f;
-    if (warp < G)
-      for (int i = lane; i < D; i += 32) {
-        const float v = qh[(size_t)warp * D + i] * qscale;
-        s += v;
-        mx = fmaxf(mx, fabsf(v));
-      }
-    s = warp_sum(s);
-    mx = warp_max(mx);
-    if (lane == 0) {
-      int e = 0;
-      if (mx > 0.f) frexpf(mx, &e);              // mx = f * 2^e, f in [0.5, 1)
-      const int sh = min(max(8 - e, -120), 120);  // |q| * 2^sh < 256: hi and lo stay normal fp16
-      S.qsum[warp] = s;
-      S.qinv[warp] = ldexpf(1.f, -sh);
-      S.cmax[warp] = ldexpf(1.f, sh);  // scratch: the factor, read below
+  static_assert(kWarps >= kMaxGroup && kMaxGroup * 128 <= 3 * kBins, "one warp per head; scratch fits histB");
+  __syncthreads();  // the histograms are cleared: histB lends the query scratch below, zeroed again after
+  if (warp < G) {
+    float* xs = reinterpret_cast<float*>(histB) + (size_t)warp * D;  // G * D <= 3 * kBins words
+    float x[D / 32], amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < D / 32; ++e) {
+      x[e] = qh[(size_t)warp * D + lane + 32 * e] * qscale;
+      xs[lane + 32 * e] = x[e];
+      amax = fmaxf(amax, fabsf(x[e]));
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float sq = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    double res = 0.0;
+#pragma unroll
+    for (int e = 0; e < D / 32; ++e) {
+      const float r = fminf(fmaxf(rintf(x[e] * inv), -127.f), 127.f);
+      S.q8[warp][lane + 32 * e] = (int8_t)r;
+      res += (double)x[e] - (double)sq * (double)r;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) res += __shfl_xor_sync(0xffffffffu, res, o);
+    __syncwarp();
+    if (lane == 0) {
+      float qs = 0.f;
+      for (int i = 0; i < D; ++i) qs += xs[i];
+      S.sq[warp] = sq;
+      S.cq[warp] = (float)(7.5 * res);
+      S.qsum[warp] = qs;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int e = 0; e < D / 32; ++e) reinterpret_cast<uint32_t*>(xs)[lane + 32 * e] = 0u;
   }
   // Row indices: token -> page -> row, kRowsInFlight tokens per thread in flight (dependent loads).
   for (int j0 = tid; j0 < m; j0 += kRowsInFlight * kThreads) {
@@ -380,47 +383,31 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   }
   __syncthreads();
 
-  // B fragments (the query, 8 columns): lane (g, t) holds column g's elements of the row slice its
-  // A fragment covers: word j of the lane's D/8 bytes holds elements base .. base+7,
-  // base = t*D/4 + 8j; k-step 2j pairs (e0,e4),(e1,e5), k-step 2j+1 pairs (e2,e6),(e3,e7).
-  // Columns: PACK (G <= 4): 0..3 the hi parts of heads 0..3, 4..7 their lo parts (one MMA per
-  // k-step, hi + lo added after); else column = head, with separate hi and lo fragments (two MMAs).
-  // Built once by warp 0 into shared memory (registers are the occupancy limit).
+  // B fragments (the int8 query, column = head): the head dim is summed exactly in int32, so its order
+  // is free. Lane (g, t)'s A data is the quarter t of two code rows, dims base .. base + D/4 - 1 with
+  // base = t * D/4; code word j holds dims base + 8j .. base + 8j + 7 (low nibbles: even dims, high:
+  // odd). k32-step j: k-slots 4t..4t+3 <- the even dims of word j, 16+4t..16+4t+3 <- the odd dims.
   const int g = lane >> 2, t4 = lane & 3;
   if (warp == 0) {
-    const int head = PACK ? (g & 3) : g;
-    const bool lo_col = PACK && g >= 4;
-    const float fac = head < G ? S.cmax[head] : 0.f;
 #pragma unroll
-    for (int s = 0; s < KS; ++s) {
-      const int base = t4 * (D / 4) + 8 * (s / 2) + ((s & 1) ? 2 : 0);
-      uint32_t hb[2], lb[2];
+    for (int j = 0; j < D / 32; ++j) {
+      const int base = t4 * (D / 4) + 8 * j;
+      uint32_t ev = 0, od = 0;
+      if (g < G)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int d0 = base + r, d1 = base + r + 4;
-        float v0 = 0.f, v1 = 0.f;
-        if (head < G) {
-          v0 = qh[(size_t)head * D + d0] * qscale * fac;
-          v1 = qh[(size_t)head * D + d1] * qscale * fac;
+        for (int e = 0; e < 4; ++e) {
+          ev |= (uint32_t)(uint8_t)S.q8[g][base + 2 * e] << (8 * e);
+          od |= (uint32_t)(uint8_t)S.q8[g][base + 2 * e + 1] << (8 * e);
         }
-        const __half h0 = __float2half_rn(v0), h1 = __float2half_rn(v1);
-        const __half l0 = __float2half_rn(v0 - __half2float(h0)), l1 = __float2half_rn(v1 - __half2float(h1));
-        hb[r] = half2_bits(__halves2half2(h0, h1));
-        lb[r] = half2_bits(__halves2half2(l0, l1));
-      }
-      if (PACK) {
-        S.bfrag[s][0][lane] = lo_col ? make_uint2(lb[0], lb[1]) : make_uint2(hb[0], hb[1]);
-      } else {
-        S.bfrag[s][0][lane] = make_uint2(hb[0], hb[1]);
-        S.bfrag[s][1][lane] = make_uint2(lb[0], lb[1]);
-      }
+      S.bq[j][lane] = make_uint2(ev, od);
     }
   }
   __syncthreads();
-  // Heads of this lane's accumulator columns (PACK: lanes t4 >= 2 hold copies, heads >= G, unused).
+  // Heads of this lane's accumulator columns (>= G: unused).
   const int hc0 = 2 * t4, hc1 = 2 * t4 + 1;
   const float qs0 = hc0 < G ? S.qsum[hc0] : 0.f, qs1 = hc1 < G ? S.qsum[hc1] : 0.f;
-  const float qi0 = hc0 < G ? S.qinv[hc0] : 0.f, qi1 = hc1 < G ? S.qinv[hc1] : 0.f;
+  const float sq0 = hc0 < G ? S.sq[hc0] : 0.f, sq1 = hc1 < G ? S.sq[hc1] : 0.f;
+  const float cq0 = hc0 < G ? S.cq[hc0] : 0.f, cq1 = hc1 < G ? S.cq[hc1] : 0.f;
 
   if (a.stop == 1) { __syncthreads(); cl.sync(); return; }
   // ---- estimate: 16-row tiles per warp, kUnroll tiles of loads in flight ----
@@ -447,37 +434,25 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int tile = tile0 + u * kWarps;
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      int acc[4] = {0, 0, 0, 0};
       uint32_t wa[RB::kWords], wb[RB::kWords];
       RB::words(ca[u], wa);
       RB::words(cb[u], wb);
 #pragma unroll
-      for (int j = 0; j < RB::kWords; ++j) {
-        uint32_t a04, a15, a26, a37, b04, b15, b26, b37;
-        unpack8(wa[j], a04, a15, a26, a37);
-        unpack8(wb[j], b04, b15, b26, b37);
-        const uint2 h0 = S.bfrag[2 * j][0][lane], h1 = S.bfrag[2 * j + 1][0][lane];
-        mma16816(acc, a04, b04, a15, b15, h0.x, h0.y);
-        mma16816(acc, a26, b26, a37, b37, h1.x, h1.y);
-        if (!PACK) {
-          const uint2 l0 = S.bfrag[2 * j][1][lane], l1 = S.bfrag[2 * j + 1][1][lane];
-          mma16816(acc, a04, b04, a15, b15, l0.x, l0.y);
-          mma16816(acc, a26, b26, a37, b37, l1.x, l1.y);
-        }
-      }
-      if (PACK) {  // column c (hi) + column c + 4 (lo): lanes t4 and t4 ^ 2
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 2);
+      for (int j = 0; j < RB::kWords; ++j) {  // one code word = 8 dims of rows g and g + 8
+        const uint2 bj = S.bq[j][lane];
+        imma16832(acc, wa[j] & 0x0f0f0f0fu, wb[j] & 0x0f0f0f0fu, (wa[j] >> 4) & 0x0f0f0f0fu,
+                  (wb[j] >> 4) & 0x0f0f0f0fu, bj.x, bj.y);
       }
       const float sc_g = __shfl_sync(0xffffffffu, sz[u], g), zp_g = __shfl_sync(0xffffffffu, sz[u], 16 + g);
       const float sc_g8 = __shfl_sync(0xffffffffu, sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, sz[u], 24 + g);
       if (tile >= ntiles) continue;
       const int j0 = tile * 16 + g, j1 = j0 + 8;
-      // z = zero * sum(q) + scale * (q . codes), q already scaled by 1/sqrt(d) (pruner.cpp's formula).
-      const float z00 = rg[u] >= 0 ? zp_g * qs0 + sc_g * (acc[0] * qi0) : -INFINITY;
-      const float z01 = rg[u] >= 0 ? zp_g * qs1 + sc_g * (acc[1] * qi1) : -INFINITY;
-      const float z10 = rg8[u] >= 0 ? zp_g8 * qs0 + sc_g8 * (acc[2] * qi0) : -INFINITY;
-      const float z11 = rg8[u] >= 0 ? zp_g8 * qs1 + sc_g8 * (acc[3] * qi1) : -INFINITY;
+      // z = fma(scale, fma(sq, dot, cq), zero * qsum): the CPU estimate's operations (pruner.h).
+      const float z00 = rg[u] >= 0 ? fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0) : -INFINITY;
+      const float z01 = rg[u] >= 0 ? fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1) : -INFINITY;
+      const float z10 = rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0) : -INFINITY;
+      const float z11 = rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1) : -INFINITY;
       if (j0 < m) {
         if (hc0 < G) zs[(size_t)hc0 * a.zstride + j0] = z00, lmax0 = fmaxf(lmax0, z00);
         if (hc1 < G) zs[(size_t)hc1 * a.zstride + j0] = z01, lmax1 = fmaxf(lmax1, z01);
@@ -721,15 +696,12 @@ int tokens_per_block() {
 // The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
 // clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
 // captures stay free of it.
-void (*kernel_for(int head_dim, int group, size_t smem))(Args) {
-  const bool pack = group <= 4, three = smem <= kThreeBlockSmem;
-  void (*kern)(Args) =
-      three ? (head_dim == 128 ? (pack ? prune_kernel<128, true, 3> : prune_kernel<128, false, 3>)
-                               : (pack ? prune_kernel<64, true, 3> : prune_kernel<64, false, 3>))
-            : (head_dim == 128 ? (pack ? prune_kernel<128, true, 2> : prune_kernel<128, false, 2>)
-                               : (pack ? prune_kernel<64, true, 2> : prune_kernel<64, false, 2>));
-  static std::once_flag once[8];
-  std::call_once(once[(head_dim == 128 ? 4 : 0) + (pack ? 2 : 0) + (three ? 1 : 0)], [kern] {
+void (*kernel_for(int head_dim, size_t smem))(Args) {
+  const bool three = smem <= kThreeBlockSmem;
+  void (*kern)(Args) = three ? (head_dim == 128 ? prune_kernel<128, 3> : prune_kernel<64, 3>)
+                             : (head_dim == 128 ? prune_kernel<128, 2> : prune_kernel<64, 2>);
+  static std::once_flag once[4];
+  std::call_once(once[(head_dim == 128 ? 2 : 0) + (three ? 1 : 0)], [kern] {
     int dev = 0, optin = 0;
     TW_CUDA_CHECK(cudaGetDevice(&dev));
     TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -813,7 +785,7 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   }
   smem_for(a.group, plan.chunk, &a.zstride);
 
-  void (*kern)(Args) = kernel_for(kv.head_dim, a.group, plan.smem_bytes);
+  void (*kern)(Args) = kernel_for(kv.head_dim, plan.smem_bytes);
   const cudaLaunchConfig_t cfg = launch_config(plan, kv, stream);
   TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
 }
@@ -822,7 +794,7 @@ int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PrunePar
   const PrunePlan plan = prune_plan(kv, in_capacity, prm);
   const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0);
   int n = 0;
-  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, kv.n_heads / kv.n_kv_heads, plan.smem_bytes), &cfg));
+  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, plan.smem_bytes), &cfg));
   return n;
 }
 

@@ -2,6 +2,8 @@
 // Same function as the CPU prune_topp (attention/pruner.h) in Group mode, one launch for the batch:
 //   per (sequence b, kv head h), over the candidates I0 = in.tokens[b][h][0 .. in.count[b][h]):
 //     z_{r,i} = q_r . K~_i / sqrt(d) for the G query heads r = h*G .. h*G+G-1 (K~: the INT4 mirror),
+//               in the CPU's integer form (attention/pruner.h): int8 query, exact integer dot,
+//               z = scale * (sq * dot + cq) + zero * qsum, bit-identical to the CPU estimate,
 //     w_i     = (1/G) sum_r softmax_r(z_r)_i,
 //     I1      = exact top-p set of w (topp.h: tau the largest value with sum_{w >= tau} w >= p * sum w,
 //               ties at tau kept, zero weights never kept), then floor / cap, plus the current token
@@ -12,9 +14,9 @@
 // One kernel, one pass over the INT4 rows, nothing but the result written to device memory:
 //  - a cluster of C thread blocks per (b, h) (C from the I0 capacity and G, see prune_plan), each
 //    block scoring a contiguous slice of the list; the scores of all G heads stay in shared memory;
-//  - each INT4 row is loaded once and scored for all G heads with tensor-core MMAs: codes are exact in
-//    fp16, the query is split into fp16 hi + lo parts (times a power of two), so each product is
-//    exact and the fp32 accumulation gives fp32-accurate scores;
+//  - each INT4 row is loaded once and scored for all G heads with integer tensor-core MMAs (m16n8k32,
+//    u8 codes x s8 query, int32 accumulators: exact); the query is quantised per head by one thread
+//    with the CPU's operations in the CPU's order;
 //  - softmax max / sum by block reductions, combined across the cluster through distributed shared
 //    memory; weights w in shared memory;
 //  - threshold by a 3-level radix select over the weights' float bits (positive floats order like

@@ -30,27 +30,28 @@ using ::tw::cuda::test::fresh_seed;
 
 constexpr double kTol = 1e-5;  // relative to the list's total mass (fp32 weights and sums)
 
-// Group weights of the candidates in double from the INT4 mirror (the estimate's exact value).
+// Group weights of the candidates in double from the estimate's definition (pruner.h): the int8
+// query of quantize_query_int8, the exact integer dot with the INT4 codes, then
+// z = scale * (sq * dot + cq) + zero * qsum evaluated in double.
 std::vector<double> weights_double(const Batch& B, int s, int h, const std::vector<int32_t>& cand) {
   const int d = B.spec.head_dim, G = B.G();
   const size_t m = cand.size();
   std::vector<double> w(m, 0.0), z(m);
-  std::vector<std::vector<double>> krows(m, std::vector<double>(d));
-  for (size_t j = 0; j < m; ++j) {
-    const int t = cand[j];
-    const int32_t phys = B.seqs[s].pages[t / kPageSize];
-    const int row = t % kPageSize;
-    const uint8_t* c = B.side->k4(0, phys, h) + (size_t)row * (d / 2);
-    const double sc = B.side->k4_scale(0, phys, h)[row], zp = B.side->k4_zero(0, phys, h)[row];
-    for (int i = 0; i < d; ++i) krows[j][i] = zp + ((i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4)) * sc;
-  }
+  std::vector<int8_t> q8(d);
   for (int r = 0; r < G; ++r) {
     const float* q = B.q.data() + ((size_t)s * B.spec.n_heads + (size_t)h * G + r) * d;
+    float sq, cq, qsum;
+    quantize_query_int8(q, d, q8.data(), sq, cq, qsum);
     double mx = -INFINITY;
     for (size_t j = 0; j < m; ++j) {
-      double acc = 0;
-      for (int i = 0; i < d; ++i) acc += (double)q[i] * krows[j][i];
-      z[j] = acc / std::sqrt((double)d);
+      const int t = cand[j];
+      const int32_t phys = B.seqs[s].pages[t / kPageSize];
+      const int row = t % kPageSize;
+      const uint8_t* c = B.side->k4(0, phys, h) + (size_t)row * (d / 2);
+      const double sc = B.side->k4_scale(0, phys, h)[row], zp = B.side->k4_zero(0, phys, h)[row];
+      int64_t dot = 0;
+      for (int i = 0; i < d; ++i) dot += (int64_t)((i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4)) * q8[i];
+      z[j] = sc * ((double)sq * (double)dot + (double)cq) + zp * (double)qsum;
       mx = std::max(mx, z[j]);
     }
     double sum = 0;

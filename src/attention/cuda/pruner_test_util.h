@@ -132,7 +132,7 @@ inline std::unique_ptr<Batch> make_batch(const BatchSpec& spec, std::mt19937_64&
   const size_t n_bounds = (size_t)B->n_pages * Hkv * d;
   std::vector<uint16_t> kmin(n_bounds), kmax(n_bounds);
   for (size_t i = 0; i < n_bounds; ++i) {
-    const float lo = B->side->kmin(0, 0, 0)[i], hi = B->side->kmax(0, 0, 0)[i];
+    const float lo = fp16_to_fp32(B->side->kmin(0, 0, 0)[i]), hi = fp16_to_fp32(B->side->kmax(0, 0, 0)[i]);
     kmin[i] = bf ? fp32_to_bf16(lo) : fp32_to_fp16(lo);
     kmax[i] = bf ? fp32_to_bf16(hi) : fp32_to_fp16(hi);
   }

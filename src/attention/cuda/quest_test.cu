@@ -13,6 +13,7 @@
 #include "attention/cuda/quest.h"
 #include "attention/key_side.h"
 #include "attention/selectors.h"
+#include "common/fp16.h"
 #include "kv/kv_cache.h"
 
 namespace tw::attn::cuda {
@@ -61,12 +62,12 @@ void run_case(std::mt19937_64& rng, const QuestCase& c, const std::vector<int64_
         if (rng() % 4 == 0) {
           const int32_t from = seqs[b].pages[rng() % seqs[b].pages.size()], to = seqs[b].pages[lp];
           for (int h = 0; h < hkv; ++h) {
-            std::copy_n(ks.kmin(0, from, h), d, const_cast<float*>(ks.kmin(0, to, h)));
-            std::copy_n(ks.kmax(0, from, h), d, const_cast<float*>(ks.kmax(0, to, h)));
+            std::copy_n(ks.kmin(0, from, h), d, const_cast<uint16_t*>(ks.kmin(0, to, h)));
+            std::copy_n(ks.kmax(0, from, h), d, const_cast<uint16_t*>(ks.kmax(0, to, h)));
           }
         }
   }
-  // Device bounds: the CPU's float bounds in the dtype (exact: they are fp16 values, and dyadic
+  // Device bounds: the CPU's fp16 bounds in the dtype (exact: they are fp16 values, and dyadic
   // values are exact in bf16 too; Gaussian ones are run in fp16 only). Unused pages hold NaN.
   const size_t bound_elems = (size_t)pb.n_pages * hkv * d;
   std::vector<uint16_t> kmin(bound_elems, nan_bits(c.dt)), kmax(bound_elems, nan_bits(c.dt));
@@ -75,10 +76,10 @@ void run_case(std::mt19937_64& rng, const QuestCase& c, const std::vector<int64_
       for (int h = 0; h < hkv; ++h)
         for (int i = 0; i < d; ++i) {
           const size_t o = ((size_t)phys * hkv + h) * d + i;
-          kmin[o] = to_bits(c.dt, ks.kmin(0, phys, h)[i]);
-          kmax[o] = to_bits(c.dt, ks.kmax(0, phys, h)[i]);
-          if (!std::isinf(ks.kmin(0, phys, h)[i]))
-            EXPECT_EQ(from_bits(c.dt, kmin[o]), ks.kmin(0, phys, h)[i]) << "test bug: bound not exact in dtype";
+          const float lo = fp16_to_fp32(ks.kmin(0, phys, h)[i]), hi = fp16_to_fp32(ks.kmax(0, phys, h)[i]);
+          kmin[o] = to_bits(c.dt, lo);
+          kmax[o] = to_bits(c.dt, hi);
+          if (!std::isinf(lo)) EXPECT_EQ(from_bits(c.dt, kmin[o]), lo) << "test bug: bound not exact in dtype";
         }
   DeviceBuffer dmin = to_device(kmin), dmax = to_device(kmax);
   KeySideDev side;
