@@ -33,6 +33,14 @@ TW_CLONES float exp_shift_sum(float* z, int64_t m, float mx) {
   return sum;
 }
 
+// The max of z[0..m).
+TW_CLONES float max_of(const float* z, int64_t m) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < m; ++j) mx = z[j] > mx ? z[j] : mx;
+  return mx;
+}
+
 // The max of z[0..m) and sum_j exp(z[j] - max), z untouched.
 TW_CLONES void max_sumexp(const float* z, int64_t m, float& mx_out, float& sum_out) {
   float mx = -INFINITY;
@@ -400,7 +408,7 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
   stats.assign(n_lists, PruneStats{});
 
   tp.parallel_for(n_lists, [&](int64_t b, int64_t e, int) {
-    ListScratch sc;
+    static thread_local ListScratch sc;  // per worker, reused across calls: no allocation per decode step
     std::vector<float> mx(nq), sum(nq);
     for (int64_t li = b; li < e; ++li) {
       const int i = (int)li;
@@ -417,7 +425,11 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
       estimate_scores(keys, seq, layer, kvh, d, qi, nq, t, m, sc.z.data());
       for (int r = 0; r < nq; ++r) {
         mx[r] = -INFINITY, sum[r] = 0.f;
-        if (m > 0) max_sumexp(sc.z.data() + (size_t)r * m, m, mx[r], sum[r]);
+        if (m == 0) continue;
+        if (guard)  // the guard's bound needs the sum too
+          max_sumexp(sc.z.data() + (size_t)r * m, m, mx[r], sum[r]);
+        else  // the softmax below sums the exps itself: one exp pass, not two
+          mx[r] = max_of(sc.z.data() + (size_t)r * m, m);
       }
 
       // Guard: bound of the mass outside I0 per head, and the action when it is too large.
