@@ -21,6 +21,17 @@ using kv::kPageSize;
 #define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define TW_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 
+constexpr int kMaxGroup = 16;  // heads summed together in the kept-mass pass
+
+// w[j] += z[j] * inv_g and z[j] *= inv (the group average and the head's normalised weights).
+TW_CLONES void add_scaled(float* w, float* z, int64_t m, float inv, float inv_g) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    w[j] += z[j] * inv_g;
+    z[j] *= inv;
+  }
+}
+
 // In place: z[j] = exp(z[j] - mx), returns the sum.
 TW_CLONES float exp_shift_sum(float* z, int64_t m, float mx) {
   float sum = 0.f;
@@ -528,13 +539,7 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
       for (int r = 0; r < nq && m > 0; ++r) {
         float* zr = sc.z.data() + (size_t)r * m;
         const float s = exp_shift_sum(zr, m, mx[r]);
-        const float inv = 1.f / s, inv_g = 1.f / (s * (float)nq);
-        float* wp = sc.w.data();
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          wp[j] += zr[j] * inv_g;
-          zr[j] *= inv;
-        }
+        add_scaled(sc.w.data(), zr, m, 1.f / s, 1.f / (s * (float)nq));
       }
       std::vector<int32_t>& idx = sc.idx;
       sc.tau.assign(nq, 0.f);
@@ -575,11 +580,15 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
         mass += sc.w[j];
       }
       double mass_min = nq > 1 ? INFINITY : mass;
-      for (int r = 0; r < nq && nq > 1; ++r) {
-        const float* wr = sc.z.data() + (size_t)r * m;
-        double mr = 0.0;
-        for (int32_t j : idx) mr += wr[j];
-        mass_min = std::min(mass_min, mr);
+      if (nq > 1) {  // every head's kept mass in one pass (nq independent sums, each in index order)
+        double mr[kMaxGroup] = {};
+        for (int r0 = 0; r0 < nq; r0 += kMaxGroup) {
+          const int nr = std::min(kMaxGroup, nq - r0);
+          std::fill(mr, mr + nr, 0.0);
+          for (int32_t j : idx)
+            for (int r = 0; r < nr; ++r) mr[r] += sc.z[(size_t)(r0 + r) * m + j];
+          for (int r = 0; r < nr; ++r) mass_min = std::min(mass_min, mr[r]);
+        }
       }
       if (!cur_is_cand) out_i.push_back(cur);  // every candidate is < cur: order stays ascending
       st.n_out = (int64_t)out_i.size();
