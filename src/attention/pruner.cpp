@@ -6,7 +6,7 @@
 
 #include <immintrin.h>
 
-#include "attention/attend_block_avx512.h"  // reduce16
+#include "attention/attend_block_avx512.h"  // AlignedAlloc
 #include "attention/topp.h"
 #include "attention/fast_exp.h"
 #include "common/error.h"
@@ -21,6 +21,17 @@ using kv::kPageSize;
 #define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define TW_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 
+constexpr int kMaxGroup = 16;  // heads summed together in the kept-mass pass
+
+// w[j] += z[j] * inv_g and z[j] *= inv (the group average and the head's normalised weights).
+TW_CLONES void add_scaled(float* w, float* z, int64_t m, float inv, float inv_g) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    w[j] += z[j] * inv_g;
+    z[j] *= inv;
+  }
+}
+
 // In place: z[j] = exp(z[j] - mx), returns the sum.
 TW_CLONES float exp_shift_sum(float* z, int64_t m, float mx) {
   float sum = 0.f;
@@ -31,6 +42,14 @@ TW_CLONES float exp_shift_sum(float* z, int64_t m, float mx) {
     sum += e;
   }
   return sum;
+}
+
+// The max of z[0..m).
+TW_CLONES float max_of(const float* z, int64_t m) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < m; ++j) mx = z[j] > mx ? z[j] : mx;
+  return mx;
 }
 
 // The max of z[0..m) and sum_j exp(z[j] - max), z untouched.
@@ -78,29 +97,83 @@ TW_CLONES void score_tokens(const Int4Keys& keys, const kv::SeqPages& seq, int l
   }
 }
 
-// The same at the AVX-512 VNNI level for d = 64 (NB = 1) and d = 128 (NB = 2), 16 tokens at a time:
-//  - unpack: each token's codes become NB zmm of bytes 0..15 (d = 128: low nibbles = even elements,
-//    high nibbles = odd elements; d = 64: [low 32 | high 32] in one zmm), staged in L1 scratch;
-//  - per head: vpdpbusd of the unpacked codes (u8) with the head's int8 query laid out the same way
-//    (qv: [nq][NB][64] bytes), 16 int32 accumulators (one per token), converted to fp32 (exact: |dot| <
-//    2^24) and summed by one transpose-and-add tree (reduce16: 16 tokens' dots in one vector), then the
-//    affine map to the score vectorised over the 16 tokens. Bit-identical to score_tokens.
-// The mirror of the page ~2 pages of candidates ahead is prefetched (candidate pages are scattered).
+// The same at the AVX-512 VNNI level for d = 64 / 128 (KD = d / 8 packed dwords per token), 16 tokens
+// at a time, with no horizontal reduction:
+//  - the 16 tokens' packed code rows (KD dwords each: dword k = code bytes 4k..4k+3 = dims 8k..8k+7)
+//    are transposed (16 x 16 dwords, 64 shuffles) so that register w[k] holds dword k of every token,
+//    one token per lane;
+//  - per head, vpdpbusd of w[k]'s low nibbles (dims 8k, 8k+2, 8k+4, 8k+6) and high nibbles (the odd
+//    dims) with the head's int8 query bytes of those dims broadcast to every lane: the 16 lanes
+//    accumulate the 16 tokens' dots directly (exact int32), up to 8 heads at a time sharing each
+//    unpacked w[k]; then the affine map to the score, vectorised over the tokens.
+// Bit-identical to score_tokens. The mirror of the page ~2 pages of candidates ahead is prefetched.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on the intrinsics' _mm512_undefined_*
-template <int NB>
-TW_VNNI void score_tokens_vnni(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, const uint8_t* qv,
+// 16 x 16 transpose of dwords: r[j] lane k -> r[k] lane j.
+TW_VNNI inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4k + c], 128-bit block L: column 4L + c of rows 4k .. 4k+3
+    u[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // v[c] = columns c, 8+c of rows 0-7 ...; blocks regrouped
+    t[c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
+
+// NH heads (qd: [NH][KD][lo, hi][16], each query dword broadcast to a full vector: loaded as the
+// vpdpbusd memory operand) against the transposed block w: z rows of the heads.
+template <int KD, int NH>
+TW_VNNI inline void heads_vnni(const __m512i* w, const uint32_t* qd, const float* sq, const float* cq,
+                               const float* qsum, __m512 vs, __m512 vz, __mmask16 valid, float* z, int64_t m) {
+  const __m512i m15 = _mm512_set1_epi8(15);
+  __m512i acc[NH];
+#pragma GCC unroll 8
+  for (int h = 0; h < NH; ++h) acc[h] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+  for (int k = 0; k < KD; ++k) {
+    const __m512i lo = _mm512_and_si512(w[k], m15), hi = _mm512_and_si512(_mm512_srli_epi16(w[k], 4), m15);
+#pragma GCC unroll 8
+    for (int h = 0; h < NH; ++h) {
+      acc[h] = _mm512_dpbusd_epi32(acc[h], lo, _mm512_load_si512(qd + ((size_t)h * KD + k) * 32));
+      acc[h] = _mm512_dpbusd_epi32(acc[h], hi, _mm512_load_si512(qd + ((size_t)h * KD + k) * 32 + 16));
+    }
+  }
+#pragma GCC unroll 8
+  for (int h = 0; h < NH; ++h) {
+    const __m512 t = _mm512_fmadd_ps(_mm512_set1_ps(sq[h]), _mm512_cvtepi32_ps(acc[h]), _mm512_set1_ps(cq[h]));
+    const __m512 zz = _mm512_fmadd_ps(vs, t, _mm512_mul_ps(vz, _mm512_set1_ps(qsum[h])));
+    _mm512_mask_storeu_ps(z + (size_t)h * m, valid, zz);
+  }
+}
+
+template <int KD>
+TW_VNNI void score_tokens_vnni(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, const uint32_t* qd,
                                const float* sq, const float* cq, const float* qsum, int nq, const int32_t* tokens,
                                int64_t m, float* z) {
-  constexpr int dh = 32 * NB;  // code bytes per row
-  alignas(64) uint8_t ubuf[16][NB * 64];
+  constexpr int dh = KD * 4;  // code bytes per row
   alignas(64) float sbuf[16], zbuf[16];
-  const __m512i m15 = _mm512_set1_epi8(15);
   int64_t cur_lp = -1;
   const uint8_t* codes = nullptr;
   const float *scale = nullptr, *zero = nullptr;
   for (int64_t b0 = 0; b0 < m; b0 += 16) {
     const int nt = (int)std::min<int64_t>(16, m - b0);
+    __m512i w[16];
     for (int j = 0; j < nt; ++j) {
       const int32_t t = tokens[b0 + j];
       const int64_t lp = t / kPageSize;
@@ -121,38 +194,33 @@ TW_VNNI void score_tokens_vnni(const Int4Keys& keys, const kv::SeqPages& seq, in
       }
       const int row = t % kPageSize;
       const uint8_t* c = codes + (size_t)row * dh;
-      if constexpr (NB == 2) {
-        const __m512i b = _mm512_loadu_si512(c);
-        _mm512_store_si512(ubuf[j], _mm512_and_si512(b, m15));
-        _mm512_store_si512(ubuf[j] + 64, _mm512_and_si512(_mm512_srli_epi16(b, 4), m15));
-      } else {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
-        const __m512i bb = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
-        _mm512_store_si512(ubuf[j], _mm512_and_si512(bb, m15));
-      }
+      if constexpr (KD == 16)
+        w[j] = _mm512_loadu_si512(c);
+      else
+        w[j] = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
       sbuf[j] = scale[row];
       zbuf[j] = zero[row];
     }
     for (int j = nt; j < 16; ++j) {  // padding lanes: finite, masked out below
-      for (int k = 0; k < NB; ++k) _mm512_store_si512(ubuf[j] + 64 * k, _mm512_setzero_si512());
+      w[j] = _mm512_setzero_si512();
       sbuf[j] = 0.f, zbuf[j] = 0.f;
     }
+    transpose16(w);
     const __m512 vs = _mm512_load_ps(sbuf), vz = _mm512_load_ps(zbuf);
     const __mmask16 valid = (__mmask16)((1u << nt) - 1u);
-    for (int r = 0; r < nq; ++r) {
-      __m512i q[NB];
-      for (int k = 0; k < NB; ++k) q[k] = _mm512_loadu_si512(qv + ((size_t)r * NB + k) * 64);
-      __m512 acc[16];
-#pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) {
-        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_load_si512(ubuf[j]), q[0]);
-        if constexpr (NB == 2) a = _mm512_dpbusd_epi32(a, _mm512_load_si512(ubuf[j] + 64), q[1]);
-        acc[j] = _mm512_cvtepi32_ps(a);
+    for (int g0 = 0; g0 < nq; g0 += 8) {
+      const uint32_t* q = qd + (size_t)g0 * KD * 32;
+      float* zg = z + (size_t)g0 * m + b0;
+      switch (nq - g0 < 8 ? nq - g0 : 8) {  // the head count as a template argument: accumulators in registers
+        case 1: heads_vnni<KD, 1>(w, q, sq + g0, cq + g0, qsum + g0, vs, vz, valid, zg, m); break;
+        case 2: heads_vnni<KD, 2>(w, q, sq + g0, cq + g0, qsum + g0, vs, vz, valid, zg, m); break;
+        case 3: heads_vnni<KD, 3>(w, q, sq + g0, cq + g0, qsum + g0, vs, vz, valid, zg, m); break;
+        case 4: heads_vnni<KD, 4>(w, q, sq + g0, cq + g0, qsum + g0, vs, vz, valid, zg, m); break;
+        case 5: heads_vnni<KD, 5>(w, q, sq + g0, cq + g0, qsum + g0, vs, vz, valid, zg, m); break;
+        case 6: heads_vnni<KD, 6>(w, q, sq + g0, cq + g0, qsum + g0, vs, vz, valid, zg, m); break;
+        case 7: heads_vnni<KD, 7>(w, q, sq + g0, cq + g0, qsum + g0, vs, vz, valid, zg, m); break;
+        default: heads_vnni<KD, 8>(w, q, sq + g0, cq + g0, qsum + g0, vs, vz, valid, zg, m); break;
       }
-      const __m512 dot = avx512::reduce16(acc);
-      const __m512 t = _mm512_fmadd_ps(_mm512_set1_ps(sq[r]), dot, _mm512_set1_ps(cq[r]));
-      const __m512 zz = _mm512_fmadd_ps(vs, t, _mm512_mul_ps(vz, _mm512_set1_ps(qsum[r])));
-      _mm512_mask_storeu_ps(z + (size_t)r * m + b0, valid, zz);
     }
   }
 }
@@ -201,18 +269,23 @@ void estimate_scores(const Int4Keys& keys, const kv::SeqPages& seq, int layer, i
   for (int r = 0; r < nq; ++r) quantize_query_int8(q + (size_t)r * d, d, q8.data() + (size_t)r * d, sq[r], cq[r], qsum[r]);
   static const bool vnni = ops::active_simd() == ops::Simd::AVX512;  // the AVX512 level includes VNNI, BW, VL
   if (vnni && (d == 64 || d == 128)) {
-    // Per head, the int8 query in the unpacked codes' byte order: even elements then odd ones.
-    const int dh = d / 2;
-    std::vector<uint8_t> qv((size_t)nq * d);
+    // Per head and packed dword k (dims 8k .. 8k+7): the query bytes of the low-nibble dims (8k, 8k+2,
+    // 8k+4, 8k+6) and of the high-nibble dims (the odd ones), each as one dword: qd [nq][d/8][2].
+    const int kd = d / 8;
+    // Each dword is replicated to 16 lanes (the kernel's vpdpbusd memory operand): [nq][d/8][2][16].
+    static thread_local std::vector<uint32_t, avx512::AlignedAlloc<uint32_t>> qd;
+    qd.resize((size_t)nq * kd * 32);
     for (int r = 0; r < nq; ++r)
-      for (int i = 0; i < dh; ++i) {
-        qv[(size_t)r * d + i] = (uint8_t)q8[(size_t)r * d + 2 * i];
-        qv[(size_t)r * d + dh + i] = (uint8_t)q8[(size_t)r * d + 2 * i + 1];
-      }
+      for (int k = 0; k < kd; ++k)
+        for (int hi = 0; hi < 2; ++hi) {
+          uint32_t v = 0;
+          for (int b = 0; b < 4; ++b) v |= (uint32_t)(uint8_t)q8[(size_t)r * d + 8 * k + 2 * b + hi] << (8 * b);
+          std::fill_n(qd.data() + ((size_t)r * kd + k) * 32 + hi * 16, 16, v);
+        }
     if (d == 64)
-      score_tokens_vnni<1>(keys, seq, layer, kvh, qv.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
+      score_tokens_vnni<8>(keys, seq, layer, kvh, qd.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
     else
-      score_tokens_vnni<2>(keys, seq, layer, kvh, qv.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
+      score_tokens_vnni<16>(keys, seq, layer, kvh, qd.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
     return;
   }
   score_tokens(keys, seq, layer, kvh, d, q8.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
@@ -400,7 +473,7 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
   stats.assign(n_lists, PruneStats{});
 
   tp.parallel_for(n_lists, [&](int64_t b, int64_t e, int) {
-    ListScratch sc;
+    static thread_local ListScratch sc;  // per worker, reused across calls: no allocation per decode step
     std::vector<float> mx(nq), sum(nq);
     for (int64_t li = b; li < e; ++li) {
       const int i = (int)li;
@@ -417,7 +490,11 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
       estimate_scores(keys, seq, layer, kvh, d, qi, nq, t, m, sc.z.data());
       for (int r = 0; r < nq; ++r) {
         mx[r] = -INFINITY, sum[r] = 0.f;
-        if (m > 0) max_sumexp(sc.z.data() + (size_t)r * m, m, mx[r], sum[r]);
+        if (m == 0) continue;
+        if (guard)  // the guard's bound needs the sum too
+          max_sumexp(sc.z.data() + (size_t)r * m, m, mx[r], sum[r]);
+        else  // the softmax below sums the exps itself: one exp pass, not two
+          mx[r] = max_of(sc.z.data() + (size_t)r * m, m);
       }
 
       // Guard: bound of the mass outside I0 per head, and the action when it is too large.
@@ -516,13 +593,7 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
       for (int r = 0; r < nq && m > 0; ++r) {
         float* zr = sc.z.data() + (size_t)r * m;
         const float s = exp_shift_sum(zr, m, mx[r]);
-        const float inv = 1.f / s, inv_g = 1.f / (s * (float)nq);
-        float* wp = sc.w.data();
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          wp[j] += zr[j] * inv_g;
-          zr[j] *= inv;
-        }
+        add_scaled(sc.w.data(), zr, m, 1.f / s, 1.f / (s * (float)nq));
       }
       std::vector<int32_t>& idx = sc.idx;
       sc.tau.assign(nq, 0.f);
@@ -563,11 +634,15 @@ void prune_topp(const Int4Keys& keys, const kv::SeqPages& seq, int layer, const 
         mass += sc.w[j];
       }
       double mass_min = nq > 1 ? INFINITY : mass;
-      for (int r = 0; r < nq && nq > 1; ++r) {
-        const float* wr = sc.z.data() + (size_t)r * m;
-        double mr = 0.0;
-        for (int32_t j : idx) mr += wr[j];
-        mass_min = std::min(mass_min, mr);
+      if (nq > 1) {  // every head's kept mass in one pass (nq independent sums, each in index order)
+        double mr[kMaxGroup] = {};
+        for (int r0 = 0; r0 < nq; r0 += kMaxGroup) {
+          const int nr = std::min(kMaxGroup, nq - r0);
+          std::fill(mr, mr + nr, 0.0);
+          for (int32_t j : idx)
+            for (int r = 0; r < nr; ++r) mr[r] += sc.z[(size_t)(r0 + r) * m + j];
+          for (int r = 0; r < nr; ++r) mass_min = std::min(mass_min, mr[r]);
+        }
       }
       if (!cur_is_cand) out_i.push_back(cur);  // every candidate is < cur: order stays ascending
       st.n_out = (int64_t)out_i.size();

@@ -10,6 +10,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
 #include <cmath>
 #include <map>
 #include <numeric>
@@ -936,6 +939,57 @@ TEST(PrunerMargin, AddsExactlyTheTokensThatCouldReachTheThreshold) {
   Selection out;
   std::vector<PruneStats> st;
   EXPECT_THROW(prune_topp(int4_keys(mir), seq, 0, HeadShape{4, 2, 64}, q.data(), in, 40, bad, out, st, tp), Error);
+}
+
+}  // namespace
+}  // namespace tw::attn
+
+namespace tw::attn {
+namespace {
+
+// Timing only (run with --gtest_also_run_disabled_tests): the INT4 estimate of one kv head's
+// candidates (Qwen 1.5B shape: G = 6, d = 128), warm (L2-resident mirror) and pruning as a whole.
+TEST(PrunerBench, DISABLED_EstimateAndPrune) {
+  const HeadShape hs{12, 2, 128};
+  for (const int64_t n : {8192, 32768}) {
+    std::mt19937 rng(7);
+    kv::KVPool pool({1, hs.n_kv_heads, hs.head_dim, n / kPageSize});
+    kv::SeqPages seq;
+    test_util::fill_random(pool, seq, 0, n, rng, 1.f);
+    KeySide ks(pool.shape());
+    for (int64_t t = 0; t < n; ++t) ks.append(pool, 0, seq, t);
+    std::vector<float> q((size_t)hs.n_heads * hs.head_dim);
+    std::normal_distribution<float> N(0.f, 1.f);
+    for (auto& x : q) x = N(rng);
+    // Candidates: every other page (Quest-like whole pages), n/4 tokens per kv head.
+    Selection in;
+    in.clear(GqaMode::Group, hs.n_kv_heads);
+    std::vector<int32_t> t;
+    for (int64_t p = 0; p < n / kPageSize; p += 2)
+      for (int j = 0; j < kPageSize; ++j) t.push_back((int32_t)(p * kPageSize + j));
+    t.resize(n / 4);
+    for (int h = 0; h < hs.n_kv_heads; ++h) in.push_list(t.data(), (int64_t)t.size());
+    const int64_t m = (int64_t)t.size();
+    std::vector<float> z((size_t)6 * m);
+    auto best = [](const std::function<void()>& f) {
+      double b = 1e30;
+      for (int r = 0; r < 20; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        f();
+        b = std::min(b, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+      }
+      return b;
+    };
+    const Int4Keys keys = int4_keys(ks);
+    const double e = best([&] { estimate_scores(keys, seq, 0, 0, 128, q.data(), 6, t.data(), m, z.data()); });
+    ThreadPool tp(1);
+    Selection out;
+    std::vector<PruneStats> st;
+    PruneOptions o;
+    const double pr = best([&] { prune_topp(ks, seq, 0, hs, q.data(), in, n, o, out, st, tp); });
+    std::printf("n %6lld  %lld candidates x 6 heads: estimate %.1f us (warm, 1 thread); prune_topp of 2 lists %.1f us (1 thread)\n",
+                (long long)n, (long long)m, e, pr);
+  }
 }
 
 }  // namespace

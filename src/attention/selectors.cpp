@@ -235,30 +235,39 @@ void quest_impl(const KeySide& ks, const kv::SeqPages& seq, int layer, const Hea
   // ranks as +inf), then one ascending pass keeps the pages above T and the first ones equal to T
   // (ties: lower page first), so the tokens come out ascending without a sort.
   const int64_t r = std::max<int64_t>(0, n_sel - 2), mid = n_pages - 2;  // r < mid here
-  std::vector<uint32_t> u(mid);
   const int64_t last0 = (n_pages - 1) * kPageSize;
-  const int64_t n_tok = (r + 1) * kPageSize + (n_ctx - last0);
-  for (int li = 0; li < n_lists; ++li) {
-    const float* sc = scores.data() + (size_t)li * n_pages;
-    uint32_t T = 0;
-    int64_t eq_left = 0;
-    if (r > 0) {
-      for (int64_t p = 0; p < mid; ++p) u[p] = detail::order_bits(sc[p + 1]);
-      T = detail::kth_largest_bits(u.data(), mid, r, eq_left);
+  const int64_t n_tok = (r + 1) * kPageSize + (n_ctx - last0);  // the same for every list
+  const size_t base = out.tokens.size();
+  out.tokens.resize(base + (size_t)n_lists * n_tok);
+  std::vector<char> miscount(n_lists, 0);  // checked after the parallel region (no throw inside it)
+  auto build = [&](int64_t l0, int64_t l1, int) {
+    std::vector<uint32_t> u(mid);
+    for (int64_t li = l0; li < l1; ++li) {
+      const float* sc = scores.data() + (size_t)li * n_pages;
+      uint32_t T = 0;
+      int64_t eq_left = 0;
+      if (r > 0) {
+        for (int64_t p = 0; p < mid; ++p) u[p] = detail::order_bits(sc[p + 1]);
+        T = detail::kth_largest_bits(u.data(), mid, r, eq_left);
+      }
+      int32_t* o = out.tokens.data() + base + (size_t)li * n_tok;
+      int32_t* const o_end = o + n_tok;
+      auto emit = [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) *o++ = (int32_t)t;
+      };
+      emit(0, kPageSize);
+      for (int64_t p = 0; p < mid && r > 0; ++p)
+        if (u[p] > T || (u[p] == T && eq_left-- > 0)) emit((p + 1) * kPageSize, (p + 2) * kPageSize);
+      emit(last0, n_ctx);
+      miscount[li] = o != o_end;
     }
-    const size_t base = out.tokens.size();
-    out.tokens.resize(base + n_tok);
-    int32_t* o = out.tokens.data() + base;
-    auto emit = [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) *o++ = (int32_t)t;
-    };
-    emit(0, kPageSize);
-    for (int64_t p = 0; p < mid && r > 0; ++p)
-      if (u[p] > T || (u[p] == T && eq_left-- > 0)) emit((p + 1) * kPageSize, (p + 2) * kPageSize);
-    emit(last0, n_ctx);
-    TW_CHECK(o == out.tokens.data() + base + n_tok, "quest selector: internal error (page count)");
-    out.offsets.push_back((int32_t)out.tokens.size());
-  }
+  };
+  if (tp && tp->size() > 1 && n_lists > 1 && n_pages >= 256)  // lists are independent: one per thread
+    tp->parallel_for(n_lists, build);
+  else
+    build(0, n_lists, 0);
+  for (int li = 0; li < n_lists; ++li) TW_CHECK(!miscount[li], "quest selector: internal error (page count)");
+  for (int li = 0; li < n_lists; ++li) out.offsets.push_back((int32_t)(base + (size_t)(li + 1) * n_tok));
 }
 
 }  // namespace

@@ -245,7 +245,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Selectors,
                          ::testing::Values(Case{9, 3, 64, 1}, Case{9, 3, 64, 5}, Case{9, 3, 64, 16}, Case{9, 3, 64, 1037},
                                            Case{12, 2, 128, 17}, Case{12, 2, 128, 700}, Case{14, 2, 64, 333},
                                            Case{32, 8, 128, 130}, Case{32, 8, 128, 515},
-                                           Case{18, 1, 64, 300}));  // G = 18: several blocks of 8 heads
+                                           Case{18, 1, 64, 300},     // G = 18: several blocks of 8 heads
+                                           Case{12, 2, 128, 4100})); // >= 256 pages: lists built in parallel
 
 TEST(Selectors, QuestScoresMatchReference) {
   const HeadShape hs{12, 2, 128};

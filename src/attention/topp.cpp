@@ -86,11 +86,16 @@ ToppResult topp_select(const float* w, int64_t n, float p, std::vector<int32_t>&
       cum += mass1[b1];
     }
     // Boundary bucket b1 (b1 = 0 only holds zeros and tiny subnormals). Gather its keys.
-    std::vector<uint32_t> keys;
-    keys.reserve(cnt1[b1]);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t k = key_of(w[i]);
-      if ((k >> (31 - kB1)) == (uint32_t)b1 && k != 0) keys.push_back(k);
+    // Branch-free (the test is unpredictable): every key is written, the cursor advances on a match.
+    std::vector<uint32_t> keys(cnt1[b1] + 1);
+    {
+      size_t nk = 0;
+      for (int64_t i = 0; i < n && nk < cnt1[b1]; ++i) {
+        const uint32_t k = key_of(w[i]);
+        keys[nk] = k;
+        nk += (size_t)((k >> (31 - kB1)) == (uint32_t)b1 && k != 0);
+      }
+      keys.resize(nk);
     }
     if (keys.empty()) {
       tau_key = min_pos;
@@ -149,12 +154,16 @@ ToppResult topp_select(const float* w, int64_t n, float p, std::vector<int32_t>&
   }
 
   // Keys of positive weights order like the weights; tau_key > 0, so zeros are never kept.
+  // Branch-free index pass, then the kept mass over the kept indices (same additions, same order).
+  keep_idx.resize(n + 1);
+  int64_t nk = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    keep_idx[nk] = (int32_t)i;
+    nk += key_of(w[i]) >= tau_key;
+  }
+  keep_idx.resize(nk);
   double kept = 0.0;
-  for (int64_t i = 0; i < n; ++i)
-    if (key_of(w[i]) >= tau_key) {
-      keep_idx.push_back((int32_t)i);
-      kept += w[i];
-    }
+  for (int64_t j = 0; j < nk; ++j) kept += w[keep_idx[j]];
   r.tau = float_of(tau_key);
   r.n_kept = (int64_t)keep_idx.size();
   r.mass_kept = kept;
