@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "common/error.h"
+#include "common/paths.h"
 
 namespace tw::cli {
 
@@ -197,6 +198,38 @@ void print_progress(const char* what, int64_t done, int64_t total, double t0) {
                el > 0 ? done / el : 0.0);
   if (done == total) std::fputc('\n', stderr);
   std::fflush(stderr);
+}
+
+void add_eval_options(Args& a, EvalOptions& o, const char* text_help, const char* compare_help) {
+  a.opt({"-m", "--model"}, "FILE", "GGUF model (default: SmolLM2-135M-Instruct from the project cache)", &o.model);
+  a.opt({"-f", "--file"}, "FILE", text_help, &o.text_path);
+  a.opt({"--offset"}, "CHARS", "start this many bytes into the text (moved on to the next word)", &o.offset, 0,
+        (int64_t)1 << 40);
+  a.opt({"-c", "--ctx-size"}, "N", "context size in tokens (default: the model's training context)", &o.n_ctx, 0,
+        1 << 22);
+  a.opt({"-t", "--threads"}, "N", "threads (default: all cores)", &o.threads, 1, 1024);
+  a.opt({"-o", "--output"}, "FILE", "write the results as JSON", &o.out_path);
+  a.opt({"--compare"}, "SPEC", compare_help, &o.compare);
+}
+
+EvalInput check_eval_input(const EvalOptions& o, int64_t budget_ctx, const char* text_what) {
+  EvalInput in;
+  in.specs = parse_compare_specs(o.compare);
+  check_budgets(in.specs, budget_ctx);
+  check_output_path(o.out_path);
+  in.text = read_text_file(o.text_path, text_what);
+  TW_CHECK(o.offset < (int64_t)in.text.size(), "--offset ", o.offset, " is beyond the text (", in.text.size(),
+           " bytes)");
+  return in;
+}
+
+EngineOptions eval_engine_options(const EvalOptions& o, const std::vector<CompareSpec>& specs) {
+  EngineOptions eo;
+  eo.model_path = o.model.empty() ? require_model(kSmolLM2File) : o.model;
+  eo.n_ctx = o.n_ctx;
+  eo.threads = o.threads;
+  eo.attn = policy_config_for(specs);
+  return eo;
 }
 
 }  // namespace tw::cli

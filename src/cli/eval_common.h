@@ -7,9 +7,21 @@
 #include <vector>
 
 #include "attention/policy.h"
+#include "cli/args.h"
 #include "engine/engine.h"
 
 namespace tw::cli {
+
+// The options every accuracy harness takes: model, text, where in it to start, context, threads,
+// JSON output and the --compare configurations.
+struct EvalOptions {
+  std::string model, text_path, out_path;
+  std::vector<std::string> compare;
+  int64_t offset = 0, n_ctx = 0;
+  int threads = 0;
+};
+// Registers -m, -f, --offset, -c, -t, -o and --compare; text_help / compare_help describe -f / --compare.
+void add_eval_options(Args& a, EvalOptions& o, const char* text_help, const char* compare_help);
 
 // One --compare value: a method word and/or key=value attention options, e.g. "dense",
 // "quest b0=1024", "twilight p=0.95", "twilight p=1 attn-base=none". Keys are those of
@@ -28,6 +40,18 @@ attn::AttnConfig policy_config_for(const std::vector<CompareSpec>& specs);
 
 // Error when a spec's fixed budget B0 covers a context of n tokens (it would silently run dense).
 void check_budgets(const std::vector<CompareSpec>& specs, int64_t n_ctx);
+
+// The engine for an evaluation: the model (default SmolLM2 from the project cache), context,
+// threads, and a policy that keeps every side structure the compared configurations need.
+EngineOptions eval_engine_options(const EvalOptions& o, const std::vector<CompareSpec>& specs);
+
+// What can be checked before loading the model: the specs (their fixed budgets against a context of
+// budget_ctx tokens), the output folder, the text (read here) and the offset into it.
+struct EvalInput {
+  std::vector<CompareSpec> specs;
+  std::string text;
+};
+EvalInput check_eval_input(const EvalOptions& o, int64_t budget_ctx, const char* text_what);
 
 // Budgets of one run, from the policy's BudgetStats, over the (layer, list) pairs that ran sparse.
 struct BudgetSummary {

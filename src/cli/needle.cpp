@@ -20,7 +20,6 @@
 #include "cli/commands.h"
 #include "cli/eval_common.h"
 #include "common/error.h"
-#include "common/paths.h"
 #include "engine/engine.h"
 #include "tokenizer/chat_template.h"
 
@@ -77,40 +76,26 @@ bool answer_has_number(const std::string& answer, const std::string& number) {
 }  // namespace
 
 int cmd_needle(int argc, char** argv) {
-  std::string model, text_path, out_path;
-  std::vector<std::string> compare;
-  int64_t length = 0, offset = 0, n_ctx = 0, max_new = 24;
+  EvalOptions o;
+  int64_t length = 0, max_new = 24;
   float depth = 0.5f;
   uint64_t seed = 1;
-  int threads = 0;
   Args a("needle");
-  a.opt({"-m", "--model"}, "FILE", "GGUF model (default: SmolLM2-135M-Instruct from the project cache)", &model);
-  a.opt({"-f", "--file"}, "FILE", "haystack text (UTF-8), e.g. ~/.cache/twilight/data/austen/all.txt", &text_path);
+  add_eval_options(a, o, "haystack text (UTF-8), e.g. ~/.cache/twilight/data/austen/all.txt",
+                   "attention configuration, repeatable: \"dense\", \"quest b0=1024\", \"twilight p=0.95\" "
+                   "(keys of --attn-*, with or without 'attn-')");
   a.opt({"--length"}, "N", "prompt length in tokens, template and question included (required)", &length, 64, 1 << 22);
   a.opt({"--depth"}, "D", "needle position as a fraction of the haystack, 0 = start, 1 = end (default 0.5)", &depth,
         0.f, 1.f);
   a.opt({"--seed"}, "N", "picks the city and the 7-digit number (default 1)", &seed);
-  a.opt({"--offset"}, "CHARS", "haystack starts this many bytes into the text (moved on to the next word)", &offset, 0,
-        (int64_t)1 << 40);
   a.opt({"--max-new"}, "N", "tokens to decode greedily per configuration (default 24)", &max_new, 1, 4096);
-  a.opt({"-c", "--ctx-size"}, "N", "context size in tokens (default: the model's training context)", &n_ctx, 0, 1 << 22);
-  a.opt({"-t", "--threads"}, "N", "threads (default: all cores)", &threads, 1, 1024);
-  a.opt({"-o", "--output"}, "FILE", "write the results as JSON", &out_path);
-  a.opt({"--compare"}, "SPEC", "attention configuration, repeatable: \"dense\", \"quest b0=1024\", \"twilight p=0.95\" "
-        "(keys of --attn-*, with or without 'attn-')", &compare);
   if (!a.parse(argc, argv, 2)) return 0;
   TW_CHECK(a.given("--length"), "--length N is required");
-  const std::vector<CompareSpec> specs = parse_compare_specs(compare);
-  check_budgets(specs, length);
-  check_output_path(out_path);
-  const std::string text = read_text_file(text_path, "haystack");
-  TW_CHECK(offset < (int64_t)text.size(), "--offset ", offset, " is beyond the text (", text.size(), " bytes)");
+  const EvalInput in = check_eval_input(o, length, "haystack");
+  const std::vector<CompareSpec>& specs = in.specs;
+  const std::string& text = in.text;
 
-  EngineOptions eo;
-  eo.model_path = model.empty() ? require_model(kSmolLM2File) : model;
-  eo.n_ctx = n_ctx;
-  eo.threads = threads;
-  eo.attn = policy_config_for(specs);
+  const EngineOptions eo = eval_engine_options(o, specs);
   Engine e(eo);
   const ModelConfig& mc = e.model().config();
   TW_CHECK(length + max_new <= e.n_ctx(), "--length ", length, " + --max-new ", max_new,
@@ -124,7 +109,7 @@ int cmd_needle(int argc, char** argv) {
   const std::string question = "What is the special magic number of " + city + "? Answer with the number only.";
 
   // The prompt for a haystack of text[start, start + hay_len), needle at the boundary nearest depth.
-  const size_t start = snap_to_word(text, (size_t)offset);
+  const size_t start = snap_to_word(text, (size_t)o.offset);
   std::string slice;
   std::vector<size_t> ends;
   size_t needle_at = 0;
@@ -176,7 +161,7 @@ int cmd_needle(int argc, char** argv) {
   std::ostringstream js;
   js.precision(9);
   js << "{\"model\": \"" << json_escape(mc.name) << "\", \"model_file\": \"" << json_escape(eo.model_path)
-     << "\", \"text\": \"" << json_escape(text_path) << "\", \"offset\": " << start << ", \"length\": " << length
+     << "\", \"text\": \"" << json_escape(o.text_path) << "\", \"offset\": " << start << ", \"length\": " << length
      << ", \"n_prompt\": " << n << ", \"depth\": " << depth << ", \"depth_actual\": " << depth_actual
      << ", \"seed\": " << seed << ", \"city\": \"" << city << "\", \"number\": \"" << number
      << "\", \"threads\": " << e.threads() << ", \"prefill_s\": " << prefill_s << ", \"runs\": [";
@@ -212,7 +197,7 @@ int cmd_needle(int argc, char** argv) {
   }
   js << "\n]}\n";
   std::fflush(stdout);
-  if (!out_path.empty()) write_file_atomic(out_path, js.str());
+  if (!o.out_path.empty()) write_file_atomic(o.out_path, js.str());
   return 0;
 }
 

@@ -18,7 +18,6 @@
 #include "cli/commands.h"
 #include "cli/eval_common.h"
 #include "common/error.h"
-#include "common/paths.h"
 #include "engine/engine.h"
 
 namespace tw::cli {
@@ -48,35 +47,21 @@ struct RunResult {
 }  // namespace
 
 int cmd_perplexity(int argc, char** argv) {
-  std::string model, text_path, out_path;
-  std::vector<std::string> compare;
-  int64_t prefix = 0, score = 256, offset = 0, n_ctx = 0;
-  int threads = 0;
+  EvalOptions o;
+  int64_t prefix = 0, score = 256;
   Args a("perplexity");
-  a.opt({"-m", "--model"}, "FILE", "GGUF model (default: SmolLM2-135M-Instruct from the project cache)", &model);
-  a.opt({"-f", "--file"}, "FILE", "the text (UTF-8), e.g. ~/.cache/twilight/data/austen/all.txt", &text_path);
+  add_eval_options(a, o, "the text (UTF-8), e.g. ~/.cache/twilight/data/austen/all.txt",
+                   "attention configuration to score, repeatable: \"dense\", \"quest b0=1024\", "
+                   "\"twilight p=0.95 base=quest\" (keys of --attn-*, with or without 'attn-')");
   a.opt({"--prefix"}, "N", "context tokens before the scored ones (prefilled densely once; required)", &prefix, 2, 1 << 22);
   a.opt({"--score"}, "M", "tokens scored in decode mode after the prefix (default 256)", &score, 1, 1 << 20);
-  a.opt({"--offset"}, "CHARS", "start this many bytes into the text (moved on to the next word)", &offset, 0, (int64_t)1 << 40);
-  a.opt({"-c", "--ctx-size"}, "N", "context size in tokens (default: the model's training context)", &n_ctx, 0, 1 << 22);
-  a.opt({"-t", "--threads"}, "N", "threads (default: all cores)", &threads, 1, 1024);
-  a.opt({"-o", "--output"}, "FILE", "write the results as JSON", &out_path);
-  a.opt({"--compare"}, "SPEC", "attention configuration to score, repeatable: \"dense\", \"quest b0=1024\", "
-        "\"twilight p=0.95 base=quest\" (keys of --attn-*, with or without 'attn-')", &compare);
   if (!a.parse(argc, argv, 2)) return 0;
   TW_CHECK(a.given("--prefix"), "--prefix N is required");
-  // Everything that can be checked before loading the model.
-  const std::vector<CompareSpec> specs = parse_compare_specs(compare);
-  check_budgets(specs, prefix);
-  check_output_path(out_path);
-  const std::string text = read_text_file(text_path, "text");
-  TW_CHECK(offset < (int64_t)text.size(), "--offset ", offset, " is beyond the text (", text.size(), " bytes)");
+  const EvalInput in = check_eval_input(o, prefix, "text");  // everything checkable before the model loads
+  const std::vector<CompareSpec>& specs = in.specs;
+  const std::string& text = in.text;
 
-  EngineOptions eo;
-  eo.model_path = model.empty() ? require_model(kSmolLM2File) : model;
-  eo.n_ctx = n_ctx;
-  eo.threads = threads;
-  eo.attn = policy_config_for(specs);
+  const EngineOptions eo = eval_engine_options(o, specs);
   Engine e(eo);
   const ModelConfig& mc = e.model().config();
   TW_CHECK(prefix + score - 1 <= e.n_ctx(), "--prefix ", prefix, " + --score ", score, " needs ", prefix + score - 1,
@@ -84,7 +69,7 @@ int cmd_perplexity(int argc, char** argv) {
            "; -c sets the context)");
 
   // Tokenise enough of the text (a slice growing until it holds N + M tokens or the text ends).
-  const size_t start = snap_to_word(text, (size_t)offset);
+  const size_t start = snap_to_word(text, (size_t)o.offset);
   const int64_t need = prefix + score;
   std::vector<int32_t> toks;
   for (size_t len = (size_t)need * 8 + 4096;; len *= 2) {
@@ -153,7 +138,7 @@ int cmd_perplexity(int argc, char** argv) {
   // Table.
   const double ppl0 = res[0].ppl();
   std::printf("\n%s, %s: prefix %lld tokens, %lld scored (contexts %lld..%lld), offset %lld\n", mc.name.c_str(),
-              text_path.c_str(), (long long)prefix, (long long)score, (long long)prefix, (long long)(prefix + score - 1),
+              o.text_path.c_str(), (long long)prefix, (long long)score, (long long)prefix, (long long)(prefix + score - 1),
               (long long)start);
   // A markdown table (pasted into docs/ACCURACY.md as it is).
   std::printf("| %-32s | %9s | %8s | %9s | %8s | %7s | %7s | %7s | %6s |\n", "config", "ppl", "d ppl", "mean KL",
@@ -173,11 +158,11 @@ int cmd_perplexity(int argc, char** argv) {
   std::printf("\n(top-1 =: argmax equal to dense's; I1 %% ctx: tokens attended / context over the sparse layers; "
               "mass: Twilight's estimated mass kept; prefill %.1f s)\n", prefill_s);
 
-  if (!out_path.empty()) {
+  if (!o.out_path.empty()) {
     std::ostringstream js;
     js.precision(9);
     js << "{\"model\": \"" << json_escape(mc.name) << "\", \"model_file\": \"" << json_escape(eo.model_path)
-       << "\", \"text\": \"" << json_escape(text_path) << "\", \"offset\": " << start << ", \"prefix\": " << prefix
+       << "\", \"text\": \"" << json_escape(o.text_path) << "\", \"offset\": " << start << ", \"prefix\": " << prefix
        << ", \"score\": " << score << ", \"threads\": " << e.threads() << ", \"prefill_s\": " << prefill_s
        << ", \"runs\": [";
     for (size_t r = 0; r < res.size(); ++r) {
@@ -189,7 +174,7 @@ int cmd_perplexity(int argc, char** argv) {
          << ", \"budget\": " << x.budget.json() << "}";
     }
     js << "\n]}\n";
-    write_file_atomic(out_path, js.str());
+    write_file_atomic(o.out_path, js.str());
   }
   return 0;
 }

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "common/error.h"
 #include "ops/cuda/cuda_check.h"

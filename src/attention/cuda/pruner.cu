@@ -1,7 +1,6 @@
 #include "attention/cuda/pruner.h"
 
 #include <cooperative_groups.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
