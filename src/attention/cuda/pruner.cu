@@ -17,9 +17,11 @@ namespace tw::attn::cuda {
 namespace {
 
 constexpr int kThreads = 256;     // 8 warps
-// Two builds of the kernel, by the blocks per SM the plan's shared memory allows: three (<= 75 KB,
-// registers <= 85) or two (registers <= 128, spent on twice the estimate loads in flight).
+// Three builds of the kernel, by the blocks per SM the plan's shared memory allows: three (<= 75 KB,
+// registers <= 85), two (<= 113 KB, registers <= 128, spent on twice the estimate loads in flight) or
+// one (a whole B0 = 8192 list in one block: no cluster barriers; four times the loads in flight).
 constexpr size_t kThreeBlockSmem = size_t(75) << 10;
+constexpr size_t kTwoBlockSmem = size_t(113) << 10;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 1024;        // every radix level: level 1 = bits 29..20 (weights <= 1 have bit 30 clear
                                    // below 2.0), levels 2 and 3 = bits 19..10 and 9..0
@@ -28,6 +30,19 @@ constexpr int kMaxCluster = 16;
 constexpr int kRowsInFlight = 8;   // row indices a thread resolves at once (two dependent loads each)
 constexpr uint32_t kPrioKey = 0x3fc00000u;  // 1.5f: the current token's rank for floor / cap, above any weight
 static_assert(kBins == 4 * kThreads, "four bins per thread (one 16-byte load per limb)");
+
+// A cluster-wide barrier; a one-block cluster (the whole list in one block) needs only the block's.
+__device__ __forceinline__ void cluster_sync(cg::cluster_group& cl, int C) {
+  if (C == 1)
+    __syncthreads();
+  else
+    cl.sync();
+}
+// Block r's copy of a shared-memory field (its own copy without a distributed-shared-memory load).
+template <class T>
+__device__ __forceinline__ T* block_field(cg::cluster_group& cl, int C, T* p, int r) {
+  return C == 1 ? p : cl.map_shared_rank(p, r);
+}
 
 using u64 = unsigned long long;
 // Histogram masses are fixed point, w * 2^52 (w <= ~1: sums stay far below 2^63): integer atomics
@@ -45,8 +60,8 @@ struct Small {
   float wred[kWarps][kMaxGroup];
   float cmax[kMaxGroup];     // this block's score max per head (read by the cluster)
   float csum[kMaxGroup];     // this block's exp sum per head (read by the cluster)
-  float gmax[kMaxGroup];     // cluster max
-  float ginv[kMaxGroup];     // 1 / (cluster sum * G)
+  float elo[kMaxGroup];      // per head: e below this gives weight 0 (z - cluster max < -87)
+  float efac[kMaxGroup];     // per head: e -> weight, exp(block max - cluster max) / (cluster sum * G)
   u64 ured[kWarps];
   int ired[kWarps];
   int sel_bin, low_bin;
@@ -104,6 +119,10 @@ struct RowBytes<64> {
   __device__ static void words(const T& v, uint32_t (&w)[2]) { w[0] = v.x, w[1] = v.y; }
 };
 
+// exp(x) on the MUFU unit (relative error ~1e-6 for the |x| <= 87 used here; the CPU's fast_exp is
+// within 3e-7: the weights agree far inside the tests' 1e-5 boundary tolerance).
+__device__ __forceinline__ float exp_fast(float x) { return exp2f(x * 1.4426950408889634f); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -156,10 +175,10 @@ __device__ int block_scan_excl_int(int v, int* total, Small& S) {
 
 // Histograms: per bin the fixed-point mass in three 20-bit limbs, [3][kBins] u32 (count mode: the
 // count in limb 0). Native 32-bit shared atomics, no 64-bit CAS loops; a limb sums at most
-// kMaxChunk values below 2^20, so it cannot overflow. Integer sums: every block of the cluster and
+// kMaxChunk values below 2^19, so it cannot overflow (3 x 19 bits hold w * 2^52 for w < 2). Integer sums: every block of the cluster and
 // every run sees the same values.
-constexpr int kLimbBits = 20;
-constexpr int kMaxChunk = 4096;  // candidates per block at most (limb overflow bound, see plan)
+constexpr int kLimbBits = 19;
+constexpr int kMaxChunk = 8192;  // candidates per block at most (limb overflow bound, see plan)
 __device__ __forceinline__ u64 limb_value(uint32_t l0, uint32_t l1, uint32_t l2) {
   return (u64)l0 + ((u64)l1 << kLimbBits) + ((u64)l2 << (2 * kLimbBits));
 }
@@ -181,16 +200,16 @@ __device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w) {
 // bucket, as topp.cpp does).
 __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist, bool count_mode, double frac,
                            u64 target, u64 cum0, int& bin_out, u64& cum_out) {
-  __syncthreads();
-  cl.sync();  // every block's histogram of this level is complete
   const int C = (int)cl.num_blocks();
+  __syncthreads();
+  cluster_sync(cl, C);  // every block's histogram of this level is complete
   u64 v[kBinsPerThread];
 #pragma unroll
   for (int i = 0; i < kBinsPerThread; ++i) v[i] = 0;
   const int bin0 = kBins - kBinsPerThread * (threadIdx.x + 1);  // this thread's bins: bin0 .. bin0+3
 #pragma unroll 2
   for (int r = 0; r < C; ++r) {
-    const uint32_t* hr = cl.map_shared_rank(hist, r);
+    const uint32_t* hr = block_field(cl, C, hist, r);
     const uint4 l0 = *reinterpret_cast<const uint4*>(hr + bin0);
     if (count_mode) {
       v[0] += l0.w, v[1] += l0.z, v[2] += l0.y, v[3] += l0.x;
@@ -281,7 +300,7 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn k
 
 template <int D, int MINB>
 __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
-  constexpr int kUnroll = MINB >= 3 ? 4 : 8;  // 16-row tiles whose loads a warp has in flight at once
+  constexpr int kUnroll = MINB >= 3 ? 4 : MINB == 2 ? 8 : 16;  // 16-row tiles whose loads a warp has in flight
   using RB = RowBytes<D>;
   cg::cluster_group cl = cg::this_cluster();
   const int C = (int)cl.num_blocks();
@@ -408,50 +427,57 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   const float sq0 = hc0 < G ? S.sq[hc0] : 0.f, sq1 = hc1 < G ? S.sq[hc1] : 0.f;
   const float cq0 = hc0 < G ? S.cq[hc0] : 0.f, cq1 = hc1 < G ? S.cq[hc1] : 0.f;
 
-  if (a.stop == 1) { __syncthreads(); cl.sync(); return; }
-  // ---- estimate: 16-row tiles per warp, kUnroll tiles of loads in flight ----
+  if (a.stop == 1) { __syncthreads(); cluster_sync(cl, C); return; }
+  // ---- estimate: 16-row tiles per warp, double-buffered: the loads of kUnroll / 2 tiles are in
+  // flight while the previous kUnroll / 2 are multiplied and stored ----
+  constexpr int kHalf = kUnroll / 2;
+  struct Frag {
+    typename RB::T ca[kHalf], cb[kHalf];  // code quarters of rows g and g + 8
+    float sz[kHalf];                      // lane < 16: scale of row lane, else zero of row lane - 16
+    int rg[kHalf], rg8[kHalf];            // rows g and g + 8 (-1: none)
+  };
   float lmax0 = -INFINITY, lmax1 = -INFINITY;
   const int ntiles = (m + 15) / 16;
-  for (int tile0 = warp; tile0 < ntiles; tile0 += kWarps * kUnroll) {
-    typename RB::T ca[kUnroll], cb[kUnroll];
-    float sz[kUnroll];
-    int rg[kUnroll], rg8[kUnroll];
+  auto load = [&](Frag& f, int tile0) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kHalf; ++u) {
       const int tile = tile0 + u * kWarps;
       const int jr = tile * 16 + (lane & 15);
       const int ri = (tile < ntiles && jr < m) ? rowidx[jr] : -1;
-      sz[u] = ri >= 0 ? (lane < 16 ? a.k4s[ri] : a.k4z[ri]) : 0.f;
-      rg[u] = __shfl_sync(0xffffffffu, ri, g);
-      rg8[u] = __shfl_sync(0xffffffffu, ri, g + 8);
+      f.sz[u] = ri >= 0 ? (lane < 16 ? a.k4s[ri] : a.k4z[ri]) : 0.f;
+      f.rg[u] = __shfl_sync(0xffffffffu, ri, g);
+      f.rg8[u] = __shfl_sync(0xffffffffu, ri, g + 8);
       const typename RB::T zero{};
-      ca[u] = rg[u] >= 0 ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)rg[u] * (D / 2) + t4 * (D / 8))
-                         : zero;
-      cb[u] = rg8[u] >= 0 ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)rg8[u] * (D / 2) + t4 * (D / 8))
-                          : zero;
+      f.ca[u] = f.rg[u] >= 0 ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)f.rg[u] * (D / 2) + t4 * (D / 8))
+                             : zero;
+      f.cb[u] = f.rg8[u] >= 0
+                    ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)f.rg8[u] * (D / 2) + t4 * (D / 8))
+                    : zero;
     }
+  };
+  auto compute = [&](const Frag& f, int tile0) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kHalf; ++u) {
       const int tile = tile0 + u * kWarps;
       int acc[4] = {0, 0, 0, 0};
       uint32_t wa[RB::kWords], wb[RB::kWords];
-      RB::words(ca[u], wa);
-      RB::words(cb[u], wb);
+      RB::words(f.ca[u], wa);
+      RB::words(f.cb[u], wb);
 #pragma unroll
       for (int j = 0; j < RB::kWords; ++j) {  // one code word = 8 dims of rows g and g + 8
         const uint2 bj = S.bq[j][lane];
         imma16832(acc, wa[j] & 0x0f0f0f0fu, wb[j] & 0x0f0f0f0fu, (wa[j] >> 4) & 0x0f0f0f0fu,
                   (wb[j] >> 4) & 0x0f0f0f0fu, bj.x, bj.y);
       }
-      const float sc_g = __shfl_sync(0xffffffffu, sz[u], g), zp_g = __shfl_sync(0xffffffffu, sz[u], 16 + g);
-      const float sc_g8 = __shfl_sync(0xffffffffu, sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, sz[u], 24 + g);
+      const float sc_g = __shfl_sync(0xffffffffu, f.sz[u], g), zp_g = __shfl_sync(0xffffffffu, f.sz[u], 16 + g);
+      const float sc_g8 = __shfl_sync(0xffffffffu, f.sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, f.sz[u], 24 + g);
       if (tile >= ntiles) continue;
       const int j0 = tile * 16 + g, j1 = j0 + 8;
       // z = fma(scale, fma(sq, dot, cq), zero * qsum): the CPU estimate's operations (pruner.h).
-      const float z00 = rg[u] >= 0 ? fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0) : -INFINITY;
-      const float z01 = rg[u] >= 0 ? fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1) : -INFINITY;
-      const float z10 = rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0) : -INFINITY;
-      const float z11 = rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1) : -INFINITY;
+      const float z00 = f.rg[u] >= 0 ? fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0) : -INFINITY;
+      const float z01 = f.rg[u] >= 0 ? fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1) : -INFINITY;
+      const float z10 = f.rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0) : -INFINITY;
+      const float z11 = f.rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1) : -INFINITY;
       if (j0 < m) {
         if (hc0 < G) zs[(size_t)hc0 * a.zstride + j0] = z00, lmax0 = fmaxf(lmax0, z00);
         if (hc1 < G) zs[(size_t)hc1 * a.zstride + j0] = z01, lmax1 = fmaxf(lmax1, z01);
@@ -460,6 +486,17 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
         if (hc0 < G) zs[(size_t)hc0 * a.zstride + j1] = z10, lmax0 = fmaxf(lmax0, z10);
         if (hc1 < G) zs[(size_t)hc1 * a.zstride + j1] = z11, lmax1 = fmaxf(lmax1, z11);
       }
+    }
+  };
+  {
+    constexpr int kStep = kWarps * kHalf;  // tiles per half step of the whole block
+    Frag fa, fb;
+    load(fa, warp);
+    for (int tile0 = warp; tile0 < ntiles; tile0 += 2 * kStep) {
+      load(fb, tile0 + kStep);
+      compute(fa, tile0);
+      load(fa, tile0 + 2 * kStep);  // past the end: predicated off, no loads
+      compute(fb, tile0 + kStep);
     }
   }
   // Block max per head: over the lanes of one column (xor over g), then over warps.
@@ -480,9 +517,10 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   }
   __syncthreads();
 
-  if (a.stop == 2) { __syncthreads(); cl.sync(); return; }
-  // ---- softmax statistics, one cluster exchange: each block's (max, sum of exp(z - its max)) per
-  // head, combined as S = sum_c S_c exp(M_c - M). Exponents below -87 give 0 (fast_exp.h's rule). ----
+  if (a.stop == 2) { __syncthreads(); cluster_sync(cl, C); return; }
+  // ---- softmax statistics, one cluster exchange: each block's (max, sum of e = exp(z - its max)) per
+  // head, combined as S = sum_c S_c exp(M_c - M). e replaces z in zs, so the weights below take one
+  // multiply per head instead of a second exp. Exponents below -87 give 0 (fast_exp.h's rule). ----
   {
     float cm[kMaxGroup], ls[kMaxGroup];
 #pragma unroll
@@ -491,8 +529,11 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
         if (r >= G) break;
-        const float x = zs[(size_t)r * a.zstride + j] - cm[r];
-        ls[r] += (x < -87.f || cm[r] == -INFINITY) ? 0.f : expf(x);
+        float* zp = zs + (size_t)r * a.zstride + j;
+        const float x = *zp - cm[r];
+        const float e = (x < -87.f || cm[r] == -INFINITY) ? 0.f : exp_fast(x);
+        *zp = e;
+        ls[r] += e;
       }
     }
 #pragma unroll
@@ -508,37 +549,40 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     for (int w = 0; w < kWarps; ++w) s += S.wred[w][tid];
     S.csum[tid] = s;
   }
-  cl.sync();
+  cluster_sync(cl, C);
   if (tid < G) {
     float mx = -INFINITY;
-    for (int r = 0; r < C; ++r) mx = fmaxf(mx, cl.map_shared_rank(S.cmax, r)[tid]);
+    for (int r = 0; r < C; ++r) mx = fmaxf(mx, block_field(cl, C, S.cmax, r)[tid]);
     float s = 0.f;
     if (mx != -INFINITY)
       for (int r = 0; r < C; ++r) {
-        const float mr = cl.map_shared_rank(S.cmax, r)[tid];
-        if (mr != -INFINITY) s += cl.map_shared_rank(S.csum, r)[tid] * expf(mr - mx);
+        const float mr = block_field(cl, C, S.cmax, r)[tid];
+        if (mr != -INFINITY) s += block_field(cl, C, S.csum, r)[tid] * exp_fast(mr - mx);
       }
-    S.gmax[tid] = mx;
-    S.ginv[tid] = 1.f / (s * (float)G);
+    // This block's e -> weight factor exp(M_c - M) / (S G), and the e below which z - M < -87.
+    const float cmx = S.cmax[tid];
+    const bool live = mx != -INFINITY && cmx != -INFINITY;
+    S.elo[tid] = live ? exp_fast(-87.f + (mx - cmx)) : INFINITY;
+    S.efac[tid] = live ? exp_fast(cmx - mx) / (s * (float)G) : 0.f;
   }
   __syncthreads();
 
-  // ---- group weights w = sum_r exp(z_r - M_r) / (S_r G), into row 0 of zs; the level-1 histogram
-  // of the top-p select is built in the same pass ----
+  // ---- group weights w = sum_r e_r exp(M_c,r - M_r) / (S_r G), into row 0 of zs; the level-1
+  // histogram of the top-p select is built in the same pass ----
   float* ws = zs;
   uint32_t* const hist[2] = {histA, histB};
   const bool topp = a.p < 1.f;
   {
-    float gm[kMaxGroup], inv[kMaxGroup];
+    float lo[kMaxGroup], f[kMaxGroup];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, inv[r] = r < G ? S.ginv[r] : 0.f;
+    for (int r = 0; r < kMaxGroup; ++r) lo[r] = r < G ? S.elo[r] : 0.f, f[r] = r < G ? S.efac[r] : 0.f;
     for (int j = tid; j < m; j += kThreads) {
       float w = 0.f;
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
         if (r >= G) break;
-        const float x = zs[(size_t)r * a.zstride + j] - gm[r];
-        w += ((x < -87.f || gm[r] == -INFINITY) ? 0.f : expf(x)) * inv[r];
+        const float e = zs[(size_t)r * a.zstride + j];
+        w += e >= lo[r] ? e * f[r] : 0.f;
       }
       ws[j] = w;
       if (topp) hist_add(histA, (__float_as_uint(w) >> 20) & (kBins - 1), w);
@@ -549,7 +593,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   int next = 0;
   const bool forced_here = cur_is_cand && beg + m == n;  // the current token is this block's last entry
 
-  if (a.stop == 3) { __syncthreads(); cl.sync(); return; }
+  if (a.stop == 3) { __syncthreads(); cluster_sync(cl, C); return; }
   // ---- top-p threshold (keys of positive weights; zeros never kept) ----
   uint32_t tau_key = 1u;  // p = 1: every positive weight
   if (topp) {
@@ -564,39 +608,54 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     if (tau_key == 0u) tau_key = 1u;
   }
 
-  if (a.stop == 4) { __syncthreads(); cl.sync(); return; }
+  if (a.stop == 4) { __syncthreads(); cluster_sync(cl, C); return; }
   // ---- keep flags (reuse rowidx); count and kept mass published to the cluster together ----
-  // Each thread owns a contiguous run of the block's slice, so one block scan orders the output.
+  // Warp w owns the contiguous segment [s0, s1) of the block's slice (a multiple of 32 long): counts
+  // and the ordered output go 32 list entries at a time (ballots; coalesced, no bank conflicts).
   int32_t* flag = rowidx;
-  const int run_len = (m + kThreads - 1) / kThreads;
-  const int r0 = min(m, tid * run_len), r1 = min(m, r0 + run_len);
-  int my = 0, my_off = 0;
+  const int seg = ((m + kWarps - 1) / kWarps + 31) & ~31;
+  const int s0 = min(m, warp * seg), s1 = min(m, s0 + seg);
+  int warp_off = 0;  // this warp's first output slot within the block's
   auto count_and_publish = [&]() {
-    my = 0;
+    int cnt = 0;
     u64 lm = 0;
-    for (int j = r0; j < r1; ++j)
-      if (flag[j]) ++my, lm += fixed_mass(ws[j]);
-    int tot;
-    my_off = block_scan_excl_int(my, &tot, S);
-    u64 excl, mtot;
-    (void)block_scan_incl(lm, excl, mtot, S);
+    for (int base = s0; base < s1; base += 32) {  // warp-uniform bounds: every lane takes the ballot
+      const int j = base + lane;
+      const bool f = j < s1 && flag[j];
+      cnt += __popc(__ballot_sync(0xffffffffu, f));
+      if (f) lm += fixed_mass(ws[j]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) lm += __shfl_xor_sync(0xffffffffu, lm, o);
+    __syncthreads();  // earlier readers of ired / ured are done
+    if (lane == 0) S.ired[warp] = cnt, S.ured[warp] = lm;
+    __syncthreads();
+    int off = 0, tot = 0;
+    u64 mtot = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      if (w < warp) off += S.ired[w];
+      tot += S.ired[w];
+      mtot += S.ured[w];  // integers: exact in any order
+    }
+    warp_off = off;
     if (tid == 0) S.ccount = tot, S.cmass = mtot;
-    cl.sync();
+    cluster_sync(cl, C);
   };
-  for (int j = r0; j < r1; ++j) {
+  for (int j = tid; j < m; j += kThreads) {
     const uint32_t k = __float_as_uint(ws[j]);
     flag[j] = (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
   }
+  __syncthreads();
   count_and_publish();
   int kept = 0;
-  for (int r = 0; r < C; ++r) kept += *cl.map_shared_rank(&S.ccount, r);
+  for (int r = 0; r < C; ++r) kept += *block_field(cl, C, &S.ccount, r);
 
   // ---- floor / cap: the k heaviest (current token first, ties by lower list index) ----
   const int size = kept + extra;
   const bool need_floor = a.min_tokens > size && kept < n;
   const bool need_cap = a.max_tokens > 0 && size > a.max_tokens;
   if (need_floor || need_cap) {
-    cl.sync();  // every block has read the counts above before S.ccount is written again
+    cluster_sync(cl, C);  // every block has read the counts above before S.ccount is written again
     const int k = min(max((need_cap ? a.max_tokens : a.min_tokens) - extra, 0), n);
     auto prio = [&](int j) -> uint32_t {
       return (forced_here && j == m - 1) ? kPrioKey : __float_as_uint(ws[j]);
@@ -619,11 +678,11 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
       (void)block_scan_excl_int(nt, &ttot, S);
       if (tid == 0) S.ccount = ttot;
       __syncthreads();
-      cl.sync();
+      cluster_sync(cl, C);
       int toff = 0;
-      for (int r = 0; r < rank; ++r) toff += *cl.map_shared_rank(&S.ccount, r);
+      for (int r = 0; r < rank; ++r) toff += *block_field(cl, C, &S.ccount, r);
       __syncthreads();
-      cl.sync();  // every block has read S.ccount before it is reused below
+      cluster_sync(cl, C);  // every block has read S.ccount before it is reused below
       for (int base = 0; base < m; base += kThreads) {
         const int j = base + tid;
         const uint32_t kk = j < m ? prio(j) : 0u;
@@ -641,23 +700,38 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   kept = 0;
   u64 mass = 0;
   for (int r = 0; r < C; ++r) {
-    const int cr = *cl.map_shared_rank(&S.ccount, r);
+    const int cr = *block_field(cl, C, &S.ccount, r);
     if (r < rank) off += cr;
     kept += cr;
-    mass += *cl.map_shared_rank(&S.cmass, r);
+    mass += *block_field(cl, C, &S.cmass, r);
   }
   if (rank == 0 && tid == 0) {
     a.out_count[list] = kept + extra;
     if (a.est_mass) a.est_mass[list] = (float)((double)mass * kFixedUnit);
   }
 
-  if (a.stop == 5) { __syncthreads(); cl.sync(); return; }
+  if (a.stop == 5) { __syncthreads(); cluster_sync(cl, C); return; }
   // ---- ordered compaction of the kept positions ----
-  int o = off + my_off;
-  for (int j = r0; j < r1; ++j)
-    if (flag[j]) out_toks[o++] = toks[j];
+  // 8 x 32 entries per round: their token loads are in flight together (stores could alias them).
+  int o = off + warp_off;
+  for (int base = s0; base < s1; base += 8 * 32) {
+    bool f[8];
+    int32_t tk[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int j = base + 32 * u + lane;
+      f[u] = j < s1 && flag[j];
+      tk[u] = f[u] ? toks[j] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const uint32_t bal = __ballot_sync(0xffffffffu, f[u]);
+      if (f[u]) out_toks[o + __popc(bal & ((1u << lane) - 1u))] = tk[u];
+      o += __popc(bal);
+    }
+  }
   if (rank == C - 1 && tid == 0 && extra) out_toks[kept] = cur;  // every candidate is < cur: still ascending
-  cl.sync();  // no block leaves while others may read its shared memory
+  cluster_sync(cl, C);  // no block leaves while others may read its shared memory
 }
 
 struct Shape {
@@ -696,11 +770,12 @@ int tokens_per_block() {
 // clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
 // captures stay free of it.
 void (*kernel_for(int head_dim, size_t smem))(Args) {
-  const bool three = smem <= kThreeBlockSmem;
-  void (*kern)(Args) = three ? (head_dim == 128 ? prune_kernel<128, 3> : prune_kernel<64, 3>)
-                             : (head_dim == 128 ? prune_kernel<128, 2> : prune_kernel<64, 2>);
-  static std::once_flag once[4];
-  std::call_once(once[(head_dim == 128 ? 2 : 0) + (three ? 1 : 0)], [kern] {
+  const int per_sm = smem <= kThreeBlockSmem ? 3 : smem <= kTwoBlockSmem ? 2 : 1;
+  void (*kern)(Args) = per_sm == 3   ? (head_dim == 128 ? prune_kernel<128, 3> : prune_kernel<64, 3>)
+                       : per_sm == 2 ? (head_dim == 128 ? prune_kernel<128, 2> : prune_kernel<64, 2>)
+                                     : (head_dim == 128 ? prune_kernel<128, 1> : prune_kernel<64, 1>);
+  static std::once_flag once[6];
+  std::call_once(once[(head_dim == 128 ? 3 : 0) + per_sm - 1], [kern] {
     int dev = 0, optin = 0;
     TW_CUDA_CHECK(cudaGetDevice(&dev));
     TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -723,14 +798,15 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   int optin = 0;
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   // Blocks per list: from the parallelism target (tokens_per_block), then more until a block's
-  // slice fits kMaxChunk and, preferably, <= 120 KiB of shared memory (two blocks per SM), else up to
-  // the opt-in limit. Fewer, larger blocks per list win: every radix level is a cluster barrier (H200,
-  // 256 lists x B0 8192: 2 blocks of 4096 149 us, 4 of 2048 173 us, 8 of 1024 422 us).
+  // slice fits kMaxChunk and, preferably, <= 113 KiB of shared memory (two blocks per SM), else up to
+  // the opt-in limit. Two blocks of 4096 per list win (H200, 256 lists x B0 8192, G 4: 145 us; 4 of
+  // 2048 at three blocks per SM 172 us, every radix level reading 4 remote histograms; one block of
+  // 8192 209 us, 8 warps per SM too few to hide the phases' latencies).
   const int cmin = std::clamp((in_capacity + tokens_per_block() - 1) / tokens_per_block(), 1, kMaxCluster);
   static const size_t first_limit = [] {
     const char* s = std::getenv("TW_PRUNE_SMEM_KB");  // tuning knob for the benchmark
     const int x = s ? std::atoi(s) : 0;
-    return x > 0 ? size_t(x) << 10 : size_t(75) << 10;
+    return x > 0 ? size_t(x) << 10 : kTwoBlockSmem;
   }();
   for (size_t limit : {first_limit, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
