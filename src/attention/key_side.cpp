@@ -5,6 +5,7 @@
 
 #include "common/error.h"
 #include "common/fp16.h"
+#include "attention/page_bounds.h"
 
 namespace tw::attn {
 
@@ -21,8 +22,8 @@ inline uint8_t int4_code(float k, float zero, float scale) {
 }
 
 // Fast path for one (page, head): k16 = the page's fp16 K [kPageSize][d]; slots 0..slot are valid.
-// Writes bounds over those slots and the INT4 row of `slot`.
-TW_CLONES void update_head(const uint16_t* k16, int slot, int d, uint16_t* kmin16, uint16_t* kmax16, uint8_t* codes,
+// Writes the 8-bit bounds over those slots (page_bounds.h) and the INT4 row of `slot`.
+TW_CLONES void update_head(const uint16_t* k16, int slot, int d, uint8_t* bcodes, float* bparam, uint8_t* codes,
                            float* scale, float* zero) {
   // fp16 -> fp32 of the valid slots (vcvtph2ps on F16C targets).
   float kf[kPageSize * 256];  // d <= 256 checked by the constructor
@@ -31,7 +32,7 @@ TW_CLONES void update_head(const uint16_t* k16, int slot, int d, uint16_t* kmin1
 #pragma omp simd
   for (int i = 0; i < n; ++i) kf[i] = (float)h[i];
 
-  float kmin[256], kmax[256];
+  float kmin[256], kmax[256];  // [d] used
   for (int i = 0; i < d; ++i) {
     kmin[i] = kf[i];
     kmax[i] = kf[i];
@@ -44,11 +45,7 @@ TW_CLONES void update_head(const uint16_t* k16, int slot, int d, uint16_t* kmin1
       kmax[i] = kj[i] > kmax[i] ? kj[i] : kmax[i];
     }
   }
-  // Exact: each bound is one of the page's fp16 values.
-  for (int i = 0; i < d; ++i) {
-    kmin16[i] = fp32_to_fp16(kmin[i]);
-    kmax16[i] = fp32_to_fp16(kmax[i]);
-  }
+  quantize_page_bounds(kmin, kmax, d, bcodes, bparam);
 
   const float* k = kf + (size_t)slot * d;
   float mn = k[0], mx = k[0];
@@ -97,8 +94,8 @@ KeySide::KeySide(const kv::KVShape& s) : shape_(s) {
            " unsupported (must be even, at most 256)");
   const size_t heads = (size_t)s.n_pages * s.n_kv_heads;
   for (int l = 0; l < s.n_layers; ++l) {
-    kmin_.emplace_back(new uint16_t[heads * s.head_dim]);
-    kmax_.emplace_back(new uint16_t[heads * s.head_dim]);
+    bcode_.emplace_back(new uint8_t[heads * 2 * s.head_dim]);
+    bparam_.emplace_back(new float[heads * 2]);
     k4_.emplace_back(new uint8_t[heads * kPageSize * (s.head_dim / 2)]);
     k4s_.emplace_back(new float[heads * kPageSize]);
     k4z_.emplace_back(new float[heads * kPageSize]);
@@ -107,7 +104,7 @@ KeySide::KeySide(const kv::KVShape& s) : shape_(s) {
 
 size_t KeySide::bytes() const {
   const size_t heads = (size_t)shape_.n_layers * shape_.n_pages * shape_.n_kv_heads;
-  return heads * (2 * shape_.head_dim * sizeof(uint16_t) + kPageSize * (shape_.head_dim / 2) + 2 * kPageSize * sizeof(float));
+  return heads * (2 * shape_.head_dim + 2 * sizeof(float) + kPageSize * (shape_.head_dim / 2) + 2 * kPageSize * sizeof(float));
 }
 
 void KeySide::locate(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos, int32_t& phys,
@@ -130,8 +127,8 @@ void KeySide::append(const kv::KVPool& pool, int layer, const kv::SeqPages& seq,
   const int d = shape_.head_dim;
   for (int h = 0; h < shape_.n_kv_heads; ++h) {
     const size_t so = slot_off(phys, h) + slot;
-    update_head(pool.k_page(layer, phys, h), slot, d, kmin_[layer].get() + bound_off(phys, h),
-                kmax_[layer].get() + bound_off(phys, h), k4_[layer].get() + code_off(phys, h) + (size_t)slot * (d / 2),
+    update_head(pool.k_page(layer, phys, h), slot, d, bcode_[layer].get() + 2 * bound_off(phys, h),
+                bparam_[layer].get() + 2 * head_index(phys, h), k4_[layer].get() + code_off(phys, h) + (size_t)slot * (d / 2),
                 k4s_[layer].get() + so, k4z_[layer].get() + so);
   }
 }
@@ -141,11 +138,9 @@ void KeySide::append_reference(const kv::KVPool& pool, int layer, const kv::SeqP
   int slot;
   locate(pool, layer, seq, pos, phys, slot);
   const int d = shape_.head_dim;
-  std::vector<float> k(d);
+  std::vector<float> k(d), kmn(d), kmx(d);
   for (int h = 0; h < shape_.n_kv_heads; ++h) {
     const uint16_t* page = pool.k_page(layer, phys, h);
-    uint16_t* mn16 = kmin_[layer].get() + bound_off(phys, h);
-    uint16_t* mx16 = kmax_[layer].get() + bound_off(phys, h);
     for (int i = 0; i < d; ++i) {
       float mn = INFINITY, mx = -INFINITY;
       for (int j = 0; j <= slot; ++j) {
@@ -153,9 +148,11 @@ void KeySide::append_reference(const kv::KVPool& pool, int layer, const kv::SeqP
         mn = std::min(mn, x);
         mx = std::max(mx, x);
       }
-      mn16[i] = fp32_to_fp16(mn);
-      mx16[i] = fp32_to_fp16(mx);
+      kmn[i] = mn;
+      kmx[i] = mx;
     }
+    quantize_page_bounds(kmn.data(), kmx.data(), d, bcode_[layer].get() + 2 * bound_off(phys, h),
+                         bparam_[layer].get() + 2 * head_index(phys, h));
     for (int i = 0; i < d; ++i) k[i] = fp16_to_fp32(page[(size_t)slot * d + i]);
     const size_t so = slot_off(phys, h) + slot;
     int4_quantize_ref(k.data(), d, k4_[layer].get() + code_off(phys, h) + (size_t)slot * (d / 2), k4s_[layer].get() + so,

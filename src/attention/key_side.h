@@ -1,9 +1,11 @@
 // Side structures of the key cache that Twilight needs (TWILIGHT.md sections 1 and 5), indexed like
 // the KV pool pages: (layer, physical page, kv head).
-//  - Quest page bounds: element-wise min / max of K over the page's tokens, [d] fp16 each (IEEE half
-//    bits, like the pool's K: a min / max of fp16 values is an fp16 value, so storing it in fp16 is
-//    exact and halves the bytes Quest scoring reads). A page's bound gives
-//    u_p = sum_d max(q_d*kmax_d, q_d*kmin_d) >= q.k_t for every token t of the page.
+//  - Quest page bounds: the element-wise min / max of K over the page's tokens, kept in 8 bits per
+//    value with one affine step per (page, kv head) (page_bounds.h: the definition, conservative:
+//    the decoded bounds bracket the exact ones). Codes [2][d] bytes (min row, max row) and
+//    param {lo, s}: 2d + 8 bytes per (page, kv head), half of fp16 bounds, the bytes Quest scoring
+//    reads. A page's bound gives u_p = sum_d max(q_d*kmax_d, q_d*kmin_d) >= q.k_t for every token t
+//    of the page (kmin / kmax the decoded bounds).
 //  - INT4 key mirror: per (token, kv head), asymmetric over the head dim:
 //      scale = max((max(K) - min(K)) / 15, 1e-8), zero = min(K),
 //      code  = clamp(floor((K - zero) / scale + 0.5), 0, 15)   (round half up; K - zero >= 0),
@@ -38,9 +40,13 @@ class KeySide {
   // Scalar reference of append (same arithmetic, obviously correct; for tests). Results are bit-identical.
   void append_reference(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos);
 
-  // [d] fp16 (IEEE half bits; common/fp16.h fp16_to_fp32, or vcvtph2ps).
-  const uint16_t* kmin(int layer, int32_t phys, int h) const { return kmin_[layer].get() + bound_off(phys, h); }
-  const uint16_t* kmax(int layer, int32_t phys, int h) const { return kmax_[layer].get() + bound_off(phys, h); }
+  // Page bounds (page_bounds.h): [2][d] codes (cmin row, then cmax row) and {lo, s}.
+  const uint8_t* bound_codes(int layer, int32_t phys, int h) const {
+    return bcode_[layer].get() + 2 * bound_off(phys, h);
+  }
+  const float* bound_param(int layer, int32_t phys, int h) const {
+    return bparam_[layer].get() + 2 * head_index(phys, h);
+  }
   // [kPageSize][d/2] bytes: slot j's codes at j * d/2.
   const uint8_t* k4(int layer, int32_t phys, int h) const { return k4_[layer].get() + code_off(phys, h); }
   // [kPageSize] floats.
@@ -55,10 +61,10 @@ class KeySide {
   void locate(const kv::KVPool& pool, int layer, const kv::SeqPages& seq, int64_t pos, int32_t& phys, int& slot) const;
 
   kv::KVShape shape_;
-  // Per layer, left uninitialised (like the pool): [n_pages][n_kv_heads][d] bounds,
+  // Per layer, left uninitialised (like the pool): [n_pages][n_kv_heads][2][d] bound codes and [2] params,
   // [n_pages][n_kv_heads][kPageSize][d/2] codes, [n_pages][n_kv_heads][kPageSize] scale / zero.
-  std::vector<std::unique_ptr<uint16_t[]>> kmin_, kmax_;
-  std::vector<std::unique_ptr<float[]>> k4s_, k4z_;
+  std::vector<std::unique_ptr<uint8_t[]>> bcode_;
+  std::vector<std::unique_ptr<float[]>> bparam_, k4s_, k4z_;
   std::vector<std::unique_ptr<uint8_t[]>> k4_;
 };
 

@@ -13,6 +13,7 @@
 
 #include "common/error.h"
 #include "common/fp16.h"
+#include "attention/page_bounds.h"
 
 namespace tw::attn {
 namespace {
@@ -43,15 +44,25 @@ void check_seq(const kv::KVPool& pool, const KeySide& a, const KeySide& b, int l
     const int32_t phys = seq.pages[lp];
     for (int h = 0; h < s.n_kv_heads; ++h) {
       const uint16_t* page = pool.k_page(layer, phys, h);
+      std::vector<float> mn(d, INFINITY), mx(d, -INFINITY), par(2);
+      std::vector<uint8_t> bc(2 * d);
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < valid; ++j) {
+          mn[i] = std::min(mn[i], fp16_to_fp32(page[j * d + i]));
+          mx[i] = std::max(mx[i], fp16_to_fp32(page[j * d + i]));
+        }
+      quantize_page_bounds(mn.data(), mx.data(), d, bc.data(), par.data());
       for (const KeySide* ks : {&a, &b}) {
+        const uint8_t* got = ks->bound_codes(layer, phys, h);
+        const float* gp = ks->bound_param(layer, phys, h);
+        ASSERT_EQ(gp[0], par[0]) << "page " << lp << " head " << h << ": lo";
+        ASSERT_EQ(gp[1], par[1]) << "page " << lp << " head " << h << ": step";
         for (int i = 0; i < d; ++i) {
-          float mn = INFINITY, mx = -INFINITY;
-          for (int j = 0; j < valid; ++j) {
-            mn = std::min(mn, fp16_to_fp32(page[j * d + i]));
-            mx = std::max(mx, fp16_to_fp32(page[j * d + i]));
-          }
-          ASSERT_EQ(fp16_to_fp32(ks->kmin(layer, phys, h)[i]), mn) << "page " << lp << " head " << h << " dim " << i;
-          ASSERT_EQ(fp16_to_fp32(ks->kmax(layer, phys, h)[i]), mx) << "page " << lp << " head " << h << " dim " << i;
+          ASSERT_EQ(got[i], bc[i]) << "page " << lp << " head " << h << " dim " << i << ": min code";
+          ASSERT_EQ(got[d + i], bc[d + i]) << "page " << lp << " head " << h << " dim " << i << ": max code";
+          // Conservative: the decoded bounds bracket the exact ones.
+          ASSERT_LE(std::fma(gp[1], (float)got[i], gp[0]), mn[i]) << "page " << lp << " head " << h << " dim " << i;
+          ASSERT_GE(std::fma(gp[1], (float)got[d + i], gp[0]), mx[i]) << "page " << lp << " head " << h << " dim " << i;
         }
         for (int j = 0; j < valid; ++j) {
           for (int i = 0; i < d; ++i) k[i] = fp16_to_fp32(page[j * d + i]);
@@ -192,12 +203,13 @@ TEST_P(KeySideRandom, QuestBoundIsUpperBound) {
     for (int64_t t = 0; t < n; ++t)
       for (int h = 0; h < c.Hkv; ++h) {
         const int32_t phys = seq.pages[t / kPageSize];
-        const uint16_t* mn = ks.kmin(0, phys, h);
-        const uint16_t* mx = ks.kmax(0, phys, h);
+        const uint8_t* bc = ks.bound_codes(0, phys, h);
+        const float* par = ks.bound_param(0, phys, h);
         const uint16_t* kr = pool.k_page(0, phys, h) + (t % kPageSize) * c.d;
         double u = 0, dot = 0, mag = 0;  // float * float is exact in double
         for (int i = 0; i < c.d; ++i) {
-          u += std::max((double)q[i] * fp16_to_fp32(mx[i]), (double)q[i] * fp16_to_fp32(mn[i]));
+          const float lo = std::fma(par[1], (float)bc[i], par[0]), hi = std::fma(par[1], (float)bc[c.d + i], par[0]);
+          u += std::max((double)q[i] * hi, (double)q[i] * lo);
           dot += (double)q[i] * fp16_to_fp32(kr[i]);
           mag += std::fabs((double)q[i] * fp16_to_fp32(kr[i]));
         }
@@ -221,8 +233,10 @@ TEST(KeySide, ConstantKeyUsesClampedScale) {
   EXPECT_EQ(ks.k4_scale(0, seq.pages[0], 0)[0], kInt4MinScale);
   EXPECT_EQ(ks.k4_zero(0, seq.pages[0], 0)[0], -2.5f);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(ks.k4(0, seq.pages[0], 0)[i], 0);
-  EXPECT_EQ(fp16_to_fp32(ks.kmin(0, seq.pages[0], 0)[3]), -2.5f);
-  EXPECT_EQ(fp16_to_fp32(ks.kmax(0, seq.pages[0], 0)[3]), -2.5f);
+  // A constant page: step 0, every bound code 0, lo the value.
+  EXPECT_EQ(ks.bound_param(0, seq.pages[0], 0)[0], -2.5f);
+  EXPECT_EQ(ks.bound_param(0, seq.pages[0], 0)[1], 0.f);
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(ks.bound_codes(0, seq.pages[0], 0)[i], 0);
 }
 
 TEST(KeySide, NibbleOrderAndRounding) {
@@ -256,8 +270,54 @@ TEST(KeySide, NibbleOrderAndRounding) {
 TEST(KeySide, BytesCountsEverything) {
   const kv::KVShape shape{3, 2, 128, 10};
   KeySide ks(shape);
-  // Per (layer, page, head): 2 * 128 fp16 bounds + 16 * 64 code bytes + 2 * 16 floats scale/zero.
-  EXPECT_EQ(ks.bytes(), (size_t)3 * 10 * 2 * (2 * 128 * 2 + 16 * 64 + 2 * 16 * 4));
+  // Per (layer, page, head): 2 * 128 bound codes + {lo, s} + 16 * 64 code bytes + 2 * 16 floats scale/zero.
+  EXPECT_EQ(ks.bytes(), (size_t)3 * 10 * 2 * (2 * 128 + 2 * 4 + 16 * 64 + 2 * 16 * 4));
+}
+
+// The 8-bit bound definition on its own: conservative and tight (each code the best one that is still
+// conservative), on ranges from 1e-3 to 6e4, with outlier channels, constant pages and non-finite input.
+TEST(PageBounds, ConservativeAndTight) {
+  std::mt19937 rng(77);
+  std::normal_distribution<float> N(0.f, 1.f);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int d = trial % 3 == 0 ? 64 : 128;
+    const float sc = trial % 5 == 0 ? 1e-3f : trial % 7 == 0 ? 3e4f : 1.f + (float)(trial % 4);
+    std::vector<float> mn(d), mx(d), par(2);
+    std::vector<uint8_t> c(2 * d);
+    for (int i = 0; i < d; ++i) {
+      const float a = fp16_to_fp32(fp32_to_fp16(std::clamp(N(rng) * sc, -65000.f, 65000.f)));
+      const float w = trial % 11 == 0 ? 0.f : std::fabs(N(rng)) * sc * (i % 17 == 0 ? 20.f : 1.f);
+      mn[i] = a;
+      mx[i] = fp16_to_fp32(fp32_to_fp16(std::min(a + w, 65000.f)));
+    }
+    quantize_page_bounds(mn.data(), mx.data(), d, c.data(), par.data());
+    const float lo = par[0], s = par[1];
+    ASSERT_EQ(lo, *std::min_element(mn.begin(), mn.end()));
+    ASSERT_GE(std::fma(s, 255.f, lo), *std::max_element(mx.begin(), mx.end()));
+    for (int i = 0; i < d; ++i) {
+      const int a = c[i], b = c[d + i];
+      ASSERT_LE(std::fma(s, (float)a, lo), mn[i]) << "trial " << trial << " dim " << i;
+      ASSERT_GE(std::fma(s, (float)b, lo), mx[i]) << "trial " << trial << " dim " << i;
+      if (s > 0.f) {
+        if (a < 255) {
+          ASSERT_GT(std::fma(s, (float)(a + 1), lo), mn[i]) << "trial " << trial << " dim " << i;
+        }
+        if (b > 0) {
+          ASSERT_LT(std::fma(s, (float)(b - 1), lo), mx[i]) << "trial " << trial << " dim " << i;
+        }
+      }
+    }
+  }
+  std::vector<float> mn(8, 1.f), mx(8, 2.f), par(2);
+  std::vector<uint8_t> c(16, 9);
+  mx[5] = INFINITY;
+  quantize_page_bounds(mn.data(), mx.data(), 8, c.data(), par.data());
+  EXPECT_TRUE(std::isnan(par[0]) && std::isnan(par[1]));
+  for (uint8_t x : c) EXPECT_EQ(x, 0);
+  mx[5] = 2.f;
+  mn[2] = NAN;  // a NaN channel: never mistaken for a finite page
+  quantize_page_bounds(mn.data(), mx.data(), 8, c.data(), par.data());
+  EXPECT_TRUE(std::isnan(par[0]) || std::isnan(par[1])) << par[0] << " " << par[1];
 }
 
 TEST(KeySide, RejectsBadInput) {

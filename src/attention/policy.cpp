@@ -309,7 +309,7 @@ void AttentionPolicy::decode(const kv::KVPool& pool, const kv::SeqPages& seq, in
   const bool guard = cfg_.method == Method::Twilight && cfg_.guard != Guard::Off && level1 != Base::None;
   if (guard || (cfg_.true_mass && side_)) {
     page_bounds_.resize((size_t)hs_.n_heads * n_pages);
-    quest_page_scores(*side_, seq, layer, hs_, q, n_ctx, GqaMode::Head, page_bounds_.data(), &tp);
+    quest_page_upper_bounds(*side_, seq, layer, hs_, q, n_ctx, page_bounds_.data(), &tp);
   }
   if (cfg_.method == Method::Twilight) {
     PruneOptions po;

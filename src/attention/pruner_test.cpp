@@ -489,7 +489,7 @@ TEST(Pruner, BadInput) {
 // ---- Guard and union mode -------------------------------------------------------------------------
 
 // A cache with KeySide (Quest bounds + INT4 mirror) over one layer, random keys, and per query head
-// page bounds (quest_page_scores, Head mode: what the policy hands the pruner).
+// page bounds (quest_page_upper_bounds: what the policy hands the pruner).
 struct GuardEnv {
   HeadShape hs;
   int64_t n_ctx;
@@ -509,7 +509,7 @@ struct GuardEnv {
   int64_t n_pages() const { return (n_ctx + 15) / 16; }
   void bounds() {
     u.resize((size_t)hs.n_heads * n_pages());
-    quest_page_scores(ks, seq, 0, hs, q.data(), n_ctx, GqaMode::Head, u.data());
+    quest_page_upper_bounds(ks, seq, 0, hs, q.data(), n_ctx, u.data());
   }
   PageBounds pb() const { return PageBounds{u.data(), n_pages()}; }
   // Overwrite token t's key of kv head h (and refresh the side structures of its page).

@@ -11,6 +11,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include "attention/attend_block_avx512.h"  // reduce16, AlignedAlloc, TW_AVX512
 #pragma GCC diagnostic pop
+#include "attention/page_bounds.h"
 #include "attention/select_util.h"
 #include "common/error.h"
 #include "common/fp16.h"
@@ -36,150 +37,165 @@ void push_all(Selection& out, int64_t n_ctx, int n_lists, std::vector<int32_t>& 
   for (int i = 0; i < n_lists; ++i) out.push_list(tmp.data(), n_ctx);
 }
 
-// Quest scores of the G query heads of kv head h over logical pages [lp0, lp1). qpn: [G][2][d], each
-// head's q+ = max(q, 0) then q- = min(q, 0): max(q*kmax, q*kmin) = q+*kmax + q-*kmin term by term
-// (kmax >= kmin), which turns the bound into two dot products. Heads go four at a time so the four
-// reductions are independent chains (one chain per head was latency-bound). zeros: [2][d] of 0 to pad a
-// block. Group: max over the heads into out[lp]; Head: out[g * stride + lp]. The fp16 bounds are
-// converted to fp32 per page (bit-exact scalar conversion: this is the portable path).
-TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, int h, int64_t lp0, int64_t lp1,
-                           const float* qpn, const float* zeros, int G, int d, bool group, float* out,
-                           int64_t stride) {
-  float mn[256], mx[256];  // d <= 256 (KeySide's limit)
-  for (int64_t lp = lp0; lp < lp1; ++lp) {
-    const uint16_t* mn16 = ks.kmin(layer, pages[lp], h);
-    const uint16_t* mx16 = ks.kmax(layer, pages[lp], h);
-    for (int i = 0; i < d; ++i) mn[i] = fp16_to_fp32(mn16[i]), mx[i] = fp16_to_fp32(mx16[i]);
-    float best = -INFINITY;
-    for (int g0 = 0; g0 < G; g0 += 4) {
-      const float* qb[4];
-      for (int j = 0; j < 4; ++j) qb[j] = g0 + j < G ? qpn + (size_t)(g0 + j) * 2 * d : zeros;
-      const float *p0 = qb[0], *p1 = qb[1], *p2 = qb[2], *p3 = qb[3];
-      float u0 = 0.f, u1 = 0.f, u2 = 0.f, u3 = 0.f;
-#pragma omp simd reduction(+ : u0, u1, u2, u3)
+// The query of the 8-bit page score (page_bounds.h), per query head: q8+ = max(q8, 0) and
+// q8- = min(q8, 0) as bytes, [H][d] each, sq and sum q8.
+struct QuestQuery {
+  std::vector<int8_t> qp, qn;
+  std::vector<float> sq;
+  std::vector<int> q8sum;
+  QuestQuery(const float* q, int n_heads, int d) : qp((size_t)n_heads * d), qn(qp.size()), sq(n_heads), q8sum(n_heads) {
+    std::vector<int8_t> q8(d);
+    for (int hq = 0; hq < n_heads; ++hq) {
+      quantize_quest_query(q + (size_t)hq * d, d, q8.data(), sq[hq], q8sum[hq]);
       for (int i = 0; i < d; ++i) {
-        const float a = mx[i], b = mn[i];
-        u0 += p0[i] * a + p0[d + i] * b;
-        u1 += p1[i] * a + p1[d + i] * b;
-        u2 += p2[i] * a + p2[d + i] * b;
-        u3 += p3[i] * a + p3[d + i] * b;
+        qp[(size_t)hq * d + i] = q8[i] > 0 ? q8[i] : 0;
+        qn[(size_t)hq * d + i] = q8[i] < 0 ? q8[i] : 0;
       }
-      const float u[4] = {u0, u1, u2, u3};
-      for (int j = 0; j < 4 && g0 + j < G; ++j) {
-        if (group)
-          best = (std::isnan(u[j]) || u[j] > best) ? rank_key(u[j]) : best;
-        else
-          out[(g0 + j) * stride + lp] = u[j];
-      }
+    }
+  }
+};
+
+// Quest scores of the G query heads g0h .. g0h+G-1 (kv head h) over logical pages [lp0, lp1), the
+// portable path: per (page, head) the exact integer dot over the codes, then page_bound_score. Group:
+// max over the heads into out[lp] (NaN ranks as +inf); Head: out[g * stride + lp].
+TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, int h, int64_t lp0, int64_t lp1,
+                           const QuestQuery& qq, int g0h, int G, int d, bool group, float* out, int64_t stride) {
+  for (int64_t lp = lp0; lp < lp1; ++lp) {
+    const uint8_t* c = ks.bound_codes(layer, pages[lp], h);
+    const float* par = ks.bound_param(layer, pages[lp], h);
+    float best = -INFINITY;
+    for (int g = 0; g < G; ++g) {
+      const int8_t* qp = qq.qp.data() + (size_t)(g0h + g) * d;
+      const int8_t* qn = qq.qn.data() + (size_t)(g0h + g) * d;
+      int32_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int i = 0; i < d; ++i) dot += (int32_t)qp[i] * c[d + i] + (int32_t)qn[i] * c[i];
+      const float v = page_bound_score(par[0], par[1], qq.sq[g0h + g], qq.q8sum[g0h + g], dot);
+      if (group)
+        best = (std::isnan(v) || v > best) ? rank_key(v) : best;
+      else
+        out[g * stride + lp] = v;
     }
     if (group) out[lp] = best;
   }
 }
 
-// score_pages at the AVX-512 level for d % 16 == 0, over logical pages [lp0, lp1) and EVERY kv head,
-// in blocks of 16 pages. Per (kv head, pair of pages), each 16-wide slice of the fp16 bounds is
-// converted once (vcvtph2ps) and FMA'd against the G heads' q+ / q- (up to 8 heads at a time, each
-// q slice loaded once for the two pages: 2 FMAs per channel per head, one load per 2 FMAs); the
-// per-(head, page) accumulators go to scratch and one transpose-and-add tree (reduce16) per head turns
-// 16 pages' accumulators into 16 scores (a full horizontal reduction per (head, page) cost half as
-// much as the FMAs). Bounds are prefetched PFD pages ahead. Output as score_pages: Group:
-// out[h * n_pages + lp] = max over the group (NaN ranks as +inf); Head: out[(h * G + g) * n_pages + lp].
+// score_pages at the AVX-512 VNNI level for d % 64 == 0, over logical pages [lp0, lp1) and EVERY kv
+// head, in blocks of 16 pages. Per (kv head, pair of pages), each 64-byte slice of the codes is
+// loaded once and multiplied into the G heads' int8 q+ / q- with vpdpbusd (u8 x s8 -> int32, 4 products
+// per lane; up to 8 heads at a time, each q slice loaded once for the two pages); the per-(head, page)
+// int32 accumulators go to scratch as floats (exact: every partial sum is an integer below 2^24) and
+// one transpose-and-add tree (reduce16, exact for the same reason) per head turns 16 pages' accumulators
+// into 16 dots, then page_bound_score for the 16 pages at once (the same float operations: the scores
+// are bit-identical to the portable path's). Bounds are prefetched PFD pages ahead. Output as
+// score_pages: Group: out[h * n_pages + lp] = max over the group (NaN ranks as +inf); Head:
+// out[(h * G + g) * n_pages + lp].
+#define TW_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on the intrinsics' _mm512_undefined_*
-// Heads g0 .. g0+NG-1 against NP pages (bounds mn[p], mx[p]): acc[(g0 + g) * 16 + jp[p]] (16 floats each).
-// qk: the kv head's packed query [d/16][G][q+, q-][16] (one base pointer, constant offsets: with a
-// pointer per head the compiler ran out of general registers).
+// Heads g0 .. g0+NG-1 against NP pages (codes c[p]: [2][d], min row then max row):
+// acc[(g0 + g) * 16 + jp[p]] (16 floats each). qk: the kv head's packed query [d/64][G][q+, q-][64] bytes.
 template <int NG, int NP>
-TW_AVX512 inline void bound_dots(const uint16_t* const* mn, const uint16_t* const* mx, const float* qk, int G,
-                                 int g0, int d, const int* jp, float* acc) {
-  __m512 a[NP][NG];
+TW_VNNI inline void bound_dots(const uint8_t* const* c, const int8_t* qk, int G, int g0, int d, const int* jp,
+                               float* acc) {
+  __m512i a[NP][NG];
 #pragma GCC unroll 8
   for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 2
-    for (int p = 0; p < NP; ++p) a[p][g] = _mm512_setzero_ps();
-  const float* qv = qk + (size_t)g0 * 32;
-  for (int v = 0; v < d / 16; ++v, qv += (size_t)G * 32) {
-    __m512 hi[NP], lo[NP];
+    for (int p = 0; p < NP; ++p) a[p][g] = _mm512_setzero_si512();
+  const int8_t* qv = qk + (size_t)g0 * 128;
+  for (int v = 0; v < d / 64; ++v, qv += (size_t)G * 128) {
+    __m512i hi[NP], lo[NP];
 #pragma GCC unroll 2
     for (int p = 0; p < NP; ++p) {
-      hi[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mx[p] + 16 * v)));
-      lo[p] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn[p] + 16 * v)));
+      hi[p] = _mm512_loadu_si512(c[p] + d + 64 * v);
+      lo[p] = _mm512_loadu_si512(c[p] + 64 * v);
     }
 #pragma GCC unroll 8
     for (int g = 0; g < NG; ++g) {
-      const __m512 qp = _mm512_load_ps(qv + 32 * g), qn = _mm512_load_ps(qv + 32 * g + 16);
+      const __m512i qp = _mm512_load_si512(qv + 128 * g), qn = _mm512_load_si512(qv + 128 * g + 64);
 #pragma GCC unroll 2
       for (int p = 0; p < NP; ++p) {
-        a[p][g] = _mm512_fmadd_ps(qp, hi[p], a[p][g]);
-        a[p][g] = _mm512_fmadd_ps(qn, lo[p], a[p][g]);
+        a[p][g] = _mm512_dpbusd_epi32(a[p][g], hi[p], qp);
+        a[p][g] = _mm512_dpbusd_epi32(a[p][g], lo[p], qn);
       }
     }
   }
 #pragma GCC unroll 8
   for (int g = 0; g < NG; ++g)
 #pragma GCC unroll 2
-    for (int p = 0; p < NP; ++p) _mm512_store_ps(acc + ((size_t)(g0 + g) * 16 + jp[p]) * 16, a[p][g]);
+    for (int p = 0; p < NP; ++p)
+      _mm512_store_ps(acc + ((size_t)(g0 + g) * 16 + jp[p]) * 16, _mm512_cvtepi32_ps(a[p][g]));
 }
 
 template <int NP>
-TW_AVX512 inline void bound_dots_heads(const uint16_t* const* mn, const uint16_t* const* mx, const float* qk, int G,
-                                       int d, const int* jp, float* acc) {
+TW_VNNI inline void bound_dots_heads(const uint8_t* const* c, const int8_t* qk, int G, int d, const int* jp,
+                                     float* acc) {
   for (int g0 = 0; g0 < G; g0 += 8) {
     switch (G - g0 < 8 ? G - g0 : 8) {  // the head count as a template argument keeps the accumulators in registers
-      case 1: bound_dots<1, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
-      case 2: bound_dots<2, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
-      case 3: bound_dots<3, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
-      case 4: bound_dots<4, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
-      case 5: bound_dots<5, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
-      case 6: bound_dots<6, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
-      case 7: bound_dots<7, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
-      default: bound_dots<8, NP>(mn, mx, qk, G, g0, d, jp, acc); break;
+      case 1: bound_dots<1, NP>(c, qk, G, g0, d, jp, acc); break;
+      case 2: bound_dots<2, NP>(c, qk, G, g0, d, jp, acc); break;
+      case 3: bound_dots<3, NP>(c, qk, G, g0, d, jp, acc); break;
+      case 4: bound_dots<4, NP>(c, qk, G, g0, d, jp, acc); break;
+      case 5: bound_dots<5, NP>(c, qk, G, g0, d, jp, acc); break;
+      case 6: bound_dots<6, NP>(c, qk, G, g0, d, jp, acc); break;
+      case 7: bound_dots<7, NP>(c, qk, G, g0, d, jp, acc); break;
+      default: bound_dots<8, NP>(c, qk, G, g0, d, jp, acc); break;
     }
   }
 }
 
-// qpk: [hkv][d/16][G][q+, q-][16], 64-byte aligned.
-TW_AVX512 void score_pages_avx512(const KeySide& ks, const int32_t* pages, int layer, int hkv, int64_t lp0, int64_t lp1,
-                                  const float* qpk, int G, int d, bool group, float* out, int64_t n_pages) {
+// qpk: [hkv][d/64][G][q+, q-][64] bytes, 64-byte aligned.
+TW_VNNI void score_pages_vnni(const KeySide& ks, const int32_t* pages, int layer, int hkv, int64_t lp0, int64_t lp1,
+                              const int8_t* qpk, const QuestQuery& qq, int G, int d, bool group, float* out,
+                              int64_t n_pages) {
   static thread_local std::vector<float, avx512::AlignedAlloc<float>> accbuf;
   if (accbuf.size() < (size_t)G * 256) accbuf.resize((size_t)G * 256);
   float* acc = accbuf.data();  // [G][16 pages][16 lanes]
   constexpr int PFD = 4;       // pages ahead
-  const int lines = d * 2 / 64 > 0 ? d * 2 / 64 : 1;  // cache lines per fp16 bound row
+  const int lines = 2 * d / 64;  // cache lines per page's codes
   const __m512 inf = _mm512_set1_ps(INFINITY);
+  alignas(64) float lo16[16], s16[16];
   for (int64_t b0 = lp0; b0 < lp1; b0 += 16) {
     const int np = (int)std::min<int64_t>(16, lp1 - b0);
     const __mmask16 valid = (__mmask16)((1u << np) - 1u);
     for (int h = 0; h < hkv; ++h) {
-      const float* qh = qpk + (size_t)h * G * 2 * d;
+      const int8_t* qh = qpk + (size_t)h * G * 2 * d;
       int j = 0;
       for (; j < np; j += 2) {
         for (int p = j; p < j + 2 && p < np; ++p)
-          if (h == 0 && b0 + p + PFD < lp1)  // all heads of a page ahead (contiguous [page][head][d])
+          if (h == 0 && b0 + p + PFD < lp1)  // all heads of a page ahead (contiguous [page][head][2][d])
             for (int hh = 0; hh < hkv; ++hh) {
-              const char* a = reinterpret_cast<const char*>(ks.kmin(layer, pages[b0 + p + PFD], hh));
-              const char* b = reinterpret_cast<const char*>(ks.kmax(layer, pages[b0 + p + PFD], hh));
-              for (int l = 0; l < lines; ++l) {
-                _mm_prefetch(a + 64 * l, _MM_HINT_T0);
-                _mm_prefetch(b + 64 * l, _MM_HINT_T0);
-              }
+              const char* a = reinterpret_cast<const char*>(ks.bound_codes(layer, pages[b0 + p + PFD], hh));
+              for (int l = 0; l < lines; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(ks.bound_param(layer, pages[b0 + p + PFD], hh)),
+                           _MM_HINT_T0);
             }
-        const uint16_t* mn[2] = {ks.kmin(layer, pages[b0 + j], h), nullptr};
-        const uint16_t* mx[2] = {ks.kmax(layer, pages[b0 + j], h), nullptr};
+        const uint8_t* c[2] = {ks.bound_codes(layer, pages[b0 + j], h), nullptr};
         const int jp[2] = {j, j + 1};
+        for (int p = j; p < j + 2 && p < np; ++p) {
+          const float* par = ks.bound_param(layer, pages[b0 + p], h);
+          lo16[p] = par[0], s16[p] = par[1];
+        }
         if (j + 1 < np) {
-          mn[1] = ks.kmin(layer, pages[b0 + j + 1], h);
-          mx[1] = ks.kmax(layer, pages[b0 + j + 1], h);
-          bound_dots_heads<2>(mn, mx, qh, G, d, jp, acc);
+          c[1] = ks.bound_codes(layer, pages[b0 + j + 1], h);
+          bound_dots_heads<2>(c, qh, G, d, jp, acc);
         } else {
-          bound_dots_heads<1>(mn, mx, qh, G, d, jp, acc);
+          bound_dots_heads<1>(c, qh, G, d, jp, acc);
         }
       }
-      for (; j < 16; ++j)  // unused lanes of a partial block: finite, masked out below
+      for (; j < 16; ++j) {  // unused lanes of a partial block: finite, masked out below
+        lo16[j] = 0.f, s16[j] = 0.f;
         for (int g = 0; g < G; ++g) _mm512_store_ps(acc + ((size_t)g * 16 + j) * 16, _mm512_setzero_ps());
+      }
+      const __m512 lov = _mm512_load_ps(lo16), sv = _mm512_load_ps(s16);
       __m512 best = _mm512_set1_ps(-INFINITY);
       for (int g = 0; g < G; ++g) {
-        const __m512 u = avx512::reduce16(reinterpret_cast<const __m512*>(acc + (size_t)g * 256));
+        const int hq = h * G + g;
+        const __m512 dot = avx512::reduce16(reinterpret_cast<const __m512*>(acc + (size_t)g * 256));
+        // page_bound_score for 16 pages: sq * fma(s, dot, lo * q8sum).
+        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(qq.sq[hq]),
+                                       _mm512_fmadd_ps(sv, dot, _mm512_mul_ps(lov, _mm512_set1_ps((float)qq.q8sum[hq]))));
         if (group)  // NaN (inf keys only) ranks as +inf: it cannot rule the page out
           best = _mm512_max_ps(best, _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(u, u, _CMP_UNORD_Q), inf));
         else
@@ -278,25 +294,19 @@ void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, co
   const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads, hkv = hs.n_kv_heads;
   const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
   const bool group = mode == GqaMode::Group;
-  std::vector<float> qpn((size_t)hs.n_heads * 2 * d), zeros((size_t)2 * d, 0.f);
-  for (int hq = 0; hq < hs.n_heads; ++hq)
-    for (int i = 0; i < d; ++i) {
-      const float x = q[(size_t)hq * d + i];
-      qpn[(size_t)hq * 2 * d + i] = x > 0.f ? x : 0.f;
-      qpn[(size_t)hq * 2 * d + d + i] = x < 0.f ? x : 0.f;
-    }
-  if (ops::active_simd() == ops::Simd::AVX512 && d % 16 == 0) {
-    // q+ / q- repacked per kv head as [d/16][G][2][16].
-    std::vector<float, avx512::AlignedAlloc<float>> qpk(qpn.size());
+  const QuestQuery qq(q, hs.n_heads, d);
+  if (ops::active_simd() == ops::Simd::AVX512 && d % 64 == 0) {  // the AVX512 level includes VNNI
+    // q8+ / q8- repacked per kv head as [d/64][G][2][64] bytes.
+    std::vector<int8_t, avx512::AlignedAlloc<int8_t>> qpk((size_t)hs.n_heads * 2 * d);
     for (int h = 0; h < hkv; ++h)
       for (int g = 0; g < G; ++g)
         for (int i = 0; i < d; ++i)
           for (int sgn = 0; sgn < 2; ++sgn)
-            qpk[(size_t)h * G * 2 * d + (((size_t)(i / 16) * G + g) * 2 + sgn) * 16 + i % 16] =
-                qpn[((size_t)h * G + g) * 2 * d + (size_t)sgn * d + i];
+            qpk[(size_t)h * G * 2 * d + (((size_t)(i / 64) * G + g) * 2 + sgn) * 64 + i % 64] =
+                (sgn ? qq.qn : qq.qp)[((size_t)h * G + g) * d + i];
     // Work item: one page, all kv heads.
     auto run = [&](int64_t b, int64_t e, int) {
-      score_pages_avx512(ks, seq.pages.data(), layer, hkv, b, e, qpk.data(), G, d, group, scores, n_pages);
+      score_pages_vnni(ks, seq.pages.data(), layer, hkv, b, e, qpk.data(), qq, G, d, group, scores, n_pages);
     };
     if (tp && tp->size() > 1 && n_pages * hkv >= 256)
       tp->parallel_for(n_pages, run);
@@ -310,8 +320,7 @@ void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, co
       const int h = (int)(b / n_pages);
       const int64_t lp0 = b % n_pages, lp1 = std::min<int64_t>(n_pages, lp0 + (e - b));
       float* o = group ? scores + (size_t)h * n_pages : scores + (size_t)h * G * n_pages;
-      score_pages(ks, seq.pages.data(), layer, h, lp0, lp1, qpn.data() + (size_t)h * G * 2 * d, zeros.data(), G, d,
-                  group, o, n_pages);
+      score_pages(ks, seq.pages.data(), layer, h, lp0, lp1, qq, h * G, G, d, group, o, n_pages);
       b += lp1 - lp0;
     }
   };
@@ -321,6 +330,33 @@ void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, co
     tp->parallel_for(items, run);
   else
     run(0, items, 0);
+}
+
+void quest_page_upper_bounds(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs,
+                             const float* q, int64_t n_ctx, float* bounds, ThreadPool* tp) {
+  quest_page_scores(ks, seq, layer, hs, q, n_ctx, GqaMode::Head, bounds, tp);
+  const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads;
+  const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
+  std::vector<float> rmax(hs.n_heads);
+  std::vector<int8_t> q8(d);
+  for (int hq = 0; hq < hs.n_heads; ++hq) {
+    float sq;
+    int q8sum;
+    quantize_quest_query(q + (size_t)hq * d, d, q8.data(), sq, q8sum);
+    float r = 0.f;
+    for (int i = 0; i < d; ++i) r = std::max(r, std::fabs(q[(size_t)hq * d + i] - sq * q8[i]));
+    rmax[hq] = r;
+  }
+  // q.k = q~.k + (q - q~).k <= u_p + max_i |q_i - q~_i| * sum_i max(|kmin_i|, |kmax_i|).
+  for (int h = 0; h < hs.n_kv_heads; ++h)
+    for (int64_t lp = 0; lp < n_pages; ++lp) {
+      const uint8_t* c = ks.bound_codes(layer, seq.pages[lp], h);
+      const float* par = ks.bound_param(layer, seq.pages[lp], h);
+      float m = 0.f;
+      for (int i = 0; i < d; ++i)
+        m += std::max(std::fabs(std::fma(par[1], (float)c[i], par[0])), std::fabs(std::fma(par[1], (float)c[d + i], par[0])));
+      for (int g = 0; g < G; ++g) bounds[(size_t)(h * G + g) * n_pages + lp] += rmax[h * G + g] * m;
+    }
 }
 
 void select_quest(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,

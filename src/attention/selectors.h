@@ -45,9 +45,17 @@ void select_topk_oracle(const kv::KVPool& pool, const kv::SeqPages& seq, int lay
 // Every token [0, n_ctx) in each of n_lists lists.
 void select_all(int64_t n_ctx, int n_lists, GqaMode mode, Selection& out);
 
-// Page scores of Quest (exposed for tests and for level-1 variants such as page-level top-p).
-// Writes scores [n_lists][n_pages] with n_pages = ceil(n_ctx / 16), n_lists = Hkv (Group) or H (Head).
+// Page scores of Quest (exposed for tests and for level-1 variants such as page-level top-p): the
+// integer score of page_bounds.h (int8 query against the 8-bit bounds), an upper bound of q~.k over
+// the page for the int8 query q~. Writes scores [n_lists][n_pages] with n_pages = ceil(n_ctx / 16),
+// n_lists = Hkv (Group) or H (Head).
 void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
                        int64_t n_ctx, GqaMode mode, float* scores, ThreadPool* tp = nullptr);
+
+// Upper bounds of q.k over each page for the float query itself (the pruner's guard needs a true
+// bound): the Head-mode page score plus the int8 query's slack, max_i |q_i - sq q8_i| times
+// sum_i max(|kmin_i|, |kmax_i|) of the decoded bounds. bounds: [H][n_pages].
+void quest_page_upper_bounds(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs,
+                             const float* q, int64_t n_ctx, float* bounds, ThreadPool* tp = nullptr);
 
 }  // namespace tw::attn

@@ -2,6 +2,7 @@
 // adversarial inputs (ties, huge negative keys, one-hot), several GQA shapes, n_ctx not a multiple of
 // 16 and below 16, budgets at and above n_ctx, both GQA modes; input validation.
 #include "attention/selectors.h"
+#include "attention/page_bounds.h"
 
 #include <gtest/gtest.h>
 
@@ -100,12 +101,19 @@ void quest_ref(const Env& e, const float* q, int64_t n_ctx, GqaMode mode, std::v
     const int h = hq / G;
     const int li = mode == GqaMode::Group ? h : hq;
     for (int64_t p = 0; p < np; ++p) {
-      const uint16_t* mn = e.ks.kmin(kLayer, e.seq.pages[p], h);
-      const uint16_t* mx = e.ks.kmax(kLayer, e.seq.pages[p], h);
+      // The definition (page_bounds.h) in double: the int8 query sq * q8 against the decoded 8-bit bounds
+      // lo + s * code.
+      const uint8_t* c = e.ks.bound_codes(kLayer, e.seq.pages[p], h);
+      const float* par = e.ks.bound_param(kLayer, e.seq.pages[p], h);
+      std::vector<int8_t> q8(d);
+      float sq;
+      int q8sum;
+      quantize_quest_query(q + (size_t)hq * d, d, q8.data(), sq, q8sum);
       double u = 0, m = 0;
       for (int i = 0; i < d; ++i) {
-        const double a = (double)q[(size_t)hq * d + i] * fp16_to_fp32(mx[i]),
-                     b = (double)q[(size_t)hq * d + i] * fp16_to_fp32(mn[i]);
+        const double qi = (double)sq * q8[i];
+        const double a = qi * ((double)par[0] + (double)par[1] * c[d + i]),
+                     b = qi * ((double)par[0] + (double)par[1] * c[i]);
         u += std::max(a, b);
         m += std::fabs(a) + std::fabs(b);
       }
@@ -269,6 +277,43 @@ TEST(Selectors, QuestScoresMatchReference) {
       ASSERT_NEAR(a[i], sc[i], 1e-5 * mag[i]) << i;
       ASSERT_EQ(a[i], b[i]) << i;
     }
+  }
+}
+
+// The scores are page_bound_score of the exact integer dot, bit for bit, at every SIMD level (ctest runs
+// this binary at the machine's level and at scalar_level): d 64 and 128, G 1..8, a partial last page.
+TEST(Selectors, QuestScoresAreTheIntegerDefinition) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> N(0.f, 1.f);
+  for (const HeadShape hs : {HeadShape{12, 2, 128}, HeadShape{9, 3, 64}, HeadShape{8, 1, 128}, HeadShape{7, 7, 64}}) {
+    const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads;
+    const int64_t n = 777, np = (n + 15) / 16;
+    auto env = make_env(hs, n, [&](int64_t t, int, float* k) {
+      for (int i = 0; i < d; ++i) k[i] = N(rng) * (i % 13 == 0 ? 8.f : 1.f) + (t % 5 == 0 ? 2.f : 0.f);
+    });
+    const std::vector<float> q = random_q(hs, rng);
+    std::vector<float> head((size_t)hs.n_heads * np), group((size_t)hs.n_kv_heads * np);
+    quest_page_scores(env->ks, env->seq, kLayer, hs, q.data(), n, GqaMode::Head, head.data());
+    quest_page_scores(env->ks, env->seq, kLayer, hs, q.data(), n, GqaMode::Group, group.data());
+    std::vector<int8_t> q8(d);
+    for (int h = 0; h < hs.n_kv_heads; ++h)
+      for (int64_t p = 0; p < np; ++p) {
+        const uint8_t* c = env->ks.bound_codes(kLayer, env->seq.pages[p], h);
+        const float* par = env->ks.bound_param(kLayer, env->seq.pages[p], h);
+        float best = -INFINITY;
+        for (int g = 0; g < G; ++g) {
+          const int hq = h * G + g;
+          float sq;
+          int q8sum;
+          quantize_quest_query(q.data() + (size_t)hq * d, d, q8.data(), sq, q8sum);
+          int dot = 0;
+          for (int i = 0; i < d; ++i) dot += std::max<int>(q8[i], 0) * c[d + i] + std::min<int>(q8[i], 0) * c[i];
+          const float want = page_bound_score(par[0], par[1], sq, q8sum, dot);
+          ASSERT_EQ(head[(size_t)hq * np + p], want) << "d " << d << " G " << G << " head " << hq << " page " << p;
+          best = std::max(best, want);
+        }
+        ASSERT_EQ(group[(size_t)h * np + p], best) << "d " << d << " G " << G << " kv head " << h << " page " << p;
+      }
   }
 }
 
@@ -506,7 +551,7 @@ TEST(SelectorsBench, DISABLED_AppendAndQuest) {
     const double q1 = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Group, s); });
     const double q2 = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Group, s, tp2); });
     const double qh = best([&] { select_quest(ks, seq, 0, hs, q.data(), n, budget, GqaMode::Head, s); });
-    const double bytes = 2.0 * (n / kPageSize) * 2 * 128 * 2;  // kmin + kmax read, fp16
+    const double bytes = 2.0 * (n / kPageSize) * (2 * 128 + 8);  // 8-bit codes + {lo, s} per page and kv head
     std::printf("n_ctx %6lld  quest scores (group): %.1f us 1 thread (%.1f GB/s of bounds), %.1f us 2 threads\n",
                 (long long)n, s1, bytes / s1 / 1e3, s2);
     std::printf("n_ctx %6lld  select_quest budget %lld: group %.1f us (1 thr) / %.1f us (2 thr), head %.1f us (1 thr)\n",

@@ -558,7 +558,7 @@ int cmd_bench_attention(int argc, char** argv) {
             attn::sparse_decode(pool, seq, li, hs, q, *fin, ctx, outv.data(), tp);
             t_att += now() - t0;
             if (rep == 0) {
-              b_sel += (double)((ctx + kv::kPageSize - 1) / kv::kPageSize) * hkv * 2 * d * 2;  // fp16 min + max
+              b_sel += (double)((ctx + kv::kPageSize - 1) / kv::kPageSize) * hkv * (2 * d + 8);  // 8-bit min / max codes + {lo, s}
               for (int h = 0; h < fin->n_lists; ++h) {
                 const int64_t m = fin->size(h);
                 const bool has_cur = m > 0 && fin->list(h)[m - 1] == ctx - 1;

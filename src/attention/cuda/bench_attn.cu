@@ -84,7 +84,7 @@ __global__ void gather_tokens(float* __restrict__ kbuf, float* __restrict__ vbuf
 }
 
 struct Set {  // one "layer": its own pools, side structures, page table, query and lists
-  DeviceBuffer k, v, kmin, kmax, k4, k4s, k4z, pt, len, q, out, i0c, i0t, i1c, i1t, mass;
+  DeviceBuffer k, v, bcode, bparam, k4, k4s, k4z, pt, len, q, out, i0c, i0t, i1c, i1t, mass;
   PagedKV kv;
   KeySideDev side;
   TokenLists i0, i1;
@@ -206,7 +206,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       const int64_t n_pages = (int64_t)B * max_pages;
       const double kv_bytes = 2.0 * B * Hkv * (double)L * d * esz;
       const size_t pool_b = (size_t)n_pages * Hkv * kPageSize * d * esz;
-      const size_t bound_b = (size_t)n_pages * Hkv * d * esz;
+      const size_t bcode_b = (size_t)n_pages * Hkv * 2 * d, bparam_b = (size_t)n_pages * Hkv * 2 * sizeof(float);
       const size_t k4_b = (size_t)n_pages * Hkv * kPageSize * (d / 2);
       const size_t sz_b = (size_t)n_pages * Hkv * kPageSize * sizeof(float);
       int64_t b0_max = 0;
@@ -222,7 +222,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       const int cap0 = (int)quest_list_capacity(shape, std::min<int64_t>(b0_max, L));
       const int cap1 = cap0 + 1;
       const size_t lists_b = (size_t)B * Hkv * (cap0 + cap1 + 2) * sizeof(int32_t);
-      const size_t per_set = 2 * pool_b + 2 * bound_b + k4_b + 2 * sz_b + lists_b + (size_t)B * max_pages * 4;
+      const size_t per_set = 2 * pool_b + bcode_b + bparam_b + k4_b + 2 * sz_b + lists_b + (size_t)B * max_pages * 4;
       int n_sets = (int)std::max<double>(2, std::ceil(o.min_rotation_bytes / kv_bytes));
       if (kv_bytes > 4 * 60e6) n_sets = std::min(n_sets, 2);
       while (n_sets > 1 && (double)n_sets * per_set > o.max_mem_bytes) --n_sets;
@@ -242,8 +242,8 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         auto S = std::make_unique<Set>();
         S->k = DeviceBuffer(pool_b);
         S->v = DeviceBuffer(pool_b);
-        S->kmin = DeviceBuffer(bound_b);
-        S->kmax = DeviceBuffer(bound_b);
+        S->bcode = DeviceBuffer(bcode_b);
+        S->bparam = DeviceBuffer(bparam_b);
         S->k4 = DeviceBuffer(k4_b);
         S->k4s = DeviceBuffer(sz_b);
         S->k4z = DeviceBuffer(sz_b);
@@ -284,7 +284,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         S->kv.v = S->v.get();
         S->kv.page_table = S->pt.as<int32_t>();
         S->kv.seq_len = S->len.as<int32_t>();
-        S->side = KeySideDev{S->kmin.get(), S->kmax.get(), S->k4.as<uint8_t>(), S->k4s.as<float>(), S->k4z.as<float>()};
+        S->side = KeySideDev{S->bcode.as<uint8_t>(), S->bparam.as<float>(), S->k4.as<uint8_t>(), S->k4s.as<float>(), S->k4z.as<float>()};
         const float c = o.heavy_boost / std::max(o.logit_std, 1e-3f);
         for (int64_t t0 = 0; t0 < L; t0 += chunk) {
           const int n = (int)std::min<int64_t>(chunk, L - t0);
@@ -406,7 +406,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
           }
           const double i1_avg = i1_sum / n_lists;
           const double lists = (double)B * Hkv;
-          const double by_sel = lists * max_pages * 2.0 * d * esz;
+          const double by_sel = lists * max_pages * (2.0 * d + 8);  // 8-bit bound codes + {lo, s}
           const double by_prune = lists * i0_avg * (d / 2.0 + 8 + 4);  // codes + scale/zero + I0 index
           const double by_att = lists * i1_avg * (2.0 * d * esz + 4);
           const double t_quest = t_sel + t_att0;

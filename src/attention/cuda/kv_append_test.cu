@@ -11,6 +11,7 @@
 #include "attention/cuda/attn_test_util.h"
 #include "attention/cuda/kv_append.h"
 #include "attention/key_side.h"
+#include "attention/page_bounds.h"
 #include "common/fp16.h"
 #include "kv/kv_cache.h"
 
@@ -21,20 +22,21 @@ using namespace test;
 
 // Device key side of n_pages pages, poisoned.
 struct DevSide {
-  DeviceBuffer kmin, kmax, k4, scale, zero;
+  DeviceBuffer bcode, bparam, k4, scale, zero;
   DevSide(int64_t n_pages, int hkv, int d)
-      : kmin((size_t)n_pages * hkv * d * 2), kmax(kmin.size()), k4((size_t)n_pages * hkv * kPageSize * d / 2),
-        scale((size_t)n_pages * hkv * kPageSize * 4), zero(scale.size()) {
-    for (DeviceBuffer* b : {&kmin, &kmax, &k4, &scale, &zero}) TW_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->size()));
+      : bcode((size_t)n_pages * hkv * 2 * d), bparam((size_t)n_pages * hkv * 2 * 4),
+        k4((size_t)n_pages * hkv * kPageSize * d / 2), scale((size_t)n_pages * hkv * kPageSize * 4), zero(scale.size()) {
+    for (DeviceBuffer* b : {&bcode, &bparam, &k4, &scale, &zero}) TW_CUDA_CHECK(cudaMemset(b->get(), 0xFF, b->size()));
   }
   KeySideDev view() {
-    return {kmin.get(), kmax.get(), k4.as<uint8_t>(), scale.as<float>(), zero.as<float>()};
+    return {bcode.as<uint8_t>(), bparam.as<float>(), k4.as<uint8_t>(), scale.as<float>(), zero.as<float>()};
   }
 };
 
 // Host mirror of everything kv_append writes, built by the reference path.
 struct HostSide {
-  std::vector<float> kmin, kmax, scale, zero;  // bounds widened to float
+  std::vector<uint8_t> bcode;  // 8-bit page bounds (page_bounds.h)
+  std::vector<float> bparam, scale, zero;
   std::vector<uint8_t> k4;
 };
 
@@ -73,8 +75,8 @@ void run_case(std::mt19937_64& rng, KvDtype dt, int hkv, int d, const std::vecto
                          pb.page_table.begin() + (size_t)b * pb.max_pages + np);
   }
   const size_t bound_elems = (size_t)pb.n_pages * hkv * d, slot_elems = (size_t)pb.n_pages * hkv * kPageSize;
-  HostSide hs{std::vector<float>(bound_elems), std::vector<float>(bound_elems), std::vector<float>(slot_elems),
-              std::vector<float>(slot_elems), std::vector<uint8_t>(slot_elems * d / 2)};
+  HostSide hs{std::vector<uint8_t>(2 * bound_elems), std::vector<float>(2 * bound_elems / d),
+              std::vector<float>(slot_elems), std::vector<float>(slot_elems), std::vector<uint8_t>(slot_elems * d / 2)};
 
   std::vector<float> knew((size_t)batch * hkv * d), vnew(knew.size());
   std::vector<int32_t> pos(batch);
@@ -125,30 +127,30 @@ void run_case(std::mt19937_64& rng, KvDtype dt, int hkv, int d, const std::vecto
       for (int h = 0; h < hkv; ++h) {
         const size_t bo = ((size_t)phys * hkv + h) * d, so = ((size_t)phys * hkv + h) * kPageSize;
         if (dt == KvDtype::F16) {
-          for (int i = 0; i < d; ++i) {  // the CPU keeps the bounds as fp16 bits
-            hs.kmin[bo + i] = fp16_to_fp32(ks.kmin(0, phys, h)[i]);
-            hs.kmax[bo + i] = fp16_to_fp32(ks.kmax(0, phys, h)[i]);
-          }
+          std::copy_n(ks.bound_codes(0, phys, h), 2 * d, &hs.bcode[2 * bo]);
+          std::copy_n(ks.bound_param(0, phys, h), 2, &hs.bparam[2 * bo / d]);
           std::copy_n(ks.k4_scale(0, phys, h), kPageSize, &hs.scale[so]);
           std::copy_n(ks.k4_zero(0, phys, h), kPageSize, &hs.zero[so]);
           std::copy_n(ks.k4(0, phys, h), kPageSize * d / 2, &hs.k4[so * d / 2]);
         } else {
-          std::vector<float> row(d);
+          std::vector<float> row(d), mn(d), mx(d);
           for (int j = 0; j <= last; ++j) {
             const size_t r = pb.row(b, lp * kPageSize + j, h);
             for (int i = 0; i < d; ++i) {
               row[i] = from_bits(dt, pb.k[r + i]);
-              hs.kmin[bo + i] = j == 0 ? row[i] : std::min(hs.kmin[bo + i], row[i]);
-              hs.kmax[bo + i] = j == 0 ? row[i] : std::max(hs.kmax[bo + i], row[i]);
+              mn[i] = j == 0 ? row[i] : std::min(mn[i], row[i]);
+              mx[i] = j == 0 ? row[i] : std::max(mx[i], row[i]);
             }
             int4_quantize_ref(row.data(), d, &hs.k4[(so + j) * d / 2], &hs.scale[so + j], &hs.zero[so + j]);
           }
+          quantize_page_bounds(mn.data(), mx.data(), d, &hs.bcode[2 * bo], &hs.bparam[2 * bo / d]);
         }
       }
     }
 
   const auto gk = to_host<uint16_t>(pb.dk, pb.k.size()), gv = to_host<uint16_t>(pb.dv, pb.v.size());
-  const auto gmin = to_host<uint16_t>(side.kmin, bound_elems), gmax = to_host<uint16_t>(side.kmax, bound_elems);
+  const auto gcode = to_host<uint8_t>(side.bcode, 2 * bound_elems);
+  const auto gparam = to_host<float>(side.bparam, 2 * bound_elems / d);
   const auto gk4 = to_host<uint8_t>(side.k4, slot_elems * d / 2);
   const auto gscale = to_host<float>(side.scale, slot_elems), gzero = to_host<float>(side.zero, slot_elems);
   int bad = 0;
@@ -178,14 +180,15 @@ void run_case(std::mt19937_64& rng, KvDtype dt, int hkv, int d, const std::vecto
   for (int b = 0; b < batch; ++b)
     for (int lp = 0; lp < (final_len[b] + kPageSize - 1) / kPageSize; ++lp)
       for (int h = 0; h < hkv; ++h) {
-        const size_t bo = ((size_t)seqs[b].pages[lp] * hkv + h) * d;
-        for (int i = 0; i < d; ++i) {
-          expect(from_bits(dt, gmin[bo + i]) == hs.kmin[bo + i],
-                 cat("kmin seq ", b, " page ", lp, " head ", h, " dim ", i, ": gpu ", from_bits(dt, gmin[bo + i]),
-                     " ref ", hs.kmin[bo + i]));
-          expect(from_bits(dt, gmax[bo + i]) == hs.kmax[bo + i],
-                 cat("kmax seq ", b, " page ", lp, " head ", h, " dim ", i));
-        }
+        const size_t ph = (size_t)seqs[b].pages[lp] * hkv + h;
+        const std::string at = cat(" seq ", b, " page ", lp, " head ", h);
+        expect(std::memcmp(&gparam[2 * ph], &hs.bparam[2 * ph], 8) == 0,
+               cat("bound {lo, s}", at, ": gpu ", gparam[2 * ph], " ", gparam[2 * ph + 1], " ref ", hs.bparam[2 * ph], " ",
+                   hs.bparam[2 * ph + 1]));
+        for (int i = 0; i < 2 * d; ++i)
+          expect(gcode[2 * ph * d + i] == hs.bcode[2 * ph * d + i],
+                 cat(i < d ? "min" : "max", " bound code", at, " dim ", i % d, ": gpu ", (int)gcode[2 * ph * d + i],
+                     " ref ", (int)hs.bcode[2 * ph * d + i]));
       }
   EXPECT_EQ(bad, 0);
 }

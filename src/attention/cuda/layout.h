@@ -7,8 +7,9 @@
 //   K, V pools      [n_pages][Hkv][16][d]         fp16 or bf16 (KvDtype)
 //   page_table      [batch][max_pages]            int32 logical page -> physical page
 //   seq_len         [batch]                       int32 tokens stored (the current token included)
-//   kmin, kmax      [n_pages][Hkv][d]             same dtype as K: the min / max of fp16 (bf16) values
-//                                                 is itself representable, so the bound is exact
+//   bcode           [n_pages][Hkv][2][d]          uint8 Quest bound codes, min row then max row, and
+//   bparam          [n_pages][Hkv][2]             float {lo, s}: the 8-bit page bounds of page_bounds.h
+//                                                 (the CPU's definition), decoded as lo + s * code
 //   k4              [n_pages][Hkv][16][d/2]       uint8, element 2i low nibble, 2i+1 high nibble
 //   k4_scale/zero   [n_pages][Hkv][16]            float (the CPU mirror's definition, key_side.h)
 //   q               [batch][H][d]                 float, post-RoPE
@@ -43,8 +44,8 @@ struct PagedKV {
 };
 
 struct KeySideDev {
-  void* kmin = nullptr;        // [n_pages][Hkv][d], dtype of K
-  void* kmax = nullptr;        // [n_pages][Hkv][d]
+  uint8_t* bcode = nullptr;    // [n_pages][Hkv][2][d]
+  float* bparam = nullptr;     // [n_pages][Hkv][2]
   uint8_t* k4 = nullptr;       // [n_pages][Hkv][16][d/2]
   float* k4_scale = nullptr;   // [n_pages][Hkv][16]
   float* k4_zero = nullptr;    // [n_pages][Hkv][16]

@@ -45,7 +45,7 @@ struct Batch {
   std::unique_ptr<KeySide> side;
   std::vector<kv::SeqPages> seqs;
   std::vector<float> q;  // [batch][H][d]
-  DeviceBuffer d_k, d_v, d_pt, d_len, d_k4, d_k4s, d_k4z, d_q, d_kmin, d_kmax;
+  DeviceBuffer d_k, d_v, d_pt, d_len, d_k4, d_k4s, d_k4z, d_q, d_bcode, d_bparam;
   PagedKV kv;
   KeySideDev ks;
 
@@ -128,20 +128,14 @@ inline std::unique_ptr<Batch> make_batch(const BatchSpec& spec, std::mt19937_64&
   B->d_k4s.upload(B->side->k4_scale(0, 0, 0), n_rows * 4);
   B->d_k4z = DeviceBuffer(n_rows * 4);
   B->d_k4z.upload(B->side->k4_zero(0, 0, 0), n_rows * 4);
-  // Quest bounds in the K dtype (min / max of representable values are representable: exact).
-  const size_t n_bounds = (size_t)B->n_pages * Hkv * d;
-  std::vector<uint16_t> kmin(n_bounds), kmax(n_bounds);
-  for (size_t i = 0; i < n_bounds; ++i) {
-    const float lo = fp16_to_fp32(B->side->kmin(0, 0, 0)[i]), hi = fp16_to_fp32(B->side->kmax(0, 0, 0)[i]);
-    kmin[i] = bf ? fp32_to_bf16(lo) : fp32_to_fp16(lo);
-    kmax[i] = bf ? fp32_to_bf16(hi) : fp32_to_fp16(hi);
-  }
-  B->d_kmin = DeviceBuffer(n_bounds * 2);
-  B->d_kmin.upload(kmin.data(), n_bounds * 2);
-  B->d_kmax = DeviceBuffer(n_bounds * 2);
-  B->d_kmax.upload(kmax.data(), n_bounds * 2);
-  B->ks.kmin = B->d_kmin.get();
-  B->ks.kmax = B->d_kmax.get();
+  // Quest bounds: the CPU key side's 8-bit codes and params as they are (dtype-independent).
+  const size_t n_heads_pages = (size_t)B->n_pages * Hkv;
+  B->d_bcode = DeviceBuffer(n_heads_pages * 2 * d);
+  B->d_bcode.upload(B->side->bound_codes(0, 0, 0), n_heads_pages * 2 * d);
+  B->d_bparam = DeviceBuffer(n_heads_pages * 2 * 4);
+  B->d_bparam.upload(B->side->bound_param(0, 0, 0), n_heads_pages * 2 * 4);
+  B->ks.bcode = B->d_bcode.as<uint8_t>();
+  B->ks.bparam = B->d_bparam.as<float>();
   B->d_q = DeviceBuffer(B->q.size() * 4);
   B->d_q.upload(B->q.data(), B->q.size() * 4);
 

@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <cub/block/block_scan.cuh>
 
+#include "attention/page_bounds.h"
 #include "common/error.h"
 #include "ops/cuda/cuda_check.h"
 
@@ -15,58 +17,101 @@ namespace tw::attn::cuda {
 namespace {
 
 constexpr int kScoreWarps = 8;
-constexpr int kScoreUnroll = 4;  // row steps of a warp whose loads are in flight at once
 constexpr int kSelectThreads = 256;
 
 __device__ __forceinline__ int seq_tokens(const int32_t* seq_len, int b, int max_pages) {
   return max(0, min(seq_len[b], max_pages * kPageSize));
 }
 
-// N values of T (N = 2, 4, 8) loaded as one vector and widened to float.
-template <int N> struct VecOf;
-template <> struct VecOf<8> { using T = uint4; };
-template <> struct VecOf<4> { using T = uint2; };
-template <> struct VecOf<2> { using T = uint32_t; };
-template <typename T, int N>
-__device__ __forceinline__ void to_float(const typename VecOf<N>::T& v, float (&f)[N]) {
-  const T* h = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int i = 0; i < N; ++i) f[i] = float(h[i]);
+// N bound codes (N = 4, 8, 16 bytes) loaded as one vector; word(v, w) = its w-th 32-bit word.
+template <int N> struct CodesOf;
+template <> struct CodesOf<16> { using T = uint4; };
+template <> struct CodesOf<8> { using T = uint2; };
+template <> struct CodesOf<4> { using T = uint32_t; };
+template <int N>
+__device__ __forceinline__ uint32_t word(const typename CodesOf<N>::T& v, int w) {
+  if constexpr (N == 16) return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+  else if constexpr (N == 8) return w == 0 ? v.x : v.y;
+  else return v;
 }
 
-// Group scores of pages of one (sequence, kv head). A row (one page's kmax or kmin, d values) is
-// spread over LPR lanes, DPL = D / LPR dims each, so a lane keeps its dims of q+ = max(q, 0) and
-// q- = min(q, 0) for the whole group in registers (2 * GP * DPL floats) and the bounds stream through
-// with no shared-memory traffic. The per-dim term is the CPU's q+ * kmax + q- * kmin (= max(q*kmax,
-// q*kmin) as kmax >= kmin), NaN-propagating the same way. Each warp owns a run of `ppw` pages: the
-// page table is read 32 entries per load, then kScoreUnroll row steps of loads go out together.
-template <typename T, int D, int GP, int LPR>
+// d += sum of the 4 products u8 (a) x s8 (b): the CPU's vpdpbusd lane, exact.
+__device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Group scores of pages of one (sequence, kv head): the integer score of page_bounds.h, bit-identical
+// to the CPU's. A page's codes row (cmax or cmin, d bytes) is spread over LPR lanes, DPL = D / LPR
+// bytes each; a lane keeps its dims of the int8 query (q8+ and q8-, packed 4 per word) for the whole
+// group in registers and the codes stream through: per head and 4 dims two dp4a (u8 x s8, exact int32),
+// then a reduce-scatter of the G dots over the row's lanes, and page_bound_score for the lane's head.
+// NaN (non-finite keys) ranks as +inf. Each warp owns a run of `ppw` pages: the page table is read 32
+// entries per load, then UNR row steps of loads go out together.
+template <int D, int GP, int LPR, int UNR>
 __global__ void __launch_bounds__(kScoreWarps * 32) quest_score_kernel(
-    const T* __restrict__ kmin, const T* __restrict__ kmax, const int32_t* __restrict__ page_table,
+    const uint8_t* __restrict__ bcode, const float* __restrict__ bparam, const int32_t* __restrict__ page_table,
     const int32_t* __restrict__ seq_len, int max_pages, int n_heads, int group, int ppw, const float* __restrict__ q,
     float* __restrict__ scores) {
-  constexpr int DPL = D / LPR;   // dims per lane
+  constexpr int DPL = D / LPR;   // code bytes (dims) per lane
+  constexpr int W = DPL / 4;     // 32-bit words per lane
   constexpr int PPR = 32 / LPR;  // pages per row step of the warp
-  constexpr int PPS = PPR * kScoreUnroll;
+  constexpr int PPS = PPR * UNR;
   static_assert(32 % PPS == 0, "a round of 32 page-table entries is whole steps");
-  using V = typename VecOf<DPL>::T;
+  static_assert(GP <= LPR, "the reduce-scatter needs a lane per head");
+  using V = typename CodesOf<DPL>::T;
   const int h = blockIdx.y, b = blockIdx.z, hkv = gridDim.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % LPR, slot = lane / LPR;
   const int np = (seq_tokens(seq_len, b, max_pages) + kPageSize - 1) / kPageSize;
   const int beg = (blockIdx.x * kScoreWarps + warp) * ppw, end = min(np, beg + ppw);
   if (beg >= end) return;  // no barrier in this kernel
 
-  float qp[GP][DPL], qn[GP][DPL];
+  // The int8 query (quantize_quest_query): amax by a butterfly over the row's lanes (order-free), the
+  // same float operations per element, sum q8 in integers.
+  uint32_t qp[GP][W], qn[GP][W];
+  float sq[GP];
+  int q8sum[GP];
 #pragma unroll
   for (int g = 0; g < GP; ++g) {
     const float* qg = q + ((int64_t)b * n_heads + (int64_t)h * group + g) * D + sub * DPL;
+    float x[DPL], amax = 0.f;
 #pragma unroll
     for (int i = 0; i < DPL; ++i) {
-      const float x = g < group ? qg[i] : 0.f;
-      qp[g][i] = x > 0.f ? x : 0.f;
-      qn[g][i] = x < 0.f ? x : 0.f;
+      x[i] = g < group ? qg[i] : 0.f;
+      amax = fmaxf(amax, fabsf(x[i]));
     }
+#pragma unroll
+    for (int o = 1; o < LPR; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    sq[g] = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int t = 0;
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      uint32_t p = 0, n = 0;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = (int)fminf(fmaxf(rintf(x[4 * w + e] * inv), -127.f), 127.f);
+        t += r;
+        p |= (uint32_t)(uint8_t)(int8_t)(r > 0 ? r : 0) << (8 * e);
+        n |= (uint32_t)(uint8_t)(int8_t)(r < 0 ? r : 0) << (8 * e);
+      }
+      qp[g][w] = p, qn[g][w] = n;
+    }
+#pragma unroll
+    for (int o = 1; o < LPR; o <<= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    q8sum[g] = t;
   }
+  // The head whose dot this lane ends with after the reduce-scatter below: bit l of the lane picks
+  // the upper half at level l.
+  int my_head = 0;
+#pragma unroll
+  for (int l = 0, n = GP; n > 1; ++l, n >>= 1) my_head += ((lane >> l) & 1) ? n / 2 : 0;
+  float my_sq = 0.f;
+  int my_q8sum = 0;
+#pragma unroll
+  for (int g = 0; g < GP; ++g)
+    if (g == my_head) my_sq = sq[g], my_q8sum = q8sum[g];
 
   const int32_t* pt = page_table + (int64_t)b * max_pages;
   float* out = scores + ((int64_t)b * hkv + h) * max_pages;
@@ -74,34 +119,51 @@ __global__ void __launch_bounds__(kScoreWarps * 32) quest_score_kernel(
     const int phys_lane = r0 + lane < end ? pt[r0 + lane] : 0;
 #pragma unroll 1
     for (int s0 = 0; s0 < 32 && r0 + s0 < end; s0 += PPS) {
-      V mx[kScoreUnroll], mn[kScoreUnroll];
+      V mx[UNR], mn[UNR];
+      float2 par[UNR];
 #pragma unroll
-      for (int u = 0; u < kScoreUnroll; ++u) {
+      for (int u = 0; u < UNR; ++u) {
         const int k = s0 + u * PPR + slot;
         const int phys = __shfl_sync(0xffffffffu, phys_lane, k);
         if (r0 + k < end) {
-          const int64_t row = ((int64_t)phys * hkv + h) * D + sub * DPL;
-          mx[u] = __ldg(reinterpret_cast<const V*>(kmax + row));
-          mn[u] = __ldg(reinterpret_cast<const V*>(kmin + row));
+          const int64_t ph = (int64_t)phys * hkv + h;
+          mn[u] = __ldg(reinterpret_cast<const V*>(bcode + ph * 2 * D + sub * DPL));
+          mx[u] = __ldg(reinterpret_cast<const V*>(bcode + ph * 2 * D + D + sub * DPL));
+          par[u] = __ldg(reinterpret_cast<const float2*>(bparam) + ph);
         } else {
-          mx[u] = V{}, mn[u] = V{};
+          mx[u] = V{}, mn[u] = V{}, par[u] = make_float2(0.f, 0.f);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kScoreUnroll; ++u) {
-        float fx[DPL], fn[DPL];
-        to_float<T, DPL>(mx[u], fx);
-        to_float<T, DPL>(mn[u], fn);
-        float best = -INFINITY;
+      for (int u = 0; u < UNR; ++u) {
+        int x[GP];
 #pragma unroll
         for (int g = 0; g < GP; ++g) {
-          float x = 0.f;
+          x[g] = 0;
 #pragma unroll
-          for (int i = 0; i < DPL; ++i) x += qp[g][i] * fx[i] + qn[g][i] * fn[i];
-#pragma unroll
-          for (int o = 1; o < LPR; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-          if (g < group) best = fmaxf(best, isnan(x) ? INFINITY : x);  // NaN cannot rule a page out
+          for (int w = 0; w < W; ++w) {
+            x[g] = dp4a_us(word<DPL>(mx[u], w), qp[g][w], x[g]);
+            x[g] = dp4a_us(word<DPL>(mn[u], w), qn[g][w], x[g]);
+          }
         }
+        // Reduce-scatter over the row's lanes: at level l, lanes with bit l set keep the upper half of
+        // the heads and send the lower half (GP - 1 shuffles in all), then a plain butterfly over the
+        // remaining lane bits: 2 GP - 1 + log2(LPR / GP) shuffles per row step, not GP log2(LPR).
+#pragma unroll
+        for (int l = 0, n = GP; n > 1; ++l, n >>= 1) {
+          const bool up = (lane >> l) & 1;
+#pragma unroll
+          for (int j = 0; j < n / 2; ++j) {
+            const int send = up ? x[j] : x[j + n / 2], keep = up ? x[j + n / 2] : x[j];
+            x[j] = keep + __shfl_xor_sync(0xffffffffu, send, 1 << l);
+          }
+        }
+#pragma unroll
+        for (int o = GP; o < LPR; o <<= 1) x[0] += __shfl_xor_sync(0xffffffffu, x[0], o);
+        const float v = page_bound_score(par[u].x, par[u].y, my_sq, my_q8sum, x[0]);
+        float best = my_head < group ? (isnan(v) ? INFINITY : v) : -INFINITY;  // NaN cannot rule a page out
+#pragma unroll
+        for (int o = 1; o < GP; o <<= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
         const int k = s0 + u * PPR + slot;
         if (sub == 0 && r0 + k < end) out[r0 + k] = best;
       }
@@ -235,7 +297,7 @@ int sm_count() {
 }
 
 // Group sizes up to 4: 16 lanes per row; 8: 32 lanes (the q registers stay at 2 * GP * D / LPR).
-template <typename T, int D>
+template <int D>
 void launch_score(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t max_seq_len, float* scores,
                   cudaStream_t stream) {
   const int64_t np = std::min<int64_t>((max_seq_len + kPageSize - 1) / kPageSize, kv.max_pages);
@@ -248,14 +310,21 @@ void launch_score(const PagedKV& kv, const KeySideDev& side, const float* q, int
   const dim3 grid(gx, kv.n_kv_heads, kv.batch);
   const int group = kv.n_heads / kv.n_kv_heads;
   auto go = [&](auto kern) {
-    kern<<<grid, kScoreWarps * 32, 0, stream>>>(static_cast<const T*>(side.kmin), static_cast<const T*>(side.kmax),
-                                                kv.page_table, kv.seq_len, kv.max_pages, kv.n_heads, group, ppw, q,
-                                                scores);
+    kern<<<grid, kScoreWarps * 32, 0, stream>>>(side.bcode, side.bparam, kv.page_table, kv.seq_len, kv.max_pages,
+                                                kv.n_heads, group, ppw, q, scores);
   };
-  if (group <= 1) go(quest_score_kernel<T, D, 1, 16>);
-  else if (group <= 2) go(quest_score_kernel<T, D, 2, 16>);
-  else if (group <= 4) go(quest_score_kernel<T, D, 4, 16>);
-  else go(quest_score_kernel<T, D, 8, 32>);
+  // LPR = D / 16 lanes per row (16-byte code loads), at least one lane per head; 4 row steps of loads
+  // in flight per warp (H200, 64 x 128k, G 4: 2 steps 450 us, 4 415 us, 8 445 us: 128 registers, one
+  // block per SM fewer).
+  auto pick = [&](auto gp) {
+    constexpr int GP = decltype(gp)::value;
+    constexpr int LPR = D / 16 > GP ? D / 16 : GP;
+    go(quest_score_kernel<D, GP, LPR, (32 / LPR) * 4 <= 32 ? 4 : 2>);
+  };
+  if (group <= 1) pick(std::integral_constant<int, 1>{});
+  else if (group <= 2) pick(std::integral_constant<int, 2>{});
+  else if (group <= 4) pick(std::integral_constant<int, 4>{});
+  else pick(std::integral_constant<int, 8>{});
   TW_CUDA_CHECK_LAUNCH();
 }
 
@@ -274,9 +343,9 @@ void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int
                   int64_t max_seq_len, const TokenLists& out, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream) {
   check_config(kv);
-  TW_CHECK(side.kmin != nullptr && side.kmax != nullptr, "quest: null page bounds (kmin / kmax)");
-  TW_CHECK(reinterpret_cast<uintptr_t>(side.kmin) % 16 == 0 && reinterpret_cast<uintptr_t>(side.kmax) % 16 == 0,
-           "quest: page bounds must be 16-byte aligned");
+  TW_CHECK(side.bcode != nullptr && side.bparam != nullptr, "quest: null page bounds (bcode / bparam)");
+  TW_CHECK(reinterpret_cast<uintptr_t>(side.bcode) % 16 == 0 && reinterpret_cast<uintptr_t>(side.bparam) % 8 == 0,
+           "quest: page bound codes must be 16-byte aligned (params 8-byte)");
   TW_CHECK(q != nullptr, "quest: null q");
   TW_CHECK(budget_tokens > 0, "quest: budget must be positive, got ", budget_tokens);
   TW_CHECK(max_seq_len > 0, "quest: max_seq_len must be positive, got ", max_seq_len);
@@ -288,13 +357,10 @@ void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int
   TW_CHECK(workspace != nullptr && workspace_bytes >= need, "quest: workspace of ", workspace_bytes,
            " bytes, needs ", need);
   float* scores = static_cast<float*>(workspace);
-  const bool bf = kv.dtype == KvDtype::BF16;
   if (kv.head_dim == 64)
-    bf ? launch_score<__nv_bfloat16, 64>(kv, side, q, max_seq_len, scores, stream)
-       : launch_score<__half, 64>(kv, side, q, max_seq_len, scores, stream);
+    launch_score<64>(kv, side, q, max_seq_len, scores, stream);
   else
-    bf ? launch_score<__nv_bfloat16, 128>(kv, side, q, max_seq_len, scores, stream)
-       : launch_score<__half, 128>(kv, side, q, max_seq_len, scores, stream);
+    launch_score<128>(kv, side, q, max_seq_len, scores, stream);
   quest_emit_kernel<<<dim3(kv.n_kv_heads, kv.batch), kSelectThreads, 0, stream>>>(
       scores, kv.seq_len, kv.max_pages, budget_tokens, out.count, out.tokens, out.capacity);
   TW_CUDA_CHECK_LAUNCH();

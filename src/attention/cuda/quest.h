@@ -1,6 +1,6 @@
 // Quest page selection on the GPU (the CPU reference: select_quest in attention/selectors.h, Group
 // mode). For every (sequence, kv head): page score u_p = sum_d max(q_d*kmax_d, q_d*kmin_d) per query
-// head, group score = max over the G query heads (a NaN score, possible only with inf keys, counts as
+// head on the 8-bit bounds (page_bounds.h: u_p = fma(s, sum_d (q+_d cmax_d + q-_d cmin_d), lo * sum_d q_d)), group score = max over the G query heads (a NaN score, possible only with inf keys, counts as
 // +inf); keep ceil(budget / 16) pages (at least 2): the first and the last page always, the rest by
 // descending score, ties to the lower page; emit the kept pages' tokens < seq_len, ascending, into a
 // TokenLists. A budget >= seq_len, or one that keeps every page, selects every token.
@@ -24,7 +24,7 @@ size_t quest_workspace_bytes(const PagedKV& kv);
 // TokenLists capacity must be at least this.
 int64_t quest_list_capacity(const PagedKV& kv, int64_t budget_tokens);
 
-// q: [batch][H][d] float (device, post-RoPE). side: kmin / kmax of every page in use (the INT4 part
+// q: [batch][H][d] float (device, post-RoPE). side: bcode / bparam of every page in use (the INT4 part
 // is not read). budget_tokens > 0, the same for every sequence. max_seq_len: a host-side bound on
 // seq_len that sizes the scoring grid (longer sequences are still scored, by fewer blocks each).
 // out.count [batch][Hkv] and out.tokens [batch][Hkv][capacity] are written. After the call the

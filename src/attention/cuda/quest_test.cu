@@ -2,7 +2,8 @@
 // lists (and group scores) on inputs whose scores are exact in any summation order (K multiples of
 // 1/8, q multiples of 1/4: many exact ties), on Gaussian inputs (exact unless the CPU scores have a
 // near-tie at the cut), with inf keys (NaN scores rank as +inf), tiny contexts, budgets at and past
-// the context; fp16 and bf16 (dyadic values are exact in both), d 64 / 128, G 1..8.
+// the context; d 64 / 128, G 1..8. Both read the same 8-bit bounds (page_bounds.h, built by the CPU key
+// side): with dyadic q the dot over the codes is exact, and the rest is the same fma on both sides.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -62,29 +63,27 @@ void run_case(std::mt19937_64& rng, const QuestCase& c, const std::vector<int64_
         if (rng() % 4 == 0) {
           const int32_t from = seqs[b].pages[rng() % seqs[b].pages.size()], to = seqs[b].pages[lp];
           for (int h = 0; h < hkv; ++h) {
-            std::copy_n(ks.kmin(0, from, h), d, const_cast<uint16_t*>(ks.kmin(0, to, h)));
-            std::copy_n(ks.kmax(0, from, h), d, const_cast<uint16_t*>(ks.kmax(0, to, h)));
+            std::copy_n(ks.bound_codes(0, from, h), 2 * d, const_cast<uint8_t*>(ks.bound_codes(0, to, h)));
+            std::copy_n(ks.bound_param(0, from, h), 2, const_cast<float*>(ks.bound_param(0, to, h)));
           }
         }
   }
-  // Device bounds: the CPU's fp16 bounds in the dtype (exact: they are fp16 values, and dyadic
-  // values are exact in bf16 too; Gaussian ones are run in fp16 only). Unused pages hold NaN.
-  const size_t bound_elems = (size_t)pb.n_pages * hkv * d;
-  std::vector<uint16_t> kmin(bound_elems, nan_bits(c.dt)), kmax(bound_elems, nan_bits(c.dt));
+  // Device bounds: the CPU key side's 8-bit codes and params as they are (dtype-independent); unused
+  // pages hold NaN params.
+  const size_t n_ph = (size_t)pb.n_pages * hkv;
+  std::vector<uint8_t> bcode(n_ph * 2 * d, 0);
+  std::vector<float> bparam(n_ph * 2, NAN);
   for (int b = 0; b < batch; ++b)
     for (int32_t phys : seqs[b].pages)
-      for (int h = 0; h < hkv; ++h)
-        for (int i = 0; i < d; ++i) {
-          const size_t o = ((size_t)phys * hkv + h) * d + i;
-          const float lo = fp16_to_fp32(ks.kmin(0, phys, h)[i]), hi = fp16_to_fp32(ks.kmax(0, phys, h)[i]);
-          kmin[o] = to_bits(c.dt, lo);
-          kmax[o] = to_bits(c.dt, hi);
-          if (!std::isinf(lo)) EXPECT_EQ(from_bits(c.dt, kmin[o]), lo) << "test bug: bound not exact in dtype";
-        }
-  DeviceBuffer dmin = to_device(kmin), dmax = to_device(kmax);
+      for (int h = 0; h < hkv; ++h) {
+        const size_t ph = (size_t)phys * hkv + h;
+        std::copy_n(ks.bound_codes(0, phys, h), 2 * d, &bcode[ph * 2 * d]);
+        std::copy_n(ks.bound_param(0, phys, h), 2, &bparam[ph * 2]);
+      }
+  DeviceBuffer dcode = to_device(bcode), dparam = to_device(bparam);
   KeySideDev side;
-  side.kmin = dmin.get();
-  side.kmax = dmax.get();
+  side.bcode = dcode.as<uint8_t>();
+  side.bparam = dparam.as<float>();
 
   std::vector<float> q((size_t)batch * H * d);
   for (auto& x : q) x = c.values == Values::Gaussian ? N(rng) : q4(rng) / 4.f;
@@ -171,9 +170,11 @@ TEST(QuestCuda, BadInputIsAnError) {
   std::mt19937_64 rng(fresh_seed());
   PagedBatch pb = make_batch(rng, KvDtype::F16, 8, 2, 64, {100}, 1.f);
   pb.upload();
-  DeviceBuffer bounds((size_t)pb.n_pages * 2 * 64 * 2), q(8 * 64 * 4), cnt(64), tok(1 << 16), ws(1 << 16);
+  DeviceBuffer bcode((size_t)pb.n_pages * 2 * 2 * 64), bparam((size_t)pb.n_pages * 2 * 2 * 4), q(8 * 64 * 4), cnt(64),
+      tok(1 << 16), ws(1 << 16);
   KeySideDev side;
-  side.kmin = side.kmax = bounds.get();
+  side.bcode = bcode.as<uint8_t>();
+  side.bparam = bparam.as<float>();
   const PagedKV kv = pb.view();
   using ::tw::cuda::test::expect_error;
   TokenLists tl{cnt.as<int32_t>(), tok.as<int32_t>(), 64};
