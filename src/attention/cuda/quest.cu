@@ -177,9 +177,12 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+constexpr int kKeysPerThread = 32;  // keys a thread keeps in registers: up to 8192 pages (128k tokens)
+
 // One block per (kv head, sequence): radix-select the r-th largest key among the middle pages
-// (1 .. np-2), then one scan emits first page, pages above the threshold, the lowest-index pages at
-// the threshold, last page, in ascending order.
+// (1 .. np-2; up to 8192 of them held in registers across the four passes, longer rows re-read), then
+// one scan emits first page, pages above the threshold, the lowest-index pages at the threshold, last
+// page, in ascending order.
 __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float* __restrict__ scores,
                                                                      const int32_t* __restrict__ seq_len,
                                                                      int max_pages, int64_t budget,
@@ -203,19 +206,26 @@ __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float*
   }
   // Here n_sel < np, so np >= 2: first and last page are distinct; r middle pages to choose.
   const int r = n_sel > 2 ? (int)(n_sel - 2) : 0;
+  const int mid = np - 2;
 
   __shared__ uint32_t hist[256];
   __shared__ uint32_t s_digit, s_need;
   uint32_t prefix = 0, mask = 0, need = r;
   if (r > 0) {
     const int warp = tid >> 5, lane = tid & 31;
+    const bool cached = mid <= kKeysPerThread * kSelectThreads;
+    uint32_t keys[kKeysPerThread];
+    if (cached) {
+#pragma unroll
+      for (int k = 0; k < kKeysPerThread; ++k) {
+        const int p = 1 + k * kSelectThreads + tid;
+        keys[k] = p < np - 1 ? order_key(sc[p]) : 0u;
+      }
+    }
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
       __syncthreads();
-      for (int base = 1; base < np - 1; base += kSelectThreads) {
-        const int p = base + tid;
-        const bool in = p < np - 1;
-        const uint32_t key = in ? order_key(sc[p]) : 0u;
+      auto add = [&](uint32_t key, bool in) {
         const bool cand = in && (key & mask) == prefix;
         const uint32_t digit = (key >> shift) & 255u;
         // Warp-aggregated increments: early passes put most keys in one or two bins.
@@ -223,6 +233,19 @@ __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float*
         if (cand) {
           const unsigned same = __match_any_sync(act, digit);
           if (lane == __ffs(same) - 1) atomicAdd(&hist[digit], (uint32_t)__popc(same));
+        }
+      };
+      if (cached) {
+#pragma unroll
+        for (int k = 0; k < kKeysPerThread; ++k) {
+          if (k * kSelectThreads >= mid) break;  // uniform over the block
+          add(keys[k], 1 + k * kSelectThreads + tid < np - 1);
+        }
+      } else {
+        for (int base = 1; base < np - 1; base += kSelectThreads) {
+          const int p = base + tid;
+          const bool in = p < np - 1;
+          add(in ? order_key(sc[p]) : 0u, in);
         }
       }
       __syncthreads();
@@ -254,7 +277,8 @@ __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float*
   }
 
   // Emit: rank of a kept page = sure pages before it (first page, keys above the threshold) + ties
-  // before it, capped at `need`. One 64-bit scan carries both counts (sure << 32 | tie).
+  // before it, capped at `need`. One 64-bit scan carries both counts (sure << 32 | tie); consecutive
+  // threads take consecutive pages, so a warp's token writes are contiguous.
   using Scan = cub::BlockScan<long long, kSelectThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   long long carry = 0;
