@@ -113,9 +113,8 @@ struct PruneStats {
   int action = 0;             // guard: 0 none, 1 widened, 2 whole context as I0, 3 dense (no pruning)
 };
 
-// Quest page bounds for the guard: u[h * n_pages + lp] = sum_d max(q_d kmax_d, q_d kmin_d) of query
-// head h (NOT scaled by 1/sqrt(d)) over logical page lp, n_pages = ceil(n_ctx / 16); as written by
-// quest_page_scores(..., GqaMode::Head, ...).
+// Quest page bounds for the guard: u[h * n_pages + lp] >= q_h.k for every token of logical page lp, query
+// head h (NOT scaled by 1/sqrt(d)), n_pages = ceil(n_ctx / 16); as written by quest_page_upper_bounds.
 struct PageBounds {
   const float* u = nullptr;  // [n_heads][n_pages]
   int64_t n_pages = 0;

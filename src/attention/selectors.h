@@ -15,8 +15,9 @@
 
 namespace tw::attn {
 
-// Quest: page score u_p = sum_d max(q_d*kmax_{p,d}, q_d*kmin_{p,d}) (an upper bound of q.k for every
-// token of the page). Keeps ceil(budget_tokens / 16) pages in total (at least 2): the first page (sink)
+// Quest: page score u_p = sum_d max(q~_d*kmax_{p,d}, q~_d*kmin_{p,d}) on the 8-bit bounds with the int8
+// query q~ (page_bounds.h: an upper bound of q~.k for every token of the page, computed exactly in
+// integers; quest_page_upper_bounds below bounds q.k itself). Keeps ceil(budget_tokens / 16) pages in total (at least 2): the first page (sink)
 // and the last (partial) page always, the rest by descending score (ties: lower page first; a NaN score,
 // possible only with inf keys, counts as +inf: it cannot rule the page out). Group mode: a page's
 // score for a kv head is the max over its G query heads. Emits the selected pages' tokens < n_ctx.
