@@ -16,11 +16,11 @@
 // (q8+ = max(q8, 0), q8- = min(q8, 0)): dot is an exact int32 (u8 x s8: VNNI vpdpbusd on the CPU,
 // dp4a on the GPU) and the rest the same three float operations (page_bound_score), so the CPU and
 // the GPU compute bit-identical scores. u_p bounds q~.k over the page (q~ within sq / 2 of q per
-// channel); on the same Qwen keys and queries the int8 query keeps Quest's mass at B0 = n/8
-// (0.768 / 0.924 / 0.930 / 0.601 vs fp32 query 0.767 / 0.925 / 0.930 / 0.600).
-// The step s is set by the page-head's widest channel; measured on Qwen2.5-Coder-1.5B keys (8k tokens
-// of Emma, layers 2/9/18/27) s is ~3% of a typical channel's page range, and Quest keeps the same
-// attention mass at B0 = n/8 (0.768 vs 0.768, 0.926 vs 0.925, 0.931 vs 0.930, 0.600 vs 0.600).
+// channel; quest_page_upper_bounds adds that slack where a bound of q.k itself is needed).
+// The step s is set by the page-head's widest channel: on Qwen2.5-Coder-1.5B keys (8k tokens of Emma,
+// layers 2/9/18/27) it is ~3% of a typical channel's page range, and the attention mass Quest keeps at
+// B0 = n/8 is 0.768 / 0.926 / 0.931 / 0.600 with fp16 bounds, 0.767 / 0.925 / 0.930 / 0.600 with these,
+// 0.768 / 0.924 / 0.930 / 0.601 with these and the int8 query (docs/ACCURACY.md).
 // Non-finite input (an inf or NaN key): lo = s = NaN and codes 0, so the score is NaN, which the
 // selectors rank as +inf (such a page cannot be ruled out). s = 0 (a constant page): every code 0.
 #pragma once
