@@ -422,6 +422,9 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   }
   __syncthreads();
   // Heads of this lane's accumulator columns (>= G: unused).
+  uint2 bq[RB::kWords];  // this lane's B fragments, in registers for the whole estimate
+#pragma unroll
+  for (int j = 0; j < RB::kWords; ++j) bq[j] = S.bq[j][lane];
   const int hc0 = 2 * t4, hc1 = 2 * t4 + 1;
   const float qs0 = hc0 < G ? S.qsum[hc0] : 0.f, qs1 = hc1 < G ? S.qsum[hc1] : 0.f;
   const float sq0 = hc0 < G ? S.sq[hc0] : 0.f, sq1 = hc1 < G ? S.sq[hc1] : 0.f;
@@ -465,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
       RB::words(f.cb[u], wb);
 #pragma unroll
       for (int j = 0; j < RB::kWords; ++j) {  // one code word = 8 dims of rows g and g + 8
-        const uint2 bj = S.bq[j][lane];
+        const uint2 bj = bq[j];
         imma16832(acc, wa[j] & 0x0f0f0f0fu, wb[j] & 0x0f0f0f0fu, (wa[j] >> 4) & 0x0f0f0f0fu,
                   (wb[j] >> 4) & 0x0f0f0f0fu, bj.x, bj.y);
       }
@@ -525,6 +528,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     float cm[kMaxGroup], ls[kMaxGroup];
 #pragma unroll
     for (int r = 0; r < kMaxGroup; ++r) cm[r] = r < G ? S.cmax[r] : 0.f, ls[r] = 0.f;
+#pragma unroll 4
     for (int j = tid; j < m; j += kThreads) {
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
@@ -576,6 +580,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     float lo[kMaxGroup], f[kMaxGroup];
 #pragma unroll
     for (int r = 0; r < kMaxGroup; ++r) lo[r] = r < G ? S.elo[r] : 0.f, f[r] = r < G ? S.efac[r] : 0.f;
+#pragma unroll 4
     for (int j = tid; j < m; j += kThreads) {
       float w = 0.f;
 #pragma unroll
