@@ -29,6 +29,8 @@ struct AlignedAlloc {
 };
 
 #define TW_AVX512 __attribute__((target("avx512f,avx512dq,fma,f16c")))
+// The VNNI level (vpdpbusd: u8 x s8 -> int32), for the integer INT4 estimate and Quest page scores.
+#define TW_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 
 // GCC 12 warns about the intrinsics' own _mm512_undefined_* placeholders (a known false positive).
 #pragma GCC diagnostic push

@@ -6,7 +6,7 @@
 
 #include <immintrin.h>
 
-#include "attention/attend_block_avx512.h"  // AlignedAlloc
+#include "attention/attend_block_avx512.h"  // AlignedAlloc, TW_VNNI
 #include "attention/topp.h"
 #include "attention/fast_exp.h"
 #include "common/error.h"
@@ -19,7 +19,6 @@ namespace {
 using kv::kPageSize;
 
 #define TW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define TW_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 
 constexpr int kMaxGroup = 16;  // heads summed together in the kept-mass pass
 

@@ -9,12 +9,11 @@
 // GCC 12 flags the intrinsics' _mm512_undefined_* placeholders inside reduce16 (a known false positive).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
-#include "attention/attend_block_avx512.h"  // reduce16, AlignedAlloc, TW_AVX512
+#include "attention/attend_block_avx512.h"  // reduce16, AlignedAlloc, TW_VNNI
 #pragma GCC diagnostic pop
 #include "attention/page_bounds.h"
 #include "attention/select_util.h"
 #include "common/error.h"
-#include "common/fp16.h"
 #include "ops/cpu/matmul.h"
 
 #include <immintrin.h>
@@ -90,7 +89,6 @@ TW_CLONES void score_pages(const KeySide& ks, const int32_t* pages, int layer, i
 // are bit-identical to the portable path's). Bounds are prefetched PFD pages ahead. Output as
 // score_pages: Group: out[h * n_pages + lp] = max over the group (NaN ranks as +inf); Head:
 // out[(h * G + g) * n_pages + lp].
-#define TW_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on the intrinsics' _mm512_undefined_*
 // Heads g0 .. g0+NG-1 against NP pages (codes c[p]: [2][d], min row then max row):
@@ -288,13 +286,14 @@ void quest_impl(const KeySide& ks, const kv::SeqPages& seq, int layer, const Hea
 
 }  // namespace
 
-void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
-                       int64_t n_ctx, GqaMode mode, float* scores, ThreadPool* tp) {
-  check_common("quest scores", ks.shape(), seq, layer, hs, q, n_ctx);
+namespace {
+
+// quest_page_scores for an already quantised query.
+void page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const QuestQuery& qq,
+                 int64_t n_ctx, GqaMode mode, float* scores, ThreadPool* tp) {
   const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads, hkv = hs.n_kv_heads;
   const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
   const bool group = mode == GqaMode::Group;
-  const QuestQuery qq(q, hs.n_heads, d);
   if (ops::active_simd() == ops::Simd::AVX512 && d % 64 == 0) {  // the AVX512 level includes VNNI
     // q8+ / q8- repacked per kv head as [d/64][G][2][64] bytes.
     std::vector<int8_t, avx512::AlignedAlloc<int8_t>> qpk((size_t)hs.n_heads * 2 * d);
@@ -332,21 +331,27 @@ void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, co
     run(0, items, 0);
 }
 
+}  // namespace
+
+void quest_page_scores(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs, const float* q,
+                       int64_t n_ctx, GqaMode mode, float* scores, ThreadPool* tp) {
+  check_common("quest scores", ks.shape(), seq, layer, hs, q, n_ctx);
+  page_scores(ks, seq, layer, hs, QuestQuery(q, hs.n_heads, hs.head_dim), n_ctx, mode, scores, tp);
+}
+
 void quest_page_upper_bounds(const KeySide& ks, const kv::SeqPages& seq, int layer, const HeadShape& hs,
                              const float* q, int64_t n_ctx, float* bounds, ThreadPool* tp) {
-  quest_page_scores(ks, seq, layer, hs, q, n_ctx, GqaMode::Head, bounds, tp);
+  check_common("quest bounds", ks.shape(), seq, layer, hs, q, n_ctx);
   const int d = hs.head_dim, G = hs.n_heads / hs.n_kv_heads;
   const int64_t n_pages = (n_ctx + kPageSize - 1) / kPageSize;
-  std::vector<float> rmax(hs.n_heads);
-  std::vector<int8_t> q8(d);
-  for (int hq = 0; hq < hs.n_heads; ++hq) {
-    float sq;
-    int q8sum;
-    quantize_quest_query(q + (size_t)hq * d, d, q8.data(), sq, q8sum);
-    float r = 0.f;
-    for (int i = 0; i < d; ++i) r = std::max(r, std::fabs(q[(size_t)hq * d + i] - sq * q8[i]));
-    rmax[hq] = r;
-  }
+  const QuestQuery qq(q, hs.n_heads, d);
+  page_scores(ks, seq, layer, hs, qq, n_ctx, GqaMode::Head, bounds, tp);
+  std::vector<float> rmax(hs.n_heads, 0.f);  // max_i |q_i - sq q8_i| (q8 = q8+ + q8-)
+  for (int hq = 0; hq < hs.n_heads; ++hq)
+    for (int i = 0; i < d; ++i) {
+      const size_t k = (size_t)hq * d + i;
+      rmax[hq] = std::max(rmax[hq], std::fabs(q[k] - qq.sq[hq] * (qq.qp[k] + qq.qn[k])));
+    }
   // q.k = q~.k + (q - q~).k <= u_p + max_i |q_i - q~_i| * sum_i max(|kmin_i|, |kmax_i|).
   for (int h = 0; h < hs.n_kv_heads; ++h)
     for (int64_t lp = 0; lp < n_pages; ++lp) {

@@ -3,8 +3,19 @@
 #include <cstdint>
 
 #include "common/error.h"
+#include "ops/cuda/cuda_check.h"
 
 namespace tw::attn::cuda {
+
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    TW_CUDA_CHECK(cudaGetDevice(&dev));
+    TW_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    return v;
+  }();
+  return n;
+}
 
 void check_config(const PagedKV& kv) {
   TW_CHECK(kv.dtype == KvDtype::F16 || kv.dtype == KvDtype::BF16, "attention config: KV dtype ",

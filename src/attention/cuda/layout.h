@@ -57,6 +57,9 @@ struct TokenLists {
   int capacity = 0;
 };
 
+// Multiprocessors of the current device (queried once): the planners size their grids by it.
+int sm_count();
+
 // Validates a configuration before any launch: head_dim 64/128, dtype, 1 <= H/Hkv <= kMaxGroup,
 // H % Hkv == 0, non-null pointers. Throws tw::Error naming the bad value (never a silent slow path).
 void check_config(const PagedKV& kv);

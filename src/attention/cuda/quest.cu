@@ -310,17 +310,6 @@ __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float*
   if (tid == 0) count[li] = (r + 1) * kPageSize + (n - (np - 1) * kPageSize);
 }
 
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, v = 0;
-    TW_CUDA_CHECK(cudaGetDevice(&dev));
-    TW_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    return v;
-  }();
-  return n;
-}
-
-// Group sizes up to 4: 16 lanes per row; 8: 32 lanes (the q registers stay at 2 * GP * D / LPR).
 template <int D>
 void launch_score(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t max_seq_len, float* scores,
                   cudaStream_t stream) {

@@ -234,16 +234,6 @@ __global__ void __launch_bounds__(D) combine_kernel(const Args a) {
   a.out[((size_t)b * a.n_kv_heads * G + hq) * D + d] = ls > 0.f ? acc / ls : 0.f;
 }
 
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, v = 0;
-    TW_CUDA_CHECK(cudaGetDevice(&dev));
-    TW_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    return v;
-  }();
-  return n;
-}
-
 }  // namespace
 
 size_t sparse_decode_workspace_bytes(const PagedKV& kv, int list_capacity) {
