@@ -40,17 +40,19 @@ __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
   const int p1 = split == n_splits - 1 ? np : min(np, p0 + pages_per_split);
   if (n_splits > 1 && p0 >= np) return;  // the combine kernel skips splits past the sequence
 
-  Acc<T, D> acc;
-  acc.init(gi < group ? q + ((int64_t)b * n_heads + (int64_t)h * group + gi) * D : nullptr, ti);
+  using Tile = Acc<T, D, true>;  // the query in shared memory: registers go to the pages in flight
+  __shared__ uint4 s_q[kWarps][Tile::kQSmem];
+  Tile acc;
+  acc.init(gi < group ? q + ((int64_t)b * n_heads + (int64_t)h * group + gi) * D : nullptr, ti, s_q[warp]);
   const int tok[4] = {2 * ti, 2 * ti + 1, 2 * ti + 8, 2 * ti + 9};
   const int32_t* pt = page_table + (int64_t)b * max_pages;
-  using Regs = typename Acc<T, D>::Regs;
+  using Regs = typename Tile::Regs;
   auto load = [&](Regs& r, int p) {
     const int64_t head = ((int64_t)pt[p] * hkv + h) * kPageSize * D;
     const T* kp = kpool + head;
     const T* vp = vpool + head;
     const T* vrow[4] = {vp + tok[0] * D, vp + tok[1] * D, vp + tok[2] * D, vp + tok[3] * D};
-    Acc<T, D>::load(r, kp + gi * D, kp + (gi + 8) * D, vrow, gi, ti);
+    Tile::load(r, kp + gi * D, kp + (gi + 8) * D, vrow, gi, ti);
   };
   auto compute = [&](Regs& r, int p) {
     const int valid = n - p * kPageSize;  // partial last page: slots past the sequence hold anything

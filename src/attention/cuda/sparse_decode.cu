@@ -142,6 +142,8 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
   const int G = a.group;
   __shared__ int s_row[kMaxChunk];
   __shared__ float smem[kAttnWarps * kMaxGroup * (D + 2)];
+  using Tile = tile::Acc<E, D, true>;  // the query in shared memory: registers go to the tiles in flight
+  __shared__ uint4 s_q[kAttnWarps][Tile::kQSmem];
   const int n_items = a.hdr[0], T = a.hdr[1];
   const E* kpool = static_cast<const E*>(a.k);
   const E* vpool = static_cast<const E*>(a.v);
@@ -170,35 +172,41 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     }
     __syncthreads();
 
-    tile::Acc<E, D> acc;
-    acc.init(gi < G ? a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G + gi) * D : nullptr, ti);
-    using Regs = typename tile::Acc<E, D>::Regs;
-    auto load = [&](Regs& r, int base, bool (&live)[4], bool& all_live) {
-      // A dead entry (past the chunk, or a bad token) reads row 0, a readable row, and is masked.
-      const int mine = base + (lane & 15) < cnt ? s_row[base + (lane & 15)] : -1;  // lanes 16..31 repeat 0..15
+    Tile acc;
+    acc.init(gi < G ? a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G + gi) * D : nullptr, ti, s_q[warp]);
+    using Regs = typename Tile::Regs;
+    // A dead entry (past the chunk, or a bad token) reads row 0, a readable row, and is masked. The
+    // liveness of a tile is read again from s_row when it is computed, not held from its load: the
+    // registers are the tiles' in flight.
+    auto row_of = [&](int base) {  // lanes 16..31 repeat 0..15
+      return base + (lane & 15) < cnt ? s_row[base + (lane & 15)] : -1;
+    };
+    auto load = [&](Regs& r, int base) {
+      const int mine = row_of(base);
       const int rk0 = max(__shfl_sync(0xffffffffu, mine, gi), 0), rk1 = max(__shfl_sync(0xffffffffu, mine, gi + 8), 0);
       const E* vrow[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = __shfl_sync(0xffffffffu, mine, tok[e]);
-        live[e] = r >= 0;
-        vrow[e] = vpool + (size_t)max(r, 0) * D;
-      }
-      all_live = __all_sync(0xffffffffu, mine >= 0);
-      tile::Acc<E, D>::load(r, kpool + (size_t)rk0 * D, kpool + (size_t)rk1 * D, vrow, gi, ti);
+      for (int e = 0; e < 4; ++e) vrow[e] = vpool + (size_t)max(__shfl_sync(0xffffffffu, mine, tok[e]), 0) * D;
+      Tile::load(r, kpool + (size_t)rk0 * D, kpool + (size_t)rk1 * D, vrow, gi, ti);
+    };
+    auto compute = [&](Regs& r, int base) {
+      const int mine = row_of(base);
+      bool live[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) live[e] = __shfl_sync(0xffffffffu, mine, tok[e]) >= 0;
+      acc.compute(r, live, __all_sync(0xffffffffu, mine >= 0));
     };
     // Two tiles per warp in flight: the next tile's loads go out before this tile's math.
     constexpr int kStride = kAttnWarps * 16;
     Regs ra, rb;
-    bool la[4], lb[4], aa = true, ab = true;
-    if (warp * 16 < cnt) load(ra, warp * 16, la, aa);
+    if (warp * 16 < cnt) load(ra, warp * 16);
     for (int base = warp * 16; base < cnt; base += 2 * kStride) {
       const int b1 = base + kStride;
-      if (b1 < cnt) load(rb, b1, lb, ab);
-      acc.compute(ra, la, aa);
+      if (b1 < cnt) load(rb, b1);
+      compute(ra, base);
       if (b1 >= cnt) break;
-      if (b1 + kStride < cnt) load(ra, b1 + kStride, la, aa);
-      acc.compute(rb, lb, ab);
+      if (b1 + kStride < cnt) load(ra, b1 + kStride);
+      compute(rb, b1);
     }
     acc.finish();
 
