@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/error.h"
@@ -17,11 +18,11 @@ namespace tw::attn::cuda {
 namespace {
 
 constexpr int kMinChunk = 128;     // tokens per work item at least (bounds the workspace); T is a multiple
-constexpr int kMaxChunk = 1024;    // and at most (long lists always split)
+constexpr int kMaxChunk = 2048;    // and at most (long lists always split)
 constexpr int kPlanThreads = 1024;
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = 32 * kAttnWarps;
-constexpr int kItemsPerSm = 8;     // the planner aims at this many work items per SM
+constexpr int kItemsPerSm = 4;     // the planner aims at this many work items per SM (H200: 4 beat 2, 8, 16)
 
 // Workspace layout (all int32 / float, 16-byte aligned pieces).
 struct Layout {
@@ -66,7 +67,7 @@ struct Args {
   int2* items;
   float* part;
   int64_t n_pages;
-  int batch, n_kv_heads, group, max_pages, cap, max_items, sm_count;
+  int batch, n_kv_heads, group, max_pages, cap, max_items, sm_count, items_per_sm;
 };
 
 __device__ __forceinline__ int list_len(const Args& a, int list, int* extra_out) {
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
   if (tid == 0) {
     long long s = 0;
     for (int w = 0; w < kPlanThreads / 32; ++w) s += red[w];
-    const long long want = (long long)a.sm_count * kItemsPerSm;
+    const long long want = (long long)a.sm_count * a.items_per_sm;
     long long T = (s + want - 1) / want;
     T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;  // whole 16-token tiles, two per warp
     s_T = (int)std::min<long long>(std::max<long long>(T, kMinChunk), kMaxChunk);
@@ -283,6 +284,14 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   a.cap = lists.capacity;
   a.max_items = L.max_items;
   a.sm_count = sm_count();
+  {
+    static const int ips = [] {
+      const char* e = std::getenv("TW_SPARSE_ITEMS_PER_SM");  // tuning knob for the benchmark
+      const int x = e ? std::atoi(e) : 0;
+      return x > 0 ? x : kItemsPerSm;
+    }();
+    a.items_per_sm = ips;
+  }
 
   plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
   TW_CUDA_CHECK_LAUNCH();
