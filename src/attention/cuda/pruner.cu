@@ -768,11 +768,11 @@ size_t smem_for(int G, int chunk, int* zstride) {
   return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * 3 * kBins * 4;
 }
 
-int tokens_per_block() {
+int tokens_per_block_knob() {  // 0 = the plan's choice
   static const int v = [] {
     const char* s = std::getenv("TW_PRUNE_TOKENS_PER_BLOCK");  // tuning knob for the benchmark
     const int x = s ? std::atoi(s) : 0;
-    return x >= 256 ? x : 4096;
+    return x >= 256 ? x : 0;
   }();
   return v;
 }
@@ -808,17 +808,24 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   TW_CUDA_CHECK(cudaGetDevice(&dev));
   int optin = 0;
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  // Blocks per list: from the parallelism target (tokens_per_block), then more until a block's
-  // slice fits kMaxChunk and, preferably, <= 113 KiB of shared memory (two blocks per SM), else up to
-  // the opt-in limit. Two blocks of 4096 per list win (H200, 256 lists x B0 8192, G 4: 145 us; 4 of
-  // 2048 at three blocks per SM 172 us, every radix level reading 4 remote histograms; one block of
-  // 8192 209 us, 8 warps per SM too few to hide the phases' latencies).
-  const int cmin = std::clamp((in_capacity + tokens_per_block() - 1) / tokens_per_block(), 1, kMaxCluster);
-  static const size_t first_limit = [] {
+  // Blocks per list: from the parallelism target (tokens per block), then more until a block's slice
+  // fits kMaxChunk and, preferably, the shared memory of the target's blocks per SM, else up to the
+  // opt-in limit. Two blocks of 4096 per list (113 KiB, two per SM) win from ~100 lists up (H200,
+  // B0 8192, G 4: 256 lists 145 us against 172 for 4 of 2048 at three per SM, every radix level then
+  // reading 4 remote histograms; one block of 8192 209 us, 8 warps per SM too few to hide the phases'
+  // latencies; 128 lists: 58 against 96 us). With fewer lists (a single sequence) the GPU is idle for
+  // want of blocks: 4 blocks of 2048 per list, as long as the launch stays one wave at three blocks per
+  // SM (8 lists: 42.5 -> 33.4 us; 8 of 1024: 35.7 us).
+  const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
+  const bool few = (lists * ((in_capacity + 2047) / 2048) <= 3 * (int64_t)sm_count());
+  const int tpb = tokens_per_block_knob() ? tokens_per_block_knob() : few ? 2048 : 4096;
+  const int cmin = std::clamp((in_capacity + tpb - 1) / tpb, 1, kMaxCluster);
+  static const size_t knob_limit = [] {
     const char* s = std::getenv("TW_PRUNE_SMEM_KB");  // tuning knob for the benchmark
     const int x = s ? std::atoi(s) : 0;
-    return x > 0 ? size_t(x) << 10 : kTwoBlockSmem;
+    return x > 0 ? size_t(x) << 10 : 0;
   }();
+  const size_t first_limit = knob_limit ? knob_limit : tpb <= 2048 ? kThreeBlockSmem : kTwoBlockSmem;
   for (size_t limit : {first_limit, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
       const int chunk = ((in_capacity + c - 1) / c + 15) / 16 * 16;

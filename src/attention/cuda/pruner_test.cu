@@ -216,12 +216,16 @@ TEST(PrunerCuda, RandomBatchesMatchCpu) {
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
   const std::vector<Cfg> cfgs = {
+      // Few lists: blocks of <= 2048 candidates (prune_plan), clusters of 1 to 13.
       {32, 8, 128, KvDtype::F16, 2048, {1, 17, 300, 2100, 5000}, 1.5f},   // G = 4, one block per list
-      {9, 3, 64, KvDtype::F16, 4096, {33, 4100, 900}, 2.0f},              // G = 3 (SmolLM2), cluster of 2
-      {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500}, 1.2f},              // G = 6 (Qwen 1.5B), cluster of 4
+      {9, 3, 64, KvDtype::F16, 4096, {33, 4100, 900}, 2.0f},              // G = 3 (SmolLM2)
+      {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500}, 1.2f},              // G = 6 (Qwen 1.5B)
       {14, 2, 64, KvDtype::F16, 3000, {3500, 64, 16}, 2.5f},              // G = 7 (Qwen 0.5B)
       {8, 8, 128, KvDtype::F16, 1024, {1500, 700}, 1.0f},                 // G = 1
-      {16, 2, 64, KvDtype::BF16, 16384, {17000}, 1.5f},                   // G = 8, cluster of 8
+      {16, 2, 64, KvDtype::BF16, 16384, {17000}, 1.5f},                   // G = 8
+      // Many lists (128 x B0 8192 is more than one wave of 4 blocks each): two blocks of 4096 per list.
+      {32, 8, 128, KvDtype::F16, 8192,
+       {8200, 9000, 8192, 12000, 8300, 8193, 10000, 8700, 9100, 8250, 20000, 8800, 9500, 8400, 8600, 11000}, 1.5f},
   };
   Tally tally;
   for (const Cfg& c : cfgs) {
@@ -230,8 +234,10 @@ TEST(PrunerCuda, RandomBatchesMatchCpu) {
     spec.kscale = c.kscale;
     auto B = make_batch(spec, rng);
     const HostLists in = random_lists(*B, c.cap, rng);
+    const PrunePlan plan = prune_plan(B->kv, c.cap, PruneParams{});
     for (float p : {0.5f, 0.85f, 0.95f}) {
-      SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, " cap ", c.cap, " p ", p));
+      SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, " cap ", c.cap, " p ", p, " (", plan.cluster,
+                       " blocks of ", plan.chunk, ")"));
       PruneParams prm;
       prm.p = p;
       const RunResult r = run_pruner(*B, in, prm);
@@ -248,8 +254,8 @@ TEST(PrunerCuda, LongListOverSixteenBlocks) {
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
   BatchSpec spec;
-  // 86000 candidates at G = 8: 15 blocks of 5744 need 235 KB of shared memory each (above the H200's
-  // 227 KB opt-in), so the plan needs the largest cluster, 16 blocks of 5376.
+  // 86000 candidates at G = 8 (one list: blocks of 2048 wanted, 42 > 16 of them): 16 blocks of 5376,
+  // above the three-per-SM shared memory, at the opt-in limit.
   spec.n_heads = 8, spec.n_kv_heads = 1, spec.head_dim = 128, spec.seq_len = {86000}, spec.kscale = 1.3f;
   auto B = make_batch(spec, rng);
   const PrunePlan plan = prune_plan(B->kv, 86000, PruneParams{});
