@@ -211,15 +211,20 @@ __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float*
   __shared__ uint32_t hist[256];
   __shared__ uint32_t s_digit, s_need;
   uint32_t prefix = 0, mask = 0, need = r;
+  // Rows of up to 8192 middle pages: their keys in registers for the radix passes and, transposed, in
+  // shared memory for the emit (key of page p at p + p / 32: a thread's run of pages hits 32 banks).
+  const bool cached = r > 0 && mid <= kKeysPerThread * kSelectThreads;
+  __shared__ uint32_t s_keys[kKeysPerThread * kSelectThreads + kKeysPerThread * kSelectThreads / 32 + 8];
+  auto kidx = [](int p) { return p + (p >> 5); };
   if (r > 0) {
     const int warp = tid >> 5, lane = tid & 31;
-    const bool cached = mid <= kKeysPerThread * kSelectThreads;
     uint32_t keys[kKeysPerThread];
     if (cached) {
 #pragma unroll
       for (int k = 0; k < kKeysPerThread; ++k) {
         const int p = 1 + k * kSelectThreads + tid;
         keys[k] = p < np - 1 ? order_key(sc[p]) : 0u;
+        if (p < np - 1) s_keys[kidx(p)] = keys[k];
       }
     }
     for (int shift = 24; shift >= 0; shift -= 8) {
@@ -287,7 +292,11 @@ __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float*
     sure = p == 0 || p == np - 1 || (r > 0 && key > prefix);
     tie = !sure && r > 0 && key == prefix;
   };
-  auto key_at = [&](int p) { return (p > 0 && p < np - 1 && r > 0) ? order_key(sc[p]) : 0u; };
+  __syncthreads();  // s_keys written (the radix passes end with a barrier too; r = 0 skips them)
+  auto key_at = [&](int p) {
+    if (p <= 0 || p >= np - 1 || r == 0) return 0u;
+    return cached ? s_keys[kidx(p)] : order_key(sc[p]);
+  };
   int n_sure = 0, n_tie = 0;
   for (int p0 = pb; p0 < pe; p0 += 8) {
     uint32_t key[8];
