@@ -814,10 +814,13 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   // B0 8192, G 4: 256 lists 145 us against 172 for 4 of 2048 at three per SM, every radix level then
   // reading 4 remote histograms; one block of 8192 209 us, 8 warps per SM too few to hide the phases'
   // latencies; 128 lists: 58 against 96 us). With fewer lists (a single sequence) the GPU is idle for
-  // want of blocks: 4 blocks of 2048 per list, as long as the launch stays one wave at three blocks per
-  // SM (8 lists: 42.5 -> 33.4 us; 8 of 1024: 35.7 us).
+  // want of blocks: blocks of 2048, as long as they fit three per SM and the launch stays one wave
+  // (G 4, 8 lists: 42.5 -> 33.4 us; 8 of 1024: 35.7 us). At G 6 blocks of 2048 do not fit three per
+  // SM; forcing smaller ones was slower (Qwen 1.5B shape, 32 lists: 39.5 -> 45.3 us).
   const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
-  const bool few = (lists * ((in_capacity + 2047) / 2048) <= 3 * (int64_t)sm_count());
+  const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster);
+  const bool few = lists * c2k <= 3 * (int64_t)sm_count() &&
+                   smem_for(sh.G, ((in_capacity + c2k - 1) / c2k + 15) / 16 * 16, nullptr) <= kThreeBlockSmem;
   const int tpb = tokens_per_block_knob() ? tokens_per_block_knob() : few ? 2048 : 4096;
   const int cmin = std::clamp((in_capacity + tpb - 1) / tpb, 1, kMaxCluster);
   static const size_t knob_limit = [] {

@@ -216,7 +216,7 @@ TEST(PrunerCuda, RandomBatchesMatchCpu) {
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
   const std::vector<Cfg> cfgs = {
-      // Few lists: blocks of <= 2048 candidates (prune_plan), clusters of 1 to 13.
+      // Few lists: blocks of 2048 where three fit per SM (G <= 4 here), else the default plan (prune_plan).
       {32, 8, 128, KvDtype::F16, 2048, {1, 17, 300, 2100, 5000}, 1.5f},   // G = 4, one block per list
       {9, 3, 64, KvDtype::F16, 4096, {33, 4100, 900}, 2.0f},              // G = 3 (SmolLM2)
       {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500}, 1.2f},              // G = 6 (Qwen 1.5B)
