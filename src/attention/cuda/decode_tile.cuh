@@ -73,31 +73,26 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// QS = true keeps the query's fragments in (warp-private) shared memory instead of 32 registers: the
-// sparse decode needs the registers for its two tiles in flight (255 registers and spills otherwise).
-template <typename T, int D, bool QS = false>
+template <typename T, int D>
 struct Acc {
   static constexpr int KS = D / 16;  // k-steps of the score mma
   static constexpr int NT = D / 8;   // n-tiles of the P.V mma
   static constexpr int KC = D / 32;  // 16-byte K chunks per lane per token row
   static constexpr int VC = D / 64;  // 16-byte V chunks per lane per token row
-  static constexpr int kQSmem = KS * 32;  // uint4 per warp of the QS query: [k-step][lane] {hi0, hi1, lo0, lo1}
-  struct QRegs {
-    uint32_t qh[KS][2], ql[KS][2];   // q of head gi, scaled, as hi + lo in T
-  };
-  struct QShared {
-    uint4* qs;                       // [KS][32], this warp's
-  };
-  std::conditional_t<QS, QShared, QRegs> qf;
+  // The query of head gi, scaled, as hi + lo parts in T, in warp-private shared memory: [k-step][lane]
+  // {hi0, hi1, lo0, lo1}. In registers it took 32 of them; both kernels then sat at 255 and spilled
+  // the tiles they had in flight.
+  static constexpr int kQSmem = KS * 32;  // uint4 per warp
+  uint4* qs;
   float m = -INFINITY, l = 0.f;      // running max (base 2) and this lane's share of the sum
   float o[NT][2];
 
   // qg: head gi's query row [D] (float, 16-byte aligned), or nullptr when gi >= the group size.
-  // qs_warp (QS only): kQSmem uint4 of shared memory owned by this warp; each lane reads back only
-  // what it wrote, so no barrier is needed.
-  __device__ __forceinline__ void init(const float* qg, int ti, uint4* qs_warp = nullptr) {
+  // qs_warp: kQSmem uint4 of shared memory owned by this warp; each lane reads back only what it
+  // wrote, so no barrier is needed.
+  __device__ __forceinline__ void init(const float* qg, int ti, uint4* qs_warp) {
     const float sc = 1.44269504088896341f / sqrtf((float)D);
-    if constexpr (QS) qf.qs = qs_warp;
+    qs = qs_warp;
 #pragma unroll
     for (int j = 0; j < KS; ++j) {
       const int base = 8 * (4 * (j / 2) + ti) + 4 * (j % 2);
@@ -106,11 +101,7 @@ struct Acc {
       const uint32_t h0 = pack2<T>(v.x, v.y), h1 = pack2<T>(v.z, v.w);
       const float2 f0 = unpack2<T>(h0), f1 = unpack2<T>(h1);
       const uint32_t l0 = pack2<T>(v.x - f0.x, v.y - f0.y), l1 = pack2<T>(v.z - f1.x, v.w - f1.y);
-      if constexpr (QS) {
-        qf.qs[j * 32 + (threadIdx.x & 31)] = make_uint4(h0, h1, l0, l1);
-      } else {
-        qf.qh[j][0] = h0, qf.qh[j][1] = h1, qf.ql[j][0] = l0, qf.ql[j][1] = l1;
-      }
+      qs[j * 32 + (threadIdx.x & 31)] = make_uint4(h0, h1, l0, l1);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = 0.f;
@@ -148,17 +139,11 @@ struct Acc {
 #pragma unroll
     for (int j = 0; j < KS; ++j) {
       const int i = j / 2, w = 2 * (j % 2);
-      uint32_t qh0, qh1, ql0, ql1;
-      if constexpr (QS) {
-        const uint4 qv = qf.qs[j * 32 + (threadIdx.x & 31)];
-        qh0 = qv.x, qh1 = qv.y, ql0 = qv.z, ql1 = qv.w;
-      } else {
-        qh0 = qf.qh[j][0], qh1 = qf.qh[j][1], ql0 = qf.ql[j][0], ql1 = qf.ql[j][1];
-      }
-      mma_rows8<T>(s0[0], s0[1], qh0, qh1, word(kr[0][i], w), word(kr[0][i], w + 1));
-      mma_rows8<T>(s0[0], s0[1], ql0, ql1, word(kr[0][i], w), word(kr[0][i], w + 1));
-      mma_rows8<T>(s1[0], s1[1], qh0, qh1, word(kr[1][i], w), word(kr[1][i], w + 1));
-      mma_rows8<T>(s1[0], s1[1], ql0, ql1, word(kr[1][i], w), word(kr[1][i], w + 1));
+      const uint4 qv = qs[j * 32 + (threadIdx.x & 31)];  // {hi0, hi1, lo0, lo1}
+      mma_rows8<T>(s0[0], s0[1], qv.x, qv.y, word(kr[0][i], w), word(kr[0][i], w + 1));
+      mma_rows8<T>(s0[0], s0[1], qv.z, qv.w, word(kr[0][i], w), word(kr[0][i], w + 1));
+      mma_rows8<T>(s1[0], s1[1], qv.x, qv.y, word(kr[1][i], w), word(kr[1][i], w + 1));
+      mma_rows8<T>(s1[0], s1[1], qv.z, qv.w, word(kr[1][i], w), word(kr[1][i], w + 1));
     }
     float sv[4] = {s0[0], s0[1], s1[0], s1[1]};
     if (!all_live) {
@@ -204,8 +189,8 @@ struct Acc {
 // Block-level merge of W warps' states (log-sum-exp, base 2) for `group` heads, then
 // write(g, dim, O, mm, L) once per (head g, dim): O / L is the output, mm the max (log2 units).
 // Shared memory: W * kMaxGroup * (D + 2) floats, passed in (the caller owns the block's smem).
-template <int W, typename T, int D, bool QS, typename Write>
-__device__ __forceinline__ void block_merge(const Acc<T, D, QS>& a, int group, float* smem, Write write) {
+template <int W, typename T, int D, typename Write>
+__device__ __forceinline__ void block_merge(const Acc<T, D>& a, int group, float* smem, Write write) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   float* s_m = smem;                       // [W][kMaxGroup]
   float* s_l = s_m + W * kMaxGroup;        // [W][kMaxGroup]
@@ -215,7 +200,7 @@ __device__ __forceinline__ void block_merge(const Acc<T, D, QS>& a, int group, f
     s_l[warp * kMaxGroup + gi] = a.l;
   }
 #pragma unroll
-  for (int nt = 0; nt < Acc<T, D, QS>::NT; ++nt) {
+  for (int nt = 0; nt < Acc<T, D>::NT; ++nt) {
     const int dim = 8 * (2 * ti + 8 * (nt / 8)) + nt % 8;
     s_o[(warp * kMaxGroup + gi) * D + dim] = a.o[nt][0];
     s_o[(warp * kMaxGroup + gi) * D + dim + 8] = a.o[nt][1];

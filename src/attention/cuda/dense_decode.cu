@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
   const int p1 = split == n_splits - 1 ? np : min(np, p0 + pages_per_split);
   if (n_splits > 1 && p0 >= np) return;  // the combine kernel skips splits past the sequence
 
-  using Tile = Acc<T, D, true>;  // the query in shared memory: registers go to the pages in flight
+  using Tile = Acc<T, D>;
   __shared__ uint4 s_q[kWarps][Tile::kQSmem];
   Tile acc;
   acc.init(gi < group ? q + ((int64_t)b * n_heads + (int64_t)h * group + gi) * D : nullptr, ti, s_q[warp]);

@@ -1,6 +1,7 @@
 #include "attention/cuda/layout.h"
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "common/error.h"
 #include "ops/cuda/cuda_check.h"
@@ -15,6 +16,11 @@ int sm_count() {
     return v;
   }();
   return n;
+}
+
+int bench_knob(const char* name) {
+  const char* s = std::getenv(name);
+  return s ? std::atoi(s) : 0;
 }
 
 void check_config(const PagedKV& kv) {

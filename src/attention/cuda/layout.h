@@ -60,6 +60,10 @@ struct TokenLists {
 // Multiprocessors of the current device (queried once): the planners size their grids by it.
 int sm_count();
 
+// A benchmark tuning knob: the integer value of environment variable `name`, 0 when unset. Read once
+// per call site (callers keep it in a static); the default plans never depend on it.
+int bench_knob(const char* name);
+
 // Validates a configuration before any launch: head_dim 64/128, dtype, 1 <= H/Hkv <= kMaxGroup,
 // H % Hkv == 0, non-null pointers. Throws tw::Error naming the bad value (never a silent slow path).
 void check_config(const PagedKV& kv);

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <mutex>
 
 #include "common/error.h"
@@ -119,10 +118,10 @@ struct RowBytes<64> {
   __device__ static void words(const T& v, uint32_t (&w)[2]) { w[0] = v.x, w[1] = v.y; }
 };
 
-// exp(x) on the MUFU unit (relative error ~1e-6 for the |x| <= 87 used here; the CPU's fast_exp is
-// within 3e-7: the weights agree far inside the tests' 1e-5 boundary tolerance).
-// ex2.approx.ftz: the MUFU instruction alone (exp2f adds a denormal rescale; results below 2^-126
-// only arise for x < -87.3, which every caller maps to 0 anyway).
+// exp(x) as the bare MUFU ex2.approx.ftz (relative error ~1e-6 for the |x| <= 87 used here; the CPU's
+// fast_exp is within 3e-7: the weights agree far inside the tests' 1e-5 boundary tolerance). exp2f
+// would add a denormal rescale, but results below 2^-126 only arise for x < -87.3, which every
+// caller maps to 0 anyway.
 __device__ __forceinline__ float exp_fast(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
@@ -179,10 +178,10 @@ __device__ int block_scan_excl_int(int v, int* total, Small& S) {
   return off + x - v;
 }
 
-// Histograms: per bin the fixed-point mass in three 20-bit limbs, [3][kBins] u32 (count mode: the
-// count in limb 0). Native 32-bit shared atomics, no 64-bit CAS loops; a limb sums at most
-// kMaxChunk values below 2^19, so it cannot overflow (3 x 19 bits hold w * 2^52 for w < 2). Integer sums: every block of the cluster and
-// every run sees the same values.
+// Histograms: per bin the fixed-point mass in three 19-bit limbs, [3][kBins] u32 (count mode: the
+// count in limb 0). Native 32-bit shared atomics, no 64-bit CAS loops; a limb sums at most kMaxChunk
+// values below 2^19, so it cannot overflow (3 x 19 bits hold w * 2^52 for w < 2). Integer sums:
+// every block of the cluster and every run sees the same values.
 constexpr int kLimbBits = 19;
 constexpr int kMaxChunk = 8192;  // candidates per block at most (limb overflow bound, see plan)
 __device__ __forceinline__ u64 limb_value(uint32_t l0, uint32_t l1, uint32_t l2) {
@@ -768,14 +767,6 @@ size_t smem_for(int G, int chunk, int* zstride) {
   return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * 3 * kBins * 4;
 }
 
-int tokens_per_block_knob() {  // 0 = the plan's choice
-  static const int v = [] {
-    const char* s = std::getenv("TW_PRUNE_TOKENS_PER_BLOCK");  // tuning knob for the benchmark
-    const int x = s ? std::atoi(s) : 0;
-    return x >= 256 ? x : 0;
-  }();
-  return v;
-}
 
 // The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
 // clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
@@ -817,21 +808,19 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   // want of blocks: blocks of 2048, as long as they fit three per SM and the launch stays one wave
   // (G 4, 8 lists: 42.5 -> 33.4 us; 8 of 1024: 35.7 us). At G 6 blocks of 2048 do not fit three per
   // SM; forcing smaller ones was slower (Qwen 1.5B shape, 32 lists: 39.5 -> 45.3 us).
+  auto chunk_of = [&](int c) { return ((in_capacity + c - 1) / c + 15) / 16 * 16; };  // per block
   const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
   const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster);
-  const bool few = lists * c2k <= 3 * (int64_t)sm_count() &&
-                   smem_for(sh.G, ((in_capacity + c2k - 1) / c2k + 15) / 16 * 16, nullptr) <= kThreeBlockSmem;
-  const int tpb = tokens_per_block_knob() ? tokens_per_block_knob() : few ? 2048 : 4096;
+  const bool few = lists * c2k <= 3 * (int64_t)sm_count() && smem_for(sh.G, chunk_of(c2k), nullptr) <= kThreeBlockSmem;
+  static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB");
+  const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : 4096;
   const int cmin = std::clamp((in_capacity + tpb - 1) / tpb, 1, kMaxCluster);
-  static const size_t knob_limit = [] {
-    const char* s = std::getenv("TW_PRUNE_SMEM_KB");  // tuning knob for the benchmark
-    const int x = s ? std::atoi(s) : 0;
-    return x > 0 ? size_t(x) << 10 : 0;
-  }();
-  const size_t first_limit = knob_limit ? knob_limit : tpb <= 2048 ? kThreeBlockSmem : kTwoBlockSmem;
+  const size_t first_limit = smem_knob_kb > 0    ? size_t(smem_knob_kb) << 10
+                             : tpb <= 2048 ? kThreeBlockSmem
+                                           : kTwoBlockSmem;
   for (size_t limit : {first_limit, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
-      const int chunk = ((in_capacity + c - 1) / c + 15) / 16 * 16;
+      const int chunk = chunk_of(c);
       const size_t smem = smem_for(sh.G, chunk, nullptr);
       if (chunk <= kMaxChunk && smem <= limit) return PrunePlan{c, chunk, smem};
     }
@@ -872,13 +861,8 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   a.min_tokens = prm.min_tokens;
   a.max_tokens = prm.max_tokens;
   a.chunk = plan.chunk;
-  {
-    static const int stop = [] {
-      const char* e = std::getenv("TW_PRUNE_STOP_AFTER");
-      return e ? std::atoi(e) : 0;
-    }();
-    a.stop = stop;
-  }
+  static const int stop = bench_knob("TW_PRUNE_STOP_AFTER");
+  a.stop = stop;
   smem_for(a.group, plan.chunk, &a.zstride);
 
   void (*kern)(Args) = kernel_for(kv.head_dim, plan.smem_bytes);

@@ -283,63 +283,54 @@ __global__ void __launch_bounds__(kSelectThreads) quest_emit_kernel(const float*
 
   // Emit: rank of a kept page = sure pages before it (first page, keys above the threshold) + ties
   // before it, capped at `need`. Thread t takes the contiguous pages [t cpt, (t + 1) cpt): its counts,
-  // one 64-bit block scan (sure << 32 | tie) for its offsets, then its kept pages in order. One scan
-  // and two rounds of (L2-resident) score loads, where a scan per 256 pages put a load and a barrier
-  // on the path 32 times at 128k.
+  // one 64-bit block scan (sure << 32 | tie) for its offsets, then its kept pages in order: one scan
+  // and two passes over the keys (shared memory, or the L2-resident scores past 8192 pages), where a
+  // scan per 256 pages put a load and a barrier on the path 32 times at 128k.
   const int cpt = (np + kSelectThreads - 1) / kSelectThreads;
   const int pb = min(np, tid * cpt), pe = min(np, pb + cpt);
-  auto classify = [&](int p, uint32_t key, int& sure, int& tie) {
-    sure = p == 0 || p == np - 1 || (r > 0 && key > prefix);
-    tie = !sure && r > 0 && key == prefix;
-  };
   __syncthreads();  // s_keys written (the radix passes end with a barrier too; r = 0 skips them)
   auto key_at = [&](int p) {
     if (p <= 0 || p >= np - 1 || r == 0) return 0u;
     return cached ? s_keys[kidx(p)] : order_key(sc[p]);
   };
-  int n_sure = 0, n_tie = 0;
-  for (int p0 = pb; p0 < pe; p0 += 8) {
-    uint32_t key[8];
+  // f(p, sure, tie) for this thread's pages in order, their keys loaded 8 at a time.
+  auto each_page = [&](auto&& f) {
+    for (int p0 = pb; p0 < pe; p0 += 8) {
+      uint32_t key[8];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) key[u] = p0 + u < pe ? key_at(p0 + u) : 0u;
+      for (int u = 0; u < 8; ++u) key[u] = p0 + u < pe ? key_at(p0 + u) : 0u;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      if (p0 + u >= pe) break;
-      int su, ti;
-      classify(p0 + u, key[u], su, ti);
-      n_sure += su, n_tie += ti;
+      for (int u = 0; u < 8; ++u) {
+        const int p = p0 + u;
+        if (p >= pe) break;
+        const int sure = p == 0 || p == np - 1 || (r > 0 && key[u] > prefix);
+        const int tie = !sure && r > 0 && key[u] == prefix;
+        f(p, sure, tie);
+      }
     }
-  }
+  };
+  int n_sure = 0, n_tie = 0;
+  each_page([&](int, int su, int ti) { n_sure += su, n_tie += ti; });
   using Scan = cub::BlockScan<long long, kSelectThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   long long excl;
   Scan(scan_tmp).ExclusiveSum(((long long)n_sure << 32) | n_tie, excl);
   int sure_before = (int)(excl >> 32), tie_before = (int)(excl & 0xffffffffLL);
   const bool vec = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;  // any capacity is allowed
-  for (int p0 = pb; p0 < pe; p0 += 8) {
-    uint32_t key[8];
+  each_page([&](int p, int su, int ti) {
+    if (su || (ti && (uint32_t)tie_before < need)) {
+      const int rank = sure_before + min(tie_before, (int)need);
+      const int t0 = p * kPageSize, cnt = min(kPageSize, n - t0);
+      int32_t* o = dst + rank * kPageSize;
+      if (cnt == kPageSize && vec) {
 #pragma unroll
-    for (int u = 0; u < 8; ++u) key[u] = p0 + u < pe ? key_at(p0 + u) : 0u;
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int p = p0 + u;
-      if (p >= pe) break;
-      int su, ti;
-      classify(p, key[u], su, ti);
-      if (su || (ti && (uint32_t)tie_before < need)) {
-        const int rank = sure_before + min(tie_before, (int)need);
-        const int t0 = p * kPageSize, cnt = min(kPageSize, n - t0);
-        int32_t* o = dst + rank * kPageSize;
-        if (cnt == kPageSize && vec) {
-#pragma unroll
-          for (int k = 0; k < kPageSize; k += 4) *reinterpret_cast<int4*>(o + k) = make_int4(t0 + k, t0 + k + 1, t0 + k + 2, t0 + k + 3);
-        } else {
-          for (int k = 0; k < cnt; ++k) o[k] = t0 + k;
-        }
+        for (int k = 0; k < kPageSize; k += 4) *reinterpret_cast<int4*>(o + k) = make_int4(t0 + k, t0 + k + 1, t0 + k + 2, t0 + k + 3);
+      } else {
+        for (int k = 0; k < cnt; ++k) o[k] = t0 + k;
       }
-      sure_before += su, tie_before += ti;
     }
-  }
+    sure_before += su, tie_before += ti;
+  });
   // r + 2 pages, all full but the last.
   if (tid == 0) count[li] = (r + 1) * kPageSize + (n - (np - 1) * kPageSize);
 }

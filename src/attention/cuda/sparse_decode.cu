@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <type_traits>
 
 #include "common/error.h"
@@ -143,7 +142,7 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
   const int G = a.group;
   __shared__ int s_row[kMaxChunk];
   __shared__ float smem[kAttnWarps * kMaxGroup * (D + 2)];
-  using Tile = tile::Acc<E, D, true>;  // the query in shared memory: registers go to the tiles in flight
+  using Tile = tile::Acc<E, D>;
   __shared__ uint4 s_q[kAttnWarps][Tile::kQSmem];
   const int n_items = a.hdr[0], T = a.hdr[1];
   const E* kpool = static_cast<const E*>(a.k);
@@ -284,14 +283,8 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   a.cap = lists.capacity;
   a.max_items = L.max_items;
   a.sm_count = sm_count();
-  {
-    static const int ips = [] {
-      const char* e = std::getenv("TW_SPARSE_ITEMS_PER_SM");  // tuning knob for the benchmark
-      const int x = e ? std::atoi(e) : 0;
-      return x > 0 ? x : kItemsPerSm;
-    }();
-    a.items_per_sm = ips;
-  }
+  static const int ips = bench_knob("TW_SPARSE_ITEMS_PER_SM");
+  a.items_per_sm = ips > 0 ? ips : kItemsPerSm;
 
   plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
   TW_CUDA_CHECK_LAUNCH();
