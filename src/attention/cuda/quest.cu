@@ -17,156 +17,138 @@ namespace tw::attn::cuda {
 namespace {
 
 constexpr int kScoreWarps = 8;
-constexpr int kSelectThreads = 256;
+// The emit block: 512 threads (H200, 16 x 128k: the emit kernel 31 us at 256 threads, one block of 8
+// warps per SM having too little to overlap; 1024 threads need more than 64 registers and spill).
+constexpr int kSelectThreads = 512;
 
 __device__ __forceinline__ int seq_tokens(const int32_t* seq_len, int b, int max_pages) {
   return max(0, min(seq_len[b], max_pages * kPageSize));
 }
 
-// N bound codes (N = 4, 8, 16 bytes) loaded as one vector; word(v, w) = its w-th 32-bit word.
-template <int N> struct CodesOf;
-template <> struct CodesOf<16> { using T = uint4; };
-template <> struct CodesOf<8> { using T = uint2; };
-template <> struct CodesOf<4> { using T = uint32_t; };
-template <int N>
-__device__ __forceinline__ uint32_t word(const typename CodesOf<N>::T& v, int w) {
-  if constexpr (N == 16) return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
-  else if constexpr (N == 8) return w == 0 ? v.x : v.y;
-  else return v;
-}
-
-// d += sum of the 4 products u8 (a) x s8 (b): the CPU's vpdpbusd lane, exact.
-__device__ __forceinline__ int dp4a_us(uint32_t a, uint32_t b, int c) {
-  int d;
-  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
+// D += A B, m16n8k32, u8 (bound codes) x s8 (the int8 query), exact int32 accumulators.
+__device__ __forceinline__ void imma16832(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // Group scores of pages of one (sequence, kv head): the integer score of page_bounds.h, bit-identical
-// to the CPU's. A page's codes row (cmax or cmin, d bytes) is spread over LPR lanes, DPL = D / LPR
-// bytes each; a lane keeps its dims of the int8 query (q8+ and q8-, packed 4 per word) for the whole
-// group in registers and the codes stream through: per head and 4 dims two dp4a (u8 x s8, exact int32),
-// then a reduce-scatter of the G dots over the row's lanes, and page_bound_score for the lane's head.
-// NaN (non-finite keys) ranks as +inf. Each warp owns a run of `ppw` pages: the page table is read 32
-// entries per load, then UNR row steps of loads go out together.
-template <int D, int GP, int LPR, int UNR>
+// to the CPU's. The dots of 16 pages with every head of the group are one tensor-core product per 32
+// code bytes: A = 16 page rows of 2D codes (the cmin row, then the cmax row, as stored), B = the int8
+// query split by sign (column = head: q8- against cmin, q8+ against cmax), exact in int32, so the
+// order of the k dimension is free. Lane (g, t) loads 16 contiguous bytes of rows g and g + 8 per
+// 64-byte slab (a warp load covers 8 rows x 64 B: whole sectors); word w of slab i is k-step
+// 2i + w / 2, slot (w & 1) (a0 / a2). Then page_bound_score per (page, head) and the max over the
+// group's heads (NaN ranks as +inf). Each warp owns a run of `ppw` pages (a multiple of 32): the page
+// table is read 32 entries per load, the codes of those 32 pages (two tiles) go out together.
+template <int D>
 __global__ void __launch_bounds__(kScoreWarps * 32) quest_score_kernel(
     const uint8_t* __restrict__ bcode, const float* __restrict__ bparam, const int32_t* __restrict__ page_table,
     const int32_t* __restrict__ seq_len, int max_pages, int n_heads, int group, int ppw, const float* __restrict__ q,
     float* __restrict__ scores) {
-  constexpr int DPL = D / LPR;   // code bytes (dims) per lane
-  constexpr int W = DPL / 4;     // 32-bit words per lane
-  constexpr int PPR = 32 / LPR;  // pages per row step of the warp
-  constexpr int PPS = PPR * UNR;
-  static_assert(32 % PPS == 0, "a round of 32 page-table entries is whole steps");
-  static_assert(GP <= LPR, "the reduce-scatter needs a lane per head");
-  using V = typename CodesOf<DPL>::T;
+  constexpr int NS = 2 * D / 64;  // 64-byte slabs per codes row (one 16-byte load per lane each)
+  constexpr int KS = 2 * NS;      // k32-steps per row
   const int h = blockIdx.y, b = blockIdx.z, hkv = gridDim.y;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % LPR, slot = lane / LPR;
-  const int np = (seq_tokens(seq_len, b, max_pages) + kPageSize - 1) / kPageSize;
-  const int beg = (blockIdx.x * kScoreWarps + warp) * ppw, end = min(np, beg + ppw);
-  if (beg >= end) return;  // no barrier in this kernel
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
 
-  // The int8 query (quantize_quest_query): amax by a butterfly over the row's lanes (order-free), the
-  // same float operations per element, sum q8 in integers.
-  uint32_t qp[GP][W], qn[GP][W];
-  float sq[GP];
-  int q8sum[GP];
+  // The int8 query (quantize_quest_query), one warp per head: amax by a butterfly (order-free), the
+  // same float operations per element, q8sum in integers. Stored as B rows of 2D bytes: min(q8, 0)
+  // against the cmin codes, max(q8, 0) against the cmax codes; heads >= group stay zero.
+  __shared__ __align__(16) int8_t s_b[kMaxGroup][2 * D];
+  __shared__ float s_sq[kMaxGroup];
+  __shared__ int s_q8sum[kMaxGroup];
+  static_assert(kScoreWarps >= kMaxGroup, "one warp per head");
+  if (warp < kMaxGroup) {
+    const float* qg = q + ((int64_t)b * n_heads + (int64_t)h * group + warp) * D;
+    float x[D / 32], amax = 0.f;
 #pragma unroll
-  for (int g = 0; g < GP; ++g) {
-    const float* qg = q + ((int64_t)b * n_heads + (int64_t)h * group + g) * D + sub * DPL;
-    float x[DPL], amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-      x[i] = g < group ? qg[i] : 0.f;
-      amax = fmaxf(amax, fabsf(x[i]));
+    for (int e = 0; e < D / 32; ++e) {
+      x[e] = warp < group ? qg[lane + 32 * e] : 0.f;
+      amax = fmaxf(amax, fabsf(x[e]));
     }
 #pragma unroll
-    for (int o = 1; o < LPR; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    sq[g] = amax / 127.f;
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     int t = 0;
 #pragma unroll
-    for (int w = 0; w < W; ++w) {
-      uint32_t p = 0, n = 0;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = (int)fminf(fmaxf(rintf(x[4 * w + e] * inv), -127.f), 127.f);
-        t += r;
-        p |= (uint32_t)(uint8_t)(int8_t)(r > 0 ? r : 0) << (8 * e);
-        n |= (uint32_t)(uint8_t)(int8_t)(r < 0 ? r : 0) << (8 * e);
-      }
-      qp[g][w] = p, qn[g][w] = n;
+    for (int e = 0; e < D / 32; ++e) {
+      const int r = (int)fminf(fmaxf(rintf(x[e] * inv), -127.f), 127.f);
+      t += r;
+      s_b[warp][lane + 32 * e] = (int8_t)(r < 0 ? r : 0);
+      s_b[warp][D + lane + 32 * e] = (int8_t)(r > 0 ? r : 0);
     }
 #pragma unroll
-    for (int o = 1; o < LPR; o <<= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    q8sum[g] = t;
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (lane == 0) s_sq[warp] = amax / 127.f, s_q8sum[warp] = t;
   }
-  // The head whose dot this lane ends with after the reduce-scatter below: bit l of the lane picks
-  // the upper half at level l.
-  int my_head = 0;
+  __syncthreads();
+  const int np = (seq_tokens(seq_len, b, max_pages) + kPageSize - 1) / kPageSize;
+  const int beg = (blockIdx.x * kScoreWarps + warp) * ppw, end = min(np, beg + ppw);
+  if (beg >= end) return;  // no barrier below
+
+  // B fragments: lane (n = g, t) holds k-slots 4t..4t+3 (b0) and 16+4t..16+4t+3 (b1) of column g,
+  // i.e. the query bytes facing the lane's own A words (same t, same byte offsets).
+  uint32_t bq[KS][2];
+  const uint32_t* brow = reinterpret_cast<const uint32_t*>(s_b[g]);
 #pragma unroll
-  for (int l = 0, n = GP; n > 1; ++l, n >>= 1) my_head += ((lane >> l) & 1) ? n / 2 : 0;
-  float my_sq = 0.f;
-  int my_q8sum = 0;
-#pragma unroll
-  for (int g = 0; g < GP; ++g)
-    if (g == my_head) my_sq = sq[g], my_q8sum = q8sum[g];
+  for (int j = 0; j < KS; ++j) {
+    const int w0 = (j / 2) * 16 + t4 * 4 + (2 * j) % 4;  // word of slab j / 2, lane t's 16 bytes
+    bq[j][0] = brow[w0];
+    bq[j][1] = brow[w0 + 1];
+  }
+  // This lane's accumulator columns: heads 2t and 2t + 1.
+  const int h0 = 2 * t4, h1 = 2 * t4 + 1;
+  const float sq0 = h0 < group ? s_sq[h0] : 0.f, sq1 = h1 < group ? s_sq[h1] : 0.f;
+  const int qs0 = h0 < group ? s_q8sum[h0] : 0, qs1 = h1 < group ? s_q8sum[h1] : 0;
 
   const int32_t* pt = page_table + (int64_t)b * max_pages;
   float* out = scores + ((int64_t)b * hkv + h) * max_pages;
+  auto score = [&](float2 par, float sq, int q8sum, int dot, bool live) {
+    const float v = page_bound_score(par.x, par.y, sq, q8sum, dot);
+    return live ? (isnan(v) ? INFINITY : v) : -INFINITY;  // NaN cannot rule a page out
+  };
   for (int r0 = beg; r0 < end; r0 += 32) {
     const int phys_lane = r0 + lane < end ? pt[r0 + lane] : 0;
-#pragma unroll 1
-    for (int s0 = 0; s0 < 32 && r0 + s0 < end; s0 += PPS) {
-      V mx[UNR], mn[UNR];
-      float2 par[UNR];
+    // The 32 pages' codes (two tiles of 16 rows) go out together; then the two products.
+    uint4 ca[2][NS], cb[2][NS];  // tile u: rows g and g + 8
+    float2 pa[2], pb[2];
 #pragma unroll
-      for (int u = 0; u < UNR; ++u) {
-        const int k = s0 + u * PPR + slot;
-        const int phys = __shfl_sync(0xffffffffu, phys_lane, k);
-        if (r0 + k < end) {
-          const int64_t ph = (int64_t)phys * hkv + h;
-          mn[u] = __ldg(reinterpret_cast<const V*>(bcode + ph * 2 * D + sub * DPL));
-          mx[u] = __ldg(reinterpret_cast<const V*>(bcode + ph * 2 * D + D + sub * DPL));
-          par[u] = __ldg(reinterpret_cast<const float2*>(bparam) + ph);
-        } else {
-          mx[u] = V{}, mn[u] = V{}, par[u] = make_float2(0.f, 0.f);
-        }
+    for (int u = 0; u < 2; ++u) {
+      const int ka = 16 * u + g, kb = ka + 8;
+      const int phA = __shfl_sync(0xffffffffu, phys_lane, ka), phB = __shfl_sync(0xffffffffu, phys_lane, kb);
+      const bool la = r0 + ka < end, lb = r0 + kb < end;
+      const uint8_t* rowA = bcode + ((int64_t)phA * hkv + h) * 2 * D + t4 * 16;
+      const uint8_t* rowB = bcode + ((int64_t)phB * hkv + h) * 2 * D + t4 * 16;
+#pragma unroll
+      for (int i = 0; i < NS; ++i) {
+        ca[u][i] = la ? __ldg(reinterpret_cast<const uint4*>(rowA + 64 * i)) : uint4{};
+        cb[u][i] = lb ? __ldg(reinterpret_cast<const uint4*>(rowB + 64 * i)) : uint4{};
       }
+      pa[u] = la ? __ldg(reinterpret_cast<const float2*>(bparam) + (int64_t)phA * hkv + h) : make_float2(0.f, 0.f);
+      pb[u] = lb ? __ldg(reinterpret_cast<const float2*>(bparam) + (int64_t)phB * hkv + h) : make_float2(0.f, 0.f);
+    }
 #pragma unroll
-      for (int u = 0; u < UNR; ++u) {
-        int x[GP];
+    for (int u = 0; u < 2; ++u) {
+      int c[4] = {0, 0, 0, 0};
 #pragma unroll
-        for (int g = 0; g < GP; ++g) {
-          x[g] = 0;
-#pragma unroll
-          for (int w = 0; w < W; ++w) {
-            x[g] = dp4a_us(word<DPL>(mx[u], w), qp[g][w], x[g]);
-            x[g] = dp4a_us(word<DPL>(mn[u], w), qn[g][w], x[g]);
-          }
-        }
-        // Reduce-scatter over the row's lanes: at level l, lanes with bit l set keep the upper half of
-        // the heads and send the lower half (GP - 1 shuffles in all), then a plain butterfly over the
-        // remaining lane bits: 2 GP - 1 + log2(LPR / GP) shuffles per row step, not GP log2(LPR).
-#pragma unroll
-        for (int l = 0, n = GP; n > 1; ++l, n >>= 1) {
-          const bool up = (lane >> l) & 1;
-#pragma unroll
-          for (int j = 0; j < n / 2; ++j) {
-            const int send = up ? x[j] : x[j + n / 2], keep = up ? x[j + n / 2] : x[j];
-            x[j] = keep + __shfl_xor_sync(0xffffffffu, send, 1 << l);
-          }
-        }
-#pragma unroll
-        for (int o = GP; o < LPR; o <<= 1) x[0] += __shfl_xor_sync(0xffffffffu, x[0], o);
-        const float v = page_bound_score(par[u].x, par[u].y, my_sq, my_q8sum, x[0]);
-        float best = my_head < group ? (isnan(v) ? INFINITY : v) : -INFINITY;  // NaN cannot rule a page out
-#pragma unroll
-        for (int o = 1; o < GP; o <<= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
-        const int k = s0 + u * PPR + slot;
-        if (sub == 0 && r0 + k < end) out[r0 + k] = best;
+      for (int i = 0; i < NS; ++i) {
+        imma16832(c, ca[u][i].x, cb[u][i].x, ca[u][i].y, cb[u][i].y, bq[2 * i][0], bq[2 * i][1]);
+        imma16832(c, ca[u][i].z, cb[u][i].z, ca[u][i].w, cb[u][i].w, bq[2 * i + 1][0], bq[2 * i + 1][1]);
       }
+      // c: (row g, heads 2t, 2t + 1), (row g + 8, same heads); the group max over the 4 lanes of a row.
+      float va = fmaxf(score(pa[u], sq0, qs0, c[0], h0 < group), score(pa[u], sq1, qs1, c[1], h1 < group));
+      float vb = fmaxf(score(pb[u], sq0, qs0, c[2], h0 < group), score(pb[u], sq1, qs1, c[3], h1 < group));
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        va = fmaxf(va, __shfl_xor_sync(0xffffffffu, va, o));
+        vb = fmaxf(vb, __shfl_xor_sync(0xffffffffu, vb, o));
+      }
+      const int ka = 16 * u + g, kb = ka + 8;
+      if (t4 == 0 && r0 + ka < end) out[r0 + ka] = va;
+      if (t4 == 1 && r0 + kb < end) out[r0 + kb] = vb;
     }
   }
 }
@@ -177,7 +159,8 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-constexpr int kKeysPerThread = 32;  // keys a thread keeps in registers: up to 8192 pages (128k tokens)
+
+constexpr int kKeysPerThread = 8192 / kSelectThreads;  // keys a thread keeps in registers: up to 8192 pages (128k tokens)
 
 // One block per (kv head, sequence): radix-select the r-th largest key among the middle pages
 // (1 .. np-2; up to 8192 of them held in registers across the four passes, longer rows re-read), then
@@ -347,22 +330,8 @@ void launch_score(const PagedKV& kv, const KeySideDev& side, const float* q, int
   const int gx = (int)std::max<int64_t>(1, (np + (int64_t)kScoreWarps * ppw - 1) / ((int64_t)kScoreWarps * ppw));
   const dim3 grid(gx, kv.n_kv_heads, kv.batch);
   const int group = kv.n_heads / kv.n_kv_heads;
-  auto go = [&](auto kern) {
-    kern<<<grid, kScoreWarps * 32, 0, stream>>>(side.bcode, side.bparam, kv.page_table, kv.seq_len, kv.max_pages,
-                                                kv.n_heads, group, ppw, q, scores);
-  };
-  // LPR = D / 16 lanes per row (16-byte code loads), at least one lane per head; 4 row steps of loads
-  // in flight per warp (H200, 64 x 128k, G 4: 2 steps 450 us, 4 415 us, 8 445 us: 128 registers, one
-  // block per SM fewer).
-  auto pick = [&](auto gp) {
-    constexpr int GP = decltype(gp)::value;
-    constexpr int LPR = D / 16 > GP ? D / 16 : GP;
-    go(quest_score_kernel<D, GP, LPR, (32 / LPR) * 4 <= 32 ? 4 : 2>);
-  };
-  if (group <= 1) pick(std::integral_constant<int, 1>{});
-  else if (group <= 2) pick(std::integral_constant<int, 2>{});
-  else if (group <= 4) pick(std::integral_constant<int, 4>{});
-  else pick(std::integral_constant<int, 8>{});
+  quest_score_kernel<D><<<grid, kScoreWarps * 32, 0, stream>>>(side.bcode, side.bparam, kv.page_table, kv.seq_len,
+                                                               kv.max_pages, kv.n_heads, group, ppw, q, scores);
   TW_CUDA_CHECK_LAUNCH();
 }
 
