@@ -80,6 +80,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     "$BUILD/cuda_tests" --gtest_filter='-QmatvecCudaModel.*:QmatvecCudaFixture.*' >"$OUT/tests.log" 2>&1 || rc=$?
     grep -E '^\[ *(PASSED|FAILED) *\]|tests ran' "$OUT/tests.log" | head -40
     echo "cuda_tests rc=$rc"
+    # The read ceiling of scattered chunks (the side structures' gathers): GatherCudaBench.
+    "$BUILD/cuda_tests" --gtest_also_run_disabled_tests --gtest_filter='GatherCudaBench.*' 2>&1 |
+      grep BENCH | tee "$OUT/gather.log"
   else
     echo "cuda_tests build failed"; grep -E "error" "$LOG/build.log" | head -20; rc=1
   fi
