@@ -14,8 +14,8 @@
 //   u_p = sum_i max(q~_i (lo + s cmax_i), q~_i (lo + s cmin_i))
 //       = sq * (lo * sum_i q8_i + s * dot),   dot = sum_i (q8+_i cmax_i + q8-_i cmin_i)
 // (q8+ = max(q8, 0), q8- = min(q8, 0)): dot is an exact int32 (u8 x s8: VNNI vpdpbusd on the CPU,
-// dp4a on the GPU) and the rest the same three float operations (page_bound_score), so the CPU and
-// the GPU compute bit-identical scores. u_p bounds q~.k over the page (q~ within sq / 2 of q per
+// tensor-core mma on the GPU) and the rest the same three float operations (page_bound_score), so the
+// CPU and the GPU compute bit-identical scores. u_p bounds q~.k over the page (q~ within sq / 2 of q per
 // channel; quest_page_upper_bounds adds that slack where a bound of q.k itself is needed).
 // The step s is set by the page-head's widest channel: on Qwen2.5-Coder-1.5B keys (8k tokens of Emma,
 // layers 2/9/18/27) it is ~3% of a typical channel's page range, and the attention mass Quest keeps at
