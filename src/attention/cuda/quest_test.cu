@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #include "attention/cuda/attn_test_util.h"
@@ -149,6 +151,90 @@ TEST(QuestCuda, MatchesCpuSelectQuest) {
           total += (int)(lens.size() * hkv * budgets.size());
         }
   EXPECT_EQ(exact, total) << exact << " of " << total << " lists compared exactly";
+}
+
+// Long rows: enough page rows (batch x Hkv x pages) that the scoring warps take several 32-page rounds
+// each (pages per warp from ~200k rows up on 132 SMs; the other tests stay at one round), and one
+// sequence past 8192 middle pages (the emit kernel's uncached key path). No K / V: random bound codes
+// and params written into the CPU key side, mirrored as they are.
+TEST(QuestCuda, LongRowsMatchCpuSelectQuest) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  const int d = 64, G = 4, hkv = 2, H = G * hkv;
+  std::vector<int> lens(31);
+  std::uniform_int_distribution<int> len(95000, 102400);
+  for (int& l : lens) l = len(rng);
+  lens.push_back(140001);  // 8751 pages: 8749 middle pages, past the 8192 the emit kernel caches
+  const int batch = (int)lens.size();
+  std::vector<int> np(batch);
+  int max_pages = 0;
+  int64_t n_pages = 0;
+  for (int b = 0; b < batch; ++b) {
+    np[b] = (lens[b] + kPageSize - 1) / kPageSize;
+    max_pages = std::max(max_pages, np[b]);
+    n_pages += np[b];
+  }
+  ASSERT_GE(n_pages * hkv, (int64_t)sm_count() * 48 * 33) << "too few rows for several rounds per warp";
+  std::vector<int32_t> perm(n_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> pt((size_t)batch * max_pages, -1);
+  std::vector<kv::SeqPages> seqs(batch);
+  for (int b = 0, next = 0; b < batch; ++b) {
+    seqs[b].pages.assign(perm.begin() + next, perm.begin() + next + np[b]);
+    seqs[b].n_tokens = lens[b];
+    std::copy(seqs[b].pages.begin(), seqs[b].pages.end(), pt.begin() + (size_t)b * max_pages);
+    next += np[b];
+  }
+  KeySide ks({1, hkv, d, n_pages});
+  std::uniform_int_distribution<int> code(0, 255);
+  std::normal_distribution<float> N(0.f, 1.f);
+  std::uniform_real_distribution<float> step(1e-3f, 5e-2f);
+  for (int64_t p = 0; p < n_pages; ++p)
+    for (int h = 0; h < hkv; ++h) {
+      uint8_t* c = const_cast<uint8_t*>(ks.bound_codes(0, (int32_t)p, h));
+      for (int i = 0; i < 2 * d; ++i) c[i] = (uint8_t)code(rng);
+      float* par = const_cast<float*>(ks.bound_param(0, (int32_t)p, h));
+      par[0] = N(rng), par[1] = step(rng);
+    }
+  const size_t n_ph = (size_t)n_pages * hkv;
+  DeviceBuffer dcode(n_ph * 2 * d), dparam(n_ph * 2 * 4);
+  dcode.upload(ks.bound_codes(0, 0, 0), n_ph * 2 * d);
+  dparam.upload(ks.bound_param(0, 0, 0), n_ph * 2 * 4);
+  KeySideDev side;
+  side.bcode = dcode.as<uint8_t>();
+  side.bparam = dparam.as<float>();
+  std::vector<float> q((size_t)batch * H * d);
+  for (auto& x : q) x = N(rng);
+  DeviceBuffer dq = to_device(q), dpt = to_device(pt), dlen = to_device(lens), kdummy(256), vdummy(256);
+  PagedKV kv;
+  kv.k = kdummy.get(), kv.v = vdummy.get();  // Quest reads the bounds only
+  kv.page_table = dpt.as<int32_t>(), kv.seq_len = dlen.as<int32_t>();
+  kv.batch = batch, kv.n_heads = H, kv.n_kv_heads = hkv, kv.head_dim = d, kv.max_pages = max_pages;
+  kv.n_pages = n_pages;
+  DeviceBuffer ws(quest_workspace_bytes(kv));
+  for (int64_t budget : {8192, 40000}) {
+    SCOPED_TRACE(cat("budget ", budget));
+    const int cap = (int)quest_list_capacity(kv, budget);
+    const size_t n_lists = (size_t)batch * hkv;
+    DeviceBuffer dcount(n_lists * 4), dtok(n_lists * cap * 4);
+    TokenLists tl{dcount.as<int32_t>(), dtok.as<int32_t>(), cap};
+    quest_select(kv, side, dq.as<float>(), budget, 140001, tl, ws.get(), ws.size());
+    TW_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto count = to_host<int32_t>(dcount, n_lists), tok = to_host<int32_t>(dtok, n_lists * cap);
+    for (int b = 0; b < batch; ++b) {
+      Selection sel;
+      select_quest(ks, seqs[b], 0, {H, hkv, d}, q.data() + (size_t)b * H * d, lens[b], budget, GqaMode::Group, sel);
+      for (int h = 0; h < hkv; ++h) {
+        SCOPED_TRACE(cat("seq ", b, " (len ", lens[b], ") kv head ", h));
+        const size_t li = (size_t)b * hkv + h;
+        ASSERT_EQ(count[li], sel.size(h)) << "list length";
+        for (int i = 0; i < count[li]; ++i) ASSERT_EQ(tok[li * cap + i], sel.list(h)[i]) << "entry " << i;
+      }
+    }
+  }
 }
 
 TEST(QuestCuda, BadInputIsAnError) {
