@@ -6,6 +6,7 @@
 #include <cmath>
 #include <mutex>
 
+#include "attention/cuda/imma.cuh"
 #include "common/error.h"
 #include "ops/cuda/cuda_check.h"
 
@@ -91,16 +92,6 @@ struct Args {
   int stop;  // benchmarking aid (TW_PRUNE_STOP_AFTER): leave after phase `stop` (0 = run everything)
 };
 
-
-// D += A B, m16n8k32, u8 (codes 0..15) x s8 (the int8 query), exact int32 accumulators.
-__device__ __forceinline__ void imma16832(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // Row code loads: D/8 bytes per lane (a quarter of the row).
 template <int D>

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <cub/block/block_scan.cuh>
 
+#include "attention/cuda/imma.cuh"
 #include "attention/page_bounds.h"
 #include "common/error.h"
 #include "ops/cuda/cuda_check.h"
@@ -23,16 +24,6 @@ constexpr int kSelectThreads = 512;
 
 __device__ __forceinline__ int seq_tokens(const int32_t* seq_len, int b, int max_pages) {
   return max(0, min(seq_len[b], max_pages * kPageSize));
-}
-
-// D += A B, m16n8k32, u8 (bound codes) x s8 (the int8 query), exact int32 accumulators.
-__device__ __forceinline__ void imma16832(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // Group scores of pages of one (sequence, kv head): the integer score of page_bounds.h, bit-identical
