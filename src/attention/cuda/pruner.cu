@@ -92,7 +92,6 @@ struct Args {
   int stop;  // benchmarking aid (TW_PRUNE_STOP_AFTER): leave after phase `stop` (0 = run everything)
 };
 
-
 // Row code loads: D/8 bytes per lane (a quarter of the row).
 template <int D>
 struct RowBytes;
@@ -757,7 +756,6 @@ size_t smem_for(int G, int chunk, int* zstride) {
   if (zstride) *zstride = zs;
   return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * 3 * kBins * 4;
 }
-
 
 // The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
 // clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph

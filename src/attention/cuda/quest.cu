@@ -1,11 +1,7 @@
 #include "attention/cuda/quest.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <cub/block/block_scan.cuh>
 
 #include "attention/cuda/imma.cuh"
