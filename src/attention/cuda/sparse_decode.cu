@@ -160,15 +160,27 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     const int j0 = chunk * T, j1 = min(len, j0 + T), cnt = j1 - j0;
     const int32_t* toks = a.tokens + (size_t)list * a.cap;
     const int32_t* pt = a.page_table + (size_t)b * a.max_pages;
-    for (int x = threadIdx.x; x < cnt; x += kAttnThreads) {
-      const int j = j0 + x;
-      const int t = j < n ? toks[j] : cur;
-      int row = -1;
-      if (t >= 0 && t <= cur) {
-        const int phys = pt[t / kPageSize];
-        if (phys >= 0 && phys < a.n_pages) row = (phys * a.n_kv_heads + h) * kPageSize + t % kPageSize;
+    // Rows resolved kRows entries per thread at a time (token, then page: two dependent loads each),
+    // their loads in flight together: H200, fixed-budget Quest (items of 2048 entries) 3-5% faster
+    // than one entry at a time; 16 at a time was no better.
+    constexpr int kRows = 8;
+    for (int x0 = threadIdx.x; x0 < cnt; x0 += kRows * kAttnThreads) {
+      int t[kRows];
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        const int x = x0 + u * kAttnThreads, j = j0 + x;
+        t[u] = x >= cnt ? -1 : j < n ? toks[j] : cur;
       }
-      s_row[x] = row;
+      int phys[kRows];
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) phys[u] = (t[u] >= 0 && t[u] <= cur) ? pt[t[u] / kPageSize] : -1;
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        const int x = x0 + u * kAttnThreads;
+        if (x < cnt)
+          s_row[x] = (phys[u] >= 0 && phys[u] < a.n_pages) ? (phys[u] * a.n_kv_heads + h) * kPageSize + t[u] % kPageSize
+                                                           : -1;
+      }
     }
     __syncthreads();
 
