@@ -195,8 +195,7 @@ __device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w) {
 __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist, bool count_mode, double frac,
                            u64 target, u64 cum0, int& bin_out, u64& cum_out) {
   const int C = (int)cl.num_blocks();
-  __syncthreads();
-  cluster_sync(cl, C);  // every block's histogram of this level is complete
+  cluster_sync(cl, C);  // every block's histogram of this level is complete (a block barrier too)
   u64 v[kBinsPerThread];
 #pragma unroll
   for (int i = 0; i < kBinsPerThread; ++i) v[i] = 0;
@@ -247,7 +246,7 @@ __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist
   __syncthreads();
   bin_out = S.sel_bin;
   cum_out = S.sel_cum;
-  __syncthreads();
+  // No barrier: the next writes of S.sel_* come after radix_select's end-of-level barrier.
 }
 
 // Radix select over the block's keys, over the whole cluster: the largest key value v with
@@ -668,8 +667,20 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     flag[j] = f;
     return f;
   });
-  int kept = 0;
-  for (int r = 0; r < C; ++r) kept += *block_field(cl, C, &S.ccount, r);
+  // The cluster's counts and kept mass, and this block's output offset (read again after floor / cap).
+  int kept, off;
+  u64 mass;
+  auto gather_counts = [&]() {
+    kept = off = 0;
+    mass = 0;
+    for (int r = 0; r < C; ++r) {
+      const int cr = *block_field(cl, C, &S.ccount, r);
+      if (r < rank) off += cr;
+      kept += cr;
+      mass += *block_field(cl, C, &S.cmass, r);
+    }
+  };
+  gather_counts();
 
   // ---- floor / cap: the k heaviest (current token first, ties by lower list index) ----
   const int size = kept + extra;
@@ -716,15 +727,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     }
     __syncthreads();
     count_and_publish([&](int j) { return flag[j] != 0; });
-  }
-  int off = 0;
-  kept = 0;
-  u64 mass = 0;
-  for (int r = 0; r < C; ++r) {
-    const int cr = *block_field(cl, C, &S.ccount, r);
-    if (r < rank) off += cr;
-    kept += cr;
-    mass += *block_field(cl, C, &S.cmass, r);
+    gather_counts();
   }
   if (rank == 0 && tid == 0) {
     a.out_count[list] = kept + extra;
