@@ -94,11 +94,11 @@ KeySide::KeySide(const kv::KVShape& s) : shape_(s) {
            " unsupported (must be even, at most 256)");
   const size_t heads = (size_t)s.n_pages * s.n_kv_heads;
   for (int l = 0; l < s.n_layers; ++l) {
-    bcode_.emplace_back(new uint8_t[heads * 2 * s.head_dim]);
-    bparam_.emplace_back(new float[heads * 2]);
-    k4_.emplace_back(new uint8_t[heads * kPageSize * (s.head_dim / 2)]);
-    k4s_.emplace_back(new float[heads * kPageSize]);
-    k4z_.emplace_back(new float[heads * kPageSize]);
+    bcode_.push_back(huge_buf<uint8_t>(heads * 2 * s.head_dim));
+    bparam_.push_back(huge_buf<float>(heads * 2));
+    k4_.push_back(huge_buf<uint8_t>(heads * kPageSize * (s.head_dim / 2)));
+    k4s_.push_back(huge_buf<float>(heads * kPageSize));
+    k4z_.push_back(huge_buf<float>(heads * kPageSize));
   }
 }
 

@@ -63,9 +63,9 @@ class KeySide {
   kv::KVShape shape_;
   // Per layer, left uninitialised (like the pool): [n_pages][n_kv_heads][2][d] bound codes and [2] params,
   // [n_pages][n_kv_heads][kPageSize][d/2] codes, [n_pages][n_kv_heads][kPageSize] scale / zero.
-  std::vector<std::unique_ptr<uint8_t[]>> bcode_;
-  std::vector<std::unique_ptr<float[]>> bparam_, k4s_, k4z_;
-  std::vector<std::unique_ptr<uint8_t[]>> k4_;
+  std::vector<HugeBuf<uint8_t>> bcode_;
+  std::vector<HugeBuf<float>> bparam_, k4s_, k4z_;
+  std::vector<HugeBuf<uint8_t>> k4_;
 };
 
 // Scalar reference quantiser (the definition above). k: [d] -> codes [d/2], scale, zero.

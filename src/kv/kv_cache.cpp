@@ -9,8 +9,8 @@ KVPool::KVPool(const KVShape& s) : shape_(s) {
   TW_CHECK(s.n_layers > 0 && s.n_kv_heads > 0 && s.head_dim > 0 && s.n_pages > 0, "kv cache: invalid shape");
   const size_t per_layer = (size_t)s.n_pages * s.n_kv_heads * kPageSize * s.head_dim;
   for (int l = 0; l < s.n_layers; ++l) {
-    k_.emplace_back(new uint16_t[per_layer]);
-    v_.emplace_back(new uint16_t[per_layer]);
+    k_.push_back(huge_buf<uint16_t>(per_layer));
+    v_.push_back(huge_buf<uint16_t>(per_layer));
   }
   free_.reserve(s.n_pages);
   for (int64_t p = s.n_pages - 1; p >= 0; --p) free_.push_back((int32_t)p);  // hand out 0, 1, 2, ... first

@@ -12,6 +12,8 @@
 #include <memory>
 #include <vector>
 
+#include "common/huge_buf.h"
+
 namespace tw::kv {
 
 constexpr int kPageSize = 16;
@@ -62,7 +64,7 @@ class KVPool {
   KVShape shape_;
   // Per layer: [n_pages][n_kv_heads][kPageSize][head_dim]. Left uninitialised on purpose: the OS
   // maps pages as they are first written, so a 32k-token pool costs memory only as it fills.
-  std::vector<std::unique_ptr<uint16_t[]>> k_, v_;
+  std::vector<HugeBuf<uint16_t>> k_, v_;
   std::vector<int32_t> free_;                 // free physical pages (stack)
 };
 
