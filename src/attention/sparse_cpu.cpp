@@ -120,15 +120,16 @@ TW_CLONES void attend_list(const kv::KVPool& pool, const kv::SeqPages& seq, int 
 
 // attend_list at the AVX-512 level (d = 64 / 128): blocks of 16 listed rows through attend_rows
 // (attend_block_avx512.h: K converted once for the nq queries, V converted inside the accumulation).
-// Listed rows are scattered, so the rows of the block PFB blocks ahead are prefetched while this one
-// is computed (one block ahead left too few misses in flight: 7 GB/s at 32k); the first blocks of a
+// Listed rows are scattered, so the rows of the block PFB blocks ahead are prefetched (into L2, by
+// attend_rows) while this one is computed (one block ahead: with L1 prefetches two were needed, 7 GB/s
+// at 32k with one; with L2 prefetches one is best, two or three 5-15% slower); the first blocks of a
 // chunk are prefetched before it starts.
 template <int NV>
 TW_AVX512 void attend_list_avx512(const kv::KVPool& pool, const kv::SeqPages& seq, int layer, int kvh, const int32_t* t,
                                   int64_t m, int32_t cur, int64_t j0, int64_t j1, const float* q, int nq,
                                   SoftmaxState* st, float* pbuf) {
   constexpr int d = 16 * NV;
-  constexpr int PFB = 2;  // blocks ahead
+  constexpr int PFB = 1;  // blocks ahead
   alignas(64) float kbuf[kBlock * d];
   const uint16_t* rows[PFB + 1][2][kBlock];  // [ring slot][k, v][row]
   int nts[PFB + 1] = {};
