@@ -23,7 +23,7 @@ using HugeBuf = std::unique_ptr<T[], FreeDeleter>;
 template <class T>
 HugeBuf<T> huge_buf(size_t n) {
   constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = n * sizeof(T);
+  const size_t bytes = n > 0 ? n * sizeof(T) : 1;  // aligned_alloc(a, 0) may return null
   const bool huge = bytes >= kHuge && !std::getenv("TW_NO_HUGE_PAGES");  // the knob: A/B in benchmarks
   const size_t align = huge ? kHuge : 64;
   void* p = std::aligned_alloc(align, (bytes + align - 1) / align * align);
