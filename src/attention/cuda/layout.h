@@ -27,6 +27,12 @@ namespace tw::attn::cuda {
 constexpr int kPageSize = 16;
 constexpr int kMaxGroup = 8;  // query heads per kv head supported by the kernels (real models: 3, 6, 7)
 
+// Row of token t (of kv head h) in the per-row arrays ([n_pages][Hkv][16][...]: K, V, k4, k4_scale /
+// zero) given its physical page; -1 for a page outside the pool.
+constexpr int kv_row(int32_t phys, int64_t n_pages, int n_kv_heads, int h, int32_t t) {
+  return (phys >= 0 && phys < n_pages) ? (phys * n_kv_heads + h) * kPageSize + t % kPageSize : -1;
+}
+
 enum class KvDtype { F16, BF16 };
 
 struct PagedKV {

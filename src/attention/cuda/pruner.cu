@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     for (int u = 0; u < kRows; ++u) {
       const int j = j0 + u * kThreads;
       if (j < m)
-        rowidx[j] = (ph[u] >= 0 && ph[u] < a.n_pages) ? (ph[u] * a.n_kv_heads + h) * kPageSize + tk[u] % kPageSize : -1;
+        rowidx[j] = kv_row(ph[u], a.n_pages, a.n_kv_heads, h, tk[u]);
     }
   };
   load_tokens(tid);

@@ -146,7 +146,6 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-
 constexpr int kKeysPerThread = 8192 / kSelectThreads;  // keys a thread keeps in registers: up to 8192 pages (128k tokens)
 
 // One block per (kv head, sequence): radix-select the r-th largest key among the middle pages

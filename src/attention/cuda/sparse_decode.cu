@@ -177,9 +177,7 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
 #pragma unroll
       for (int u = 0; u < kRows; ++u) {
         const int x = x0 + u * kAttnThreads;
-        if (x < cnt)
-          s_row[x] = (phys[u] >= 0 && phys[u] < a.n_pages) ? (phys[u] * a.n_kv_heads + h) * kPageSize + t[u] % kPageSize
-                                                           : -1;
+        if (x < cnt) s_row[x] = kv_row(phys[u], a.n_pages, a.n_kv_heads, h, t[u]);
       }
     }
     __syncthreads();
