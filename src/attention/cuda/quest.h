@@ -4,9 +4,10 @@
 // +inf); keep ceil(budget / 16) pages (at least 2): the first and the last page always, the rest by
 // descending score, ties to the lower page; emit the kept pages' tokens < seq_len, ascending, into a
 // TokenLists. A budget >= seq_len, or one that keeps every page, selects every token.
-// Two kernels, no host sync: page scoring over all SMs, then one block per (sequence, kv head) that
-// finds the r-th largest score by radix select (4 passes of 8 bits over the row's scores) and emits
-// the pages in order with one block scan.
+// One kernel, no host sync: a cluster of blocks per (sequence, kv head) scores its pages into shared
+// memory, finds the r-th largest score by radix select (4 passes of 8 bits, the cluster's histograms
+// summed over distributed shared memory) and emits the pages in order (block scans + the lower
+// blocks' totals).
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -26,10 +27,10 @@ int64_t quest_list_capacity(const PagedKV& kv, int64_t budget_tokens);
 
 // q: [batch][H][d] float (device, post-RoPE). side: bcode / bparam of every page in use (the INT4 part
 // is not read). budget_tokens > 0, the same for every sequence. max_seq_len: a host-side bound on
-// seq_len that sizes the scoring grid (longer sequences are still scored, by fewer blocks each).
-// out.count [batch][Hkv] and out.tokens [batch][Hkv][capacity] are written. After the call the
-// workspace holds each row's group scores, [batch][Hkv][max_pages] (entries past a row's pages
-// unspecified). Bad configuration, budget, capacity or workspace -> tw::Error before any launch.
+// seq_len that sizes the cluster per list (longer sequences, up to max_pages * 16, are still scored
+// whole, by fewer blocks each). out.count [batch][Hkv] and out.tokens [batch][Hkv][capacity] are
+// written. After the call the workspace holds the group scores of each row whose pages were chosen
+// (not every page kept), [batch][Hkv][max_pages] (entries past a row's pages unspecified). Bad configuration, budget, capacity or workspace -> tw::Error before any launch.
 // Asynchronous on `stream`.
 void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
                   int64_t max_seq_len, const TokenLists& out, void* workspace, size_t workspace_bytes,

@@ -136,16 +136,19 @@ TEST(QuestCuda, MatchesCpuSelectQuest) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> len(40, 3000);
-  const std::vector<int64_t> budgets = {1, 16, 17, 40, 100, 256, 1000, 2999, 1 << 20};
+  std::uniform_int_distribution<int> len(40, 3000), long_len(3000, 40000);
+  const std::vector<int64_t> budgets = {1, 16, 17, 40, 100, 256, 1000, 2999, 20000, 1 << 20};
   int exact = 0, total = 0;
   for (KvDtype dt : {KvDtype::F16, KvDtype::BF16})
     for (int d : {64, 128})
       for (int G : {1, 3, 4, 6, 7, 8})
         for (Values v : {Values::Dyadic, Values::Gaussian, Values::DyadicWithInf}) {
           const int hkv = 1 + (int)(rng() % 2);
-          // Tiny contexts (one page, one token, two pages, 33 tokens) next to long ones.
-          const std::vector<int> lens = {1, 16, 17, 33, len(rng), len(rng)};
+          // Tiny contexts (one page, one token, two pages, 33 tokens) next to long ones. With dyadic
+          // values the longest (up to 2500 pages) spreads its pages over a cluster of several blocks,
+          // exact ties across blocks included; Gaussian rows stay short: one block per list.
+          const int last = v == Values::Gaussian ? len(rng) : long_len(rng);
+          const std::vector<int> lens = {1, 16, 17, 33, len(rng), last};
           run_case(rng, {dt, d, G, hkv, lens, v}, budgets, exact);
           if (HasFatalFailure()) return;
           total += (int)(lens.size() * hkv * budgets.size());
