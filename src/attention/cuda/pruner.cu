@@ -539,70 +539,71 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   __syncthreads();
 
   if (a.stop == 2) { __syncthreads(); cluster_sync(cl, C); return; }
-  // ---- softmax statistics, one cluster exchange: each block's (max, sum of exp(z - its max)) per
-  // head, combined as S = sum_c S_c exp(M_c - M) in block order, so every block holds the same M and
-  // S. Exponents below -87 give 0 (fast_exp.h's rule). ----
+  // ---- softmax statistics: the cluster's max M per head first (one exchange), then one pass that
+  // stores e = exp(z - M) in place of z and sums it (a second exchange gives S), so each exp is taken
+  // once; exponents below -87 give 0 (fast_exp.h's rule). Only cluster-wide values enter e, so equal
+  // scores get equal e in every block: exact ties stay ties (a per-block max, rescaled later by
+  // exp(M_c - M), rounded differently per block and split tie groups across blocks). ----
+  cluster_sync(cl, C);  // every block's max is published
+  if (tid < G) {
+    float mx = -INFINITY;
+    for (int r = 0; r < C; ++r) mx = fmaxf(mx, block_field(cl, C, S.cmax, r)[tid]);
+    S.gmax[tid] = mx;
+  }
+  __syncthreads();
   {
-    float cm[kMaxGroup], ls[kMaxGroup];
+    float gm[kMaxGroup], ls[kMaxGroup];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) cm[r] = r < G ? S.cmax[r] : 0.f, ls[r] = 0.f;
+    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, ls[r] = 0.f;
 #pragma unroll 4
     for (int j = tid; j < m; j += kThreads) {
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
         if (r >= G) break;
-        const float x = zs[(size_t)r * a.zstride + j] - cm[r];
-        ls[r] += (x < -87.f || cm[r] == -INFINITY) ? 0.f : exp_fast(x);
+        float* zp = &zs[(size_t)r * a.zstride + j];
+        const float x = *zp - gm[r];
+        const float e = (x < -87.f || gm[r] == -INFINITY) ? 0.f : exp_fast(x);
+        *zp = e;
+        ls[r] += e;
       }
     }
 #pragma unroll
     for (int r = 0; r < kMaxGroup; ++r) {
       if (r >= G) break;
-      const float s = warp_sum(ls[r]);
-      if (lane == 0) S.wred[warp][r] = s;
+      const float sr = warp_sum(ls[r]);
+      if (lane == 0) S.wred[warp][r] = sr;
     }
   }
   __syncthreads();
   if (tid < G) {
-    float s = 0.f;
-    for (int w = 0; w < kWarps; ++w) s += S.wred[w][tid];
-    S.csum[tid] = s;
+    float sr = 0.f;
+    for (int w = 0; w < kWarps; ++w) sr += S.wred[w][tid];
+    S.csum[tid] = sr;
   }
-  cluster_sync(cl, C);
+  cluster_sync(cl, C);  // every block's sum is published (and every remote read of cmax is done)
   if (tid < G) {
-    float mx = -INFINITY;
-    for (int r = 0; r < C; ++r) mx = fmaxf(mx, block_field(cl, C, S.cmax, r)[tid]);
-    float s = 0.f;
-    if (mx != -INFINITY)
-      for (int r = 0; r < C; ++r) {
-        const float mr = block_field(cl, C, S.cmax, r)[tid];
-        if (mr != -INFINITY) s += block_field(cl, C, S.csum, r)[tid] * exp_fast(mr - mx);
-      }
-    S.gmax[tid] = mx;
-    S.ginv[tid] = mx != -INFINITY ? 1.f / (s * (float)G) : 0.f;
+    float sr = 0.f;
+    for (int r = 0; r < C; ++r) sr += block_field(cl, C, S.csum, r)[tid];  // block order: the same in every block
+    S.ginv[tid] = S.gmax[tid] != -INFINITY ? 1.f / (sr * (float)G) : 0.f;
   }
   __syncthreads();
 
-  // ---- group weights w = sum_r exp(z_r - M_r) / (S_r G) (the CPU's operations), into row 0 of zs;
-  // the level-1 histogram of the top-p select is built in the same pass. Only cluster-wide values
-  // enter a weight, so equal scores get equal weights in every block: exact ties stay ties (a
-  // per-block rescale, exp(z - M_c) * exp(M_c - M), rounds differently per block and split tie
-  // groups across blocks). ----
+  // ---- group weights w = sum_r exp(z_r - M_r) / (S_r G) (the CPU's operations: e * (1 / (S G))),
+  // into row 0 of zs; the level-1 histogram of the top-p select is built in the same pass. ----
   float* ws = zs;
   uint32_t* const hist[2] = {histA, histB};
   const bool topp = a.p < 1.f;
   {
-    float gm[kMaxGroup], gi[kMaxGroup];
+    float gi[kMaxGroup];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, gi[r] = r < G ? S.ginv[r] : 0.f;
+    for (int r = 0; r < kMaxGroup; ++r) gi[r] = r < G ? S.ginv[r] : 0.f;
 #pragma unroll 4
     for (int j = tid; j < m; j += kThreads) {
       float w = 0.f;
 #pragma unroll
       for (int r = 0; r < kMaxGroup; ++r) {
         if (r >= G) break;
-        const float x = zs[(size_t)r * a.zstride + j] - gm[r];
-        w += (x < -87.f || gm[r] == -INFINITY) ? 0.f : exp_fast(x) * gi[r];
+        w += zs[(size_t)r * a.zstride + j] * gi[r];
       }
       ws[j] = w;
       if (topp) hist_add(histA, (__float_as_uint(w) >> 20) & (kBins - 1), w);
