@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cub/block/block_scan.cuh>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "attention/cuda/imma.cuh"
 #include "attention/page_bounds.h"
@@ -304,51 +307,72 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
 // Shared memory of a block whose run holds up to `per` pages (a multiple of 32).
 size_t select_smem(int per) { return (size_t)kidx(per) * sizeof(uint32_t); }
 
-// The largest cluster the device schedules for this kernel (16 on an H200; 8, the portable size, where
-// it cannot), with its attributes set. Queried once per head dim; not stream work.
+// Clusters of C blocks (each with `smem` bytes) the device holds at once for this kernel, 0 where it
+// cannot schedule that size; the kernel's attributes are set on first use. Clusters are placed within
+// a GPC, so this is below (SMs x blocks per SM) / C where a GPC's slots do not divide by C. Cached per
+// (head dim, C, smem); not stream work.
 template <int D>
-int max_cluster() {
-  static const int n = [] {
-    auto kern = quest_select_kernel<D>;
+int active_clusters(int C, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::pair<int, size_t>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(C, smem);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  auto kern = quest_select_kernel<D>;
+  static const bool attrs = [kern] {
     TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSelectSmemLimit));
     TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(kMaxCluster, 1, 1);
-    cfg.blockDim = dim3(kSelectThreads, 1, 1);
-    cfg.dynamicSmemBytes = select_smem(8192 / kMaxCluster);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim = {(unsigned)kMaxCluster, 1, 1};
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    int active = 0;
-    TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, kern, &cfg));
-    return active > 0 ? kMaxCluster : 8;
+    return true;
   }();
+  (void)attrs;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(C, 1, 1);
+  cfg.blockDim = dim3(kSelectThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = C;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // a size the device cannot schedule: not a choice, not an error
+    n = 0;
+  }
+  cache[key] = n;
   return n;
 }
 
 template <int D>
 void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
                    int64_t max_seq_len, const TokenLists& out, float* scores, cudaStream_t stream) {
-  // Cluster size: the blocks per list that keep the launch to one wave of resident blocks (the
-  // radix passes and the emit hold a block's slot with little to overlap them; a second wave would
-  // wait for them), at least one 32-page chunk per warp, at most max_cluster. A block's run is sized
-  // from max_pages, the page table's bound, so any seq_len the table allows fits.
-  auto kern = quest_select_kernel<D>;
-  const int cl_max = max_cluster<D>();  // also sets the kernel's attributes
+  // Cluster size: the most blocks per list (at most kMaxCluster, at least one 32-page chunk per warp)
+  // that keep the launch to one wave of resident clusters: the radix passes and the emit hold a block's
+  // slot with little to overlap them, so a second wave would wait for them (H200, 32 lists x 2048 pages:
+  // 8 blocks per list, 264 block slots / 32 lists, ran as two waves of clusters: 26 us against 17).
+  // Past one wave (more lists than resident blocks), one block per list. A block's run is sized from
+  // max_pages, the page table's bound, so any seq_len the table allows fits.
   const int64_t np = std::min<int64_t>((max_seq_len + kPageSize - 1) / kPageSize, kv.max_pages);
   const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
   auto per_of = [&](int c) { return ((kv.max_pages + c - 1) / c + 31) / 32 * 32; };
-  int per_sm = 0;
-  TW_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kSelectThreads, select_smem(per_of(1))));
-  const int64_t slots = (int64_t)sm_count() * std::max(per_sm, 1);
   const int64_t chunks = (np + kSelectThreads - 1) / kSelectThreads;  // 32-page chunks per warp at C = 1
-  int C = (int)std::clamp<int64_t>(std::min<int64_t>(slots / lists, chunks), 1, cl_max);
-  while (select_smem(per_of(C)) > kSelectSmemLimit && C < cl_max) ++C;
+  int C = 1;
+  for (int c = (int)std::min<int64_t>(kMaxCluster, chunks); c > 1; --c) {
+    const size_t sm = select_smem(per_of(c));
+    if (sm <= kSelectSmemLimit && active_clusters<D>(c, sm) >= lists) {
+      C = c;
+      break;
+    }
+  }
+  // Very long page tables: more blocks until a block's run fits its shared memory.
+  while (select_smem(per_of(C)) > kSelectSmemLimit && C < kMaxCluster) ++C;
   const size_t smem = select_smem(per_of(C));
   TW_CHECK(smem <= kSelectSmemLimit, "quest: ", kv.max_pages, " pages per sequence need ", smem,
            " bytes of shared memory per block at ", C, " blocks per list (limit ", kSelectSmemLimit, ")");
+  TW_CHECK(active_clusters<D>(C, smem) > 0, "quest: this device cannot schedule clusters of ", C, " blocks of ",
+           smem, " bytes of shared memory (", kv.max_pages, " pages per sequence)");
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(C, kv.n_kv_heads, kv.batch);
   cfg.blockDim = dim3(kSelectThreads, 1, 1);
@@ -362,8 +386,9 @@ void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, in
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   const int group = kv.n_heads / kv.n_kv_heads;
-  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, side.bcode, side.bparam, kv.page_table, kv.seq_len, kv.max_pages,
-                                   kv.n_heads, group, budget_tokens, q, scores, out.count, out.tokens, out.capacity));
+  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quest_select_kernel<D>, side.bcode, side.bparam, kv.page_table, kv.seq_len,
+                                   kv.max_pages, kv.n_heads, group, budget_tokens, q, scores, out.count, out.tokens,
+                                   out.capacity));
 }
 
 }  // namespace
