@@ -249,7 +249,10 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         S->k4z = DeviceBuffer(sz_b);
         std::vector<int32_t> perm(n_pages);
         std::iota(perm.begin(), perm.end(), 0);
-        std::shuffle(perm.begin(), perm.end(), rng);  // each sequence's pages scattered over the pool
+        // Each sequence's pages scattered over the pool; TW_BENCH_SEQUENTIAL_PAGES=1 keeps them in order
+        // (an experiment: how much of the dense read rate the scatter costs).
+        static const int sequential = bench_knob("TW_BENCH_SEQUENTIAL_PAGES");
+        if (sequential <= 0) std::shuffle(perm.begin(), perm.end(), rng);
         S->pt = DeviceBuffer(perm.size() * 4);
         S->pt.upload(perm.data(), perm.size() * 4);
         std::vector<int32_t> len(B, (int32_t)L);

@@ -3,15 +3,23 @@
 // gathered on its own). Same arithmetic in both, so "sparse with every token listed == dense" holds
 // to the rounding of the order of tiles only.
 //
-// Fragment layouts (PTX mma.m16n8k16; lane = 4 * gi + ti):
-//   scores S[head][token] = Q[head][:] . K[token][:]: A = Q (rows = query heads of the group, padded
-//   to 16 with zeros), B = K^T (n = the 16 tokens of the tile as two n8 tiles), k = head dim. The head
-//   dim is summed over, so its order is free: lane (gi, ti) loads 16-byte chunks 4i+ti of token rows gi
-//   and gi+8 and uses each chunk for two k-steps; q's fragments follow the same permutation.
-//   out O[head][dim] += P[head][token] V[token][dim]: A = P straight from the score accumulators
-//   (the FlashAttention-2 layout), B = V with k = tokens {2ti, 2ti+1, 2ti+8, 2ti+9} and n = dims; lane
-//   (gi, ti) loads chunks gi (+8) of those four rows and pairs the two tokens of a dim with a byte
-//   permute. Output dim of accumulator (nt, j): 8 * (2ti + j + 8 * (nt / 8)) + nt % 8.
+// Fragment layouts (PTX mma.m16n8k16, all four accumulator rows used; lane = 4 * gi + ti):
+//   scores, transposed: S^T[token][head] = K[token][:] . Q[head][:]: A = K (the 16 tokens of the tile
+//   as rows), B = Q^T (n = the query heads of the group, padded to 8 with zeros), k = head dim. The
+//   head dim is summed over, so its order is free: lane (gi, ti) loads 16-byte chunks 4i+ti of token
+//   rows gi and gi+8 and uses each chunk for two k-steps; q's fragments follow the same permutation.
+//   Lane (gi, ti) gets tokens gi, gi+8 x heads 2ti, 2ti+1.
+//   P^T (rounded to T) goes from that accumulator layout to the B layout of the next product by two
+//   8x8 transposes in registers (movmatrix): lane (gi, ti) then holds P[head gi][tokens 2ti, 2ti+1,
+//   2ti+8, 2ti+9].
+//   out, transposed: O^T[dim][head] += V^T[dim][token] P^T[token][head]: A = V^T, m-tile mt = (c, w)
+//   (c < D/64, w < 4) has rows gi -> dim 8 (gi + 8c) + 2w and gi+8 -> that dim + 1, so lane (gi, ti)
+//   reads them from its 16-byte chunks gi + 8c of token rows {2ti, 2ti+1, 2ti+8, 2ti+9} (a byte
+//   permute pairs the two tokens of a dim). Lane (gi, ti) accumulates heads 2ti, 2ti+1 x dims
+//   8 (gi + 8c) + 2w + {0, 1}.
+// An earlier layout put the query heads in the A rows (16 rows, at most 8 used): half of every
+// product was padding, and each product re-zeroed its two unused accumulators (~100 of ~525
+// instructions per tile).
 // Softmax in base 2: q carries log2(e)/sqrt(d), so m is in log2 units (merge with exp2f).
 #pragma once
 #include <cuda_bf16.h>
@@ -43,21 +51,27 @@ template <> __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t r)
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&r));
 }
 
-// D += A B, m16n8k16, fp32 accumulators. A rows 8..15 are always zero here (query heads live in rows
-// 0..7), so their two registers are passed as 0 and C rows 8..15 are dropped.
+// D += A B, m16n8k16, fp32 accumulators.
 template <typename T>
-__device__ __forceinline__ void mma_rows8(float& c0, float& c1, uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  float c2 = 0.f, c3 = 0.f;
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
   if constexpr (std::is_same_v<T, __half>)
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
-        : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
-        : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The warp's 8x8 matrix of 16-bit pairs (lane: row lane / 4, columns 2 (lane % 4) + {0, 1}) transposed.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
 }
 
 // 16-byte streaming load: K/V are read once per step, keep them out of L1.
@@ -76,7 +90,7 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 template <typename T, int D>
 struct Acc {
   static constexpr int KS = D / 16;  // k-steps of the score mma
-  static constexpr int NT = D / 8;   // n-tiles of the P.V mma
+  static constexpr int MT = D / 16;  // m-tiles (16 dims each) of the P.V mma
   static constexpr int KC = D / 32;  // 16-byte K chunks per lane per token row
   static constexpr int VC = D / 64;  // 16-byte V chunks per lane per token row
   // The query of head gi, scaled, as hi + lo parts in T, in warp-private shared memory: [k-step][lane]
@@ -84,8 +98,9 @@ struct Acc {
   // the tiles they had in flight.
   static constexpr int kQSmem = KS * 32;  // uint4 per warp
   uint4* qs;
-  float m = -INFINITY, l = 0.f;      // running max (base 2) and this lane's share of the sum
-  float o[NT][2];
+  float m[2] = {-INFINITY, -INFINITY};  // heads 2ti, 2ti+1: running max (base 2)
+  float l[2] = {0.f, 0.f};              // and this lane's share of the sum
+  float o[MT][4];                       // m-tile mt = 4c + w: {head 2ti, 2ti+1} x {dim d, d + 1}, d = 8 (gi + 8c) + 2w
 
   // qg: head gi's query row [D] (float, 16-byte aligned), or nullptr when gi >= the group size.
   // qs_warp: kQSmem uint4 of shared memory owned by this warp; each lane reads back only what it
@@ -104,7 +119,7 @@ struct Acc {
       qs[j * 32 + (threadIdx.x & 31)] = make_uint4(h0, h1, l0, l1);
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = 0.f;
+    for (int mt = 0; mt < MT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
   }
 
   // A tile's K / V fragments in registers (loaded one tile ahead of the math by the callers, so a
@@ -129,60 +144,80 @@ struct Acc {
       for (int c = 0; c < VC; ++c) r.vr[e][c] = ldg_stream(v[e] + (gi + 8 * c) * 8);
   }
 
-  // One tile's scores, softmax update and P.V. live[e]: whether tokens {2ti, 2ti+1, 2ti+8, 2ti+9}
-  // count (a dead token's score is -inf and its V is zeroed); all_live (warp-uniform): every token of
-  // the tile counts, the masking is skipped.
-  __device__ __forceinline__ void compute(Regs& r, const bool (&live)[4], bool all_live) {
+  // One tile's scores, softmax update and P.V. live_k[e]: whether tokens gi, gi+8 (this lane's score
+  // rows) count; live_v[e]: whether tokens {2ti, 2ti+1, 2ti+8, 2ti+9} (its V rows) count (a dead
+  // token's score is -inf and its V is zeroed: 0 * NaN would poison the product); all_live
+  // (warp-uniform): every token of the tile counts, the masking is skipped.
+  __device__ __forceinline__ void compute(Regs& r, const bool (&live_k)[2], const bool (&live_v)[4], bool all_live) {
     auto& kr = r.kr;
     auto& vr = r.vr;
-    float s0[2] = {0.f, 0.f}, s1[2] = {0.f, 0.f};  // tokens 2ti, 2ti+1 and 2ti+8, 2ti+9
+    float s[4] = {0.f, 0.f, 0.f, 0.f};  // (token gi, head 2ti), (gi, 2ti+1), (gi+8, 2ti), (gi+8, 2ti+1)
 #pragma unroll
     for (int j = 0; j < KS; ++j) {
       const int i = j / 2, w = 2 * (j % 2);
       const uint4 qv = qs[j * 32 + (threadIdx.x & 31)];  // {hi0, hi1, lo0, lo1}
-      mma_rows8<T>(s0[0], s0[1], qv.x, qv.y, word(kr[0][i], w), word(kr[0][i], w + 1));
-      mma_rows8<T>(s0[0], s0[1], qv.z, qv.w, word(kr[0][i], w), word(kr[0][i], w + 1));
-      mma_rows8<T>(s1[0], s1[1], qv.x, qv.y, word(kr[1][i], w), word(kr[1][i], w + 1));
-      mma_rows8<T>(s1[0], s1[1], qv.z, qv.w, word(kr[1][i], w), word(kr[1][i], w + 1));
+      const uint32_t a0 = word(kr[0][i], w), a1 = word(kr[1][i], w), a2 = word(kr[0][i], w + 1),
+                     a3 = word(kr[1][i], w + 1);
+      mma16816<T>(s, a0, a1, a2, a3, qv.x, qv.y);
+      mma16816<T>(s, a0, a1, a2, a3, qv.z, qv.w);
     }
-    float sv[4] = {s0[0], s0[1], s1[0], s1[1]};
     if (!all_live) {
+      if (!live_k[0]) s[0] = s[1] = -INFINITY;
+      if (!live_k[1]) s[2] = s[3] = -INFINITY;
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        if (!live[e]) {
-          sv[e] = -INFINITY;
+        if (!live_v[e])
 #pragma unroll
           for (int c = 0; c < VC; ++c) vr[e][c] = make_uint4(0, 0, 0, 0);
-        }
     }
-    float mx = fmaxf(fmaxf(sv[0], sv[1]), fmaxf(sv[2], sv[3]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float base = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2f(m - base);
-    const uint32_t pa0 = pack2<T>(exp2f(sv[0] - base), exp2f(sv[1] - base));
-    const uint32_t pa2 = pack2<T>(exp2f(sv[2] - base), exp2f(sv[3] - base));
-    // The normaliser sums the rounded weights P.V uses, so the output stays a convex combination.
-    const float2 r0 = unpack2<T>(pa0), r2 = unpack2<T>(pa2);
-    l = l * alpha + ((r0.x + r0.y) + (r2.x + r2.y));
-    m = m_new;
+    // Per head: the max over the tile's 16 tokens (lanes of equal ti), the running state, the weights.
+    float alpha[2];
+    uint32_t pk[2];  // P^T rows gi, gi+8 as T pairs (heads 2ti, 2ti+1)
+    float p[4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int c = nt / 8, w = (nt % 8) / 2;
-      const uint32_t sel = (nt & 1) ? 0x7632u : 0x5410u;  // high or low halves of the two tokens
-      const uint32_t b0 = __byte_perm(word(vr[0][c], w), word(vr[1][c], w), sel);
-      const uint32_t b1 = __byte_perm(word(vr[2][c], w), word(vr[3][c], w), sel);
-      o[nt][0] *= alpha;
-      o[nt][1] *= alpha;
-      mma_rows8<T>(o[nt][0], o[nt][1], pa0, pa2, b0, b1);
+    for (int hh = 0; hh < 2; ++hh) {
+      float mx = fmaxf(s[hh], s[2 + hh]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      const float m_new = fmaxf(m[hh], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      alpha[hh] = exp2f(m[hh] - base);
+      m[hh] = m_new;
+      p[hh] = exp2f(s[hh] - base);
+      p[2 + hh] = exp2f(s[2 + hh] - base);
     }
+    pk[0] = pack2<T>(p[0], p[1]);
+    pk[1] = pack2<T>(p[2], p[3]);
+    // The normaliser sums the rounded weights P.V uses, so the output stays a convex combination.
+    const float2 r0 = unpack2<T>(pk[0]), r1 = unpack2<T>(pk[1]);
+    l[0] = l[0] * alpha[0] + (r0.x + r1.x);
+    l[1] = l[1] * alpha[1] + (r0.y + r1.y);
+    const uint32_t b0 = transpose8x8(pk[0]), b1 = transpose8x8(pk[1]);  // P[head gi][tokens 2ti.., 2ti+8..]
+#pragma unroll
+    for (int c = 0; c < VC; ++c)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const int mt = 4 * c + w;
+        // dim d (low halves) and d + 1 (high halves) of tokens 2ti, 2ti+1 and of 2ti+8, 2ti+9
+        const uint32_t a0 = __byte_perm(word(vr[0][c], w), word(vr[1][c], w), 0x5410u);
+        const uint32_t a1 = __byte_perm(word(vr[0][c], w), word(vr[1][c], w), 0x7632u);
+        const uint32_t a2 = __byte_perm(word(vr[2][c], w), word(vr[3][c], w), 0x5410u);
+        const uint32_t a3 = __byte_perm(word(vr[2][c], w), word(vr[3][c], w), 0x7632u);
+        o[mt][0] *= alpha[0], o[mt][2] *= alpha[0];
+        o[mt][1] *= alpha[1], o[mt][3] *= alpha[1];
+        mma16816<T>(o[mt], a0, a1, a2, a3, b0, b1);
+      }
   }
 
-  // After the last tile: the row sum over the four lanes of a head.
+  // After the last tile: each head's sum over the eight lanes that share it.
   __device__ __forceinline__ void finish() {
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 4);
+      l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 8);
+      l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 16);
+    }
   }
 };
 
@@ -191,20 +226,27 @@ struct Acc {
 // Shared memory: W * kMaxGroup * (D + 2) floats, passed in (the caller owns the block's smem).
 template <int W, typename T, int D, typename Write>
 __device__ __forceinline__ void block_merge(const Acc<T, D>& a, int group, float* smem, Write write) {
+  static_assert(kMaxGroup == 8, "a lane holds heads 2ti, 2ti+1 of the 8 columns");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, ti = lane & 3;
   float* s_m = smem;                       // [W][kMaxGroup]
   float* s_l = s_m + W * kMaxGroup;        // [W][kMaxGroup]
   float* s_o = s_l + W * kMaxGroup;        // [W][kMaxGroup][D]
-  if (ti == 0) {
-    s_m[warp * kMaxGroup + gi] = a.m;
-    s_l[warp * kMaxGroup + gi] = a.l;
+  if (gi == 0) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      s_m[warp * kMaxGroup + 2 * ti + hh] = a.m[hh];
+      s_l[warp * kMaxGroup + 2 * ti + hh] = a.l[hh];
+    }
   }
 #pragma unroll
-  for (int nt = 0; nt < Acc<T, D>::NT; ++nt) {
-    const int dim = 8 * (2 * ti + 8 * (nt / 8)) + nt % 8;
-    s_o[(warp * kMaxGroup + gi) * D + dim] = a.o[nt][0];
-    s_o[(warp * kMaxGroup + gi) * D + dim + 8] = a.o[nt][1];
-  }
+  for (int c = 0; c < Acc<T, D>::VC; ++c)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const int mt = 4 * c + w, dim = 8 * (gi + 8 * c) + 2 * w;
+      float* o0 = s_o + (warp * kMaxGroup + 2 * ti) * D + dim;  // head 2ti; head 2ti+1 is D further
+      o0[0] = a.o[mt][0], o0[1] = a.o[mt][2];
+      o0[D] = a.o[mt][1], o0[D + 1] = a.o[mt][3];
+    }
   __syncthreads();
   for (int idx = threadIdx.x; idx < group * D; idx += W * 32) {
     const int g = idx / D, dim = idx % D;

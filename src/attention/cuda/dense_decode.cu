@@ -56,8 +56,9 @@ __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
   };
   auto compute = [&](Regs& r, int p) {
     const int valid = n - p * kPageSize;  // partial last page: slots past the sequence hold anything
-    const bool live[4] = {tok[0] < valid, tok[1] < valid, tok[2] < valid, tok[3] < valid};
-    acc.compute(r, live, valid >= kPageSize);
+    const bool live_k[2] = {gi < valid, gi + 8 < valid};
+    const bool live_v[4] = {tok[0] < valid, tok[1] < valid, tok[2] < valid, tok[3] < valid};
+    acc.compute(r, live_k, live_v, valid >= kPageSize);
   };
   // Two pages per warp in flight: the next page's loads go out before this page's math.
   Regs ra, rb;

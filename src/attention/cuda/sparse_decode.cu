@@ -201,10 +201,11 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     };
     auto compute = [&](Regs& r, int base) {
       const int mine = row_of(base);
-      bool live[4];
+      const bool live_k[2] = {__shfl_sync(0xffffffffu, mine, gi) >= 0, __shfl_sync(0xffffffffu, mine, gi + 8) >= 0};
+      bool live_v[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) live[e] = __shfl_sync(0xffffffffu, mine, tok[e]) >= 0;
-      acc.compute(r, live, __all_sync(0xffffffffu, mine >= 0));
+      for (int e = 0; e < 4; ++e) live_v[e] = __shfl_sync(0xffffffffu, mine, tok[e]) >= 0;
+      acc.compute(r, live_k, live_v, __all_sync(0xffffffffu, mine >= 0));
     };
     // Two tiles per warp in flight: the next tile's loads go out before this tile's math.
     constexpr int kStride = kAttnWarps * 16;
