@@ -87,24 +87,69 @@ __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
   });
 }
 
-// Merges the splits of one (sequence, query head): one thread per dim.
+// Merges the splits of one (sequence, query head): one thread per dim. Few splits: a loop per thread.
+// Many (batch 1 splits a sequence 33-128 ways): the split maxima and weights are computed once per
+// split, D splits at a time (one per thread), and shared, so each thread's loop over the splits is
+// independent loads and multiply-adds. H200, batch 1 x 32k: the real-model shape (2 kv heads, 128
+// splits) 25.4-25.9 -> 22.9-23.3 us, Llama-3.1-8B's (33 splits) -0.6-0.8 us; with 8 splits the
+// shared version was ~1 us slower than the loop, and broadcasting the weights by shuffles instead of
+// shared memory was slower than both.
 template <int D>
 __global__ void __launch_bounds__(D) dense_combine_kernel(const float* __restrict__ part_o,
                                                           const float2* __restrict__ part_ml,
                                                           const int32_t* __restrict__ seq_len, int max_pages,
                                                           int n_splits, int pages_per_split, float* __restrict__ out) {
+  static_assert(D % 32 == 0, "whole warps");
+  constexpr int kW = D / 32, kFewSplits = 16;
+  __shared__ float s_f[D];
+  __shared__ float s_red[kW];
   const int hq = blockIdx.x, b = blockIdx.y, dim = threadIdx.x, n_heads = gridDim.x;
+  const int lane = dim & 31, warp = dim >> 5;
   const int np = (seq_tokens(seq_len, b, max_pages) + kPageSize - 1) / kPageSize;
   const int ns = min(n_splits, (np + pages_per_split - 1) / pages_per_split);  // splits that ran
   const int64_t row = (int64_t)b * n_heads + hq;
-  float mm = -INFINITY;
-  for (int s = 0; s < ns; ++s) mm = fmaxf(mm, part_ml[row * n_splits + s].x);
-  float L = 0.f, O = 0.f;
-  for (int s = 0; s < ns; ++s) {
-    const float2 ml = part_ml[row * n_splits + s];
-    const float f = mm == -INFINITY ? 0.f : exp2f(ml.x - mm);
-    L += ml.y * f;
-    O += part_o[(row * n_splits + s) * D + dim] * f;
+  const float2* ml = part_ml + row * n_splits;
+  const float* po = part_o + row * n_splits * D + dim;
+  float mm = -INFINITY, O = 0.f, L = 0.f;
+  if (ns <= kFewSplits) {  // block-uniform branch
+    for (int s = 0; s < ns; ++s) mm = fmaxf(mm, ml[s].x);
+    for (int s = 0; s < ns; ++s) {
+      const float2 v = ml[s];
+      const float f = mm == -INFINITY ? 0.f : exp2f(v.x - mm);
+      L += v.y * f;
+      O += po[(int64_t)s * D] * f;
+    }
+  } else {
+    for (int s = dim; s < ns; s += D) mm = fmaxf(mm, ml[s].x);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    if (lane == 0) s_red[warp] = mm;
+    __syncthreads();
+    mm = s_red[0];
+#pragma unroll
+    for (int w = 1; w < kW; ++w) mm = fmaxf(mm, s_red[w]);
+    float Lp = 0.f;
+    for (int c = 0; c < ns; c += D) {
+      float f = 0.f;
+      if (c + dim < ns && mm != -INFINITY) {
+        const float2 v = ml[c + dim];
+        f = exp2f(v.x - mm);
+        Lp += v.y * f;
+      }
+      __syncthreads();  // the previous chunk's readers of s_f (and of s_red, the first time) are done
+      s_f[dim] = f;
+      __syncthreads();
+      const int cnt = min(D, ns - c);
+#pragma unroll 8
+      for (int k = 0; k < cnt; ++k) O += po[(int64_t)(c + k) * D] * s_f[k];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) Lp += __shfl_xor_sync(0xffffffffu, Lp, o);
+    __syncthreads();
+    if (lane == 0) s_red[warp] = Lp;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kW; ++w) L += s_red[w];
   }
   out[row * D + dim] = L > 0.f ? O / L : 0.f;
 }
