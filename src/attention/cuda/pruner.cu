@@ -454,15 +454,13 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
       const int tile = tile0 + u * kWarps;
       const int jr = tile * 16 + (lane & 15);
       const int ri = (tile < ntiles && jr < m) ? rowidx[jr] : -1;
-      f.sz[u] = ri >= 0 ? (lane < 16 ? a.k4s[ri] : a.k4z[ri]) : 0.f;
+      // Unconditional loads: a dead row (-1) reads row 0 and its score is -inf by the flag, never by the
+      // data (predicated loads with a zero fill cost instructions in this issue-sensitive loop).
+      f.sz[u] = (lane < 16 ? a.k4s : a.k4z)[max(ri, 0)];
       f.rg[u] = __shfl_sync(0xffffffffu, ri, g);
       f.rg8[u] = __shfl_sync(0xffffffffu, ri, g + 8);
-      const typename RB::T zero{};
-      f.ca[u] = f.rg[u] >= 0 ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)f.rg[u] * (D / 2) + t4 * (D / 8))
-                             : zero;
-      f.cb[u] = f.rg8[u] >= 0
-                    ? *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)f.rg8[u] * (D / 2) + t4 * (D / 8))
-                    : zero;
+      f.ca[u] = *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)max(f.rg[u], 0) * (D / 2) + t4 * (D / 8));
+      f.cb[u] = *reinterpret_cast<const typename RB::T*>(a.k4 + (size_t)max(f.rg8[u], 0) * (D / 2) + t4 * (D / 8));
     }
   };
   auto compute = [&](const Frag& f, int tile0) {
@@ -505,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     for (int tile0 = warp; tile0 < ntiles; tile0 += 2 * kStep) {
       load(fb, tile0 + kStep);
       compute(fa, tile0);
-      load(fa, tile0 + 2 * kStep);  // past the end: predicated off, no loads
+      load(fa, tile0 + 2 * kStep);  // past the end: dead rows (row 0, L2-resident)
       compute(fb, tile0 + kStep);
     }
   }

@@ -150,25 +150,31 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
       const float v = page_bound_score(par.x, par.y, sq, q8sum, dot);
       return live ? (isnan(v) ? INFINITY : v) : -INFINITY;  // NaN cannot rule a page out
     };
+    // Head h's code row (this lane's 16 bytes of it) and {lo, s} in physical page 0; page p is
+    // p * page_bytes code bytes and p * hkv params further.
+    const uint8_t* const code_h = bcode + (int64_t)h * 2 * D + t4 * 16;
+    const float2* const par_h = reinterpret_cast<const float2*>(bparam) + h;
+    const int64_t page_bytes = (int64_t)hkv * 2 * D;
     for (int r0 = bb + 32 * warp; r0 < be; r0 += 32 * (kSelectThreads / 32)) {
       const int phys_lane = r0 + lane < be ? pt[r0 + lane] : 0;
-      // The 32 pages' codes (two tiles of 16 rows) go out together; then the two products.
+      // The 32 pages' codes (two tiles of 16 rows) go out together; then the two products. The loads
+      // are unconditional: a row past the run reads physical page 0 and its score is never stored
+      // (predicated loads with zero fill cost ~100 instructions per 32 pages).
       uint4 ca[2][NS], cb[2][NS];  // tile u: rows g and g + 8
       float2 pa[2], pb[2];
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int ka = 16 * u + g, kb = ka + 8;
         const int phA = __shfl_sync(0xffffffffu, phys_lane, ka), phB = __shfl_sync(0xffffffffu, phys_lane, kb);
-        const bool la = r0 + ka < be, lb = r0 + kb < be;
-        const uint8_t* rowA = bcode + ((int64_t)phA * hkv + h) * 2 * D + t4 * 16;
-        const uint8_t* rowB = bcode + ((int64_t)phB * hkv + h) * 2 * D + t4 * 16;
+        const uint8_t* rowA = code_h + phA * page_bytes;
+        const uint8_t* rowB = code_h + phB * page_bytes;
 #pragma unroll
         for (int i = 0; i < NS; ++i) {
-          ca[u][i] = la ? __ldg(reinterpret_cast<const uint4*>(rowA + 64 * i)) : uint4{};
-          cb[u][i] = lb ? __ldg(reinterpret_cast<const uint4*>(rowB + 64 * i)) : uint4{};
+          ca[u][i] = __ldg(reinterpret_cast<const uint4*>(rowA + 64 * i));
+          cb[u][i] = __ldg(reinterpret_cast<const uint4*>(rowB + 64 * i));
         }
-        pa[u] = la ? __ldg(reinterpret_cast<const float2*>(bparam) + (int64_t)phA * hkv + h) : make_float2(0.f, 0.f);
-        pb[u] = lb ? __ldg(reinterpret_cast<const float2*>(bparam) + (int64_t)phB * hkv + h) : make_float2(0.f, 0.f);
+        pa[u] = __ldg(par_h + (int64_t)phA * hkv);
+        pb[u] = __ldg(par_h + (int64_t)phB * hkv);
       }
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
