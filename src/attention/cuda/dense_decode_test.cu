@@ -137,6 +137,9 @@ TEST(DenseDecodeCuda, RandomRaggedBatches) {
         check(pb, plan_dense_decode(pb.view(), max_len, sms), q, ref);
         check(pb, DenseDecodePlan{1, pb.max_pages}, q, ref);  // one split: no combine
         check(pb, DenseDecodePlan{7, 3}, q, ref);             // undersized plan: the last split takes the rest
+        // Up to 48 splits: sequences past 16 pages take the combine's shared-weights path, shorter ones
+        // its loop, in one launch.
+        check(pb, DenseDecodePlan{48, std::max(1, (pb.max_pages + 47) / 48)}, q, ref);
       }
 }
 
