@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Merge the GPU attention benchmark (twilight bench --gpu --json) with the PyTorch SDPA anchors
-(scripts/gpu_sdpa_anchor.py --json) measured in the same call on the same GPU: one markdown table of
-ratios against the best dense kernel, and a PNG of Twilight's speedup vs context per batch size.
+(scripts/gpu_sdpa_anchor.py --json) measured in the same call on the same GPU: a markdown table of
+ratios against the best dense kernel, a table of the Twilight stages (time, bytes read by the byte model of
+TWILIGHT.md section 2, GB/s and % of the copy bandwidth measured in the run), and a PNG of Twilight's
+speedup vs context per batch size.
 
 usage: gpu_bench_report.py OURS.jsonl SDPA.jsonl OUT.md [OUT.png]
 """
@@ -41,6 +43,25 @@ def main():
                    + f" | {r['dense_us']:.1f} | " + (f"{a['best_us'] / r['dense_us']:.2f}" if a else "n/a")
                    + f" | {quest:.1f} | {tw:.1f} | {prune_share:.0f}% | {r['i1_avg']:.0f} "
                    f"({100 * r['i1_avg'] / r['ctx']:.2f}%) | {best / tw:.2f} | {quest / tw:.2f} |")
+    # Per stage: select (Quest page scores + top pages), prune (INT4 estimate + top-p), attend (sparse
+    # attention over I1, plan and combine included). % copy: read bytes over the copy figure, which counts
+    # a read and a write, so a pure read can pass 100%.
+    cp = dev.get("copy_GBps", 0) or float("nan")
+    out.append("\nPer stage (µs, MB read, GB/s, % of the copy bandwidth):\n")
+    out.append("| batch | ctx | p | B0 | select | prune | attend | I0 avg | I1 avg |")
+    out.append("| " + " | ".join(["---"] * 9) + " |")
+
+    def stage(us, nbytes):
+        gbs = nbytes / (us * 1e-6) / 1e9
+        return f"{us:.1f} µs, {nbytes / 1e6:.1f} MB, {gbs:.0f} GB/s ({100 * gbs / cp:.0f}%)"
+
+    for r in rows:
+        # B0 >= ctx: the select lists every token without reading a bound (its time is the list write).
+        sel = (f"{r['quest_select_us']:.1f} µs, every token, no bounds read" if r["b0"] >= r["ctx"]
+               else stage(r["quest_select_us"], r["bytes_select"]))
+        out.append(f"| {r['batch']} | {r['ctx']} | {r['p']:g} | {r['b0']} | "
+                   f"{sel} | {stage(r['prune_us'], r['bytes_prune'])} | "
+                   f"{stage(r['attend_us'], r['bytes_attend'])} | {r['i0_avg']:.0f} | {r['i1_avg']:.0f} |")
     errs = [r for r in sdpa if r.get("kind") == "sdpa" and any(k.endswith("_error") for k in r)]
     if errs:
         out.append("\nSDPA backends that refused a shape:")

@@ -409,7 +409,8 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
           }
           const double i1_avg = i1_sum / n_lists;
           const double lists = (double)B * Hkv;
-          const double by_sel = lists * max_pages * (2.0 * d + 8);  // 8-bit bound codes + {lo, s}
+          // 8-bit bound codes + {lo, s}; none when B0 covers the context (every token listed, no scores)
+          const double by_sel = b0 >= L ? 0.0 : lists * max_pages * (2.0 * d + 8);
           const double by_prune = lists * i0_avg * (d / 2.0 + 8 + 4);  // codes + scale/zero + I0 index
           const double by_att = lists * i1_avg * (2.0 * d * esz + 4);
           const double t_quest = t_sel + t_att0;
