@@ -3,7 +3,7 @@
 // gathered on its own). Same arithmetic in both, so "sparse with every token listed == dense" holds
 // to the rounding of the order of tiles only.
 //
-// Fragment layouts (PTX mma.m16n8k16, all four accumulator rows used; lane = 4 * gi + ti):
+// Fragment layouts (PTX mma.m16n8k16; the 16 A rows are tokens, never padding; lane = 4 * gi + ti):
 //   scores, transposed: S^T[token][head] = K[token][:] . Q[head][:]: A = K (the 16 tokens of the tile
 //   as rows), B = Q^T (n = the query heads of the group, padded to 8 with zeros), k = head dim. The
 //   head dim is summed over, so its order is free: lane (gi, ti) loads 16-byte chunks 4i+ti of token
