@@ -23,6 +23,23 @@ int bench_knob(const char* name) {
   return s ? std::atoi(s) : 0;
 }
 
+cudaLaunchConfig_t cluster_launch(dim3 grid, int threads, int cluster, size_t smem, cudaStream_t stream,
+                                  cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  attr = cudaLaunchAttribute{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 void check_config(const PagedKV& kv) {
   TW_CHECK(kv.dtype == KvDtype::F16 || kv.dtype == KvDtype::BF16, "attention config: KV dtype ",
            static_cast<int>(kv.dtype), " unsupported (fp16 or bf16)");

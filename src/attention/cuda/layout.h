@@ -20,6 +20,9 @@
 //   count  [batch][Hkv]                int32 tokens in the list
 //   tokens [batch][Hkv][capacity]      int32 token positions in [0, seq_len), ascending, unique
 #pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
 #include <cstdint>
 
 namespace tw::attn::cuda {
@@ -69,6 +72,12 @@ int sm_count();
 // A benchmark tuning knob: the integer value of environment variable `name`, 0 when unset. Read once
 // per call site (callers keep it in a static); the default plans never depend on it.
 int bench_knob(const char* name);
+
+// The launch of a cluster kernel (Quest select, pruner): `grid` blocks of `threads`, in clusters of
+// `cluster` blocks along x. `attr` receives the cluster dimension; the returned config points at it, so
+// it must outlive the config.
+cudaLaunchConfig_t cluster_launch(dim3 grid, int threads, int cluster, size_t smem, cudaStream_t stream,
+                                  cudaLaunchAttribute& attr);
 
 // Validates a configuration before any launch: head_dim 64/128, dtype, 1 <= H/Hkv <= kMaxGroup,
 // H % Hkv == 0, non-null pointers. Throws tw::Error naming the bad value (never a silent slow path).

@@ -819,7 +819,12 @@ void (*kernel_for(int head_dim, size_t smem))(Args) {
   return kern;
 }
 
-cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream);
+// The plan's launch: a cluster of plan.cluster blocks per list; `attr` must outlive the config.
+cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream,
+                                 cudaLaunchAttribute& attr) {
+  return cluster_launch(dim3(plan.cluster, kv.n_kv_heads, kv.batch), kThreads, plan.cluster, plan.smem_bytes, stream,
+                        attr);
+}
 
 }  // namespace
 
@@ -896,34 +901,18 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   smem_for(a.group, plan.chunk, &a.zstride);
 
   void (*kern)(Args) = kernel_for(kv.head_dim, plan.smem_bytes);
-  const cudaLaunchConfig_t cfg = launch_config(plan, kv, stream);
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = launch_config(plan, kv, stream, attr);
   TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
 }
 
 int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
   const PrunePlan plan = prune_plan(kv, in_capacity, prm);
-  const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0);
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0, attr);
   int n = 0;
   TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, plan.smem_bytes), &cfg));
   return n;
 }
-
-namespace {
-cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(plan.cluster, kv.n_kv_heads, kv.batch);
-  cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = plan.smem_bytes;
-  cfg.stream = stream;
-  static thread_local cudaLaunchAttribute attr[1];  // cfg points at it
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = plan.cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cfg;
-}
-}  // namespace
 
 }  // namespace tw::attn::cuda

@@ -313,24 +313,6 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
 // Shared memory of a block whose run holds up to `per` pages (a multiple of 32).
 size_t select_smem(int per) { return (size_t)kidx(per) * sizeof(uint32_t); }
 
-// The select kernel's launch in clusters of C blocks along x; `attr` (the cluster dimension) is
-// pointed to by the result and must outlive it.
-cudaLaunchConfig_t cluster_config(dim3 grid, int C, size_t smem, cudaStream_t stream, cudaLaunchAttribute& attr) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kSelectThreads, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  attr = cudaLaunchAttribute{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = C;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  return cfg;
-}
-
 // Clusters of C blocks (each with `smem` bytes) the device holds at once for this kernel, 0 where it
 // cannot schedule that size; the kernel's attributes are set on first use. Clusters are placed within
 // a GPC, so this is below (SMs x blocks per SM) / C where a GPC's slots do not divide by C. Cached per
@@ -350,7 +332,7 @@ int active_clusters(int C, size_t smem) {
   }();
   (void)attrs;
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config(dim3(C, 1, 1), C, smem, nullptr, attr);
+  const cudaLaunchConfig_t cfg = cluster_launch(dim3(C, 1, 1), kSelectThreads, C, smem, nullptr, attr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // a size the device cannot schedule: not a choice, not an error
@@ -389,7 +371,8 @@ void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, in
   TW_CHECK(active_clusters<D>(C, smem) > 0, "quest: this device cannot schedule clusters of ", C, " blocks of ",
            smem, " bytes of shared memory (", kv.max_pages, " pages per sequence)");
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_config(dim3(C, kv.n_kv_heads, kv.batch), C, smem, stream, attr);
+  const cudaLaunchConfig_t cfg =
+      cluster_launch(dim3(C, kv.n_kv_heads, kv.batch), kSelectThreads, C, smem, stream, attr);
   const int group = kv.n_heads / kv.n_kv_heads;
   TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quest_select_kernel<D>, side.bcode, side.bparam, kv.page_table, kv.seq_len,
                                    kv.max_pages, kv.n_heads, group, budget_tokens, q, scores, out.count, out.tokens,
