@@ -255,24 +255,32 @@ __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist
 // cluster barrier (its remote readers are done); `next` is the buffer the first level uses.
 // first_built: the caller already built level 1's histogram (mass mode) in hist[next].
 template <class KeyFn>
-__device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, int m, KeyFn key_of, bool count_mode, bool first_built,
-                                 double frac, u64 target, uint32_t* const (&hist)[2], int& next, u64& cum_above) {
+__device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* ws, int m, KeyFn key_of, bool count_mode,
+                                 bool first_built, double frac, u64 target, uint32_t* const (&hist)[2], int& next,
+                                 u64& cum_above) {
   uint32_t prefix = 0;
   u64 cum = 0;
 #pragma unroll 1
   for (int level = 0; level < 3; ++level) {
     uint32_t* hc = next ? hist[1] : hist[0];
     const int shift = level == 0 ? 20 : level == 1 ? 10 : 0;
-    for (int j = threadIdx.x; j < m && !(level == 0 && first_built); j += kThreads) {
-      uint32_t k;
-      float w;
-      if (!key_of(j, k, w)) continue;
-      if (level > 0 && (k >> (shift + 10)) != prefix) continue;
-      const uint32_t bin = (k >> shift) & (kBins - 1);
-      if (count_mode)
-        atomicAdd(&hc[bin], 1u);
-      else
-        hist_add(hc, bin, w);
+    // Four consecutive weights per thread in one 16-byte load (ws is 16-byte aligned; the row's padding
+    // past m is readable and masked here).
+#pragma unroll 1
+    for (int j = 4 * threadIdx.x; j < m && !(level == 0 && first_built); j += 4 * kThreads) {
+      const float4 w4 = *reinterpret_cast<const float4*>(ws + j);
+      const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        uint32_t k;
+        if (j + u >= m || !key_of(j + u, wv[u], k)) continue;
+        if (level > 0 && (k >> (shift + 10)) != prefix) continue;
+        const uint32_t bin = (k >> shift) & (kBins - 1);
+        if (count_mode)
+          atomicAdd(&hc[bin], 1u);
+        else
+          hist_add(hc, bin, wv[u]);
+      }
     }
     int bin;
     u64 before;
@@ -549,28 +557,30 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     S.gmax[tid] = mx;
   }
   __syncthreads();
-  {
-    float gm[kMaxGroup], ls[kMaxGroup];
+  // Head by head, four consecutive entries per thread in one 16-byte load: these phases are
+  // latency-bound (16 warps per SM), and a vector load is the one way to get several shared-memory
+  // values in flight that the scheduler does not pull apart. Entries past m in the row's padding
+  // are read and set to 0.
+#pragma unroll 1
+  for (int r = 0; r < G; ++r) {
+    const float gm = S.gmax[r];
+    float* zr = zs + (size_t)r * a.zstride;
+    float ls = 0.f;
+#pragma unroll 2
+    for (int j = 4 * tid; j < m; j += 4 * kThreads) {
+      const float4 z4 = *reinterpret_cast<const float4*>(zr + j);
+      const float zv[4] = {z4.x, z4.y, z4.z, z4.w};
+      float e[4];
 #pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) gm[r] = r < G ? S.gmax[r] : 0.f, ls[r] = 0.f;
-#pragma unroll 4
-    for (int j = tid; j < m; j += kThreads) {
-#pragma unroll
-      for (int r = 0; r < kMaxGroup; ++r) {
-        if (r >= G) break;
-        float* zp = &zs[(size_t)r * a.zstride + j];
-        const float x = *zp - gm[r];
-        const float e = (x < -87.f || gm[r] == -INFINITY) ? 0.f : exp_fast(x);
-        *zp = e;
-        ls[r] += e;
+      for (int u = 0; u < 4; ++u) {
+        const float x = zv[u] - gm;
+        e[u] = (j + u >= m || x < -87.f || gm == -INFINITY) ? 0.f : exp_fast(x);
+        ls += e[u];
       }
+      *reinterpret_cast<float4*>(zr + j) = make_float4(e[0], e[1], e[2], e[3]);
     }
-#pragma unroll
-    for (int r = 0; r < kMaxGroup; ++r) {
-      if (r >= G) break;
-      const float sr = warp_sum(ls[r]);
-      if (lane == 0) S.wred[warp][r] = sr;
-    }
+    const float sr = warp_sum(ls);
+    if (lane == 0) S.wred[warp][r] = sr;
   }
   __syncthreads();
   if (tid < G) {
@@ -595,16 +605,21 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     float gi[kMaxGroup];
 #pragma unroll
     for (int r = 0; r < kMaxGroup; ++r) gi[r] = r < G ? S.ginv[r] : 0.f;
-#pragma unroll 4
-    for (int j = tid; j < m; j += kThreads) {
-      float w = 0.f;
+#pragma unroll 1
+    for (int j = 4 * tid; j < m; j += 4 * kThreads) {  // four consecutive entries (16-byte loads, as above)
+      float w[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int r = 0; r < kMaxGroup; ++r) {
+      for (int r = 0; r < kMaxGroup; ++r) {  // the CPU's order: head 0 first
         if (r >= G) break;
-        w += zs[(size_t)r * a.zstride + j] * gi[r];
+        const float4 e4 = *reinterpret_cast<const float4*>(zs + (size_t)r * a.zstride + j);
+        w[0] += e4.x * gi[r], w[1] += e4.y * gi[r], w[2] += e4.z * gi[r], w[3] += e4.w * gi[r];
       }
-      ws[j] = w;
-      if (topp) hist_add(histA, (__float_as_uint(w) >> 20) & (kBins - 1), w);
+      *reinterpret_cast<float4*>(ws + j) = make_float4(w[0], w[1], w[2], w[3]);  // padding: e = 0 -> w = 0
+      if (topp) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (j + u < m) hist_add(histA, (__float_as_uint(w[u]) >> 20) & (kBins - 1), w[u]);
+      }
     }
   }
   __syncthreads();
@@ -617,13 +632,12 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   uint32_t tau_key = 1u;  // p = 1: every positive weight
   if (topp) {
     // Target p * total, the total being the level-1 histograms' sum (topp.cpp does the same).
-    auto key_fn = [&](int j, uint32_t& k, float& w) {
-      w = ws[j];
+    auto key_fn = [&](int, float w, uint32_t& k) {
       k = __float_as_uint(w);
       return k != 0u;
     };
     u64 above;
-    tau_key = radix_select(cl, S, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
+    tau_key = radix_select(cl, S, ws, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
     if (tau_key == 0u) tau_key = 1u;
   }
 
@@ -635,15 +649,29 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   // segment as it goes (no separate flags pass); floor / cap rewrite the flags and count from them.
   int32_t* flag = rowidx;
   int warp_off = 0;  // this warp's first output slot within the block's
-  auto count_and_publish = [&](auto keep) {
+  // keep(j, w, flag) decides entry j (weight w, stored flag) from registers; write_flags stores the
+  // decisions as flags. Four consecutive entries per lane (16-byte loads and stores; s0 is a multiple of
+  // 32, the padding past m is readable), the warp's count summed over its lanes.
+  auto count_and_publish = [&](auto keep, bool write_flags) {
     int cnt = 0;
     u64 lm = 0;
-    for (int base = s0; base < s1; base += 32) {  // warp-uniform bounds: every lane takes the ballot
-      const int j = base + lane;
-      const bool f = j < s1 && keep(j);
-      cnt += __popc(__ballot_sync(0xffffffffu, f));
-      if (f) lm += fixed_mass(ws[j]);
+#pragma unroll 1
+    for (int j = s0 + 4 * lane; j < s1; j += 4 * 32) {
+      const float4 w4 = *reinterpret_cast<const float4*>(ws + j);
+      const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+      int4 f4 = write_flags ? make_int4(0, 0, 0, 0) : *reinterpret_cast<const int4*>(flag + j);
+      int fv[4] = {f4.x, f4.y, f4.z, f4.w};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const bool f = j + u < s1 && keep(j + u, wv[u], fv[u]);
+        fv[u] = f;
+        cnt += f;
+        if (f) lm += fixed_mass(wv[u]);
+      }
+      if (write_flags) *reinterpret_cast<int4*>(flag + j) = make_int4(fv[0], fv[1], fv[2], fv[3]);
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) cnt += __shfl_xor_sync(0xffffffffu, cnt, o);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) lm += __shfl_xor_sync(0xffffffffu, lm, o);
     __syncthreads();  // earlier readers of ired / ured are done
@@ -660,12 +688,12 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     if (tid == 0) S.ccount = tot, S.cmass = mtot;
     cluster_sync(cl, C);
   };
-  count_and_publish([&](int j) {
-    const uint32_t k = __float_as_uint(ws[j]);
-    const bool f = (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
-    flag[j] = f;
-    return f;
-  });
+  count_and_publish(
+      [&](int j, float w, int32_t) {
+        const uint32_t k = __float_as_uint(w);
+        return (k >= tau_key && k != 0u) || (forced_here && j == m - 1);
+      },
+      true);
   // The cluster's counts and kept mass, and this block's output offset (read again after floor / cap).
   int kept, off;
   u64 mass;
@@ -694,13 +722,12 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
     if (k == 0) {
       for (int j = tid; j < m; j += kThreads) flag[j] = 0;
     } else {
-      auto key_fn = [&](int j, uint32_t& kk, float& w) {
-        kk = prio(j);
-        w = 0.f;
+      auto key_fn = [&](int j, float w, uint32_t& kk) {
+        kk = (forced_here && j == m - 1) ? kPrioKey : __float_as_uint(w);  // prio(j) from the loaded weight
         return true;
       };
       u64 above;
-      const uint32_t vk = radix_select(cl, S, m, key_fn, true, false, 0.0, (u64)k, hist, next, above);
+      const uint32_t vk = radix_select(cl, S, ws, m, key_fn, true, false, 0.0, (u64)k, hist, next, above);
       const int need = k - (int)above;  // ties at vk to keep, lowest list index first
       // Ties in list order: this block's offset among the cluster's ties, then an ordered block scan.
       int nt = 0;
@@ -725,7 +752,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
       }
     }
     __syncthreads();
-    count_and_publish([&](int j) { return flag[j] != 0; });
+    count_and_publish([&](int, float, int32_t fl) { return fl != 0; }, false);
     gather_counts();
   }
   if (rank == 0 && tid == 0) {
