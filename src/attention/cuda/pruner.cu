@@ -186,12 +186,16 @@ __device__ __forceinline__ u64 limb_value(uint32_t l0, uint32_t l1, uint32_t l2)
   return (u64)l0 + ((u64)l1 << kLimbBits) + ((u64)l2 << (2 * kLimbBits));
 }
 
-__device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w) {
+// Histogram add of one weight's three limbs. `all`: every limb is added, zeros included, with no test:
+// the level-1 pass adds every entry, and tested adds compile to a branch per limb, whose resolution
+// stalled that pass; the lower levels, where most entries are skipped, keep the tests.
+__device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w, bool all = false) {
   const u64 f = fixed_mass(w);
   constexpr uint32_t kMask = (1u << kLimbBits) - 1;
-  if (f & kMask) atomicAdd(&hc[bin], (uint32_t)(f & kMask));
-  if ((f >> kLimbBits) & kMask) atomicAdd(&hc[kBins + bin], (uint32_t)((f >> kLimbBits) & kMask));
-  if (f >> (2 * kLimbBits)) atomicAdd(&hc[2 * kBins + bin], (uint32_t)(f >> (2 * kLimbBits)));
+  const uint32_t l0 = (uint32_t)f & kMask, l1 = (uint32_t)(f >> kLimbBits) & kMask, l2 = (uint32_t)(f >> (2 * kLimbBits));
+  if (all || l0) atomicAdd(&hc[bin], l0);
+  if (all || l1) atomicAdd(&hc[kBins + bin], l1);
+  if (all || l2) atomicAdd(&hc[2 * kBins + bin], l2);
 }
 
 // One radix level: the cluster's histograms of this level are summed bin by bin, scanned from the
@@ -630,7 +634,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
       if (topp) {
 #pragma unroll
         for (int u = 0; u < 4; ++u)
-          if (j + u < m) hist_add(histA, (__float_as_uint(w[u]) >> 20) & (kBins - 1), w[u]);
+          hist_add(histA, (__float_as_uint(w[u]) >> 20) & (kBins - 1), w[u], true);  // past m: w = 0, adds 0
       }
     }
   }
