@@ -83,6 +83,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     # The read ceiling of scattered chunks (the side structures' gathers): GatherCudaBench.
     "$BUILD/cuda_tests" --gtest_also_run_disabled_tests --gtest_filter='GatherCudaBench.*' 2>&1 |
       grep BENCH | tee "$OUT/gather.log"
+    # The issue's pruner case: 32 sequences x 8 kv heads = 256 lists of B0 = 8192 (PrunerCudaBench).
+    "$BUILD/cuda_tests" --gtest_also_run_disabled_tests --gtest_filter='PrunerCudaBench.*' 2>&1 |
+      grep BENCH | tee "$OUT/pruner.log"
   else
     echo "cuda_tests build failed"; grep -E "error" "$LOG/build.log" | head -20; rc=1
   fi
