@@ -2,8 +2,6 @@
 
 #include "attention/cuda/decode_tile.cuh"
 
-#include <cub/block/block_reduce.cuh>
-#include <cuda/functional>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -102,12 +100,11 @@ __global__ void __launch_bounds__(D) dense_combine_kernel(const float* __restric
                                                           const int32_t* __restrict__ seq_len, int max_pages,
                                                           int n_splits, int pages_per_split, float* __restrict__ out) {
   static_assert(D % 32 == 0, "whole warps");
-  constexpr int kFewSplits = 16;
-  using Reduce = cub::BlockReduce<float, D>;
-  __shared__ typename Reduce::TempStorage s_red;
+  constexpr int kW = D / 32, kFewSplits = 16;
   __shared__ float s_f[D];
-  __shared__ float s_all;  // a block reduction's result, for every thread
+  __shared__ float s_red[kW];
   const int hq = blockIdx.x, b = blockIdx.y, dim = threadIdx.x, n_heads = gridDim.x;
+  const int lane = dim & 31, warp = dim >> 5;
   const int np = (seq_tokens(seq_len, b, max_pages) + kPageSize - 1) / kPageSize;
   const int ns = min(n_splits, (np + pages_per_split - 1) / pages_per_split);  // splits that ran
   const int64_t row = (int64_t)b * n_heads + hq;
@@ -124,10 +121,13 @@ __global__ void __launch_bounds__(D) dense_combine_kernel(const float* __restric
     }
   } else {
     for (int s = dim; s < ns; s += D) mm = fmaxf(mm, ml[s].x);
-    mm = Reduce(s_red).Reduce(mm, ::cuda::maximum<float>{});  // thread 0's is the block's
-    if (dim == 0) s_all = mm;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    if (lane == 0) s_red[warp] = mm;
     __syncthreads();
-    mm = s_all;
+    mm = s_red[0];
+#pragma unroll
+    for (int w = 1; w < kW; ++w) mm = fmaxf(mm, s_red[w]);
     float Lp = 0.f;
     for (int c = 0; c < ns; c += D) {
       float f = 0.f;
@@ -136,17 +136,20 @@ __global__ void __launch_bounds__(D) dense_combine_kernel(const float* __restric
         f = exp2f(v.x - mm);
         Lp += v.y * f;
       }
-      __syncthreads();  // the previous chunk's readers of s_f (and of s_all, the first time) are done
+      __syncthreads();  // the previous chunk's readers of s_f (and of s_red, the first time) are done
       s_f[dim] = f;
       __syncthreads();
       const int cnt = min(D, ns - c);
 #pragma unroll 8
       for (int k = 0; k < cnt; ++k) O += po[(int64_t)(c + k) * D] * s_f[k];
     }
-    Lp = Reduce(s_red).Sum(Lp);  // s_red's last readers (the max) passed the barriers above
-    if (dim == 0) s_all = Lp;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) Lp += __shfl_xor_sync(0xffffffffu, Lp, o);
     __syncthreads();
-    L = s_all;
+    if (lane == 0) s_red[warp] = Lp;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kW; ++w) L += s_red[w];
   }
   out[row * D + dim] = L > 0.f ? O / L : 0.f;
 }
