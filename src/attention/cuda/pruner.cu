@@ -732,14 +732,15 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   if (need_floor || need_cap) {
     cluster_sync(cl, C);  // every block has read the counts above before S.ccount is written again
     const int k = min(max((need_cap ? a.max_tokens : a.min_tokens) - extra, 0), n);
-    auto prio = [&](int j) -> uint32_t {
-      return (forced_here && j == m - 1) ? kPrioKey : __float_as_uint(ws[j]);
+    auto prio_of = [&](int j, float w) -> uint32_t {  // entry j's rank key, w its weight
+      return (forced_here && j == m - 1) ? kPrioKey : __float_as_uint(w);
     };
+    auto prio = [&](int j) { return prio_of(j, ws[j]); };
     if (k == 0) {
       for (int j = tid; j < m; j += kThreads) flag[j] = 0;
     } else {
       auto key_fn = [&](int j, float w, uint32_t& kk) {
-        kk = (forced_here && j == m - 1) ? kPrioKey : __float_as_uint(w);  // prio(j) from the loaded weight
+        kk = prio_of(j, w);
         return true;
       };
       u64 above;
