@@ -72,6 +72,66 @@ __global__ void row_gather_kernel(const uint8_t* __restrict__ base, const int32_
   if (x == 0x12345678u) sink[0] = x;
 }
 
+// The same random chunks fetched by the copy engine (cp.async.bulk, 1-D) into shared memory: stages of
+// 4 KiB (4096 / S chunks each) complete on one mbarrier apiece; warp 0 refills a stage (a chunk per
+// lane) once the block has read it. Whether bulk copies read scattered chunks faster than the loads of
+// the kernels (the untried lever of docs/CUDA.md).
+constexpr int kBulkStages = 8, kStageBytes = 4096, kBulkThreads = 128;
+__global__ void __launch_bounds__(kBulkThreads) bulk_gather_kernel(const uint8_t* __restrict__ base,
+                                                                    const int32_t* __restrict__ idx, int n_chunks,
+                                                                    int S, uint32_t* __restrict__ sink) {
+  extern __shared__ __align__(128) uint8_t buf[];  // [kBulkStages][kStageBytes]
+  __shared__ __align__(8) unsigned long long bar[kBulkStages];
+  const int per_stage = kStageBytes / S;  // <= 16: S >= 256
+  const int n_groups = n_chunks / per_stage;  // groups of per_stage chunks = one stage's fill
+  auto bar_addr = [&](int st) { return (uint32_t)__cvta_generic_to_shared(&bar[st]); };
+  const int lane = threadIdx.x & 31;
+  // Warp 0 fills stages, one chunk per lane (per_stage <= 16); a group's indices are loaded a stage
+  // ahead of its issue, so the refill does not wait on them.
+  auto chunk_of = [&](int grp) { return grp < n_groups && lane < per_stage ? idx[(int64_t)grp * per_stage + lane] : 0; };
+  auto issue = [&](int st, int chunk) {
+    if (lane == 0)
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar_addr(st)), "r"(kStageBytes)
+                   : "memory");
+    __syncwarp();
+    if (lane < per_stage) {
+      const uint8_t* src = base + (int64_t)chunk * S;
+      const uint32_t dst = (uint32_t)__cvta_generic_to_shared(buf + st * kStageBytes + lane * S);
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(dst), "l"(src), "r"(S), "r"(bar_addr(st)) : "memory");
+    }
+  };
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kBulkStages; ++st)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar_addr(st)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  uint32_t x = 0;
+  int k = 0;  // this block's k-th group: blockIdx.x + k * gridDim.x
+  if (threadIdx.x < 32)
+    for (int st = 0; st < kBulkStages; ++st)
+      if (blockIdx.x + st * gridDim.x < n_groups) issue(st, chunk_of(blockIdx.x + st * gridDim.x));
+  for (int grp = blockIdx.x; grp < n_groups; grp += gridDim.x, ++k) {
+    const int next = grp + kBulkStages * gridDim.x;
+    const int next_chunk = threadIdx.x < 32 ? chunk_of(next) : 0;
+    const int st = k % kBulkStages;
+    const uint32_t parity = (k / kBulkStages) & 1;
+    uint32_t done = 0;
+    while (!done)
+      asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                   : "=r"(done) : "r"(bar_addr(st)), "r"(parity) : "memory");
+    const uint4 v = reinterpret_cast<const uint4*>(buf + st * kStageBytes)[threadIdx.x];  // 2 KiB of the 4 read back
+    x ^= v.x ^ v.y ^ v.z ^ v.w;
+    __syncthreads();  // every thread is done with the stage
+    if (threadIdx.x < 32 && next < n_groups) {
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      issue(st, next_chunk);
+    }
+  }
+  if (x == 0x12345678u) sink[0] = x;
+}
+
 TEST(GatherCudaBench, DISABLED_RandomChunks) {
   const size_t pool = size_t(4) << 30;  // 4 GiB pool, 1 GiB read per call: never L2-resident
   const size_t read = size_t(1) << 30;
@@ -161,6 +221,53 @@ TEST(GatherCudaBench, DISABLED_RowPiecesVsLines) {
       std::printf("BENCH row gather: 256-B rows as %s, %d blocks of 256 per SM: %.0f GB/s (median of 7)\n",
                   pieces ? "8 x 64-B pieces per load" : "2 whole rows per load", blocks_per_sm,
                   (double)read / (t[3] * 1e-3) / 1e9);
+    }
+  }
+  TW_CUDA_CHECK(cudaEventDestroy(e0));
+  TW_CUDA_CHECK(cudaEventDestroy(e1));
+}
+
+TEST(GatherCudaBench, DISABLED_BulkCopies) {
+  const size_t pool = size_t(4) << 30, read = size_t(1) << 30;
+  tw::cuda::DeviceBuffer buf(pool), sink(64);
+  TW_CUDA_CHECK(cudaMemset(buf.get(), 1, pool));
+  int sms = 0;
+  TW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const size_t smem = size_t(kBulkStages) * kStageBytes;
+  TW_CUDA_CHECK(cudaFuncSetAttribute(bulk_gather_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  std::mt19937 rng(13);
+  cudaEvent_t e0, e1;
+  TW_CUDA_CHECK(cudaEventCreate(&e0));
+  TW_CUDA_CHECK(cudaEventCreate(&e1));
+  for (int S : {256, 1024, 4096}) {
+    const int64_t n_chunks = (int64_t)(read / S), pool_chunks = (int64_t)(pool / S);
+    std::vector<int32_t> all(pool_chunks);
+    std::iota(all.begin(), all.end(), 0);
+    for (int64_t i = 0; i < n_chunks; ++i) std::swap(all[i], all[i + (int64_t)(rng() % (pool_chunks - i))]);
+    tw::cuda::DeviceBuffer didx(n_chunks * 4);
+    TW_CUDA_CHECK(cudaMemcpy(didx.get(), all.data(), n_chunks * 4, cudaMemcpyHostToDevice));
+    for (int blocks_per_sm : {2, 4, 6}) {
+      auto call = [&] {
+        bulk_gather_kernel<<<sms * blocks_per_sm, kBulkThreads, smem>>>(
+            static_cast<const uint8_t*>(buf.get()), static_cast<const int32_t*>(didx.get()), (int)n_chunks, S,
+            static_cast<uint32_t*>(sink.get()));
+      };
+      call();
+      TW_CUDA_CHECK(cudaDeviceSynchronize());
+      std::vector<float> t;
+      for (int r = 0; r < 7; ++r) {
+        TW_CUDA_CHECK(cudaEventRecord(e0));
+        call();
+        TW_CUDA_CHECK(cudaEventRecord(e1));
+        TW_CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms = 0.f;
+        TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        t.push_back(ms);
+      }
+      std::sort(t.begin(), t.end());
+      std::printf("BENCH bulk gather: chunks of %4d B by cp.async.bulk, %d stages of 4 KiB, %d blocks of %d per SM: "
+                  "%.0f GB/s (median of 7)\n",
+                  S, kBulkStages, blocks_per_sm, kBulkThreads, (double)read / (t[3] * 1e-3) / 1e9);
     }
   }
   TW_CUDA_CHECK(cudaEventDestroy(e0));
