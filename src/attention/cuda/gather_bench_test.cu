@@ -132,6 +132,40 @@ __global__ void __launch_bounds__(kBulkThreads) bulk_gather_kernel(const uint8_t
   if (x == 0x12345678u) sink[0] = x;
 }
 
+// Median time of 7 calls in ms (after one warm-up call).
+template <class F>
+float median_ms(F&& call) {
+  cudaEvent_t e0, e1;
+  TW_CUDA_CHECK(cudaEventCreate(&e0));
+  TW_CUDA_CHECK(cudaEventCreate(&e1));
+  call();
+  TW_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> t;
+  for (int r = 0; r < 7; ++r) {
+    TW_CUDA_CHECK(cudaEventRecord(e0));
+    call();
+    TW_CUDA_CHECK(cudaEventRecord(e1));
+    TW_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0.f;
+    TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms);
+  }
+  TW_CUDA_CHECK(cudaEventDestroy(e0));
+  TW_CUDA_CHECK(cudaEventDestroy(e1));
+  std::sort(t.begin(), t.end());
+  return t[3];
+}
+
+// n distinct random chunk indices of a pool of pool_n chunks (a random permutation's prefix), on the device.
+tw::cuda::DeviceBuffer random_chunks(int64_t pool_n, int64_t n, std::mt19937& rng) {
+  std::vector<int32_t> all(pool_n);
+  std::iota(all.begin(), all.end(), 0);
+  for (int64_t i = 0; i < n; ++i) std::swap(all[i], all[i + (int64_t)(rng() % (pool_n - i))]);
+  tw::cuda::DeviceBuffer d((size_t)n * 4);
+  TW_CUDA_CHECK(cudaMemcpy(d.get(), all.data(), (size_t)n * 4, cudaMemcpyHostToDevice));
+  return d;
+}
+
 TEST(GatherCudaBench, DISABLED_RandomChunks) {
   const size_t pool = size_t(4) << 30;  // 4 GiB pool, 1 GiB read per call: never L2-resident
   const size_t read = size_t(1) << 30;
@@ -140,45 +174,22 @@ TEST(GatherCudaBench, DISABLED_RandomChunks) {
   int sms = 0;
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   std::mt19937 rng(7);
-  cudaEvent_t e0, e1;
-  TW_CUDA_CHECK(cudaEventCreate(&e0));
-  TW_CUDA_CHECK(cudaEventCreate(&e1));
   for (int S : {64, 128, 256, 512, 1024, 2048, 4096, 8192}) {
-    const int64_t n_chunks = (int64_t)(read / S), pool_chunks = (int64_t)(pool / S);
-    // Distinct random chunks of the pool (a random permutation's prefix), in random order.
-    std::vector<int32_t> all(pool_chunks);
-    std::iota(all.begin(), all.end(), 0);
-    for (int64_t i = 0; i < n_chunks; ++i) std::swap(all[i], all[i + (int64_t)(rng() % (pool_chunks - i))]);
-    tw::cuda::DeviceBuffer didx(n_chunks * 4);
-    TW_CUDA_CHECK(cudaMemcpy(didx.get(), all.data(), n_chunks * 4, cudaMemcpyHostToDevice));
+    const int64_t n_chunks = (int64_t)(read / S);
+    const tw::cuda::DeviceBuffer didx = random_chunks((int64_t)(pool / S), n_chunks, rng);
     int log_vpc = 0;
     while ((16 << log_vpc) < S) ++log_vpc;
     const int n_vec = (int)(n_chunks << log_vpc);
     for (int blocks_per_sm : {4, 8}) {
-      const int grid = sms * blocks_per_sm;
-      auto call = [&] {
-        gather_kernel<8><<<grid, 256>>>(static_cast<const uint4*>(buf.get()), static_cast<const int32_t*>(didx.get()),
-                                        n_vec, log_vpc, static_cast<uint32_t*>(sink.get()));
-      };
-      call();
-      TW_CUDA_CHECK(cudaDeviceSynchronize());
-      std::vector<float> t;
-      for (int r = 0; r < 7; ++r) {
-        TW_CUDA_CHECK(cudaEventRecord(e0));
-        call();
-        TW_CUDA_CHECK(cudaEventRecord(e1));
-        TW_CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms = 0.f;
-        TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms);
-      }
-      std::sort(t.begin(), t.end());
+      const float ms = median_ms([&] {
+        gather_kernel<8><<<sms * blocks_per_sm, 256>>>(static_cast<const uint4*>(buf.get()),
+                                                       static_cast<const int32_t*>(didx.get()), n_vec, log_vpc,
+                                                       static_cast<uint32_t*>(sink.get()));
+      });
       std::printf("BENCH gather: chunks of %5d B, %d blocks of 256 per SM: %.1f us per GiB, %.0f GB/s (median of 7)\n",
-                  S, blocks_per_sm, t[3] * 1e3, (double)read / (t[3] * 1e-3) / 1e9);
+                  S, blocks_per_sm, ms * 1e3, (double)read / (ms * 1e-3) / 1e9);
     }
   }
-  TW_CUDA_CHECK(cudaEventDestroy(e0));
-  TW_CUDA_CHECK(cudaEventDestroy(e1));
 }
 
 TEST(GatherCudaBench, DISABLED_RowPiecesVsLines) {
@@ -189,42 +200,19 @@ TEST(GatherCudaBench, DISABLED_RowPiecesVsLines) {
   int sms = 0;
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   std::mt19937 rng(11);
-  const int64_t pool_rows = (int64_t)(pool / 256);
-  std::vector<int32_t> all(pool_rows);
-  std::iota(all.begin(), all.end(), 0);
-  for (int64_t i = 0; i < n_rows; ++i) std::swap(all[i], all[i + (int64_t)(rng() % (pool_rows - i))]);
-  tw::cuda::DeviceBuffer didx((size_t)n_rows * 4);
-  TW_CUDA_CHECK(cudaMemcpy(didx.get(), all.data(), (size_t)n_rows * 4, cudaMemcpyHostToDevice));
-  cudaEvent_t e0, e1;
-  TW_CUDA_CHECK(cudaEventCreate(&e0));
-  TW_CUDA_CHECK(cudaEventCreate(&e1));
+  const tw::cuda::DeviceBuffer didx = random_chunks((int64_t)(pool / 256), n_rows, rng);
   for (int blocks_per_sm : {2, 4}) {
     for (int pieces = 1; pieces >= 0; --pieces) {
-      auto call = [&] {
+      const float ms = median_ms([&] {
         auto* k = pieces ? row_gather_kernel<true> : row_gather_kernel<false>;
         k<<<sms * blocks_per_sm, 256>>>(static_cast<const uint8_t*>(buf.get()), static_cast<const int32_t*>(didx.get()),
                                         n_rows, static_cast<uint32_t*>(sink.get()));
-      };
-      call();
-      TW_CUDA_CHECK(cudaDeviceSynchronize());
-      std::vector<float> t;
-      for (int r = 0; r < 7; ++r) {
-        TW_CUDA_CHECK(cudaEventRecord(e0));
-        call();
-        TW_CUDA_CHECK(cudaEventRecord(e1));
-        TW_CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms = 0.f;
-        TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms);
-      }
-      std::sort(t.begin(), t.end());
+      });
       std::printf("BENCH row gather: 256-B rows as %s, %d blocks of 256 per SM: %.0f GB/s (median of 7)\n",
                   pieces ? "8 x 64-B pieces per load" : "2 whole rows per load", blocks_per_sm,
-                  (double)read / (t[3] * 1e-3) / 1e9);
+                  (double)read / (ms * 1e-3) / 1e9);
     }
   }
-  TW_CUDA_CHECK(cudaEventDestroy(e0));
-  TW_CUDA_CHECK(cudaEventDestroy(e1));
 }
 
 TEST(GatherCudaBench, DISABLED_BulkCopies) {
@@ -236,42 +224,20 @@ TEST(GatherCudaBench, DISABLED_BulkCopies) {
   const size_t smem = size_t(kBulkStages) * kStageBytes;
   TW_CUDA_CHECK(cudaFuncSetAttribute(bulk_gather_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   std::mt19937 rng(13);
-  cudaEvent_t e0, e1;
-  TW_CUDA_CHECK(cudaEventCreate(&e0));
-  TW_CUDA_CHECK(cudaEventCreate(&e1));
   for (int S : {256, 1024, 4096}) {
-    const int64_t n_chunks = (int64_t)(read / S), pool_chunks = (int64_t)(pool / S);
-    std::vector<int32_t> all(pool_chunks);
-    std::iota(all.begin(), all.end(), 0);
-    for (int64_t i = 0; i < n_chunks; ++i) std::swap(all[i], all[i + (int64_t)(rng() % (pool_chunks - i))]);
-    tw::cuda::DeviceBuffer didx(n_chunks * 4);
-    TW_CUDA_CHECK(cudaMemcpy(didx.get(), all.data(), n_chunks * 4, cudaMemcpyHostToDevice));
+    const int64_t n_chunks = (int64_t)(read / S);
+    const tw::cuda::DeviceBuffer didx = random_chunks((int64_t)(pool / S), n_chunks, rng);
     for (int blocks_per_sm : {2, 4, 6}) {
-      auto call = [&] {
+      const float ms = median_ms([&] {
         bulk_gather_kernel<<<sms * blocks_per_sm, kBulkThreads, smem>>>(
             static_cast<const uint8_t*>(buf.get()), static_cast<const int32_t*>(didx.get()), (int)n_chunks, S,
             static_cast<uint32_t*>(sink.get()));
-      };
-      call();
-      TW_CUDA_CHECK(cudaDeviceSynchronize());
-      std::vector<float> t;
-      for (int r = 0; r < 7; ++r) {
-        TW_CUDA_CHECK(cudaEventRecord(e0));
-        call();
-        TW_CUDA_CHECK(cudaEventRecord(e1));
-        TW_CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms = 0.f;
-        TW_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms);
-      }
-      std::sort(t.begin(), t.end());
+      });
       std::printf("BENCH bulk gather: chunks of %4d B by cp.async.bulk, %d stages of 4 KiB, %d blocks of %d per SM: "
                   "%.0f GB/s (median of 7)\n",
-                  S, kBulkStages, blocks_per_sm, kBulkThreads, (double)read / (t[3] * 1e-3) / 1e9);
+                  S, kBulkStages, blocks_per_sm, kBulkThreads, (double)read / (ms * 1e-3) / 1e9);
     }
   }
-  TW_CUDA_CHECK(cudaEventDestroy(e0));
-  TW_CUDA_CHECK(cudaEventDestroy(e1));
 }
 
 }  // namespace
