@@ -1,6 +1,7 @@
 // The read bandwidth of scattered chunks on this GPU: the ceiling for the side-structure reads of
 // the Twilight step (Quest bounds: 256 B per page-head at d 128; INT4 keys: 1 KB; K or V rows of a
-// page: 4 KB). A benchmark (DISABLED_, run with --gtest_also_run_disabled_tests), not a test.
+// page: 4 KB), by plain loads and by the copy engine, and the Quest select's load shape against whole
+// rows. Benchmarks (DISABLED_, run with --gtest_also_run_disabled_tests), not tests.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -39,7 +40,6 @@ __global__ void gather_kernel(const uint4* __restrict__ base, const int32_t* __r
   }
   if (x == 0x12345678u) sink[0] = x;  // practically never: the loads must not be dead
 }
-
 
 // Rows of 256 B at random places, read by warps in 32-row rounds the two ways a kernel can lay its
 // lanes: `pieces` as the Quest select's tensor-core fragments want them (lane (g, t) takes bytes
@@ -132,6 +132,19 @@ __global__ void __launch_bounds__(kBulkThreads) bulk_gather_kernel(const uint8_t
   if (x == 0x12345678u) sink[0] = x;
 }
 
+// The benchmarks' memory: a 4 GiB pool (1 GiB read per call: never L2-resident) and a sink.
+struct Pool {
+  static constexpr size_t kBytes = size_t(4) << 30, kRead = size_t(1) << 30;
+  tw::cuda::DeviceBuffer buf{kBytes}, sink{64};
+  int sms = 0;
+  Pool() {
+    TW_CUDA_CHECK(cudaMemset(buf.get(), 1, kBytes));
+    TW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  }
+  const uint8_t* base() const { return static_cast<const uint8_t*>(buf.get()); }
+  uint32_t* out() const { return static_cast<uint32_t*>(sink.get()); }
+};
+
 // Median time of 7 calls in ms (after one warm-up call).
 template <class F>
 float median_ms(F&& call) {
@@ -167,12 +180,8 @@ tw::cuda::DeviceBuffer random_chunks(int64_t pool_n, int64_t n, std::mt19937& rn
 }
 
 TEST(GatherCudaBench, DISABLED_RandomChunks) {
-  const size_t pool = size_t(4) << 30;  // 4 GiB pool, 1 GiB read per call: never L2-resident
-  const size_t read = size_t(1) << 30;
-  tw::cuda::DeviceBuffer buf(pool), sink(64);
-  TW_CUDA_CHECK(cudaMemset(buf.get(), 1, pool));
-  int sms = 0;
-  TW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const Pool P;
+  const size_t pool = Pool::kBytes, read = Pool::kRead;
   std::mt19937 rng(7);
   for (int S : {64, 128, 256, 512, 1024, 2048, 4096, 8192}) {
     const int64_t n_chunks = (int64_t)(read / S);
@@ -182,9 +191,9 @@ TEST(GatherCudaBench, DISABLED_RandomChunks) {
     const int n_vec = (int)(n_chunks << log_vpc);
     for (int blocks_per_sm : {4, 8}) {
       const float ms = median_ms([&] {
-        gather_kernel<8><<<sms * blocks_per_sm, 256>>>(static_cast<const uint4*>(buf.get()),
-                                                       static_cast<const int32_t*>(didx.get()), n_vec, log_vpc,
-                                                       static_cast<uint32_t*>(sink.get()));
+        gather_kernel<8><<<P.sms * blocks_per_sm, 256>>>(reinterpret_cast<const uint4*>(P.base()),
+                                                         static_cast<const int32_t*>(didx.get()), n_vec, log_vpc,
+                                                         P.out());
       });
       std::printf("BENCH gather: chunks of %5d B, %d blocks of 256 per SM: %.1f us per GiB, %.0f GB/s (median of 7)\n",
                   S, blocks_per_sm, ms * 1e3, (double)read / (ms * 1e-3) / 1e9);
@@ -193,20 +202,16 @@ TEST(GatherCudaBench, DISABLED_RandomChunks) {
 }
 
 TEST(GatherCudaBench, DISABLED_RowPiecesVsLines) {
-  const size_t pool = size_t(4) << 30, read = size_t(1) << 30;
+  const Pool P;
+  const size_t pool = Pool::kBytes, read = Pool::kRead;
   const int n_rows = (int)(read / 256);
-  tw::cuda::DeviceBuffer buf(pool), sink(64);
-  TW_CUDA_CHECK(cudaMemset(buf.get(), 1, pool));
-  int sms = 0;
-  TW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   std::mt19937 rng(11);
   const tw::cuda::DeviceBuffer didx = random_chunks((int64_t)(pool / 256), n_rows, rng);
   for (int blocks_per_sm : {2, 4}) {
     for (int pieces = 1; pieces >= 0; --pieces) {
       const float ms = median_ms([&] {
         auto* k = pieces ? row_gather_kernel<true> : row_gather_kernel<false>;
-        k<<<sms * blocks_per_sm, 256>>>(static_cast<const uint8_t*>(buf.get()), static_cast<const int32_t*>(didx.get()),
-                                        n_rows, static_cast<uint32_t*>(sink.get()));
+        k<<<P.sms * blocks_per_sm, 256>>>(P.base(), static_cast<const int32_t*>(didx.get()), n_rows, P.out());
       });
       std::printf("BENCH row gather: 256-B rows as %s, %d blocks of 256 per SM: %.0f GB/s (median of 7)\n",
                   pieces ? "8 x 64-B pieces per load" : "2 whole rows per load", blocks_per_sm,
@@ -216,11 +221,8 @@ TEST(GatherCudaBench, DISABLED_RowPiecesVsLines) {
 }
 
 TEST(GatherCudaBench, DISABLED_BulkCopies) {
-  const size_t pool = size_t(4) << 30, read = size_t(1) << 30;
-  tw::cuda::DeviceBuffer buf(pool), sink(64);
-  TW_CUDA_CHECK(cudaMemset(buf.get(), 1, pool));
-  int sms = 0;
-  TW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const Pool P;
+  const size_t pool = Pool::kBytes, read = Pool::kRead;
   const size_t smem = size_t(kBulkStages) * kStageBytes;
   TW_CUDA_CHECK(cudaFuncSetAttribute(bulk_gather_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   std::mt19937 rng(13);
@@ -229,9 +231,8 @@ TEST(GatherCudaBench, DISABLED_BulkCopies) {
     const tw::cuda::DeviceBuffer didx = random_chunks((int64_t)(pool / S), n_chunks, rng);
     for (int blocks_per_sm : {2, 4, 6}) {
       const float ms = median_ms([&] {
-        bulk_gather_kernel<<<sms * blocks_per_sm, kBulkThreads, smem>>>(
-            static_cast<const uint8_t*>(buf.get()), static_cast<const int32_t*>(didx.get()), (int)n_chunks, S,
-            static_cast<uint32_t*>(sink.get()));
+        bulk_gather_kernel<<<P.sms * blocks_per_sm, kBulkThreads, smem>>>(
+            P.base(), static_cast<const int32_t*>(didx.get()), (int)n_chunks, S, P.out());
       });
       std::printf("BENCH bulk gather: chunks of %4d B by cp.async.bulk, %d stages of 4 KiB, %d blocks of %d per SM: "
                   "%.0f GB/s (median of 7)\n",
