@@ -318,9 +318,8 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       const PagedKV& kv0 = sets[0]->kv;  // the shape queries validate pointers too: use a built set
       const DenseDecodePlan dplan = plan_dense_decode(kv0, L, dev.sm_count);
       const size_t dws_b = dense_decode_workspace_bytes(kv0, dplan);
-      const size_t qws_b = quest_workspace_bytes(kv0);
       const size_t sws_b = sparse_decode_workspace_bytes(kv0, cap1);
-      DeviceBuffer dws(std::max<size_t>(dws_b, 16)), qws(std::max<size_t>(qws_b, 16)), sws(std::max<size_t>(sws_b, 16));
+      DeviceBuffer dws(std::max<size_t>(dws_b, 16)), sws(std::max<size_t>(sws_b, 16));
       auto dense = [&](int i) { dense_decode(sets[i]->kv, dplan, sets[i]->q.as<float>(), sets[i]->out.as<float>(), dws.get(), dws_b, st); };
       const double t_dense = time_calls(dense, n_sets, o.reps, o.trials, st);
 
@@ -338,7 +337,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
           S->i1.capacity = c0 + 1;
         }
         auto select = [&](int i) {
-          quest_select(sets[i]->kv, sets[i]->side, sets[i]->q.as<float>(), b0, L, sets[i]->i0, qws.get(), qws_b, st);
+          quest_select(sets[i]->kv, sets[i]->side, sets[i]->q.as<float>(), b0, L, sets[i]->i0, st);
         };
         auto attend0 = [&](int i) {
           sparse_decode(sets[i]->kv, sets[i]->q.as<float>(), sets[i]->i0, sets[i]->out.as<float>(), sws.get(), sws_b, st);

@@ -22,7 +22,7 @@ namespace {
 
 constexpr int kSelectThreads = 256;  // 8 warps; one radix bin per thread
 constexpr int kMaxCluster = 16;      // blocks per list (non-portable above 8)
-constexpr size_t kSelectSmemLimit = size_t(200) << 10;  // the block's keys: ~50k pages
+constexpr size_t kSelectSmemLimit = size_t(200) << 10;  // the block's keys: ~45k pages
 
 __device__ __forceinline__ int seq_tokens(const int32_t* seq_len, int b, int max_pages) {
   return max(0, min(seq_len[b], max_pages * kPageSize));
@@ -34,8 +34,10 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Page p of the block's run at p + p / 32 in shared memory: a thread's contiguous pages hit 32 banks.
-__host__ __device__ __forceinline__ int kidx(int p) { return p + (p >> 5); }
+// Page p of the block's run at p + 4 (p / 32) in shared memory: the radix passes and the emit read a
+// thread's contiguous run of pages (a multiple of 4 long) by 16-byte loads that hit distinct banks
+// across a quarter warp (runs of 32 pages: 36 words apart).
+__host__ __device__ __forceinline__ int kidx(int p) { return p + 4 * (p >> 5); }
 
 // One cluster of C blocks per (kv head, sequence): the page scores, the radix select of the r-th
 // largest and the ordered emit in one kernel. Block c of the cluster owns the contiguous run of pages
@@ -66,7 +68,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   const int C = (int)cl.num_blocks(), rank = (int)cl.block_rank();
   const int h = blockIdx.y, b = blockIdx.z, hkv = gridDim.y;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  extern __shared__ uint32_t s_keys[];  // [kidx(per)]: order keys of the block's pages
+  extern __shared__ __align__(16) uint32_t s_keys[];  // [kidx(per)]: order keys of the block's pages
 
   const int n = seq_tokens(seq_len, b, max_pages);
   const int np = (n + kPageSize - 1) / kPageSize;
@@ -145,7 +147,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
     const int qs0 = h0 < group ? s_q8sum[h0] : 0, qs1 = h1 < group ? s_q8sum[h1] : 0;
 
     const int32_t* pt = page_table + (int64_t)b * max_pages;
-    float* out = scores + li * max_pages;
+    float* const out = scores != nullptr ? scores + li * max_pages : nullptr;  // optional (tests)
     auto score = [&](float2 par, float sq, int q8sum, int dot, bool live) {
       const float v = page_bound_score(par.x, par.y, sq, q8sum, dot);
       return live ? (isnan(v) ? INFINITY : v) : -INFINITY;  // NaN cannot rule a page out
@@ -193,8 +195,14 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
           vb = fmaxf(vb, __shfl_xor_sync(0xffffffffu, vb, o));
         }
         const int pa_ = r0 + 16 * u + g, pb_ = pa_ + 8;
-        if (t4 == 0 && pa_ < be) out[pa_] = va, s_keys[kidx(pa_ - bb)] = order_key(va);
-        if (t4 == 1 && pb_ < be) out[pb_] = vb, s_keys[kidx(pb_ - bb)] = order_key(vb);
+        if (t4 == 0 && pa_ < be) {
+          s_keys[kidx(pa_ - bb)] = order_key(va);
+          if (out) out[pa_] = va;
+        }
+        if (t4 == 1 && pb_ < be) {
+          s_keys[kidx(pb_ - bb)] = order_key(vb);
+          if (out) out[pb_] = vb;
+        }
       }
     }
   }
@@ -202,22 +210,61 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
 
   // ---- radix select over the cluster: the r-th largest key among the middle pages 1 .. np-2 ----
   auto is_mid = [&](int p) { return p > 0 && p < np - 1; };
+  // Thread t takes a contiguous run of the block's pages (here and in the emit), a multiple of 4 long,
+  // read 8 keys at a time by two 16-byte loads (keys past the run are read, never used: a run ends
+  // inside the block's allocation, whose length per is a multiple of 32). Keys kept in registers for
+  // all passes instead (runs up to 32) were slower everywhere: 32-fold unrolled passes and emit.
+  // Runs shorter than 4 pages (blocks of under 1024 pages) stay 1-3 long: more threads share them.
+  const int cpt0 = (be - bb + kSelectThreads - 1) / kSelectThreads;
+  const int cpt = cpt0 >= 4 ? (cpt0 + 3) & ~3 : cpt0;
+  const int pb = min(be, bb + tid * cpt), pe = min(be, pb + cpt);
+  auto keys8 = [&](int p0, uint32_t (&key)[8]) {
+    if ((cpt & 3) == 0) {
+      const uint4 a = *reinterpret_cast<const uint4*>(&s_keys[kidx(p0 - bb)]);
+      const uint4 b = p0 + 4 < pe ? *reinterpret_cast<const uint4*>(&s_keys[kidx(p0 + 4 - bb)]) : make_uint4(0, 0, 0, 0);
+      key[0] = a.x, key[1] = a.y, key[2] = a.z, key[3] = a.w, key[4] = b.x, key[5] = b.y, key[6] = b.z, key[7] = b.w;
+    } else {  // cpt < 4: one run
+#pragma unroll
+      for (int u = 0; u < 3; ++u) key[u] = p0 + u < pe ? s_keys[kidx(p0 + u - bb)] : 0u;
+#pragma unroll
+      for (int u = 3; u < 8; ++u) key[u] = 0u;
+    }
+  };
   uint32_t prefix = 0, mask = 0, need = (uint32_t)r;
   if (r > 0) {
     for (int pass = 0; pass < 4; ++pass) {
       const int shift = 24 - 8 * pass;
       uint32_t* hb = hist[pass & 1];
-      for (int p0 = bb; p0 < be; p0 += kSelectThreads) {  // warp-uniform bounds: every lane takes the ballot
-        const int p = p0 + tid;
-        const bool in = p < be && is_mid(p);
-        const uint32_t key = in ? s_keys[kidx(p - bb)] : 0u;
-        const bool cand = in && (key & mask) == prefix;
-        const uint32_t digit = (key >> shift) & 255u;
-        // Warp-aggregated increments: early passes put most keys in one or two bins.
-        const unsigned act = __ballot_sync(0xffffffffu, cand);
-        if (cand) {
-          const unsigned same = __match_any_sync(act, digit);
-          if (lane == __ffs(same) - 1) atomicAdd(&hb[digit], (uint32_t)__popc(same));
+      // A thread counts its candidates as runs of one digit: a shared atomic when the digit changes,
+      // and for the last run one per warp when the warp's last runs share a digit (the early passes
+      // put nearly every key in one or two bins). Per-key warp aggregation (ballot + match.any per
+      // 256 pages) made the passes and the emit 76 of the select's 343 us at 64 x 128k (H200; 48 now).
+      uint32_t run_d = 0, run_n = 0;
+      for (int p0 = pb; p0 < pe; p0 += 8) {
+        uint32_t key[8];
+        keys8(p0, key);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int p = p0 + u;
+          if (p < pe && is_mid(p) && (key[u] & mask) == prefix) {
+            const uint32_t d = (key[u] >> shift) & 255u;
+            if (d != run_d && run_n > 0) {
+              atomicAdd(&hb[run_d], run_n);
+              run_n = 0;
+            }
+            run_d = d;
+            ++run_n;
+          }
+        }
+      }
+      const unsigned act = __ballot_sync(0xffffffffu, run_n > 0);
+      if (act != 0u) {
+        const uint32_t d0 = __shfl_sync(0xffffffffu, run_d, __ffs(act) - 1);
+        if (__all_sync(0xffffffffu, run_n == 0 || run_d == d0)) {
+          const uint32_t n_all = __reduce_add_sync(0xffffffffu, run_n);
+          if (lane == 0) atomicAdd(&hb[d0], n_all);
+        } else if (run_n > 0) {
+          atomicAdd(&hb[run_d], run_n);
         }
       }
       // Every block's histogram of this pass is complete; every remote read of the other buffer (the
@@ -259,21 +306,18 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   // before it, capped at `need`. Thread t takes contiguous pages of the block's run: its counts, one
   // 64-bit block scan (sure << 32 | tie) for its offsets within the block, the lower blocks' totals for
   // the block's, then its kept pages in order. ----
-  const int cpt = (be - bb + kSelectThreads - 1) / kSelectThreads;
-  const int pb = min(be, bb + tid * cpt), pe = min(be, pb + cpt);
-  auto key_at = [&](int p) { return (r == 0 || !is_mid(p)) ? 0u : s_keys[kidx(p - bb)]; };
   // f(p, sure, tie) for this thread's pages in order, their keys loaded 8 at a time.
   auto each_page = [&](auto&& f) {
     for (int p0 = pb; p0 < pe; p0 += 8) {
       uint32_t key[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) key[u] = p0 + u < pe ? key_at(p0 + u) : 0u;
+      keys8(p0, key);
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         const int p = p0 + u;
         if (p >= pe) break;
-        const int sure = p == 0 || p == np - 1 || (r > 0 && key[u] > prefix);
-        const int tie = !sure && r > 0 && key[u] == prefix;
+        const bool mid = r > 0 && is_mid(p);
+        const int sure = p == 0 || p == np - 1 || (mid && key[u] > prefix);
+        const int tie = !sure && mid && key[u] == prefix;
         f(p, sure, tie);
       }
     }
@@ -381,7 +425,7 @@ void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, in
 
 }  // namespace
 
-size_t quest_workspace_bytes(const PagedKV& kv) {
+size_t quest_scores_bytes(const PagedKV& kv) {
   return (size_t)kv.batch * kv.n_kv_heads * kv.max_pages * sizeof(float);
 }
 
@@ -391,8 +435,8 @@ int64_t quest_list_capacity(const PagedKV& kv, int64_t budget_tokens) {
 }
 
 void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
-                  int64_t max_seq_len, const TokenLists& out, void* workspace, size_t workspace_bytes,
-                  cudaStream_t stream) {
+                  int64_t max_seq_len, const TokenLists& out, cudaStream_t stream, float* scores,
+                  size_t scores_bytes) {
   check_config(kv);
   TW_CHECK(side.bcode != nullptr && side.bparam != nullptr, "quest: null page bounds (bcode / bparam)");
   TW_CHECK(reinterpret_cast<uintptr_t>(side.bcode) % 16 == 0 && reinterpret_cast<uintptr_t>(side.bparam) % 8 == 0,
@@ -404,10 +448,10 @@ void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int
   const int64_t cap = quest_list_capacity(kv, budget_tokens);
   TW_CHECK(out.capacity >= cap, "quest: token list capacity ", out.capacity, " < ", cap,
            " (budget ", budget_tokens, " rounded up to pages)");
-  const size_t need = quest_workspace_bytes(kv);
-  TW_CHECK(workspace != nullptr && workspace_bytes >= need, "quest: workspace of ", workspace_bytes,
-           " bytes, needs ", need);
-  float* scores = static_cast<float*>(workspace);
+  if (scores != nullptr) {
+    const size_t need = quest_scores_bytes(kv);
+    TW_CHECK(scores_bytes >= need, "quest: score buffer of ", scores_bytes, " bytes, needs ", need);
+  }
   if (kv.head_dim == 64)
     launch_select<64>(kv, side, q, budget_tokens, max_seq_len, out, scores, stream);
   else

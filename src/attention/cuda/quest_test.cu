@@ -91,7 +91,7 @@ void run_case(std::mt19937_64& rng, const QuestCase& c, const std::vector<int64_
   DeviceBuffer dq = to_device(q);
   const PagedKV kv = pb.view();
   const int64_t max_len = *std::max_element(c.lens.begin(), c.lens.end());
-  DeviceBuffer ws(quest_workspace_bytes(kv));
+  DeviceBuffer ws(quest_scores_bytes(kv));
   for (int64_t budget : budgets) {
     SCOPED_TRACE(cat("budget ", budget));
     const int cap = (int)quest_list_capacity(kv, budget) + 5;
@@ -100,10 +100,18 @@ void run_case(std::mt19937_64& rng, const QuestCase& c, const std::vector<int64_
     TW_CUDA_CHECK(cudaMemset(dcount.get(), 0xFF, dcount.size()));
     TW_CUDA_CHECK(cudaMemset(dtok.get(), 0xFF, dtok.size()));  // -1: untouched entries show
     TokenLists tl{dcount.as<int32_t>(), dtok.as<int32_t>(), cap};
-    quest_select(kv, side, dq.as<float>(), budget, max_len, tl, ws.get(), ws.size());
+    quest_select(kv, side, dq.as<float>(), budget, max_len, tl, nullptr, ws.as<float>(), ws.size());
     TW_CUDA_CHECK(cudaDeviceSynchronize());
     const auto count = to_host<int32_t>(dcount, n_lists), tok = to_host<int32_t>(dtok, n_lists * cap);
     const auto gscores = to_host<float>(ws, (size_t)batch * hkv * pb.max_pages);
+    {  // the decode step's form, without the score output: the same lists
+      TW_CUDA_CHECK(cudaMemset(dcount.get(), 0xFF, dcount.size()));
+      TW_CUDA_CHECK(cudaMemset(dtok.get(), 0xFF, dtok.size()));
+      quest_select(kv, side, dq.as<float>(), budget, max_len, tl);
+      TW_CUDA_CHECK(cudaDeviceSynchronize());
+      ASSERT_EQ(to_host<int32_t>(dcount, n_lists), count) << "counts without the score output";
+      ASSERT_EQ(to_host<int32_t>(dtok, n_lists * cap), tok) << "lists without the score output";
+    }
     for (int b = 0; b < batch; ++b) {
       Selection sel;
       select_quest(ks, seqs[b], 0, {H, hkv, d}, q.data() + (size_t)b * H * d, c.lens[b], budget, GqaMode::Group, sel);
@@ -154,6 +162,25 @@ TEST(QuestCuda, MatchesCpuSelectQuest) {
           total += (int)(lens.size() * hkv * budgets.size());
         }
   EXPECT_EQ(exact, total) << exact << " of " << total << " lists compared exactly";
+}
+
+// More lists than the device holds clusters of two blocks (H200: one block per list then), one of them
+// past 8192 middle pages: its block's threads take runs of 36 pages (several 8-key rounds each, the
+// last one partial) in the radix passes and the emit; the short lists' blocks, one page per thread.
+TEST(QuestCuda, ManyListsOneLongRun) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> len(16, 2000);
+  const int batch = sm_count() + 1, hkv = 2;
+  std::vector<int> lens;
+  for (int b = 0; b + 1 < batch; ++b) lens.push_back(len(rng));
+  lens.push_back(140001);  // 8751 pages
+  const std::vector<int64_t> budgets = {100, 1000, 8192, 20000};
+  int exact = 0;
+  run_case(rng, {KvDtype::F16, 64, 4, hkv, lens, Values::Dyadic}, budgets, exact);
+  EXPECT_EQ(exact, batch * hkv * (int)budgets.size());
 }
 
 // Long rows: enough page rows (batch x Hkv x pages) that the scoring warps take several 32-page rounds
@@ -217,14 +244,14 @@ TEST(QuestCuda, LongRowsMatchCpuSelectQuest) {
   kv.page_table = dpt.as<int32_t>(), kv.seq_len = dlen.as<int32_t>();
   kv.batch = batch, kv.n_heads = H, kv.n_kv_heads = hkv, kv.head_dim = d, kv.max_pages = max_pages;
   kv.n_pages = n_pages;
-  DeviceBuffer ws(quest_workspace_bytes(kv));
+  DeviceBuffer ws(quest_scores_bytes(kv));
   for (int64_t budget : {8192, 40000}) {
     SCOPED_TRACE(cat("budget ", budget));
     const int cap = (int)quest_list_capacity(kv, budget);
     const size_t n_lists = (size_t)batch * hkv;
     DeviceBuffer dcount(n_lists * 4), dtok(n_lists * cap * 4);
     TokenLists tl{dcount.as<int32_t>(), dtok.as<int32_t>(), cap};
-    quest_select(kv, side, dq.as<float>(), budget, 140001, tl, ws.get(), ws.size());
+    quest_select(kv, side, dq.as<float>(), budget, 140001, tl, nullptr, ws.as<float>(), ws.size());
     TW_CUDA_CHECK(cudaDeviceSynchronize());
     const auto count = to_host<int32_t>(dcount, n_lists), tok = to_host<int32_t>(dtok, n_lists * cap);
     for (int b = 0; b < batch; ++b) {
@@ -253,14 +280,14 @@ TEST(QuestCuda, BadInputIsAnError) {
   const PagedKV kv = pb.view();
   using ::tw::cuda::test::expect_error;
   TokenLists tl{cnt.as<int32_t>(), tok.as<int32_t>(), 64};
-  expect_error([&] { quest_select(kv, side, q.as<float>(), 0, 100, tl, ws.get(), ws.size()); }, "budget");
-  expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, ws.get(), ws.size()); }, "capacity 64 < 112");
+  expect_error([&] { quest_select(kv, side, q.as<float>(), 0, 100, tl, nullptr, ws.as<float>(), ws.size()); }, "budget");
+  expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), ws.size()); }, "capacity 64 < 112");
   tl.capacity = 128;
-  expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, ws.get(), 4); }, "workspace");
-  expect_error([&] { quest_select(kv, KeySideDev{}, q.as<float>(), 100, 100, tl, ws.get(), ws.size()); }, "null page bounds");
+  expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), 4); }, "score buffer");
+  expect_error([&] { quest_select(kv, KeySideDev{}, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), ws.size()); }, "null page bounds");
   PagedKV bad = kv;
   bad.n_heads = 18;
-  expect_error([&] { quest_select(bad, side, q.as<float>(), 100, 100, tl, ws.get(), ws.size()); }, "GQA group 9");
+  expect_error([&] { quest_select(bad, side, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), ws.size()); }, "GQA group 9");
 }
 
 }  // namespace

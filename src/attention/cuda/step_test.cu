@@ -28,8 +28,8 @@ struct Step {
   PruneParams prm;
   int cap0 = 0;
   DevLists i0, i1;
-  DeviceBuffer mass, qws, sws, out;
-  size_t qws_bytes = 0, sws_bytes = 0;
+  DeviceBuffer mass, sws, out;
+  size_t sws_bytes = 0;
 
   Step(const Batch& b, int64_t budget_, int64_t max_len_, float p)
       : B(b),
@@ -41,13 +41,11 @@ struct Step {
         mass((size_t)b.batch * b.spec.n_kv_heads * 4),
         out(b.q.size() * 4) {
     prm.p = p;
-    qws_bytes = quest_workspace_bytes(B.kv);
     sws_bytes = sparse_decode_workspace_bytes(B.kv, i1.tl.capacity);
-    qws = DeviceBuffer(qws_bytes);
     sws = DeviceBuffer(sws_bytes);
   }
   void run(cudaStream_t s) {
-    quest_select(B.kv, B.ks, B.d_q.as<float>(), budget, max_len, i0.tl, qws.get(), qws_bytes, s);
+    quest_select(B.kv, B.ks, B.d_q.as<float>(), budget, max_len, i0.tl, s);
     prune_topp(B.kv, B.ks, B.d_q.as<float>(), i0.tl, prm, i1.tl, mass.as<float>(), s);
     sparse_decode(B.kv, B.d_q.as<float>(), i1.tl, out.as<float>(), sws.get(), sws_bytes, s);
   }
