@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   __syncthreads();  // the block's keys are in shared memory
 
   // A block alone in its cluster (more lists than resident clusters of two) needs only block barriers
-  // (H200, two alternations: select 64 x 32k 102.7 -> 98.8 us, 64 x 128k 315.5 -> 312.5; batch 1 and 16 unchanged).
+  // (H200: select 64 x 32k 102.7 -> 98.8 us, 64 x 128k 315.5 -> 312.5; batch 1 and 16 unchanged).
   auto cluster_sync = [&] {
     if (C > 1)
       cl.sync();
