@@ -230,7 +230,8 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   auto keys8 = [&](int p0, uint32_t (&key)[8]) {
     if ((cpt & 3) == 0) {
       const uint4 a = *reinterpret_cast<const uint4*>(&s_keys[kidx(p0 - bb)]);
-      const uint4 b = p0 + 4 < pe ? *reinterpret_cast<const uint4*>(&s_keys[kidx(p0 + 4 - bb)]) : make_uint4(0, 0, 0, 0);
+      const uint4 b =
+          p0 + 4 < pe ? *reinterpret_cast<const uint4*>(&s_keys[kidx(p0 + 4 - bb)]) : make_uint4(0u, 0u, 0u, 0u);
       key[0] = a.x, key[1] = a.y, key[2] = a.z, key[3] = a.w, key[4] = b.x, key[5] = b.y, key[6] = b.z, key[7] = b.w;
     } else {  // cpt < 4: one run
 #pragma unroll

@@ -280,14 +280,14 @@ TEST(QuestCuda, BadInputIsAnError) {
   const PagedKV kv = pb.view();
   using ::tw::cuda::test::expect_error;
   TokenLists tl{cnt.as<int32_t>(), tok.as<int32_t>(), 64};
-  expect_error([&] { quest_select(kv, side, q.as<float>(), 0, 100, tl, nullptr, ws.as<float>(), ws.size()); }, "budget");
-  expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), ws.size()); }, "capacity 64 < 112");
+  expect_error([&] { quest_select(kv, side, q.as<float>(), 0, 100, tl); }, "budget");
+  expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl); }, "capacity 64 < 112");
   tl.capacity = 128;
   expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), 4); }, "score buffer");
-  expect_error([&] { quest_select(kv, KeySideDev{}, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), ws.size()); }, "null page bounds");
+  expect_error([&] { quest_select(kv, KeySideDev{}, q.as<float>(), 100, 100, tl); }, "null page bounds");
   PagedKV bad = kv;
   bad.n_heads = 18;
-  expect_error([&] { quest_select(bad, side, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), ws.size()); }, "GQA group 9");
+  expect_error([&] { quest_select(bad, side, q.as<float>(), 100, 100, tl); }, "GQA group 9");
 }
 
 }  // namespace
