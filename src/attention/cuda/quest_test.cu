@@ -185,8 +185,8 @@ TEST(QuestCuda, ManyListsOneLongRun) {
 
 // Long rows: enough page rows (batch x Hkv x pages) that the scoring warps take several 32-page rounds
 // each (pages per warp from ~200k rows up on 132 SMs; the other tests stay at one round), and one
-// sequence past 8192 middle pages (the emit kernel's uncached key path). No K / V: random bound codes
-// and params written into the CPU key side, mirrored as they are.
+// sequence past 8192 middle pages. No K / V: random bound codes and params written into the CPU key
+// side, mirrored as they are.
 TEST(QuestCuda, LongRowsMatchCpuSelectQuest) {
   TW_REQUIRE_CUDA_DEVICE();
   const uint64_t seed = fresh_seed();
@@ -196,7 +196,7 @@ TEST(QuestCuda, LongRowsMatchCpuSelectQuest) {
   std::vector<int> lens(31);
   std::uniform_int_distribution<int> len(95000, 102400);
   for (int& l : lens) l = len(rng);
-  lens.push_back(140001);  // 8751 pages: 8749 middle pages, past the 8192 the emit kernel caches
+  lens.push_back(140001);  // 8751 pages: 8749 middle pages
   const int batch = (int)lens.size();
   std::vector<int> np(batch);
   int max_pages = 0;
