@@ -240,6 +240,18 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
       for (int u = 3; u < 8; ++u) key[u] = 0u;
     }
   };
+  // f(p, key) for this thread's pages in order (the passes and the emit).
+  auto for_keys = [&](auto&& f) {
+    for (int p0 = pb; p0 < pe; p0 += 8) {
+      uint32_t key[8];
+      keys8(p0, key);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        if (p0 + u >= pe) break;
+        f(p0 + u, key[u]);
+      }
+    }
+  };
   uint32_t prefix = 0, mask = 0, need = (uint32_t)r;
   if (r > 0) {
     for (int pass = 0; pass < 4; ++pass) {
@@ -250,23 +262,17 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
       // put nearly every key in one or two bins). Per-key warp aggregation (ballot + match.any per
       // 256 pages) made the passes and the emit 76 of the select's 343 us at 64 x 128k (H200; 48 now).
       uint32_t run_d = 0, run_n = 0;
-      for (int p0 = pb; p0 < pe; p0 += 8) {
-        uint32_t key[8];
-        keys8(p0, key);
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int p = p0 + u;
-          if (p < pe && is_mid(p) && (key[u] & mask) == prefix) {
-            const uint32_t d = (key[u] >> shift) & 255u;
-            if (d != run_d && run_n > 0) {
-              atomicAdd(&hb[run_d], run_n);
-              run_n = 0;
-            }
-            run_d = d;
-            ++run_n;
+      for_keys([&](int p, uint32_t key) {
+        if (is_mid(p) && (key & mask) == prefix) {
+          const uint32_t d = (key >> shift) & 255u;
+          if (d != run_d && run_n > 0) {
+            atomicAdd(&hb[run_d], run_n);
+            run_n = 0;
           }
+          run_d = d;
+          ++run_n;
         }
-      }
+      });
       const unsigned act = __ballot_sync(0xffffffffu, run_n > 0);
       if (act != 0u) {
         const uint32_t d0 = __shfl_sync(0xffffffffu, run_d, __ffs(act) - 1);
@@ -319,21 +325,14 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   // before it, capped at `need`. Thread t takes contiguous pages of the block's run: its counts, one
   // 64-bit block scan (sure << 32 | tie) for its offsets within the block, the lower blocks' totals for
   // the block's, then its kept pages in order. ----
-  // f(p, sure, tie) for this thread's pages in order, their keys loaded 8 at a time.
+  // f(p, sure, tie) for this thread's pages in order.
   auto each_page = [&](auto&& f) {
-    for (int p0 = pb; p0 < pe; p0 += 8) {
-      uint32_t key[8];
-      keys8(p0, key);
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int p = p0 + u;
-        if (p >= pe) break;
-        const bool mid = r > 0 && is_mid(p);
-        const int sure = p == 0 || p == np - 1 || (mid && key[u] > prefix);
-        const int tie = !sure && mid && key[u] == prefix;
-        f(p, sure, tie);
-      }
-    }
+    for_keys([&](int p, uint32_t key) {
+      const bool mid = r > 0 && is_mid(p);
+      const int sure = p == 0 || p == np - 1 || (mid && key > prefix);
+      const int tie = !sure && mid && key == prefix;
+      f(p, sure, tie);
+    });
   };
   int n_sure = 0, n_tie = 0;
   each_page([&](int, int su, int ti) { n_sure += su, n_tie += ti; });
