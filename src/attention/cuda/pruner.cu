@@ -6,6 +6,7 @@
 #include <cmath>
 #include <mutex>
 
+#include "attention/cuda/cluster.cuh"
 #include "attention/cuda/imma.cuh"
 #include "common/error.h"
 #include "ops/cuda/cuda_check.h"
@@ -30,18 +31,6 @@ constexpr int kMaxCluster = 16;
 constexpr uint32_t kPrioKey = 0x3fc00000u;  // 1.5f: the current token's rank for floor / cap, above any weight
 static_assert(kBins == 4 * kThreads, "four bins per thread (one 16-byte load per limb)");
 
-// A cluster-wide barrier; a one-block cluster (the whole list in one block) needs only the block's.
-__device__ __forceinline__ void cluster_sync(cg::cluster_group& cl, int C) {
-  if (C == 1)
-    __syncthreads();
-  else
-    cl.sync();
-}
-// Block r's copy of a shared-memory field (its own copy without a distributed-shared-memory load).
-template <class T>
-__device__ __forceinline__ T* block_field(cg::cluster_group& cl, int C, T* p, int r) {
-  return C == 1 ? p : cl.map_shared_rank(p, r);
-}
 
 using u64 = unsigned long long;
 // Histogram masses are fixed point, w * 2^52 (w <= ~1: sums stay far below 2^63): integer atomics

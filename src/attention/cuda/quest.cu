@@ -9,6 +9,7 @@
 #include <mutex>
 #include <utility>
 
+#include "attention/cuda/cluster.cuh"
 #include "attention/cuda/imma.cuh"
 #include "attention/page_bounds.h"
 #include "common/error.h"
@@ -209,13 +210,8 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   __syncthreads();  // the block's keys are in shared memory
 
   // A block alone in its cluster (more lists than resident clusters of two) needs only block barriers
-  // (H200: select 64 x 32k 102.7 -> 98.8 us, 64 x 128k 315.5 -> 312.5; batch 1 and 16 unchanged).
-  auto cluster_sync = [&] {
-    if (C > 1)
-      cl.sync();
-    else
-      __syncthreads();
-  };
+  // (cluster.cuh; H200: select 64 x 32k 102.7 -> 98.8 us, 64 x 128k 315.5 -> 312.5; batch 1 and 16
+  // unchanged).
 
   // ---- radix select over the cluster: the r-th largest key among the middle pages 1 .. np-2 ----
   auto is_mid = [&](int p) { return p > 0 && p < np - 1; };
@@ -285,9 +281,9 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
       }
       // Every block's histogram of this pass is complete; every remote read of the other buffer (the
       // previous pass) is done, so it is cleared for the next pass below.
-      cluster_sync();
+      cluster_sync(cl, C);
       uint32_t tot = 0;
-      if (C == 1)
+      if (C == 1)  // the block's own (block_field inside the loop compiled to ~100 more instructions)
         tot = hb[tid];
       else
         for (int c = 0; c < C; ++c) tot += cl.map_shared_rank(hb, c)[tid];
@@ -341,9 +337,9 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   long long excl, agg;
   Scan(scan_tmp).ExclusiveSum(((long long)n_sure << 32) | n_tie, excl, agg);
   if (tid == 0) s_agg = agg;
-  cluster_sync();  // every block's totals are published
+  cluster_sync(cl, C);  // every block's totals are published
   long long base = 0;
-  for (int c = 0; c < rank; ++c) base += *cl.map_shared_rank(&s_agg, c);
+  for (int c = 0; c < rank; ++c) base += *cl.map_shared_rank(&s_agg, c);  // rank > 0: C > 1
   excl += base;
   int sure_before = (int)(excl >> 32), tie_before = (int)(excl & 0xffffffffLL);
   const bool vec = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;  // any capacity is allowed
