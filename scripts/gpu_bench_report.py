@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Merge the GPU attention benchmark (twilight bench --gpu --json) with the PyTorch SDPA anchors
-(scripts/gpu_sdpa_anchor.py --json) measured in the same call on the same GPU: a markdown table of
-ratios against the best dense kernel, a table of the Twilight stages (time, bytes read by the byte model of
-TWILIGHT.md section 2, GB/s and % of the copy bandwidth measured in the run), and a PNG of Twilight's
-speedup vs context per batch size.
+"""Merge the GPU attention benchmark (twilight bench --gpu --json) with the dense anchors measured in
+the same call on the same GPU: PyTorch SDPA (scripts/gpu_sdpa_anchor.py --json) and, where its wheels
+were carried, FlashInfer's paged batch decode (scripts/gpu_flashinfer_anchor.py --json). Writes a
+markdown table of ratios against the best dense kernel (ours or an anchor), a table of the Twilight
+stages (time, bytes read by the byte model of TWILIGHT.md section 2, GB/s and % of the copy bandwidth
+measured in the run), and a PNG of Twilight's speedup vs context per batch size.
 
-usage: gpu_bench_report.py OURS.jsonl SDPA.jsonl OUT.md [OUT.png]
+usage: gpu_bench_report.py OURS.jsonl SDPA.jsonl OUT.md [OUT.png] [--fi FLASHINFER.jsonl]
 """
 import json
 import sys
@@ -17,30 +18,59 @@ def load(path):
 
 
 def main():
-    if len(sys.argv) < 4:
+    args = sys.argv[1:]
+    fi_path = None
+    if "--fi" in args:
+        i = args.index("--fi")
+        if i + 1 >= len(args):
+            sys.exit("gpu_bench_report.py: --fi needs a file")
+        fi_path = args[i + 1]
+        del args[i:i + 2]
+    if len(args) < 3:
         sys.exit(__doc__)
-    ours, sdpa = load(sys.argv[1]), load(sys.argv[2])
+    ours, sdpa = load(args[0]), load(args[1])
+    fi = load(fi_path) if fi_path else []
     dev = next((r for r in ours if r.get("kind") == "device"), {})
     copy = next((r for r in sdpa if r.get("kind") == "copy"), {})
+    fi_copy = next((r for r in fi if r.get("kind") == "copy"), None)
     anchors = {(r["batch"], r["ctx"]): r for r in sdpa if r.get("kind") == "sdpa" and "best_us" in r}
+    fi_rows = {(r["batch"], r["ctx"]): r for r in fi if r.get("kind") == "flashinfer" and "best_us" in r}
     rows = [r for r in ours if r.get("kind") == "row" and "twilight_graph_us" in r]
+
+    def best_dense(r):
+        """The fastest dense decode at this size: ours, SDPA's best backend, FlashInfer's best path."""
+        cands = [r["dense_us"]]
+        for tab in (anchors, fi_rows):
+            x = tab.get((r["batch"], r["ctx"]))
+            if x:
+                cands.append(x["best_us"])
+        return min(cands)
+
     out = []
     out.append(f"GPU {dev.get('gpu', '?')}; copy bandwidth {dev.get('copy_GBps', 0):.0f} GB/s (ours), "
                f"{copy.get('copy_GBps', 0):.0f} GB/s (PyTorch, same call); torch {copy.get('torch', '?')}, "
-               f"cuDNN {copy.get('cudnn', '?')}; shape H {dev.get('heads')} / Hkv {dev.get('kv_heads')} / d "
+               f"cuDNN {copy.get('cudnn', '?')}; "
+               + (f"FlashInfer {fi_copy.get('flashinfer', '?')} (paged, page 16, our layout)" if fi_copy
+                  else "FlashInfer: not run")
+               + f"; shape H {dev.get('heads')} / Hkv {dev.get('kv_heads')} / d "
                f"{dev.get('head_dim')}, {dev.get('dtype')}; input {dev.get('input')}\n")
-    out.append("| batch | ctx | p | B0 | SDPA best us (backend) | ours dense us | dense: SDPA/ours | Quest us | "
-               "Twilight us | pruner % of step | I1 avg (% ctx) | x best dense | x Quest |")
-    out.append("| " + " | ".join(["---"] * 13) + " |")
+    out.append("| batch | ctx | p | B0 | SDPA best us (backend) | FlashInfer us (path) | ours dense us | "
+               "dense: best anchor/ours | Quest us | Twilight us | pruner % of step | I1 avg (% ctx) | "
+               "x best dense | x Quest |")
+    out.append("| " + " | ".join(["---"] * 14) + " |")
     for r in rows:
         a = anchors.get((r["batch"], r["ctx"]))
-        best = min(r["dense_us"], a["best_us"]) if a else r["dense_us"]
-        quest = r["quest_select_us"] + r["quest_attend_us"]
+        f = fi_rows.get((r["batch"], r["ctx"]))
+        best = best_dense(r)
+        anchor_best = min([x["best_us"] for x in (a, f) if x] or [float("nan")])
+        # Fixed-budget Quest: its graph-replayed step (older runs: the sum of its two stages).
+        quest = r.get("quest_graph_us", r["quest_select_us"] + r["quest_attend_us"])
         tw = r["twilight_graph_us"]
         prune_share = 100 * r["prune_us"] / (r["quest_select_us"] + r["prune_us"] + r["attend_us"])
         out.append(f"| {r['batch']} | {r['ctx']} | {r['p']:g} | {r['b0']} | "
-                   + (f"{a['best_us']:.1f} ({a['best']})" if a else "n/a")
-                   + f" | {r['dense_us']:.1f} | " + (f"{a['best_us'] / r['dense_us']:.2f}" if a else "n/a")
+                   + (f"{a['best_us']:.1f} ({a['best']})" if a else "n/a") + " | "
+                   + (f"{f['best_us']:.1f} ({f['best']})" if f else "n/a")
+                   + f" | {r['dense_us']:.1f} | " + (f"{anchor_best / r['dense_us']:.2f}" if (a or f) else "n/a")
                    + f" | {quest:.1f} | {tw:.1f} | {prune_share:.0f}% | {r['i1_avg']:.0f} "
                    f"({100 * r['i1_avg'] / r['ctx']:.2f}%) | {best / tw:.2f} | {quest / tw:.2f} |")
     # Per stage: select (Quest page scores + top pages), prune (INT4 estimate + top-p), attend (sparse
@@ -62,17 +92,22 @@ def main():
         out.append(f"| {r['batch']} | {r['ctx']} | {r['p']:g} | {r['b0']} | "
                    f"{sel} | {stage(r['prune_us'], r['bytes_prune'])} | "
                    f"{stage(r['attend_us'], r['bytes_attend'])} | {r['i0_avg']:.0f} | {r['i1_avg']:.0f} |")
-    errs = [r for r in sdpa if r.get("kind") == "sdpa" and any(k.endswith("_error") for k in r)]
+    errs = [r for r in sdpa + fi if r.get("kind") in ("sdpa", "flashinfer") and any(k.endswith("_error") for k in r)]
     if errs:
-        out.append("\nSDPA backends that refused a shape:")
+        out.append("\nAnchor backends that refused a shape:")
         for r in errs:
             for k, v in r.items():
                 if k.endswith("_error"):
-                    out.append(f"- batch {r['batch']}, ctx {r['ctx']}: {k[:-6]}: {v}")
+                    out.append(f"- {r['kind']} batch {r['batch']}, ctx {r['ctx']}: {k[:-6]}: {v}")
+    eager = [(r, k) for r in sdpa + fi for k in r if k.endswith("_timing") and r[k] != "graph"]
+    if eager:
+        out.append("\nAnchors timed by back-to-back calls (graph capture refused):")
+        for r, k in eager:
+            out.append(f"- {r['kind']} batch {r['batch']}, ctx {r['ctx']}: {k[:-7]}: {r[k]}")
     text = "\n".join(out) + "\n"
-    open(sys.argv[3], "w").write(text)
+    open(args[2], "w").write(text)
     print(text)
-    if len(sys.argv) > 4 and rows:
+    if len(args) > 3 and rows:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -85,9 +120,7 @@ def main():
                         is_l4 = r["b0"] == r["ctx"] // 4 and r["b0"] != 8192
                         if r["batch"] != batch or r["p"] != p or (b0_mode == "ctx/4") != is_l4:
                             continue
-                        a = anchors.get((r["batch"], r["ctx"]))
-                        best = min(r["dense_us"], a["best_us"]) if a else r["dense_us"]
-                        pts.append((r["ctx"], best / r["twilight_graph_us"]))
+                        pts.append((r["ctx"], best_dense(r) / r["twilight_graph_us"]))
                     if pts:
                         pts.sort()
                         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"batch {batch}, p {p:g}")
@@ -100,7 +133,7 @@ def main():
         fig.suptitle(f"{dev.get('gpu', 'GPU')}: H {dev.get('heads')} / Hkv {dev.get('kv_heads')} / d {dev.get('head_dim')}, "
                      f"input {dev.get('input')}")
         fig.tight_layout()
-        fig.savefig(sys.argv[4], dpi=120)
+        fig.savefig(args[3], dpi=120)
 
 
 if __name__ == "__main__":

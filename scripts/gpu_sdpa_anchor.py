@@ -5,63 +5,25 @@ One decode step (one query token per sequence) over a contiguous KV cache, at th
 twilight benchmark uses, with each backend PyTorch offers (cuDNN, flash, memory-efficient) and
 enable_gqa (no K/V repetition in memory). Runs on the GPU machine, where PyTorch is installed.
 
-Measurement (docs/BENCHMARKS.md, "GPU attention"): every call reads a different KV set, rotated
-over enough distinct sets that their total is several times the 60 MB L2 (one shared buffer would
-time the cache, not HBM); a timed block is `reps` calls between two CUDA events; the figure is the
-median over `trials` blocks, per call. The copy bandwidth is measured in the same process
-(device-to-device copy of 2 GiB, bytes read + written), so %-of-copy is a same-run ratio.
+Measurement: gpu_anchor_util.py (rotated KV sets off the L2, CUDA-graph replay, medians, the copy
+bandwidth in the same process).
 
 Output: one JSON object per line to stdout (and --json FILE): kind "copy" or "sdpa".
 """
 import argparse
-import json
-import math
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gpu_anchor_util import Emitter, copy_bandwidth, error_text, kv_set_count, rel_err, time_calls
+
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
-def time_calls(fn, n_sets, reps, trials):
-    """Median per-call time (s) of fn(i) for i rotating over n_sets, timed in blocks of reps calls."""
-    for i in range(min(n_sets, 3)):  # warm-up: module load, autotuning, workspace
-        fn(i)
-    torch.cuda.synchronize()
-    times = []
-    k = 0
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            fn(k % n_sets)
-            k += 1
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / reps)
-    return median(times)
-
-
-def copy_bandwidth(trials=9):
-    n = 1 << 30  # 1 Gi elements of fp16 = 2 GiB
-    src = torch.randn(n, device="cuda", dtype=torch.float16)
-    dst = torch.empty_like(src)
-    t = time_calls(lambda i: dst.copy_(src), 1, 5, trials)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * n * 2 / t  # bytes read + written per second
 
 
 def main():
@@ -82,14 +44,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_sdpa_anchor: no CUDA device")
     dt = getattr(torch, a.dtype)
-    out = open(a.json, "w") if a.json else None
-
-    def emit(obj):
-        line = json.dumps(obj)
-        print(line, flush=True)
-        if out:
-            out.write(line + "\n")
-            out.flush()
+    emit = Emitter(a.json)
 
     emit({"kind": "copy", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
           "cudnn": torch.backends.cudnn.version(), "copy_GBps": copy_bandwidth() / 1e9})
@@ -98,10 +53,8 @@ def main():
     for B in [int(x) for x in a.batch.split(",")]:
         for L in [int(x) for x in a.ctx.split(",")]:
             kv_bytes = 2 * B * Hkv * L * d * torch.finfo(dt).bits // 8  # K + V read once per call
-            n_sets = max(2, math.ceil(a.min_bytes / kv_bytes))
-            if n_sets * kv_bytes > a.max_mem:
-                n_sets = 1 if kv_bytes <= a.max_mem else 0
-            if n_sets == 0 or (n_sets == 1 and kv_bytes < 4 * 60e6):
+            n_sets = kv_set_count(kv_bytes, a.min_bytes, a.max_mem)
+            if n_sets == 0:
                 emit({"kind": "sdpa", "batch": B, "ctx": L, "skipped": "does not fit with rotation"})
                 continue
             g = torch.Generator(device="cuda").manual_seed(B * 1000003 + L)
@@ -118,17 +71,18 @@ def main():
                     with sdpa_kernel([be]):
                         o = F.scaled_dot_product_attention(q, ks[0], vs[0], enable_gqa=True)
                         if ref is not None:
-                            err = ((o.float() - ref).norm() / ref.norm()).item()
+                            err = rel_err(o, ref)
                             if not err < 2e-2:
                                 raise RuntimeError(f"wrong result (rel err {err:.3g})")
-                        t = time_calls(lambda i: F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True),
-                                       n_sets, a.reps, a.trials)
+                        t, how = time_calls(lambda i: F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True),
+                                            n_sets, a.reps, a.trials)
                     row[name + "_us"] = t * 1e6
+                    row[name + "_timing"] = how
                     row[name + "_GBps"] = kv_bytes / t / 1e9
                     if best is None or t < best[1]:
                         best = (name, t)
                 except Exception as e:  # a backend that refuses the shape is reported, not hidden
-                    row[name + "_error"] = str(e).splitlines()[0][:160]
+                    row[name + "_error"] = error_text(e)
             if best:
                 row["best"] = best[0]
                 row["best_us"] = best[1] * 1e6
