@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common/error.h"
 #include "ops/cuda/cuda_check.h"
@@ -87,71 +88,104 @@ __global__ void __launch_bounds__(kWarps * 32) dense_decode_kernel(
   });
 }
 
-// Merges the splits of one (sequence, query head): one thread per dim. Few splits: a loop per thread.
-// Many (batch 1 splits a sequence 33-128 ways): the split maxima and weights are computed once per
-// split, D splits at a time (one per thread), and shared, so each thread's loop over the splits is
-// independent loads and multiply-adds. H200, batch 1 x 32k: the real-model shape (2 kv heads, 128
-// splits) 25.4-25.9 -> 22.9-23.3 us, Llama-3.1-8B's (33 splits) -0.6-0.8 us; with 8 splits the
-// shared version was ~1 us slower than the loop, and broadcasting the weights by shuffles instead of
-// shared memory was slower than both.
+// Merges the splits of one (sequence, query head), few splits (batch >= 16 splits a sequence 1-16
+// ways): one thread per dim, a loop over the splits.
+constexpr int kFewSplits = 16;
+
 template <int D>
 __global__ void __launch_bounds__(D) dense_combine_kernel(const float* __restrict__ part_o,
                                                           const float2* __restrict__ part_ml,
                                                           const int32_t* __restrict__ seq_len, int max_pages,
                                                           int n_splits, int pages_per_split, float* __restrict__ out) {
-  static_assert(D % 32 == 0, "whole warps");
-  constexpr int kW = D / 32, kFewSplits = 16;
-  __shared__ float s_f[D];
-  __shared__ float s_red[kW];
   const int hq = blockIdx.x, b = blockIdx.y, dim = threadIdx.x, n_heads = gridDim.x;
-  const int lane = dim & 31, warp = dim >> 5;
   const int np = (seq_tokens(seq_len, b, max_pages) + kPageSize - 1) / kPageSize;
   const int ns = min(n_splits, (np + pages_per_split - 1) / pages_per_split);  // splits that ran
   const int64_t row = (int64_t)b * n_heads + hq;
   const float2* ml = part_ml + row * n_splits;
   const float* po = part_o + row * n_splits * D + dim;
   float mm = -INFINITY, O = 0.f, L = 0.f;
-  if (ns <= kFewSplits) {  // block-uniform branch
-    for (int s = 0; s < ns; ++s) mm = fmaxf(mm, ml[s].x);
-    for (int s = 0; s < ns; ++s) {
-      const float2 v = ml[s];
-      const float f = mm == -INFINITY ? 0.f : exp2f(v.x - mm);
-      L += v.y * f;
-      O += po[(int64_t)s * D] * f;
-    }
-  } else {
-    for (int s = dim; s < ns; s += D) mm = fmaxf(mm, ml[s].x);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-    if (lane == 0) s_red[warp] = mm;
-    __syncthreads();
-    mm = s_red[0];
-#pragma unroll
-    for (int w = 1; w < kW; ++w) mm = fmaxf(mm, s_red[w]);
-    float Lp = 0.f;
-    for (int c = 0; c < ns; c += D) {
-      float f = 0.f;
-      if (c + dim < ns && mm != -INFINITY) {
-        const float2 v = ml[c + dim];
-        f = exp2f(v.x - mm);
-        Lp += v.y * f;
-      }
-      __syncthreads();  // the previous chunk's readers of s_f (and of s_red, the first time) are done
-      s_f[dim] = f;
-      __syncthreads();
-      const int cnt = min(D, ns - c);
-#pragma unroll 8
-      for (int k = 0; k < cnt; ++k) O += po[(int64_t)(c + k) * D] * s_f[k];
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) Lp += __shfl_xor_sync(0xffffffffu, Lp, o);
-    __syncthreads();
-    if (lane == 0) s_red[warp] = Lp;
-    __syncthreads();
-#pragma unroll
-    for (int w = 0; w < kW; ++w) L += s_red[w];
+  for (int s = 0; s < ns; ++s) mm = fmaxf(mm, ml[s].x);
+  for (int s = 0; s < ns; ++s) {
+    const float2 v = ml[s];
+    const float f = mm == -INFINITY ? 0.f : exp2f(v.x - mm);
+    L += v.y * f;
+    O += po[(int64_t)s * D] * f;
   }
   out[row * D + dim] = L > 0.f ? O / L : 0.f;
+}
+
+// Many splits (batch 1 splits a sequence 17-4096 ways): eight warps per (sequence, query head). Each
+// split's weight is computed once (one thread per split) into shared memory; warp w then adds the
+// partials of splits w, w + 8, ... over all dims (a lane's D/32 consecutive dims in one vector load,
+// eight splits' loads in flight), and the warps' sums are added at the end. Before, one thread per
+// dim looped over every split: at 128 splits 16 rounds of dependent-latency loads per thread, here 2.
+constexpr int kManyThreads = 256;
+constexpr int kManyChunk = 1024;  // splits whose weights are in shared memory at once
+
+template <int D>
+__global__ void __launch_bounds__(kManyThreads) dense_combine_many_kernel(
+    const float* __restrict__ part_o, const float2* __restrict__ part_ml, const int32_t* __restrict__ seq_len,
+    int max_pages, int n_splits, int pages_per_split, float* __restrict__ out) {
+  static_assert(D == 64 || D == 128, "a lane's dims are one float2 or float4");
+  constexpr int kW = kManyThreads / 32, kV = D / 32;
+  using Vec = std::conditional_t<kV == 4, float4, float2>;
+  __shared__ float s_f[kManyChunk];
+  __shared__ float s_red[kW];
+  __shared__ __align__(16) float s_o[kW][D];
+  const int hq = blockIdx.x, b = blockIdx.y, n_heads = gridDim.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int np = (seq_tokens(seq_len, b, max_pages) + kPageSize - 1) / kPageSize;
+  const int ns = min(n_splits, (np + pages_per_split - 1) / pages_per_split);
+  const int64_t row = (int64_t)b * n_heads + hq;
+  const float2* ml = part_ml + row * n_splits;
+  const float* po = part_o + row * n_splits * D + lane * kV;
+
+  float mm = -INFINITY;
+  for (int s = tid; s < ns; s += kManyThreads) mm = fmaxf(mm, ml[s].x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+  if (lane == 0) s_red[warp] = mm;
+  __syncthreads();
+  mm = s_red[0];
+#pragma unroll
+  for (int w = 1; w < kW; ++w) mm = fmaxf(mm, s_red[w]);
+
+  float acc[kV] = {}, Lp = 0.f;
+  for (int c = 0; c < ns; c += kManyChunk) {
+    const int cnt = min(kManyChunk, ns - c);
+    __syncthreads();  // the previous chunk's readers of s_f (and of s_red, the first time) are done
+    for (int k = tid; k < cnt; k += kManyThreads) {
+      const float2 v = ml[c + k];
+      const float f = mm == -INFINITY ? 0.f : exp2f(v.x - mm);
+      s_f[k] = f;
+      Lp += v.y * f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = warp; k < cnt; k += kW) {
+      const Vec x = *reinterpret_cast<const Vec*>(po + (int64_t)(c + k) * D);
+      const float f = s_f[k];
+      acc[0] += x.x * f;
+      acc[1] += x.y * f;
+      if constexpr (kV == 4) {
+        acc[2] += x.z * f;
+        acc[3] += x.w * f;
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) Lp += __shfl_xor_sync(0xffffffffu, Lp, o);
+#pragma unroll
+  for (int i = 0; i < kV; ++i) s_o[warp][lane * kV + i] = acc[i];
+  __syncthreads();  // every chunk's s_f readers are done too: s_red is free
+  if (lane == 0) s_red[warp] = Lp;
+  __syncthreads();
+  if (tid < D) {
+    float O = 0.f, L = 0.f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) O += s_o[w][tid], L += s_red[w];
+    out[row * D + tid] = L > 0.f ? O / L : 0.f;
+  }
 }
 
 // How many blocks of the kernel fit on one SM (registers bound it: ~190 per lane at d = 128).
@@ -183,7 +217,11 @@ void launch(const PagedKV& kv, const DenseDecodePlan& plan, const float* q, floa
       static_cast<const T*>(kv.k), static_cast<const T*>(kv.v), kv.page_table, kv.seq_len, kv.max_pages,
       kv.n_heads, group, plan.pages_per_split, q, out, part_o, part_ml);
   TW_CUDA_CHECK_LAUNCH();
-  if (plan.n_splits > 1) {
+  if (plan.n_splits > kFewSplits) {
+    dense_combine_many_kernel<D><<<dim3(kv.n_heads, kv.batch), kManyThreads, 0, stream>>>(
+        part_o, part_ml, kv.seq_len, kv.max_pages, plan.n_splits, plan.pages_per_split, out);
+    TW_CUDA_CHECK_LAUNCH();
+  } else if (plan.n_splits > 1) {
     dense_combine_kernel<D><<<dim3(kv.n_heads, kv.batch), D, 0, stream>>>(
         part_o, part_ml, kv.seq_len, kv.max_pages, plan.n_splits, plan.pages_per_split, out);
     TW_CUDA_CHECK_LAUNCH();

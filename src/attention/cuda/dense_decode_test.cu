@@ -1,7 +1,8 @@
 // dense_decode (GPU) against a double-precision reference over the same paged bytes, and against the
 // CPU reference attention::dense_reference on a kv::KVPool: fp16 / bf16, d 64 / 128, GQA groups
 // 1..8, ragged lengths 1..~5000 with partial last pages, random page tables, NaN in unused slots,
-// forced split plans (one split, many, an undersized plan), a CUDA-graph replay, bad configurations.
+// forced split plans (one split, many, past one combine chunk, an undersized plan), a CUDA-graph
+// replay, bad configurations.
 // DenseDecodeCudaBench (disabled by default) times it at the Llama-3.1-8B shape.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -141,6 +142,24 @@ TEST(DenseDecodeCuda, RandomRaggedBatches) {
         // its loop, in one launch.
         check(pb, DenseDecodePlan{48, std::max(1, (pb.max_pages + 47) / 48)}, q, ref);
       }
+}
+
+// More splits than the many-split combine holds weights for at once (1024): its chunk loop, with a
+// shorter sequence beside the long one (fewer splits ran for it), one page per split and two.
+TEST(DenseDecodeCuda, SplitsPastOneCombineChunk) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  for (int d : {64, 128}) {
+    const std::vector<int> lens = {16 * 1500 - 5, 16 * 300 + 7};
+    PagedBatch pb = make_batch(rng, KvDtype::F16, 4, 1, d, lens, 1.5f);
+    pb.upload();
+    const auto q = random_q(rng, pb);
+    const auto ref = reference(pb, q);
+    check(pb, DenseDecodePlan{pb.max_pages, 1}, q, ref);
+    check(pb, DenseDecodePlan{(pb.max_pages + 1) / 2, 2}, q, ref);
+  }
 }
 
 // The same pages through the CPU cache and attention::dense_reference (fp16, the CPU's dtype).
