@@ -8,8 +8,10 @@ where a library refuses graph capture, back-to-back calls between two events, an
 ("<name>_timing"). The figure is the median over `trials` blocks, per call. The copy bandwidth is
 measured in the same process (device-to-device copy of 2 GiB, bytes read + written).
 """
+import argparse
 import json
 import math
+import sys
 
 import torch
 
@@ -125,3 +127,52 @@ def error_text(e, head=100, tail=140):
 
 def rel_err(o, ref):
     return ((o.float() - ref).norm() / ref.norm()).item()
+
+
+def parse_args(doc, name):
+    """The anchors' common command line (sizes, shape, dtype, rotation, repeats, --json); exits when
+    there is no CUDA device."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--ctx", default="8192,32768,131072")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--min-bytes", type=float, default=512e6, help="rotate KV sets until their total reaches this")
+    ap.add_argument("--max-mem", type=float, default=100e9, help="skip sizes whose rotation would exceed this")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--trials", type=int, default=7)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"{name}: no CUDA device")
+    a.sizes = [(int(b), int(c)) for b in a.batch.split(",") for c in a.ctx.split(",")]
+    return a
+
+
+def time_backends(row, backends, ref, n_sets, kv_bytes, a):
+    """Checks and times each backend into row: backends maps a name to make(), which returns (its
+    output on KV set 0, call(i) on set i) or raises for a shape it refuses. The output is checked
+    against ref (float32, where given); row gets <name>_us / _GBps / _timing / _rel_err, or <name>_error,
+    and best / best_us."""
+    best = None
+    for name, make in backends.items():
+        try:
+            out, call = make()
+            if ref is not None:
+                err = rel_err(out, ref)
+                row[name + "_rel_err"] = err
+                if not err < 2e-2:
+                    raise RuntimeError(f"wrong result (rel err {err:.3g})")
+            t, how = time_calls(call, n_sets, a.reps, a.trials)
+            row[name + "_us"] = t * 1e6
+            row[name + "_GBps"] = kv_bytes / t / 1e9
+            row[name + "_timing"] = how
+            if best is None or t < best[1]:
+                best = (name, t)
+        except Exception as e:  # a backend that refuses the shape is reported, not hidden
+            row[name + "_error"] = error_text(e)
+    if best:
+        row["best"] = best[0]
+        row["best_us"] = best[1] * 1e6

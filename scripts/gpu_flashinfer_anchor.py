@@ -13,35 +13,18 @@ Each result is checked against a float32 reference on the gathered pages (sizes 
 
 Output: one JSON object per line to stdout (and --json FILE): kind "copy", then "flashinfer" rows.
 """
-import argparse
-import sys
-
 import torch
 import torch.nn.functional as F
 
-from gpu_anchor_util import Emitter, copy_bandwidth, error_text, kv_set_count, rel_err, time_calls
+from gpu_anchor_util import Emitter, copy_bandwidth, kv_set_count, parse_args, time_backends
 
 PAGE = 16
 VARIANTS = {"fi_decode": False, "fi_tc": True}  # name -> use_tensor_cores
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", default="1,16,64")
-    ap.add_argument("--ctx", default="8192,32768,131072")
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    ap.add_argument("--min-bytes", type=float, default=512e6, help="rotate KV sets until their total reaches this")
-    ap.add_argument("--max-mem", type=float, default=100e9, help="skip sizes whose rotation would exceed this")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--trials", type=int, default=7)
-    ap.add_argument("--json", default="")
-    a = ap.parse_args()
+    a = parse_args(__doc__, "gpu_flashinfer_anchor")
 
-    if not torch.cuda.is_available():
-        sys.exit("gpu_flashinfer_anchor: no CUDA device")
     import flashinfer  # carried wheel: a missing one is an error here, not a skipped anchor
 
     dt = getattr(torch, a.dtype)
@@ -52,59 +35,46 @@ def main():
     H, Hkv, d = a.heads, a.kv_heads, a.head_dim
     G = H // Hkv
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-    for B in [int(x) for x in a.batch.split(",")]:
-        for L in [int(x) for x in a.ctx.split(",")]:
-            kv_bytes = 2 * B * Hkv * L * d * torch.finfo(dt).bits // 8
-            n_sets = kv_set_count(kv_bytes, a.min_bytes, a.max_mem)
-            if n_sets == 0:
-                emit({"kind": "flashinfer", "batch": B, "ctx": L, "skipped": "does not fit with rotation"})
-                continue
-            np_seq = (L + PAGE - 1) // PAGE
-            n_pages = B * np_seq
-            g = torch.Generator(device="cuda").manual_seed(B * 1000003 + L)
-            # Pools [n_pages][Hkv][16][d]; page indices a random permutation (scattered pages).
-            ks = [torch.randn(n_pages, Hkv, PAGE, d, device="cuda", dtype=dt, generator=g) for _ in range(n_sets)]
-            vs = [torch.randn(n_pages, Hkv, PAGE, d, device="cuda", dtype=dt, generator=g) for _ in range(n_sets)]
-            q = torch.randn(B, H, d, device="cuda", dtype=dt, generator=g)
-            indices = torch.randperm(n_pages, device="cuda", generator=g).to(torch.int32)
-            indptr = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * np_seq
-            last = torch.full((B,), L - (np_seq - 1) * PAGE, device="cuda", dtype=torch.int32)
-            row = {"kind": "flashinfer", "batch": B, "ctx": L, "heads": H, "kv_heads": Hkv, "head_dim": d,
-                   "dtype": a.dtype, "kv_bytes": kv_bytes, "kv_sets": n_sets, "page_size": PAGE}
-            ref = None
-            if B * L <= 65536:  # float32 reference on the gathered pages: [B, Hkv, L, d]
-                idx = indices.long().view(B, np_seq)
-                kc = ks[0][idx].permute(0, 2, 1, 3, 4).reshape(B, Hkv, np_seq * PAGE, d)[:, :, :L].float()
-                vc = vs[0][idx].permute(0, 2, 1, 3, 4).reshape(B, Hkv, np_seq * PAGE, d)[:, :, :L].float()
-                ref = F.scaled_dot_product_attention(q.float().view(B, H, 1, d), kc.repeat_interleave(G, 1),
-                                                     vc.repeat_interleave(G, 1)).view(B, H, d)
-            best = None
-            for name, tc in VARIANTS.items():
-                try:
-                    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="HND", use_tensor_cores=tc)
-                    w.plan(indptr, indices, last, H, Hkv, d, PAGE, pos_encoding_mode="NONE", q_data_type=dt,
-                           kv_data_type=dt)
-                    out = torch.empty(B, H, d, device="cuda", dtype=dt)
-                    w.run(q, (ks[0], vs[0]), out=out)
-                    if ref is not None:
-                        err = rel_err(out, ref)
-                        row[name + "_rel_err"] = err
-                        if not err < 2e-2:
-                            raise RuntimeError(f"wrong result (rel err {err:.3g})")
-                    t, how = time_calls(lambda i: w.run(q, (ks[i], vs[i]), out=out), n_sets, a.reps, a.trials)
-                    row[name + "_us"] = t * 1e6
-                    row[name + "_GBps"] = kv_bytes / t / 1e9
-                    row[name + "_timing"] = how
-                    if best is None or t < best[1]:
-                        best = (name, t)
-                except Exception as e:  # a path that refuses the shape is reported, not hidden
-                    row[name + "_error"] = error_text(e)
-            if best:
-                row["best"] = best[0]
-                row["best_us"] = best[1] * 1e6
-            emit(row)
-            del ks, vs, q
-            torch.cuda.empty_cache()
+    for B, L in a.sizes:
+        kv_bytes = 2 * B * Hkv * L * d * torch.finfo(dt).bits // 8
+        n_sets = kv_set_count(kv_bytes, a.min_bytes, a.max_mem)
+        if n_sets == 0:
+            emit({"kind": "flashinfer", "batch": B, "ctx": L, "skipped": "does not fit with rotation"})
+            continue
+        np_seq = (L + PAGE - 1) // PAGE
+        n_pages = B * np_seq
+        g = torch.Generator(device="cuda").manual_seed(B * 1000003 + L)
+        # Pools [n_pages][Hkv][16][d]; page indices a random permutation (scattered pages).
+        ks = [torch.randn(n_pages, Hkv, PAGE, d, device="cuda", dtype=dt, generator=g) for _ in range(n_sets)]
+        vs = [torch.randn(n_pages, Hkv, PAGE, d, device="cuda", dtype=dt, generator=g) for _ in range(n_sets)]
+        q = torch.randn(B, H, d, device="cuda", dtype=dt, generator=g)
+        indices = torch.randperm(n_pages, device="cuda", generator=g).to(torch.int32)
+        indptr = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * np_seq
+        last = torch.full((B,), L - (np_seq - 1) * PAGE, device="cuda", dtype=torch.int32)
+        row = {"kind": "flashinfer", "batch": B, "ctx": L, "heads": H, "kv_heads": Hkv, "head_dim": d,
+               "dtype": a.dtype, "kv_bytes": kv_bytes, "kv_sets": n_sets, "page_size": PAGE}
+        ref = None
+        if B * L <= 65536:  # float32 reference on the gathered pages: [B, Hkv, L, d]
+            idx = indices.long().view(B, np_seq)
+            kc = ks[0][idx].permute(0, 2, 1, 3, 4).reshape(B, Hkv, np_seq * PAGE, d)[:, :, :L].float()
+            vc = vs[0][idx].permute(0, 2, 1, 3, 4).reshape(B, Hkv, np_seq * PAGE, d)[:, :, :L].float()
+            ref = F.scaled_dot_product_attention(q.float().view(B, H, 1, d), kc.repeat_interleave(G, 1),
+                                                 vc.repeat_interleave(G, 1)).view(B, H, d)
+
+        def backend(tc):
+            def make():
+                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="HND", use_tensor_cores=tc)
+                w.plan(indptr, indices, last, H, Hkv, d, PAGE, pos_encoding_mode="NONE", q_data_type=dt,
+                       kv_data_type=dt)
+                out = torch.empty(B, H, d, device="cuda", dtype=dt)
+                call = lambda i: w.run(q, (ks[i], vs[i]), out=out)  # noqa: E731
+                return call(0), call
+            return make
+
+        time_backends(row, {name: backend(tc) for name, tc in VARIANTS.items()}, ref, n_sets, kv_bytes, a)
+        emit(row)
+        del ks, vs, q
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

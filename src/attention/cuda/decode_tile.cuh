@@ -264,4 +264,67 @@ __device__ __forceinline__ void block_merge(const Acc<T, D>& a, int group, float
   }
 }
 
+// Merges n partial states of one query head (split-KV parts of the dense decode, work items of the
+// sparse one) into out[0..D): ml_of(i) -> float2 {m (log2 units), l}, o_of(i) -> the part's o[D]
+// (8-byte aligned). Called by every thread of a block of `Threads`; for many parts (batch 1 splits a
+// sequence up to 128 ways): each part's weight once (one thread per part) into shared memory, then warp
+// w adds the o of parts w, w + W, ... over all dims (a lane's D/32 consecutive dims, eight parts' loads
+// in flight) and the warps' sums are added. One thread per dim looping over the parts took a dependent
+// round of loads per part (H200, 128 splits: 16 rounds).
+template <int D, int Threads, class MlFn, class OFn>
+__device__ __forceinline__ void merge_parts(int n, MlFn ml_of, OFn o_of, float* out) {
+  static_assert(D == 64 || D == 128, "a lane's dims are one or two float2");
+  constexpr int W = Threads / 32, V = D / 32, kChunk = 1024;  // parts whose weights are held at once
+  __shared__ float s_f[kChunk];
+  __shared__ float s_red[W];
+  __shared__ float s_o[W][D];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float mm = -INFINITY;
+  for (int i = tid; i < n; i += Threads) mm = fmaxf(mm, ml_of(i).x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+  if (lane == 0) s_red[warp] = mm;
+  __syncthreads();
+  mm = s_red[0];
+#pragma unroll
+  for (int w = 1; w < W; ++w) mm = fmaxf(mm, s_red[w]);
+
+  float acc[V] = {}, ls = 0.f;
+  for (int c = 0; c < n; c += kChunk) {
+    const int cnt = min(kChunk, n - c);
+    __syncthreads();  // the previous chunk's readers of s_f (and of s_red, the first time) are done
+    for (int k = tid; k < cnt; k += Threads) {
+      const float2 v = ml_of(c + k);
+      const float f = mm == -INFINITY ? 0.f : exp2f(v.x - mm);
+      s_f[k] = f;
+      ls += v.y * f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = warp; k < cnt; k += W) {
+      const float* p = o_of(c + k) + lane * V;
+      const float f = s_f[k];
+#pragma unroll
+      for (int v = 0; v < V; v += 2) {
+        const float2 x = *reinterpret_cast<const float2*>(p + v);
+        acc[v] += x.x * f;
+        acc[v + 1] += x.y * f;
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ls += __shfl_xor_sync(0xffffffffu, ls, o);
+#pragma unroll
+  for (int v = 0; v < V; ++v) s_o[warp][lane * V + v] = acc[v];
+  __syncthreads();  // every reader of s_f and s_red is done
+  if (lane == 0) s_red[warp] = ls;
+  __syncthreads();
+  if (tid < D) {
+    float O = 0.f, L = 0.f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) O += s_o[w][tid], L += s_red[w];
+    out[tid] = L > 0.f ? O / L : 0.f;
+  }
+}
+
 }  // namespace tw::attn::cuda::tile

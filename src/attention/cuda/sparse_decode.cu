@@ -238,24 +238,16 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
 }
 
 // Per query head (block), its list's items merged. Few items (batch >= 16: 1-4 per list): one thread
-// per dim loops over them, no barriers. More (batch 1: 10-33): each item's weight once (one thread
-// per item) into shared memory, then warp w adds the partials of items w, w + 8, ... over all dims (a
-// lane's D/32 consecutive dims, eight items' loads in flight) and the warps' sums are added; the
-// loop of one thread per dim took a dependent round of loads per item there (H200, batch 1 x 32k,
-// fixed-budget Quest 38.3 -> 35.3 us).
+// per dim loops over them, no barriers. More (batch 1: 10-33): eight warps share them
+// (tile::merge_parts); the loop took a dependent round of loads per item there (H200, batch 1 x 32k,
+// fixed-budget Quest 38.2 -> 35.2 us). Without the cut-off the barriers made the real-model shape's
+// batch-16 attend (3 items per list) 0.5-1 us slower.
 constexpr int kCombThreads = 256;
-constexpr int kCombChunk = 1024;  // items whose weights are in shared memory at once
 constexpr int kFewItems = 4;
 
 template <int D>
 __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
-  static_assert(D == 64 || D == 128, "a lane's dims are one or two float2 (a partial's row is 8-byte aligned)");
-  constexpr int kW = kCombThreads / 32, kV = D / 32;
-  __shared__ float s_f[kCombChunk];
-  __shared__ float s_red[kW];
-  __shared__ float s_o[kW][D];
-  const int hq = blockIdx.x, b = blockIdx.y;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int G = a.group, h = hq / G, r = hq % G;
   const int list = b * a.n_kv_heads + h;
   const int i0 = a.start[list], n = a.start[list + 1] - i0;
@@ -276,52 +268,8 @@ __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
     out[tid] = ls > 0.f ? acc / ls : 0.f;
     return;
   }
-  float mx = -INFINITY;
-  for (int k = tid; k < n; k += kCombThreads) mx = fmaxf(mx, part_of(k)[D]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if (lane == 0) s_red[warp] = mx;
-  __syncthreads();
-  mx = s_red[0];
-#pragma unroll
-  for (int w = 1; w < kW; ++w) mx = fmaxf(mx, s_red[w]);
-
-  float acc[kV] = {}, ls = 0.f;
-  for (int c = 0; c < n; c += kCombChunk) {
-    const int cnt = min(kCombChunk, n - c);
-    __syncthreads();  // the previous chunk's readers of s_f (and of s_red, the first time) are done
-    for (int k = tid; k < cnt; k += kCombThreads) {
-      const float2 ml = *reinterpret_cast<const float2*>(part_of(c + k) + D);
-      const float f = mx == -INFINITY ? 0.f : exp2f(ml.x - mx);  // m in log2 units (decode_tile.cuh)
-      s_f[k] = f;
-      ls += ml.y * f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int k = warp; k < cnt; k += kW) {
-      const float* p = part_of(c + k) + lane * kV;
-      const float f = s_f[k];
-#pragma unroll
-      for (int v = 0; v < kV; v += 2) {
-        const float2 x = *reinterpret_cast<const float2*>(p + v);
-        acc[v] += x.x * f;
-        acc[v + 1] += x.y * f;
-      }
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ls += __shfl_xor_sync(0xffffffffu, ls, o);
-#pragma unroll
-  for (int v = 0; v < kV; ++v) s_o[warp][lane * kV + v] = acc[v];
-  __syncthreads();  // every reader of s_f and s_red is done
-  if (lane == 0) s_red[warp] = ls;
-  __syncthreads();
-  if (tid < D) {
-    float O = 0.f, L = 0.f;
-#pragma unroll
-    for (int w = 0; w < kW; ++w) O += s_o[w][tid], L += s_red[w];
-    out[tid] = L > 0.f ? O / L : 0.f;
-  }
+  tile::merge_parts<D, kCombThreads>(
+      n, [&](int i) { return *reinterpret_cast<const float2*>(part_of(i) + D); }, part_of, out);
 }
 
 }  // namespace
