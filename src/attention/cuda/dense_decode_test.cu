@@ -367,13 +367,16 @@ TEST(DenseDecodeCudaBench, DISABLED_Llama8B) {
     copy_gbs = 2.0 * bytes / (median(ms) * 1e-3) / 1e9;
     std::printf("BENCH copy d2d 2 GiB: %.0f GB/s (read + write)\n", copy_gbs);
   }
-  const int H = 32, Hkv = 8, d = 128;
-  struct Case { int batch, L; };
-  const Case cases[] = {{1, 8192}, {16, 8192}, {64, 8192}, {1, 32768}, {16, 32768}, {64, 32768},
-                        {1, 131072}, {16, 131072}};
+  const int d = 128;
+  // The Llama-3.1-8B shape (32 / 8 heads), then the real model's (Qwen2.5-Coder-1.5B: 12 / 2) at batch 1.
+  struct Case { int batch, L, H, Hkv; };
+  const Case cases[] = {{1, 8192, 32, 8},   {16, 8192, 32, 8},  {64, 8192, 32, 8},  {1, 32768, 32, 8},
+                        {16, 32768, 32, 8}, {64, 32768, 32, 8}, {1, 131072, 32, 8}, {16, 131072, 32, 8},
+                        {1, 8192, 12, 2},   {1, 32768, 12, 2}};
   std::mt19937_64 rng(fresh_seed());
   for (KvDtype dt : {KvDtype::BF16, KvDtype::F16})
     for (const Case cs : cases) {
+      const int H = cs.H, Hkv = cs.Hkv;
       const int pages = cs.L / kPageSize;
       const double kv_bytes = 2.0 * cs.batch * (double)cs.L * Hkv * d * 2;
       const int layers = (int)std::max<double>(1, std::ceil(3.0 * info.l2_bytes / kv_bytes));
@@ -436,22 +439,32 @@ TEST(DenseDecodeCudaBench, DISABLED_Llama8B) {
       };
       const double bytes = kv_bytes + (double)cs.batch * pages * 4 + 2.0 * qh.size() * 4;
       const DenseDecodePlan planned = plan_dense_decode(kv, cs.L, info.sm_count);
-      // The planner's choice, then (bf16) other split counts: one and four waves' worth of blocks.
-      for (const int mult : {0, 1, 4}) {
-        if (mult > 0 && dt == KvDtype::F16) continue;
+      // The planner's choice, then (fp16) other split counts: twice the planned splits, one and four
+      // waves' worth of blocks, and at batch 1 half and four times the planned splits.
+      std::vector<int> forced;
+      if (dt == KvDtype::F16) {
+        forced.push_back(planned.n_splits * 2);
+        for (const int mult : {1, 4}) forced.push_back(mult * std::max(1, info.sm_count * planned.blocks_per_sm / (cs.batch * Hkv)));
+        if (cs.batch == 1)
+          for (const int s : {planned.n_splits / 2, planned.n_splits * 4}) forced.push_back(s);
+      }
+      std::vector<int> timed;
+      for (int v = -1; v < (int)forced.size(); ++v) {
         DenseDecodePlan plan = planned;
-        if (mult > 0) {
-          plan.n_splits = mult * std::max(1, info.sm_count * planned.blocks_per_sm / (cs.batch * Hkv));
+        if (v >= 0) {
+          plan.n_splits = std::min(std::max(forced[v], 1), pages);
           plan.pages_per_split = (pages + plan.n_splits - 1) / plan.n_splits;
           plan.n_splits = (pages + plan.pages_per_split - 1) / plan.pages_per_split;
-          if (plan.n_splits == planned.n_splits) continue;
+          if (std::find(timed.begin(), timed.end(), plan.n_splits) != timed.end()) continue;
         }
+        timed.push_back(plan.n_splits);
+        const bool is_forced = v >= 0;
         const float t = time_plan(plan);
         const double gbs = bytes / (t * 1e-6) / 1e9;
         std::printf("BENCH dense_decode %s batch %d x L %d x Hkv %d x G %d x d %d: %.1f us, %.1f MB, %.0f GB/s, "
                     "%.1f%% of copy (%s %d x %d pages, %d blocks/SM, %d layers rotated)\n",
                     dtype_name(dt), cs.batch, cs.L, Hkv, H / Hkv, d, t, bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
-                    mult ? "forced" : "plan", plan.n_splits, plan.pages_per_split, planned.blocks_per_sm, layers);
+                    is_forced ? "forced" : "plan", plan.n_splits, plan.pages_per_split, planned.blocks_per_sm, layers);
       }
     }
   TW_CUDA_CHECK(cudaEventDestroy(e0));
