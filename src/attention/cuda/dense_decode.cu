@@ -197,16 +197,6 @@ DenseDecodePlan plan_dense_decode(const PagedKV& kv, int64_t max_seq_len, int sm
       p.pages_per_split = (int)pps;
     }
   }
-  // A sequence split 16+ ways (batch 1 from 32k) into one wave of blocks streaming > 32 pages each:
-  // twice the splits. The model's single wave ends on its slowest block; in two waves of half-length
-  // blocks the second wave's start-up overlaps the first's tail (H200, DenseDecodeCudaBench, Llama
-  // shape: 1 x 128k 144.9 -> 136.4 us, 1 x 32k 41.3 -> 40.4; at batch 16 doubling moved nothing or
-  // lost up to 1.3%, so only here).
-  if (p.n_splits >= 16 && p.pages_per_split > 32 && 2 * p.n_splits <= most) {
-    const int64_t pps = (np + 2 * p.n_splits - 1) / (2 * p.n_splits);
-    p.pages_per_split = (int)pps;
-    p.n_splits = (int)((np + pps - 1) / pps);
-  }
   return p;
 }
 
