@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <cmath>
 #include <cstdio>
@@ -97,10 +98,17 @@ double median(std::vector<double> v) {
 }
 
 // Median over `trials` blocks of `reps` calls of f(set index), rotating over n sets; seconds per call.
+// Warm-up: calls for at least 20 ms first. Whichever path ran first after a size's buffers were filled
+// came out 5-12% slow at batch 1 with a shorter warm-up (H200, DenseDecodeCudaBench: 1 x 128k dense
+// 144.9 us timed first, 129.0 timed third).
 template <class F>
 double time_calls(F&& f, int n, int reps, int trials, cudaStream_t st) {
-  for (int i = 0; i < std::min(n, 3); ++i) f(i);
-  TW_CUDA_CHECK(cudaStreamSynchronize(st));
+  const auto w0 = std::chrono::steady_clock::now();
+  int w = 0;
+  do {
+    for (int i = 0; i < std::max(std::min(n, 3), reps); ++i) f(w++ % n);
+    TW_CUDA_CHECK(cudaStreamSynchronize(st));
+  } while (std::chrono::steady_clock::now() - w0 < std::chrono::milliseconds(20));
   cudaEvent_t a, b;
   TW_CUDA_CHECK(cudaEventCreate(&a));
   TW_CUDA_CHECK(cudaEventCreate(&b));
