@@ -162,11 +162,29 @@ def parse_args(doc, name):
     return a
 
 
-def time_backends(row, backends, ref, n_sets, kv_bytes, a):
-    """Checks and times each backend into row: backends maps a name to make(), which returns (its
-    output on KV set 0, call(i) on set i) or raises for a shape it refuses. The output is checked
-    against ref (float32, where given); row gets <name>_us / _GBps / _timing / _rel_err, or <name>_error,
-    and best / best_us."""
+def each_size(a, kind, emit):
+    """The sizes of the command line that can be measured off the L2: (B, L, row, generator) with row
+    the size's fields of the result (kind, shape, kv_bytes, kv_sets) and a generator seeded by the size;
+    a size that does not fit with rotation gets a "skipped" row instead. The caller's tensors of a size
+    are freed (empty_cache) before the next one."""
+    dt = getattr(torch, a.dtype)
+    for B, L in a.sizes:
+        kv_bytes = 2 * B * a.kv_heads * L * a.head_dim * torch.finfo(dt).bits // 8  # K + V read once per call
+        n_sets = kv_set_count(kv_bytes, a.min_bytes, a.max_mem)
+        if n_sets == 0:
+            emit({"kind": kind, "batch": B, "ctx": L, "skipped": "does not fit with rotation"})
+            continue
+        row = {"kind": kind, "batch": B, "ctx": L, "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
+               "dtype": a.dtype, "kv_bytes": kv_bytes, "kv_sets": n_sets}
+        yield B, L, row, torch.Generator(device="cuda").manual_seed(B * 1000003 + L)
+        torch.cuda.empty_cache()
+
+
+def time_backends(row, backends, ref, a):
+    """Checks and times each backend into row (a row of each_size): backends maps a name to make(),
+    which returns (its output on KV set 0, call(i) on set i) or raises for a shape it refuses. The output
+    is checked against ref (float32, where given); row gets <name>_us / _GBps / _timing / _rel_err, or
+    <name>_error, and best / best_us."""
     best = None
     for name, make in backends.items():
         try:
@@ -176,9 +194,9 @@ def time_backends(row, backends, ref, n_sets, kv_bytes, a):
                 row[name + "_rel_err"] = err
                 if not err < 2e-2:
                     raise RuntimeError(f"wrong result (rel err {err:.3g})")
-            t, how = time_calls(call, n_sets, a.reps, a.trials)
+            t, how = time_calls(call, row["kv_sets"], a.reps, a.trials)
             row[name + "_us"] = t * 1e6
-            row[name + "_GBps"] = kv_bytes / t / 1e9
+            row[name + "_GBps"] = row["kv_bytes"] / t / 1e9
             row[name + "_timing"] = how
             if best is None or t < best[1]:
                 best = (name, t)

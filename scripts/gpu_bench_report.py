@@ -37,14 +37,13 @@ def main():
     fi_rows = {(r["batch"], r["ctx"]): r for r in fi if r.get("kind") == "flashinfer" and "best_us" in r}
     rows = [r for r in ours if r.get("kind") == "row" and "twilight_graph_us" in r]
 
+    def anchors_of(r):
+        """This size's SDPA and FlashInfer rows (None where not measured)."""
+        return anchors.get((r["batch"], r["ctx"])), fi_rows.get((r["batch"], r["ctx"]))
+
     def best_dense(r):
         """The fastest dense decode at this size: ours, SDPA's best backend, FlashInfer's best path."""
-        cands = [r["dense_us"]]
-        for tab in (anchors, fi_rows):
-            x = tab.get((r["batch"], r["ctx"]))
-            if x:
-                cands.append(x["best_us"])
-        return min(cands)
+        return min([r["dense_us"]] + [x["best_us"] for x in anchors_of(r) if x])
 
     out = []
     out.append(f"GPU {dev.get('gpu', '?')}; copy bandwidth {dev.get('copy_GBps', 0):.0f} GB/s (ours), "
@@ -59,8 +58,7 @@ def main():
                "x best dense | x Quest |")
     out.append("| " + " | ".join(["---"] * 14) + " |")
     for r in rows:
-        a = anchors.get((r["batch"], r["ctx"]))
-        f = fi_rows.get((r["batch"], r["ctx"]))
+        a, f = anchors_of(r)
         best = best_dense(r)
         anchor_best = min([x["best_us"] for x in (a, f) if x] or [float("nan")])
         # Fixed-budget Quest: its graph-replayed step (older runs: the sum of its two stages).

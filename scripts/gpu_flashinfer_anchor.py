@@ -16,7 +16,7 @@ Output: one JSON object per line to stdout (and --json FILE): kind "copy", then 
 import torch
 import torch.nn.functional as F
 
-from gpu_anchor_util import Emitter, copy_bandwidth, kv_set_count, parse_args, time_backends
+from gpu_anchor_util import Emitter, copy_bandwidth, each_size, parse_args, time_backends
 
 PAGE = 16
 VARIANTS = {"fi_decode": False, "fi_tc": True}  # name -> use_tensor_cores
@@ -35,15 +35,11 @@ def main():
     H, Hkv, d = a.heads, a.kv_heads, a.head_dim
     G = H // Hkv
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-    for B, L in a.sizes:
-        kv_bytes = 2 * B * Hkv * L * d * torch.finfo(dt).bits // 8
-        n_sets = kv_set_count(kv_bytes, a.min_bytes, a.max_mem)
-        if n_sets == 0:
-            emit({"kind": "flashinfer", "batch": B, "ctx": L, "skipped": "does not fit with rotation"})
-            continue
+    for B, L, row, g in each_size(a, "flashinfer", emit):
+        n_sets = row["kv_sets"]
+        row["page_size"] = PAGE
         np_seq = (L + PAGE - 1) // PAGE
         n_pages = B * np_seq
-        g = torch.Generator(device="cuda").manual_seed(B * 1000003 + L)
         # Pools [n_pages][Hkv][16][d]; page indices a random permutation (scattered pages).
         ks = [torch.randn(n_pages, Hkv, PAGE, d, device="cuda", dtype=dt, generator=g) for _ in range(n_sets)]
         vs = [torch.randn(n_pages, Hkv, PAGE, d, device="cuda", dtype=dt, generator=g) for _ in range(n_sets)]
@@ -51,8 +47,6 @@ def main():
         indices = torch.randperm(n_pages, device="cuda", generator=g).to(torch.int32)
         indptr = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * np_seq
         last = torch.full((B,), L - (np_seq - 1) * PAGE, device="cuda", dtype=torch.int32)
-        row = {"kind": "flashinfer", "batch": B, "ctx": L, "heads": H, "kv_heads": Hkv, "head_dim": d,
-               "dtype": a.dtype, "kv_bytes": kv_bytes, "kv_sets": n_sets, "page_size": PAGE}
         ref = None
         if B * L <= 65536:  # float32 reference on the gathered pages: [B, Hkv, L, d]
             idx = indices.long().view(B, np_seq)
@@ -71,10 +65,9 @@ def main():
                 return call(0), call
             return make
 
-        time_backends(row, {name: backend(tc) for name, tc in VARIANTS.items()}, ref, n_sets, kv_bytes, a)
+        time_backends(row, {name: backend(tc) for name, tc in VARIANTS.items()}, ref, a)
         emit(row)
         del ks, vs, q
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpu_anchor_util import Emitter, copy_bandwidth, kv_set_count, parse_args, time_backends
+from gpu_anchor_util import Emitter, copy_bandwidth, each_size, parse_args, time_backends
 
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -33,18 +33,10 @@ def main():
           "cudnn": torch.backends.cudnn.version(), "copy_GBps": copy_bandwidth() / 1e9})
 
     H, Hkv, d = a.heads, a.kv_heads, a.head_dim
-    for B, L in a.sizes:
-        kv_bytes = 2 * B * Hkv * L * d * torch.finfo(dt).bits // 8  # K + V read once per call
-        n_sets = kv_set_count(kv_bytes, a.min_bytes, a.max_mem)
-        if n_sets == 0:
-            emit({"kind": "sdpa", "batch": B, "ctx": L, "skipped": "does not fit with rotation"})
-            continue
-        g = torch.Generator(device="cuda").manual_seed(B * 1000003 + L)
-        ks = [torch.randn(B, Hkv, L, d, device="cuda", dtype=dt, generator=g) for _ in range(n_sets)]
-        vs = [torch.randn(B, Hkv, L, d, device="cuda", dtype=dt, generator=g) for _ in range(n_sets)]
+    for B, L, row, g in each_size(a, "sdpa", emit):
+        ks = [torch.randn(B, Hkv, L, d, device="cuda", dtype=dt, generator=g) for _ in range(row["kv_sets"])]
+        vs = [torch.randn(B, Hkv, L, d, device="cuda", dtype=dt, generator=g) for _ in range(row["kv_sets"])]
         q = torch.randn(B, H, 1, d, device="cuda", dtype=dt, generator=g)
-        row = {"kind": "sdpa", "batch": B, "ctx": L, "heads": H, "kv_heads": Hkv, "head_dim": d,
-               "dtype": a.dtype, "kv_bytes": kv_bytes, "kv_sets": n_sets}
         ref = F.scaled_dot_product_attention(q.float(), ks[0].float().repeat_interleave(H // Hkv, 1),
                                              vs[0].float().repeat_interleave(H // Hkv, 1)) if B * L <= 65536 else None
 
@@ -54,10 +46,9 @@ def main():
                     return F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
             return lambda: (call(0), call)
 
-        time_backends(row, {name: backend(be) for name, be in BACKENDS.items()}, ref, n_sets, kv_bytes, a)
+        time_backends(row, {name: backend(be) for name, be in BACKENDS.items()}, ref, a)
         emit(row)
         del ks, vs, q
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

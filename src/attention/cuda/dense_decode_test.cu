@@ -3,7 +3,8 @@
 // 1..8, ragged lengths 1..~5000 with partial last pages, random page tables, NaN in unused slots,
 // forced split plans (one split, many, past one combine chunk, an undersized plan), a CUDA-graph
 // replay, bad configurations.
-// DenseDecodeCudaBench (disabled by default) times it at the Llama-3.1-8B shape.
+// DenseDecodeCudaBench (disabled by default) times it at the Llama-3.1-8B shape, and at the real model's
+// at batch 1, with other split counts beside the planned one.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <gtest/gtest.h>
@@ -452,17 +453,17 @@ TEST(DenseDecodeCudaBench, DISABLED_Llama8B) {
       // came out 5-12% slow at batch 1 (H200: 1 x 128k, 33 splits 144.9 us timed first, 129.0 third),
       // which once passed for a better plan.
       time_plan(planned);
-      std::vector<int> timed;
-      for (int v = -1; v < (int)forced.size(); ++v) {
+      std::vector<DenseDecodePlan> plans = {planned};  // distinct split counts, the planned one first
+      for (const int f : forced) {
         DenseDecodePlan plan = planned;
-        if (v >= 0) {
-          plan.n_splits = std::min(std::max(forced[v], 1), pages);
-          plan.pages_per_split = (pages + plan.n_splits - 1) / plan.n_splits;
-          plan.n_splits = (pages + plan.pages_per_split - 1) / plan.pages_per_split;
-          if (std::find(timed.begin(), timed.end(), plan.n_splits) != timed.end()) continue;
-        }
-        timed.push_back(plan.n_splits);
-        const bool is_forced = v >= 0;
+        plan.n_splits = std::min(std::max(f, 1), pages);
+        plan.pages_per_split = (pages + plan.n_splits - 1) / plan.n_splits;
+        plan.n_splits = (pages + plan.pages_per_split - 1) / plan.pages_per_split;
+        if (std::none_of(plans.begin(), plans.end(), [&](const DenseDecodePlan& o) { return o.n_splits == plan.n_splits; }))
+          plans.push_back(plan);
+      }
+      for (const DenseDecodePlan& plan : plans) {
+        const bool is_forced = &plan != &plans[0];
         const float t = time_plan(plan);
         const double gbs = bytes / (t * 1e-6) / 1e9;
         std::printf("BENCH dense_decode %s batch %d x L %d x Hkv %d x G %d x d %d: %.1f us, %.1f MB, %.0f GB/s, "
