@@ -346,7 +346,10 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       const size_t sws_b = sparse_decode_workspace_bytes(kv0, cap1);
       DeviceBuffer dws(std::max<size_t>(dws_b, 16)), sws(std::max<size_t>(sws_b, 16));
       auto dense = [&](int i) { dense_decode(sets[i]->kv, dplan, sets[i]->q.as<float>(), sets[i]->out.as<float>(), dws.get(), dws_b, st); };
-      const double t_dense = time_graphs(dense, n_sets, o.reps, o.trials, st);
+      // TW_BENCH_STEP_ONLY (a profiling aid): only the Twilight step's graph runs, so a profiler's first
+      // kernels are one step's (select, prune, plan, attend, combine); every other time reads 0.
+      static const bool step_only = bench_knob("TW_BENCH_STEP_ONLY") > 0;
+      const double t_dense = step_only ? 0.0 : time_graphs(dense, n_sets, o.reps, o.trials, st);
 
       std::vector<int64_t> b0s;  // resolved budgets, each once (8192 and L/4 coincide at L = 32k)
       for (int64_t b0_opt : o.b0) {
@@ -367,11 +370,13 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         auto attend0 = [&](int i) {
           sparse_decode(sets[i]->kv, sets[i]->q.as<float>(), sets[i]->i0, sets[i]->out.as<float>(), sws.get(), sws_b, st);
         };
-        const double t_sel = time_calls(select, n_sets, o.reps, o.trials, st);
-        for (int i = 0; i < n_sets; ++i) select(i);  // every set's I0 for the stages below
-        const double t_att0 = time_calls(attend0, n_sets, o.reps, o.trials, st);
+        const double t_sel = step_only ? 0.0 : time_calls(select, n_sets, o.reps, o.trials, st);
+        if (!step_only)
+          for (int i = 0; i < n_sets; ++i) select(i);  // every set's I0 for the stages below
+        const double t_att0 = step_only ? 0.0 : time_calls(attend0, n_sets, o.reps, o.trials, st);
         // Fixed-budget Quest as one step (select + sparse attention over I0), graph-replayed like Twilight's.
-        const double t_quest = time_graphs([&](int i) { select(i), attend0(i); }, n_sets, o.reps, o.trials, st);
+        const double t_quest =
+            step_only ? 0.0 : time_graphs([&](int i) { select(i), attend0(i); }, n_sets, o.reps, o.trials, st);
         std::vector<int32_t> n0((size_t)B * Hkv);
         sets[0]->i0c.download(n0.data(), n0.size() * 4);
         const double i0_avg = std::accumulate(n0.begin(), n0.end(), 0.0) / n0.size();
@@ -401,9 +406,10 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
           auto attend1 = [&](int i) {
             sparse_decode(sets[i]->kv, sets[i]->q.as<float>(), sets[i]->i1, sets[i]->out.as<float>(), sws.get(), sws_b, st);
           };
-          const double t_prune = time_calls(prune, n_sets, o.reps, o.trials, st);
-          for (int i = 0; i < n_sets; ++i) prune(i);
-          const double t_att1 = time_calls(attend1, n_sets, o.reps, o.trials, st);
+          const double t_prune = step_only ? 0.0 : time_calls(prune, n_sets, o.reps, o.trials, st);
+          if (!step_only)
+            for (int i = 0; i < n_sets; ++i) prune(i);
+          const double t_att1 = step_only ? 0.0 : time_calls(attend1, n_sets, o.reps, o.trials, st);
           // The whole step, captured once per set and replayed: no host work between the stages.
           const double t_step = time_graphs([&](int i) { select(i), prune(i), attend1(i); }, n_sets, o.reps, o.trials, st);
           // Budgets of every set's last step.

@@ -26,12 +26,14 @@ constexpr int kPlanThreads = 1024;
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = 32 * kAttnWarps;
 constexpr int kItemsPerSm = 4;     // the planner aims at this many work items per SM (H200: 4 beat 2, 8, 16)
+constexpr int kWhole = 1 << 30;    // item flag: the list's only item, which writes the output itself (no combine)
 
 // Workspace layout (all int32 / float, 16-byte aligned pieces).
 struct Layout {
   size_t hdr = 0;        // int[4]: n_items, chunk tokens T
   size_t start = 0;      // int[n_lists + 1]: first work item of each list
-  size_t items = 0;      // int2[max_items]: (list, chunk)
+  size_t items = 0;      // int4[max_items]: list, first entry j0, end j1, listed count n (entries >= n: the
+                         // current token) | kWhole when the item is the list's only one
   size_t part = 0;       // float[max_items][G][d + 2]: o[d], m, l
   size_t total = 0;
   int max_items = 0;
@@ -51,7 +53,7 @@ Layout layout_for(const PagedKV& kv, int cap) {
   L.hdr = 0;
   L.start = align16(16);
   L.items = L.start + align16(size_t(n_lists + 1) * 4);
-  L.part = L.items + align16(size_t(max_items) * 8);
+  L.part = L.items + align16(size_t(max_items) * 16);
   L.total = L.part + align16(size_t(max_items) * G * (kv.head_dim + 2) * 4);
   return L;
 }
@@ -67,7 +69,7 @@ struct Args {
   float* out;
   int* hdr;
   int* start;
-  int2* items;
+  int4* items;
   float* part;
   int64_t n_pages;
   int batch, n_kv_heads, group, max_pages, cap, max_items, sm_count, items_per_sm;
@@ -90,7 +92,13 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
   const int n_lists = a.batch * a.n_kv_heads;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   long long tot = 0;
-  for (int i = tid; i < n_lists; i += kPlanThreads) tot += list_len(a, i, nullptr);
+  int len0 = 0, extra0 = 0;  // list tid's, kept for the second pass (its loads are dependent: count, then the last token)
+  for (int i = tid; i < n_lists; i += kPlanThreads) {
+    int e;
+    const int l = list_len(a, i, &e);
+    if (i == tid) len0 = l, extra0 = e;
+    tot += l;
+  }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
   if (lane == 0) red[warp] = tot;
@@ -108,8 +116,19 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
   const int T = s_T;
   for (int base = 0; base < n_lists; base += kPlanThreads) {
     const int i = base + tid;
-    const int len = i < n_lists ? list_len(a, i, nullptr) : 0;
-    const int nc = (len + T - 1) / T;
+    int extra = extra0;
+    const int len = i >= n_lists ? 0 : base == 0 ? len0 : list_len(a, i, &extra);
+    // Items per list: items of T entries and the rest, except that a rest under T / 4 entries is spread
+    // over the other items (whole tiles, at most kMaxChunk entries): a list of T + 8 entries was two
+    // items, the second of 8, which cost a whole item's row lookups and merge, and a combine, for half
+    // a tile. Equal items throughout, or len / T rounded to the nearest (items up to 1.5 T), balanced
+    // worse (H200, 16 x 128k p 0.95: attend +2 us).
+    int nc = (len + T - 1) / T, per = T;
+    if (nc > 1 && len - (nc - 1) * T < T / 4 && (len + nc - 2) / (nc - 1) <= kMaxChunk) {
+      --nc;
+      per = ((len + nc - 1) / nc + 15) / 16 * 16;  // <= kMaxChunk (a multiple of 16)
+      nc = (len + per - 1) / per;                  // <= the count above
+    }
     int x = nc;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -123,7 +142,8 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
     const int first = off + x - nc;
     if (i < n_lists) {
       a.start[i] = first;
-      for (int c = 0; c < nc; ++c) a.items[first + c] = make_int2(i, c);
+      for (int c = 0; c < nc; ++c)
+        a.items[first + c] = make_int4(i, c * per, min(len, (c + 1) * per), (len - extra) | (nc == 1 ? kWhole : 0));
     }
     __syncthreads();
     if (tid == kPlanThreads - 1) s_carry = first + nc;
@@ -148,20 +168,19 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
   __shared__ float smem[kAttnWarps * kMaxGroup * (D + 2)];
   using Tile = tile::Acc<E, D>;
   __shared__ uint4 s_q[kAttnWarps][Tile::kQSmem];
-  const int n_items = a.hdr[0], T = a.hdr[1];
+  const int n_items = a.hdr[0];
   const E* kpool = static_cast<const E*>(a.k);
   const E* vpool = static_cast<const E*>(a.v);
   const int tok[4] = {2 * ti, 2 * ti + 1, 2 * ti + 8, 2 * ti + 9};
 
   for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    const int2 it = a.items[item];
-    const int list = it.x, chunk = it.y;
+    // The plan's item carries its bounds: the entries' loads need no list-length lookups (count, then
+    // the list's last token: two dependent loads before the first row).
+    const int4 it = a.items[item];
+    const int list = it.x, j0 = it.y, cnt = it.z - it.y, n = it.w & ~kWhole;
+    const bool whole = (it.w & kWhole) != 0;
     const int b = list / a.n_kv_heads, h = list % a.n_kv_heads;
-    int extra;
-    const int len = list_len(a, list, &extra);
-    const int n = len - extra;
     const int cur = a.seq_len[b] - 1;
-    const int j0 = chunk * T, j1 = min(len, j0 + T), cnt = j1 - j0;
     const int32_t* toks = a.tokens + (size_t)list * a.cap;
     const int32_t* pt = a.page_table + (size_t)b * a.max_pages;
     // Rows resolved kRows entries per thread at a time (token, then page: two dependent loads each),
@@ -226,7 +245,12 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     acc.finish();
 
     float* part = a.part + (size_t)item * G * (D + 2);
+    float* out = a.out + ((size_t)b * a.n_kv_heads + h) * G * D;
     tile::block_merge<kAttnWarps>(acc, G, smem, [&](int g, int d, float O, float mm, float L) {
+      if (whole) {  // the list's only item: its state is the output (the combine skips the list)
+        out[(size_t)g * D + d] = L > 0.f ? O / L : 0.f;
+        return;
+      }
       part[(size_t)g * (D + 2) + d] = O;
       if (d == 0) {
         part[(size_t)g * (D + 2) + D] = mm;
@@ -251,6 +275,7 @@ __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
   const int G = a.group, h = hq / G, r = hq % G;
   const int list = b * a.n_kv_heads + h;
   const int i0 = a.start[list], n = a.start[list + 1] - i0;
+  if (n == 1) return;  // written by its only item (kWhole)
   auto part_of = [&](int i) { return a.part + ((size_t)(i0 + i) * G + r) * (D + 2); };  // o[D], m, l
   float* out = a.out + ((size_t)b * a.n_kv_heads * G + hq) * D;
 
@@ -303,7 +328,7 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   a.out = out;
   a.hdr = reinterpret_cast<int*>(ws + L.hdr);
   a.start = reinterpret_cast<int*>(ws + L.start);
-  a.items = reinterpret_cast<int2*>(ws + L.items);
+  a.items = reinterpret_cast<int4*>(ws + L.items);
   a.part = reinterpret_cast<float*>(ws + L.part);
   a.n_pages = kv.n_pages;
   a.batch = kv.batch;

@@ -8,10 +8,11 @@
 // Three launches, all sizes on the device (no host synchronisation, fixed shapes: capturable in a
 // CUDA graph):
 //   1. plan: counts -> tokens per work item T (from the total, so that the batch fills the GPU;
-//      at least kMinChunk) -> per-list prefix of chunk counts -> the work item list;
-//   2. attend: a fixed grid loops over the work items; each item is <= T tokens of one list and
-//      writes one partial softmax state {m, l, o[d]} per query head of the group;
-//   3. combine: per query head, the log-sum-exp merge of its list's partial states.
+//      at least kMinChunk) -> per-list prefix of item counts -> the work items, each with its bounds;
+//   2. attend: a fixed grid loops over the work items; each item is ~T tokens of one list and
+//      writes one partial softmax state {m, l, o[d]} per query head of the group, or, when it is its
+//      list's only item, the output itself;
+//   3. combine: per query head of a list of several items, the log-sum-exp merge of their states.
 #pragma once
 #include <cuda_runtime_api.h>
 

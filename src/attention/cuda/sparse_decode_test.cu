@@ -127,6 +127,37 @@ TEST(SparseDecodeCuda, SelectAllEqualsDense) {
   }
 }
 
+// The plan's item boundaries (sparse_decode.cu): with these totals the tokens per item T is its floor of
+// 256. Lists of T + 1 .. T + 63 entries are one item (the rest under T / 4 is spread), which writes the
+// output itself; T + 64 is two; 2049 .. 2111 entries are eight equal items, 2112 nine (the last of 64),
+// 4150 sixteen; the one-entry and T-entry lists are single items too. Every list holds every position (so the reference is
+// dense attention), the current token included or, for odd sequences, appended by the kernel.
+TEST(SparseDecodeCuda, ItemBoundaries) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  BatchSpec spec;
+  spec.n_heads = 8, spec.n_kv_heads = 2, spec.head_dim = 128, spec.dtype = KvDtype::F16;
+  spec.seq_len = {1, 256, 257, 300, 319, 320, 321, 2049, 2100, 2111, 2112, 4150};
+  auto B = make_batch(spec, rng);
+  HostLists lists;
+  lists.capacity = 4150;
+  for (int s = 0; s < B->batch; ++s)
+    for (int h = 0; h < spec.n_kv_heads; ++h) {
+      std::vector<int32_t> all = make_candidates(ListKind::All, spec.seq_len[s], lists.capacity, rng);
+      if (s % 2 == 1) all.pop_back();  // the kernel appends the current token
+      lists.lists.push_back(all);
+    }
+  const std::vector<float> got = run_sparse(*B, lists);
+  std::vector<float> ref(got.size());
+  for (int s = 0; s < B->batch; ++s) {
+    const size_t off = (size_t)s * spec.n_heads * spec.head_dim;
+    dense_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, spec.seq_len[s], ref.data() + off);
+  }
+  compare_rows(got, ref, spec.head_dim, spec.dtype, "item boundaries");
+}
+
 TEST(SparseDecodeCuda, BadConfigurationsFail) {
   TW_REQUIRE_CUDA_DEVICE();
   std::mt19937_64 rng(2);
