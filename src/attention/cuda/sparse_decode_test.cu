@@ -61,6 +61,15 @@ void compare_rows(const std::vector<float>& got, const std::vector<float>& ref, 
   EXPECT_EQ(bad, 0);
 }
 
+// Dense attention of every sequence on the CPU (double, two-pass): the reference of select-all lists.
+std::vector<float> dense_refs(const Batch& B, const std::vector<int>& lens) {
+  const size_t per_seq = (size_t)B.spec.n_heads * B.spec.head_dim;
+  std::vector<float> ref(per_seq * B.batch);
+  for (int s = 0; s < B.batch; ++s)
+    dense_reference(*B.pool, B.seqs[s], 0, B.hs(), B.q.data() + s * per_seq, lens[s], ref.data() + s * per_seq);
+  return ref;
+}
+
 struct Cfg {
   int H, Hkv, d;
   KvDtype dtype;
@@ -117,21 +126,16 @@ TEST(SparseDecodeCuda, SelectAllEqualsDense) {
     lists.capacity = *std::max_element(c.lens.begin(), c.lens.end());
     for (int s = 0; s < B->batch; ++s)
       for (int h = 0; h < c.Hkv; ++h) lists.lists.push_back(make_candidates(ListKind::All, c.lens[s], lists.capacity, rng));
-    const std::vector<float> got = run_sparse(*B, lists);
-    std::vector<float> ref(got.size());
-    for (int s = 0; s < B->batch; ++s) {
-      const size_t off = (size_t)s * c.H * c.d;
-      dense_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, c.lens[s], ref.data() + off);
-    }
-    compare_rows(got, ref, c.d, c.dtype, "select-all vs dense");
+    compare_rows(run_sparse(*B, lists), dense_refs(*B, c.lens), c.d, c.dtype, "select-all vs dense");
   }
 }
 
 // The plan's item boundaries (sparse_decode.cu): with these totals the tokens per item T is its floor of
 // 256. Lists of T + 1 .. T + 63 entries are one item (the rest under T / 4 is spread), which writes the
 // output itself; T + 64 is two; 2049 .. 2111 entries are eight equal items, 2112 nine (the last of 64),
-// 4150 sixteen; the one-entry and T-entry lists are single items too. Every list holds every position (so the reference is
-// dense attention), the current token included or, for odd sequences, appended by the kernel.
+// 4150 sixteen; the one-entry and T-entry lists are single items too. Every list holds every position
+// (so the reference is dense attention), the current token included or, for odd sequences, appended by
+// the kernel.
 TEST(SparseDecodeCuda, ItemBoundaries) {
   TW_REQUIRE_CUDA_DEVICE();
   const uint64_t seed = fresh_seed();
@@ -149,13 +153,7 @@ TEST(SparseDecodeCuda, ItemBoundaries) {
       if (s % 2 == 1) all.pop_back();  // the kernel appends the current token
       lists.lists.push_back(all);
     }
-  const std::vector<float> got = run_sparse(*B, lists);
-  std::vector<float> ref(got.size());
-  for (int s = 0; s < B->batch; ++s) {
-    const size_t off = (size_t)s * spec.n_heads * spec.head_dim;
-    dense_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, spec.seq_len[s], ref.data() + off);
-  }
-  compare_rows(got, ref, spec.head_dim, spec.dtype, "item boundaries");
+  compare_rows(run_sparse(*B, lists), dense_refs(*B, spec.seq_len), spec.head_dim, spec.dtype, "item boundaries");
 }
 
 TEST(SparseDecodeCuda, BadConfigurationsFail) {
