@@ -30,7 +30,7 @@ constexpr int kWhole = 1 << 30;    // item flag: the list's only item, which wri
 
 // Workspace layout (all int32 / float, 16-byte aligned pieces).
 struct Layout {
-  size_t hdr = 0;        // int[4]: n_items, chunk tokens T
+  size_t hdr = 0;        // int[4]: n_items
   size_t start = 0;      // int[n_lists + 1]: first work item of each list
   size_t items = 0;      // int4[max_items]: list, first entry j0, end j1, listed count n (entries >= n: the
                          // current token) | kWhole when the item is the list's only one
@@ -121,8 +121,8 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
     // Items per list: items of T entries and the rest, except that a rest under T / 4 entries is spread
     // over the other items (whole tiles, at most kMaxChunk entries): a list of T + 8 entries was two
     // items, the second of 8, which cost a whole item's row lookups and merge, and a combine, for half
-    // a tile. Equal items throughout, or len / T rounded to the nearest (items up to 1.5 T), balanced
-    // worse (H200, 16 x 128k p 0.95: attend +2 us).
+    // a tile. Equal items of len / T rounded to the nearest (up to 1.5 T) balanced worse (H200, 16 x 128k
+    // p 0.95: attend +2 us).
     int nc = (len + T - 1) / T, per = T;
     if (nc > 1 && len - (nc - 1) * T < T / 4 && (len + nc - 2) / (nc - 1) <= kMaxChunk) {
       --nc;
@@ -152,7 +152,6 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
   if (tid == 0) {
     a.start[n_lists] = s_carry;
     a.hdr[0] = s_carry;
-    a.hdr[1] = T;
   }
 }
 
