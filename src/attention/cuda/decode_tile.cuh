@@ -264,8 +264,25 @@ __device__ __forceinline__ void block_merge(const Acc<T, D>& a, int group, float
   }
 }
 
+// One dim of the merge of n partial states of one query head (split-KV parts of the dense decode, work
+// items of the sparse one), for few parts: this thread's loop over them. ml_of(i) -> float2 {m (log2
+// units), l}, o_at(i) -> the part's o at this thread's dim. Returns O / L (0 when nothing counted).
+template <class MlFn, class OFn>
+__device__ __forceinline__ float merge_few(int n, MlFn ml_of, OFn o_at) {
+  float mm = -INFINITY, O = 0.f, L = 0.f;
+  for (int i = 0; i < n; ++i) mm = fmaxf(mm, ml_of(i).x);
+  if (mm != -INFINITY)
+    for (int i = 0; i < n; ++i) {
+      const float2 v = ml_of(i);
+      const float f = exp2f(v.x - mm);
+      L += v.y * f;
+      O += o_at(i) * f;
+    }
+  return L > 0.f ? O / L : 0.f;
+}
+
 // Merges n partial states of one query head (split-KV parts of the dense decode, work items of the
-// sparse one) into out[0..D): ml_of(i) -> float2 {m (log2 units), l}, o_of(i) -> the part's o[D]
+// sparse one) into out[0..D), for many parts: ml_of(i) -> float2 {m (log2 units), l}, o_of(i) -> the part's o[D]
 // (8-byte aligned). Called by every thread of a block of `Threads`; for many parts (batch 1 splits a
 // sequence up to 128 ways): each part's weight once (one thread per part) into shared memory, then warp
 // w adds the o of parts w, w + W, ... over all dims (a lane's D/32 consecutive dims, eight parts' loads

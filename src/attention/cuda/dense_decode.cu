@@ -102,15 +102,7 @@ __global__ void __launch_bounds__(D) dense_combine_kernel(const float* __restric
   const int64_t row = (int64_t)b * n_heads + hq;
   const float2* ml = part_ml + row * n_splits;
   const float* po = part_o + row * n_splits * D + dim;
-  float mm = -INFINITY, O = 0.f, L = 0.f;
-  for (int s = 0; s < ns; ++s) mm = fmaxf(mm, ml[s].x);
-  for (int s = 0; s < ns; ++s) {
-    const float2 v = ml[s];
-    const float f = mm == -INFINITY ? 0.f : exp2f(v.x - mm);
-    L += v.y * f;
-    O += po[(int64_t)s * D] * f;
-  }
-  out[row * D + dim] = L > 0.f ? O / L : 0.f;
+  out[row * D + dim] = merge_few(ns, [&](int s) { return ml[s]; }, [&](int s) { return po[(int64_t)s * D]; });
 }
 
 // Many splits (batch 1 splits a sequence 17-4096 ways): eight warps per (sequence, query head) share

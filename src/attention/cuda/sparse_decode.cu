@@ -278,22 +278,12 @@ __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
   auto part_of = [&](int i) { return a.part + ((size_t)(i0 + i) * G + r) * (D + 2); };  // o[D], m, l
   float* out = a.out + ((size_t)b * a.n_kv_heads * G + hq) * D;
 
+  auto ml_of = [&](int i) { return *reinterpret_cast<const float2*>(part_of(i) + D); };  // m in log2 units
   if (n <= kFewItems) {  // block-uniform
-    if (tid >= D) return;
-    float mx = -INFINITY, acc = 0.f, ls = 0.f;
-    for (int i = 0; i < n; ++i) mx = fmaxf(mx, part_of(i)[D]);
-    if (mx != -INFINITY)
-      for (int i = 0; i < n; ++i) {
-        const float* p = part_of(i);
-        const float f = exp2f(p[D] - mx);  // m in log2 units (decode_tile.cuh)
-        acc += p[tid] * f;
-        ls += p[D + 1] * f;
-      }
-    out[tid] = ls > 0.f ? acc / ls : 0.f;
+    if (tid < D) out[tid] = tile::merge_few(n, ml_of, [&](int i) { return part_of(i)[tid]; });
     return;
   }
-  tile::merge_parts<D, kCombThreads>(
-      n, [&](int i) { return *reinterpret_cast<const float2*>(part_of(i) + D); }, part_of, out);
+  tile::merge_parts<D, kCombThreads>(n, ml_of, part_of, out);
 }
 
 }  // namespace
