@@ -33,6 +33,8 @@ static_assert(kBins == 4 * kThreads, "four bins per thread (one 16-byte load per
 
 
 using u64 = unsigned long long;
+// The scale a dead row reads in the three-block build's estimate (see kNanDead): a quiet NaN.
+__device__ const float kDeadScale = __builtin_nanf("");
 // Histogram masses are fixed point, w * 2^52 (w <= ~1: sums stay far below 2^63): integer atomics
 // add up exactly in any order, so every run and every block of a cluster sees the same sums, and
 // the rounding (2^-53 per weight) is far below float's.
@@ -448,10 +450,17 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   // ---- estimate: 16-row tiles per warp, double-buffered: the loads of kUnroll / 2 tiles are in
   // flight while the previous kUnroll / 2 are multiplied and stored ----
   constexpr int kHalf = kUnroll / 2;
+  // Dead rows (-1): the two- and one-block builds keep each tile's rows g and g + 8 for a live flag; the
+  // three-block build (80 registers, whose estimate loop spilled for them) gives a dead row the NaN of
+  // kDeadScale as its scale instead, so its scores are NaN, which the block max skips (fmaxf) and the
+  // softmax maps to 0 (H200, 8 lists x B0 8192: 25.1 -> 23.9 us; the same in the two-block build made
+  // it spill and was 1-3% slower at 128-512 lists).
+  constexpr bool kNanDead = MINB >= 3;
+  constexpr int kFlags = kNanDead ? 1 : kHalf;
   struct Frag {
     typename RB::T ca[kHalf], cb[kHalf];  // code quarters of rows g and g + 8
     float sz[kHalf];                      // lane < 16: scale of row lane, else zero of row lane - 16
-    int rg[kHalf], rg8[kHalf];            // rows g and g + 8 (-1: none)
+    int rg[kFlags], rg8[kFlags];          // rows g and g + 8 (-1: none); unused with kNanDead
   };
   float lmax0 = -INFINITY, lmax1 = -INFINITY;
   const int ntiles = (m + 15) / 16;
@@ -464,13 +473,21 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
       const int tile = tile0 + u * kWarps;
       const int jr = tile * 16 + (lane & 15);
       const int ri = (tile < ntiles && jr < m) ? rowidx[jr] : -1;
-      // Unconditional loads: a dead row (-1) reads row 0 and its score is -inf by the flag, never by the
-      // data (predicated loads with a zero fill cost instructions in this issue-sensitive loop).
-      f.sz[u] = sz_lane[(uint32_t)max(ri, 0)];
-      f.rg[u] = __shfl_sync(0xffffffffu, ri, g);
-      f.rg8[u] = __shfl_sync(0xffffffffu, ri, g + 8);
-      f.ca[u] = __ldg(reinterpret_cast<const typename RB::T*>(k4_lane + (size_t)(uint32_t)max(f.rg[u], 0) * (D / 2)));
-      f.cb[u] = __ldg(reinterpret_cast<const typename RB::T*>(k4_lane + (size_t)(uint32_t)max(f.rg8[u], 0) * (D / 2)));
+      // Unconditional loads: a dead row (-1) reads row 0 and its score is -inf by the flag (or NaN by its
+      // scale), never by the data (predicated loads with a zero fill cost instructions in this
+      // issue-sensitive loop).
+      if constexpr (kNanDead) {
+        f.sz[u] = *(ri >= 0 ? sz_lane + (uint32_t)ri : &kDeadScale);
+        const int rg = __shfl_sync(0xffffffffu, ri, g), rg8 = __shfl_sync(0xffffffffu, ri, g + 8);
+        f.ca[u] = __ldg(reinterpret_cast<const typename RB::T*>(k4_lane + (size_t)(uint32_t)max(rg, 0) * (D / 2)));
+        f.cb[u] = __ldg(reinterpret_cast<const typename RB::T*>(k4_lane + (size_t)(uint32_t)max(rg8, 0) * (D / 2)));
+      } else {
+        f.sz[u] = sz_lane[(uint32_t)max(ri, 0)];
+        f.rg[u] = __shfl_sync(0xffffffffu, ri, g);
+        f.rg8[u] = __shfl_sync(0xffffffffu, ri, g + 8);
+        f.ca[u] = __ldg(reinterpret_cast<const typename RB::T*>(k4_lane + (size_t)(uint32_t)max(f.rg[u], 0) * (D / 2)));
+        f.cb[u] = __ldg(reinterpret_cast<const typename RB::T*>(k4_lane + (size_t)(uint32_t)max(f.rg8[u], 0) * (D / 2)));
+      }
     }
   };
   auto compute = [&](const Frag& f, int tile0) {
@@ -492,10 +509,18 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
       if (tile >= ntiles) continue;
       const int j0 = tile * 16 + g, j1 = j0 + 8;
       // z = fma(scale, fma(sq, dot, cq), zero * qsum): the CPU estimate's operations (pruner.h).
-      const float z00 = f.rg[u] >= 0 ? fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0) : -INFINITY;
-      const float z01 = f.rg[u] >= 0 ? fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1) : -INFINITY;
-      const float z10 = f.rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0) : -INFINITY;
-      const float z11 = f.rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1) : -INFINITY;
+      float z00, z01, z10, z11;
+      if constexpr (kNanDead) {
+        z00 = fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0);
+        z01 = fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1);
+        z10 = fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0);
+        z11 = fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1);
+      } else {
+        z00 = f.rg[u] >= 0 ? fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0) : -INFINITY;
+        z01 = f.rg[u] >= 0 ? fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1) : -INFINITY;
+        z10 = f.rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0) : -INFINITY;
+        z11 = f.rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1) : -INFINITY;
+      }
       if (j0 < m) {
         if (hc0 < G) zs[(size_t)hc0 * a.zstride + j0] = z00, lmax0 = fmaxf(lmax0, z00);
         if (hc1 < G) zs[(size_t)hc1 * a.zstride + j0] = z01, lmax1 = fmaxf(lmax1, z01);
@@ -576,7 +601,8 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const float x = zv[u] - gm;
-        e[u] = (j + u >= m || x < -87.f || gm == -INFINITY) ? 0.f : exp_fast(x);
+        const bool low = kNanDead ? !(x >= -87.f) : x < -87.f;  // kNanDead: a NaN (dead row) gives 0 too
+        e[u] = (j + u >= m || low || gm == -INFINITY) ? 0.f : exp_fast(x);
         ls += e[u];
       }
       *reinterpret_cast<float4*>(zr + j) = make_float4(e[0], e[1], e[2], e[3]);
