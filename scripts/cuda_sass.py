@@ -14,7 +14,6 @@ nvdisasm is not in the CUDA toolkit installed here; it comes from PyPI's nvidia-
 pinned by version and sha256, unpacked once into the twilight cache (~/.cache/twilight/tools).
 """
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -23,22 +22,18 @@ import sys
 import tempfile
 import zipfile
 from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fetch_models import cache_dir, sha256_file  # noqa: E402  (the twilight cache, as every fetcher)
 
 WHEEL = ("nvidia-cuda-nvdisasm", "13.5.37", "d3fdbdd49fa53e2e4aacd3db8259d052bd2b049ececdcb69e92e083c6728e7ca")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cache_dir():
-    if os.environ.get("TWILIGHT_CACHE"):
-        return os.environ["TWILIGHT_CACHE"]
-    if os.environ.get("XDG_CACHE_HOME"):
-        return os.path.join(os.environ["XDG_CACHE_HOME"], "twilight")
-    return os.path.join(os.path.expanduser("~"), ".cache", "twilight")
-
-
 def nvdisasm():
     name, ver, sha = WHEEL
-    dest = os.path.join(cache_dir(), "tools", f"nvdisasm-{ver}")
+    dest = os.path.join(str(cache_dir()), "tools", f"nvdisasm-{ver}")
     exe = os.path.join(dest, "nvdisasm")
     if os.path.exists(exe):
         return exe
@@ -49,7 +44,7 @@ def nvdisasm():
         if len(whl) != 1:
             sys.exit(f"cuda_sass: expected one wheel for {name}=={ver}, got {whl}")
         path = os.path.join(tmp, whl[0])
-        got = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        got = sha256_file(Path(path))
         if got != sha:
             sys.exit(f"cuda_sass: sha256 mismatch for {whl[0]}: {got}, want {sha}")
         with zipfile.ZipFile(path) as z:
