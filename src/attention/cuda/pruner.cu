@@ -455,6 +455,9 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
   // kDeadScale as its scale instead, so its scores are NaN, which the block max skips (fmaxf) and the
   // softmax maps to 0 (H200, 8 lists x B0 8192: 25.1 -> 23.9 us; the same in the two-block build made
   // it spill and was 1-3% slower at 128-512 lists).
+  // The two variants below are written out in full on purpose: sharing their common lines (one
+  // shuffle pair, selects on kNanDead) reordered the two-block build's code and made ptxas spill 24
+  // bytes in its estimate loop (scripts/cuda_sass.py); written out, that build's SASS is unchanged.
   constexpr bool kNanDead = MINB >= 3;
   constexpr int kFlags = kNanDead ? 1 : kHalf;
   struct Frag {
