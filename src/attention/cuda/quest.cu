@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kSelectThreads = 256;  // 8 warps; one radix bin per thread
 constexpr int kMaxCluster = 16;      // blocks per list (non-portable above 8)
-constexpr size_t kSelectSmemLimit = size_t(200) << 10;  // the block's keys: ~45k pages
+constexpr size_t kSelectSmemLimit = size_t(200) << 10;  // the block's keys and emit slots: ~24k pages
 
 __device__ __forceinline__ int seq_tokens(const int32_t* seq_len, int b, int max_pages) {
   return max(0, min(seq_len[b], max_pages * kPageSize));
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
     const uint8_t* __restrict__ bcode, const float* __restrict__ bparam, const int32_t* __restrict__ page_table,
     const int32_t* __restrict__ seq_len, int max_pages, int n_heads, int group, int64_t budget,
     const float* __restrict__ q, float* __restrict__ scores, int32_t* __restrict__ count,
-    int32_t* __restrict__ tokens, int capacity) {
+    int32_t* __restrict__ tokens, int capacity, int stop) {
   constexpr int NS = 2 * D / 64;  // 64-byte slabs per codes row (one 16-byte load per lane each)
   constexpr int KS = 2 * NS;      // k32-steps per row
   cg::cluster_group cl = cg::this_cluster();
@@ -77,6 +77,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   int32_t* dst = tokens + li * capacity;
   const int64_t n_sel = (budget + kPageSize - 1) / kPageSize;
   const int per = ((np + C - 1) / C + 31) & ~31;
+  const int per_full = ((max_pages + C - 1) / C + 31) & ~31;  // the run the host sized shared memory for
   const int bb = min(np, rank * per), be = min(np, bb + per);
   // Uniform over the cluster (same list): these blocks leave before any cluster barrier.
   if (n == 0) {
@@ -208,6 +209,10 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
     }
   }
   __syncthreads();  // the block's keys are in shared memory
+  if (stop == 1) {  // benchmarking aid (TW_QUEST_STOP_AFTER): scores only
+    if (C > 1) cl.sync();
+    return;
+  }
 
   // A block alone in its cluster (more lists than resident clusters of two) needs only block barriers
   // (cluster.cuh; H200: select 64 x 32k 102.7 -> 98.8 us, 64 x 128k 315.5 -> 312.5; batch 1 and 16
@@ -317,6 +322,10 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
     }
   }
 
+  if (stop == 2) {  // benchmarking aid: scores and radix passes (the last pass's remote reads done)
+    if (C > 1) cl.sync();
+    return;
+  }
   // ---- emit: rank of a kept page = sure pages before it (first page, keys above the threshold) + ties
   // before it, capped at `need`. Thread t takes contiguous pages of the block's run: its counts, one
   // 64-bit block scan (sure << 32 | tie) for its offsets within the block, the lower blocks' totals for
@@ -342,28 +351,39 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   for (int c = 0; c < rank; ++c) base += *cl.map_shared_rank(&s_agg, c);  // rank > 0: C > 1
   excl += base;
   int sure_before = (int)(excl >> 32), tie_before = (int)(excl & 0xffffffffLL);
-  const bool vec = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;  // any capacity is allowed
+  // A warp's pages are contiguous, so its kept pages are a contiguous range of ranks: each thread puts
+  // its own at their slots in shared memory (the keys' run, past the keys), then the warp writes their
+  // tokens in order, 512 contiguous bytes per store (a thread writing its own pages' 64 bytes made
+  // each store 32 scattered pieces). Only the warp synchronises.
+  int32_t* s_sel = reinterpret_cast<int32_t*>(s_keys) + kidx(per_full);  // [per_full], by rank - base rank
+  const int base_rank = (int)(base >> 32) + min((int)(base & 0xffffffffLL), (int)need);
+  const int my_first = sure_before + min(tie_before, (int)need);
   each_page([&](int p, int su, int ti) {
-    if (su || (ti && (uint32_t)tie_before < need)) {
-      const int rk = sure_before + min(tie_before, (int)need);
-      const int t0 = p * kPageSize, cnt = min(kPageSize, n - t0);
-      int32_t* o = dst + rk * kPageSize;
-      if (cnt == kPageSize && vec) {
-#pragma unroll
-        for (int k = 0; k < kPageSize; k += 4) *reinterpret_cast<int4*>(o + k) = make_int4(t0 + k, t0 + k + 1, t0 + k + 2, t0 + k + 3);
-      } else {
-        for (int k = 0; k < cnt; ++k) o[k] = t0 + k;
-      }
-    }
+    if (su || (ti && (uint32_t)tie_before < need)) s_sel[sure_before + min(tie_before, (int)need) - base_rank] = p;
     sure_before += su, tie_before += ti;
   });
+  const int w_first = __shfl_sync(0xffffffffu, my_first, 0);
+  const int w_end = __shfl_sync(0xffffffffu, sure_before + min(tie_before, (int)need), 31);
+  __syncwarp();
+  const bool vec = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;  // any capacity is allowed
+  int32_t* const o = dst + (size_t)w_first * kPageSize;
+  for (int i = lane; i < (w_end - w_first) * (kPageSize / 4); i += 32) {  // four tokens of one page each
+    const int t0 = s_sel[w_first - base_rank + i / (kPageSize / 4)] * kPageSize + 4 * (i % (kPageSize / 4));
+    if (vec && t0 + 3 < n) {
+      *reinterpret_cast<int4*>(o + 4 * i) = make_int4(t0, t0 + 1, t0 + 2, t0 + 3);
+    } else {
+      for (int k = 0; k < 4 && t0 + k < n; ++k) o[4 * i + k] = t0 + k;
+    }
+  }
   // r + 2 pages, all full but the last.
   if (rank == 0 && tid == 0) count[li] = (r + 1) * kPageSize + (n - (np - 1) * kPageSize);
   if (C > 1) cl.sync();  // no block leaves while another may still read its s_agg
 }
 
 // Shared memory of a block whose run holds up to `per` pages (a multiple of 32).
-size_t select_smem(int per) { return (size_t)kidx(per) * sizeof(uint32_t); }
+// Shared memory of a block whose run holds up to `per` pages (a multiple of 32): its keys, then the
+// emit's kept pages.
+size_t select_smem(int per) { return (size_t)(kidx(per) + per) * sizeof(uint32_t); }
 
 // Clusters of C blocks (each with `smem` bytes) the device holds at once for this kernel, 0 where it
 // cannot schedule that size; the kernel's attributes are set on first use. Clusters are placed within
@@ -392,6 +412,13 @@ int active_clusters(int C, size_t smem) {
   }
   cache[key] = n;
   return n;
+}
+
+// TW_QUEST_STOP_AFTER=k (benchmarking aid): the select leaves after phase k (1 scores, 2 radix passes), to
+// time the phases by differences; its lists are then not written.
+int stop_knob() {
+  static const int k = bench_knob("TW_QUEST_STOP_AFTER");
+  return k;
 }
 
 template <int D>
@@ -428,7 +455,7 @@ void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, in
   const int group = kv.n_heads / kv.n_kv_heads;
   TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quest_select_kernel<D>, side.bcode, side.bparam, kv.page_table, kv.seq_len,
                                    kv.max_pages, kv.n_heads, group, budget_tokens, q, scores, out.count, out.tokens,
-                                   out.capacity));
+                                   out.capacity, stop_knob()));
 }
 
 }  // namespace
