@@ -310,15 +310,25 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
         for (int j = 0; j < 8; ++j) {
           if (before < need && need <= before + v[j]) {
             s_digit = 255u - 8u * lane - j;
-            s_need = need - before;
+            s_need = (need - before) | (need - before == v[j] ? 0x80000000u : 0u);  // top bit: the whole bin
           }
           before += v[j];
         }
       }
       __syncthreads();
+      const uint32_t sn = s_need;
       prefix |= s_digit << shift;
       mask |= 0xFFu << shift;
-      need = s_need;
+      need = sn & 0x7fffffffu;
+      // The boundary bin is kept whole: no lower digit is needed. Every key >= prefix (its lower bits
+      // 0) is kept, i.e. key > prefix - 1 with no ties to take. After three passes this is the rule
+      // (24 bits leave ~one key per bin), so the fourth pass is mostly skipped. (A prefix of 0, the
+      // bin of -inf keys, keeps the passes going: prefix - 1 would wrap.)
+      if ((sn >> 31) != 0u && prefix != 0u) {
+        prefix -= 1u;
+        need = 0u;
+        break;
+      }
     }
   }
 
