@@ -54,7 +54,7 @@ struct Small {
   float ginv[kMaxGroup];     // per head: 1 / (cluster exp sum * G)
   u64 ured[kWarps];
   int ired[kWarps];
-  int sel_bin, low_bin;
+  int sel_bin;
   u64 sel_cum, sel_total;
   int ccount;                // this block's count (published to the cluster)
   u64 cmass;                 // this block's kept mass, fixed point (published)
@@ -190,13 +190,15 @@ __device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w, bo
 
 // One radix level: the cluster's histograms of this level are summed bin by bin, scanned from the
 // top bin down, and the first bin where cum0 + (value above and in the bin) >= target is returned
-// with cum0 + the value above it.
-// frac > 0 (level 1 of the mass select): target = ceil(frac * total of these histograms); the scan
-// then always reaches it. Should a lower level's bucket not reach the target (it cannot: integer
-// masses add up exactly; kept as a guard), the lowest non-empty bin is taken (the whole boundary
-// bucket, as topp.cpp does).
-__device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist, bool count_mode, double frac,
-                           u64 target, u64 cum0, int& bin_out, u64& cum_out) {
+// with cum0 + the value above it. `clear` (the previous level's buffer, whose remote readers are done
+// once every block has passed this level's cluster barrier) is zeroed for the next level; the block
+// scan's barriers order that before the next level's adds.
+// frac > 0 (level 1 of the mass select): target = ceil(frac * total of these histograms), which the
+// scan reaches whenever the total is positive. A lower level's histograms hold exactly the masses (or
+// counts) of the bin chosen above them (integers add up exactly), so their scan reaches the target
+// too. Only an all-zero level 1 (no positive weight) finds no bin: bin_out = -1.
+__device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist, uint32_t* clear, bool count_mode,
+                           double frac, u64 target, u64 cum0, int& bin_out, u64& cum_out) {
   const int C = (int)cl.num_blocks();
   cluster_sync(cl, C);  // every block's histogram of this level is complete (a block barrier too)
   u64 v[kBinsPerThread];
@@ -216,40 +218,28 @@ __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist
       v[2] += limb_value(l0.y, l1.y, l2.y), v[3] += limb_value(l0.x, l1.x, l2.x);
     }
   }
+  for (int i = threadIdx.x; i < 3 * kBins; i += kThreads) clear[i] = 0u;
   u64 tsum = v[0] + v[1] + v[2] + v[3];
-  if (threadIdx.x == 0) {
-    S.sel_bin = -1;
-    S.low_bin = kBins;
-  }
+  if (threadIdx.x == 0) S.sel_bin = -1;
   u64 excl, total;
-  const u64 incl = block_scan_incl(tsum, excl, total, S);  // has __syncthreads: the resets are visible
+  const u64 incl = block_scan_incl(tsum, excl, total, S);  // has __syncthreads: the reset is visible
   if (frac > 0.0) target = (u64)ceil(frac * (double)total);
   if (threadIdx.x == 0) S.sel_total = total;
-  const bool mine = cum0 + excl < target && cum0 + incl >= target;
-  u64 run = cum0 + excl, last_cum = 0;
-  int last_nonempty = -1;
+  if (cum0 + excl < target && cum0 + incl >= target) {  // this thread's bins hold the crossing
+    u64 run = cum0 + excl;
 #pragma unroll
-  for (int i = 0; i < kBinsPerThread; ++i) {  // descending bins
-    const int bin = bin0 + kBinsPerThread - 1 - i;
-    if (v[i] == 0) continue;
-    if (mine && run < target && run + v[i] >= target) {
-      S.sel_bin = bin;
-      S.sel_cum = run;
+    for (int i = 0; i < kBinsPerThread; ++i) {  // descending bins
+      if (v[i] != 0 && run < target && run + v[i] >= target) {
+        S.sel_bin = bin0 + kBinsPerThread - 1 - i;
+        S.sel_cum = run;
+      }
+      run += v[i];
     }
-    last_nonempty = bin;
-    last_cum = run;
-    run += v[i];
-  }
-  if (last_nonempty >= 0) atomicMin(&S.low_bin, last_nonempty);
-  __syncthreads();
-  if (S.sel_bin < 0 && last_nonempty >= 0 && last_nonempty == S.low_bin) {
-    S.sel_bin = last_nonempty;
-    S.sel_cum = last_cum;
   }
   __syncthreads();
   bin_out = S.sel_bin;
   cum_out = S.sel_cum;
-  // No barrier: the next writes of S.sel_* come after radix_select's end-of-level barrier.
+  // No barrier: S.sel_* are written again only after the next level's cluster barrier.
 }
 
 // Radix select over the block's keys, over the whole cluster: the largest key value v with
@@ -287,16 +277,13 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* w
     }
     int bin;
     u64 before;
-    scan_level(cl, S, hc, count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
+    // The other buffer is cleared for the next level inside (its last remote readers are done then).
+    scan_level(cl, S, hc, next ? hist[0] : hist[1], count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
     if (level == 0 && frac > 0.0) target = (u64)ceil(frac * (double)S.sel_total);
-    // Clear the other buffer for the next level: its last remote readers passed the barrier above.
-    uint32_t* oc = next ? hist[0] : hist[1];
-    for (int i = threadIdx.x; i < 3 * kBins; i += kThreads) oc[i] = 0u;
     next ^= 1;
-    if (bin < 0) bin = 0;  // nothing selectable (cannot happen with a positive target)
+    if (bin < 0) bin = 0;  // nothing selectable: no positive weight
     prefix = (prefix << 10) | (uint32_t)bin;
     cum = before;
-    __syncthreads();
   }
   cum_above = cum;
   return prefix;
