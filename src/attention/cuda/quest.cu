@@ -390,7 +390,6 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   if (C > 1) cl.sync();  // no block leaves while another may still read its s_agg
 }
 
-// Shared memory of a block whose run holds up to `per` pages (a multiple of 32).
 // Shared memory of a block whose run holds up to `per` pages (a multiple of 32): its keys, then the
 // emit's kept pages.
 size_t select_smem(int per) { return (size_t)(kidx(per) + per) * sizeof(uint32_t); }
