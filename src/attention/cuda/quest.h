@@ -5,7 +5,7 @@
 // descending score, ties to the lower page; emit the kept pages' tokens < seq_len, ascending, into a
 // TokenLists. A budget >= seq_len, or one that keeps every page, selects every token.
 // One kernel, no host sync: a cluster of blocks per (sequence, kv head) scores its pages into shared
-// memory, finds the r-th largest score by radix select (4 passes of 8 bits, the cluster's histograms
+// memory, finds the r-th largest score by radix select (up to 4 passes of 8 bits, the cluster's histograms
 // summed over distributed shared memory) and emits the pages in order (block scans + the lower
 // blocks' totals; each warp writes its kept pages' tokens as one contiguous range).
 // Benchmarking aid: TW_QUEST_STOP_AFTER=k (1 scores, 2 radix passes) makes the kernel leave after phase
