@@ -4,7 +4,8 @@ the same call on the same GPU: PyTorch SDPA (scripts/gpu_sdpa_anchor.py --json) 
 were carried, FlashInfer's paged batch decode (scripts/gpu_flashinfer_anchor.py --json). Writes a
 markdown table of ratios against the best dense kernel (ours or an anchor), a table of the Twilight
 stages (time, bytes read by the byte model of TWILIGHT.md section 2, GB/s and % of the copy bandwidth
-measured in the run), and a PNG of Twilight's speedup vs context per batch size.
+measured in the run), the issue's goals checked on the rows (which rows meet each, and by how much the
+others miss), and a PNG of Twilight's speedup vs context per batch size.
 
 usage: gpu_bench_report.py OURS.jsonl SDPA.jsonl OUT.md [OUT.png] [--fi FLASHINFER.jsonl]
 """
@@ -15,6 +16,65 @@ import sys
 def load(path):
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]
+
+
+def goal_lines(rows, best_dense, anchors_of, copy_gbps):
+    """Issue 4's goals checked on this run's rows (batch >= 16, B0 = 8192 for the step's goals): each goal
+    with the rows that meet it and those that do not. Ratios are compared unrounded."""
+    out = ["\nAgainst the goals (issue 4; Twilight rows at batch >= 16, B0 = 8192):\n"]
+    goal_rows = [r for r in rows if r["batch"] >= 16 and r["b0"] == 8192]
+
+    def name(r):
+        return f"{r['batch']} x {r['ctx'] // 1024}k p {r['p']:g}"
+
+    def check(text, pick, value, ok, fmt):
+        sel = [r for r in goal_rows if pick(r)]
+        if not sel:
+            return
+        miss = [r for r in sel if not ok(value(r))]
+        line = f"- {text}: {len(sel) - len(miss)} of {len(sel)} rows"
+        if miss:
+            line += " (not: " + ", ".join(f"{name(r)} {fmt(value(r))}" for r in miss) + ")"
+        out.append(line)
+
+    def step_vs_dense(r):
+        return best_dense(r) / r["twilight_graph_us"]
+
+    def vs_quest(r):
+        return r.get("quest_graph_us", r["quest_select_us"] + r["quest_attend_us"]) / r["twilight_graph_us"]
+
+    def prune_share(r):
+        return 100 * r["prune_us"] / (r["quest_select_us"] + r["prune_us"] + r["attend_us"])
+
+    check(">= 10x the best dense at 128k", lambda r: r["ctx"] == 131072, step_vs_dense, lambda v: v >= 10,
+          lambda v: f"{v:.3f}x")
+    check(">= 6x the best dense at 32k", lambda r: r["ctx"] == 32768, step_vs_dense, lambda v: v >= 6,
+          lambda v: f"{v:.3f}x")
+    long_ctx = lambda r: r["ctx"] >= 32768  # the contexts the goals name (at 8k, B0 8192 lists every token)
+    check(">= 2x fixed-budget Quest (32k and up)", long_ctx, vs_quest, lambda v: v >= 2, lambda v: f"{v:.3f}x")
+    check("pruner under 35% of the step (32k and up)", long_ctx, prune_share, lambda v: v < 35,
+          lambda v: f"{v:.0f}%")
+    # Dense, once per size: ours at least as fast as the fastest anchor; above 90% of the copy figure at
+    # the large sizes (batch >= 16, ctx >= 32k).
+    sizes = {}
+    for r in rows:
+        sizes.setdefault((r["batch"], r["ctx"]), r)
+    measured = [(k, r) for k, r in sorted(sizes.items()) if any(anchors_of(r))]
+    slow = [(k, r) for k, r in measured if r["dense_us"] > best_dense(r)]
+    if measured:
+        line = f"- our dense at least as fast as the best anchor: {len(measured) - len(slow)} of {len(measured)} sizes"
+        if slow:
+            line += " (not: " + ", ".join(f"{b} x {c // 1024}k {best_dense(r) / r['dense_us']:.3f}" for (b, c), r in slow)
+            line += ", best anchor time / ours)"
+        out.append(line)
+    large = [(k, r) for k, r in sorted(sizes.items()) if k[0] >= 16 and k[1] >= 32768 and "dense_GBps" in r]
+    if large and copy_gbps == copy_gbps:  # not NaN
+        low = [(k, r) for k, r in large if 100 * r["dense_GBps"] / copy_gbps <= 90]
+        line = f"- our dense above 90% of the copy figure at batch >= 16, ctx >= 32k: {len(large) - len(low)} of {len(large)} sizes"
+        if low:
+            line += " (not: " + ", ".join(f"{b} x {c // 1024}k {100 * r['dense_GBps'] / copy_gbps:.0f}%" for (b, c), r in low) + ")"
+        out.append(line)
+    return out
 
 
 def main():
@@ -90,6 +150,7 @@ def main():
         out.append(f"| {r['batch']} | {r['ctx']} | {r['p']:g} | {r['b0']} | "
                    f"{sel} | {stage(r['prune_us'], r['bytes_prune'])} | "
                    f"{stage(r['attend_us'], r['bytes_attend'])} | {r['i0_avg']:.0f} | {r['i1_avg']:.0f} |")
+    out.extend(goal_lines(rows, best_dense, anchors_of, cp))
     errs = [r for r in sdpa + fi if r.get("kind") in ("sdpa", "flashinfer") and any(k.endswith("_error") for k in r)]
     if errs:
         out.append("\nAnchor backends that refused a shape:")

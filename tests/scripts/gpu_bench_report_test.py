@@ -115,6 +115,36 @@ class GpuBenchReport(unittest.TestCase):
         self.assertEqual(rows[(16, 8192)][5], "n/a")
         self.assertEqual(rows[(16, 8192)][12], f"{95.0 / 50.0:.2f}")  # SDPA now the best
 
+    def test_goal_check(self):
+        # Rows at batch >= 16 and B0 8192: 128k >= 10x, 32k >= 6x, >= 2x Quest and the pruner's share,
+        # compared unrounded (9.99x is a miss), and our dense against the fastest anchor per size.
+        write_jsonl(self.ours, [
+            {"kind": "device", "gpu": "TestGPU", "copy_GBps": 4000.0, "heads": 32, "kv_heads": 8, "head_dim": 128,
+             "dtype": "f16", "input": "synthetic"},
+            dict(row(16, 131072, dense=2000.0, tw=189.0, quest_graph=500.0), dense_GBps=4400.0),  # 1900 / 189: 10.05x
+            dict(row(64, 131072, dense=9990.0, tw=1000.0, quest_graph=1999.0), dense_GBps=3000.0),  # 9.99x, 1.999x
+            row(64, 32768, dense=1850.0, tw=300.0, quest_graph=640.0),   # 6.17x
+            row(1, 131072, dense=130.0, tw=60.0),                        # batch 1: not a goal row
+            row(16, 131072, dense=2000.0, tw=150.0, b0=32768),           # B0 L/4: not a goal row
+        ])
+        write_jsonl(self.sdpa, [
+            {"kind": "copy", "gpu": "TestGPU", "torch": "t", "cudnn": 1, "copy_GBps": 4100.0},
+            {"kind": "sdpa", "batch": 16, "ctx": 131072, "best": "cudnn", "best_us": 1900.0},
+            {"kind": "sdpa", "batch": 64, "ctx": 131072, "best": "cudnn", "best_us": 10000.0},
+        ])
+        r = self.run_report()
+        self.assertEqual(r.returncode, 0, r.stderr)
+        text = read(self.md)
+        self.assertIn("- >= 10x the best dense at 128k: 1 of 2 rows (not: 64 x 128k p 0.85 9.990x)", text)
+        self.assertIn("- >= 6x the best dense at 32k: 1 of 1 rows", text)
+        self.assertIn("- >= 2x fixed-budget Quest (32k and up): 2 of 3 rows (not: 64 x 128k p 0.85 1.999x)", text)
+        # prune 20 of select 10 + prune 20 + attend 10 in every row: 50%
+        self.assertIn("- pruner under 35% of the step (32k and up): 0 of 3 rows", text)
+        # cuDNN 1900 beats our 2000 at 16 x 128k; ours 9990 beats 10000 at 64 x 128k; 64 x 32k has no anchor
+        self.assertIn("- our dense at least as fast as the best anchor: 1 of 2 sizes (not: 16 x 128k 0.950", text)
+        self.assertIn("- our dense above 90% of the copy figure at batch >= 16, ctx >= 32k: 1 of 2 sizes "
+                      "(not: 64 x 128k 75%)", text)
+
     def test_bad_usage_fails(self):
         r = self.run_report("--fi")
         self.assertNotEqual(r.returncode, 0)
