@@ -18,6 +18,16 @@ def load(path):
         return [json.loads(l) for l in f if l.strip()]
 
 
+def quest_us(r):
+    """Fixed-budget Quest: its graph-replayed step (older runs: the sum of its two stages)."""
+    return r.get("quest_graph_us", r["quest_select_us"] + r["quest_attend_us"])
+
+
+def prune_share(r):
+    """The pruner's share of the Twilight step, % of its three stages timed alone."""
+    return 100 * r["prune_us"] / (r["quest_select_us"] + r["prune_us"] + r["attend_us"])
+
+
 def goal_lines(rows, best_dense, anchors_of, copy_gbps):
     """Issue 4's goals checked on this run's rows (batch >= 16, B0 = 8192 for the step's goals): each goal
     with the rows that meet it and those that do not. Ratios are compared unrounded."""
@@ -41,10 +51,7 @@ def goal_lines(rows, best_dense, anchors_of, copy_gbps):
         return best_dense(r) / r["twilight_graph_us"]
 
     def vs_quest(r):
-        return r.get("quest_graph_us", r["quest_select_us"] + r["quest_attend_us"]) / r["twilight_graph_us"]
-
-    def prune_share(r):
-        return 100 * r["prune_us"] / (r["quest_select_us"] + r["prune_us"] + r["attend_us"])
+        return quest_us(r) / r["twilight_graph_us"]
 
     check(">= 10x the best dense at 128k", lambda r: r["ctx"] == 131072, step_vs_dense, lambda v: v >= 10,
           lambda v: f"{v:.3f}x")
@@ -121,15 +128,13 @@ def main():
         a, f = anchors_of(r)
         best = best_dense(r)
         anchor_best = min([x["best_us"] for x in (a, f) if x] or [float("nan")])
-        # Fixed-budget Quest: its graph-replayed step (older runs: the sum of its two stages).
-        quest = r.get("quest_graph_us", r["quest_select_us"] + r["quest_attend_us"])
+        quest = quest_us(r)
         tw = r["twilight_graph_us"]
-        prune_share = 100 * r["prune_us"] / (r["quest_select_us"] + r["prune_us"] + r["attend_us"])
         out.append(f"| {r['batch']} | {r['ctx']} | {r['p']:g} | {r['b0']} | "
                    + (f"{a['best_us']:.1f} ({a['best']})" if a else "n/a") + " | "
                    + (f"{f['best_us']:.1f} ({f['best']})" if f else "n/a")
                    + f" | {r['dense_us']:.1f} | " + (f"{anchor_best / r['dense_us']:.2f}" if (a or f) else "n/a")
-                   + f" | {quest:.1f} | {tw:.1f} | {prune_share:.0f}% | {r['i1_avg']:.0f} "
+                   + f" | {quest:.1f} | {tw:.1f} | {prune_share(r):.0f}% | {r['i1_avg']:.0f} "
                    f"({100 * r['i1_avg'] / r['ctx']:.2f}%) | {best / tw:.2f} | {quest / tw:.2f} |")
     # Per stage: select (Quest page scores + top pages), prune (INT4 estimate + top-p), attend (sparse
     # attention over I1, plan and combine included). % copy: read bytes over the copy figure, which counts
