@@ -40,6 +40,11 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 // across a quarter warp (runs of 32 pages: 36 words apart).
 __host__ __device__ __forceinline__ int kidx(int p) { return p + 4 * (p >> 5); }
 
+// Pages of each block's run when `pages` are split over a cluster of C blocks: ceil(pages / C) rounded
+// up to 32 (whole 32-page chunks). The kernel splits the sequence's pages; the host sizes shared memory
+// for max_pages.
+__host__ __device__ __forceinline__ int run_of(int pages, int C) { return ((pages + C - 1) / C + 31) & ~31; }
+
 // One cluster of C blocks per (kv head, sequence): the page scores, the radix select of the r-th
 // largest and the ordered emit in one kernel. Block c of the cluster owns the contiguous run of pages
 // [c per, (c + 1) per) (per = ceil(np / C) rounded to 32), scores it and keeps the keys in shared
@@ -76,8 +81,8 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   const int64_t li = (int64_t)b * hkv + h;
   int32_t* dst = tokens + li * capacity;
   const int64_t n_sel = (budget + kPageSize - 1) / kPageSize;
-  const int per = ((np + C - 1) / C + 31) & ~31;
-  const int per_full = ((max_pages + C - 1) / C + 31) & ~31;  // the run the host sized shared memory for
+  const int per = run_of(np, C);
+  const int per_full = run_of(max_pages, C);  // the run the host sized shared memory for
   const int bb = min(np, rank * per), be = min(np, bb + per);
   // Uniform over the cluster (same list): these blocks leave before any cluster barrier.
   if (n == 0) {
@@ -367,13 +372,14 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   // each store 32 scattered pieces). Only the warp synchronises.
   int32_t* s_sel = reinterpret_cast<int32_t*>(s_keys) + kidx(per_full);  // [per_full], by rank - base rank
   const int base_rank = (int)(base >> 32) + min((int)(base & 0xffffffffLL), (int)need);
-  const int my_first = sure_before + min(tie_before, (int)need);
+  auto next_rank = [&] { return sure_before + min(tie_before, (int)need); };  // of this thread's next kept page
+  const int my_first = next_rank();
   each_page([&](int p, int su, int ti) {
-    if (su || (ti && (uint32_t)tie_before < need)) s_sel[sure_before + min(tie_before, (int)need) - base_rank] = p;
+    if (su || (ti && (uint32_t)tie_before < need)) s_sel[next_rank() - base_rank] = p;
     sure_before += su, tie_before += ti;
   });
   const int w_first = __shfl_sync(0xffffffffu, my_first, 0);
-  const int w_end = __shfl_sync(0xffffffffu, sure_before + min(tie_before, (int)need), 31);
+  const int w_end = __shfl_sync(0xffffffffu, next_rank(), 31);
   __syncwarp();
   const bool vec = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;  // any capacity is allowed
   int32_t* const o = dst + (size_t)w_first * kPageSize;
@@ -423,13 +429,6 @@ int active_clusters(int C, size_t smem) {
   return n;
 }
 
-// TW_QUEST_STOP_AFTER=k (benchmarking aid): the select leaves after phase k (1 scores, 2 radix passes), to
-// time the phases by differences; its lists are then not written.
-int stop_knob() {
-  static const int k = bench_knob("TW_QUEST_STOP_AFTER");
-  return k;
-}
-
 template <int D>
 void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
                    int64_t max_seq_len, const TokenLists& out, float* scores, cudaStream_t stream) {
@@ -441,7 +440,7 @@ void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, in
   // max_pages, the page table's bound, so any seq_len the table allows fits.
   const int64_t np = std::min<int64_t>((max_seq_len + kPageSize - 1) / kPageSize, kv.max_pages);
   const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
-  auto per_of = [&](int c) { return ((kv.max_pages + c - 1) / c + 31) / 32 * 32; };
+  auto per_of = [&](int c) { return run_of(kv.max_pages, c); };
   const int64_t chunks = (np + kSelectThreads - 1) / kSelectThreads;  // 32-page chunks per warp at C = 1
   int C = 1;
   for (int c = (int)std::min<int64_t>(kMaxCluster, chunks); c > 1; --c) {
@@ -462,9 +461,11 @@ void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, in
   const cudaLaunchConfig_t cfg =
       cluster_launch(dim3(C, kv.n_kv_heads, kv.batch), kSelectThreads, C, smem, stream, attr);
   const int group = kv.n_heads / kv.n_kv_heads;
+  // TW_QUEST_STOP_AFTER=k (benchmarking aid, quest.h): the kernel leaves after phase k.
+  static const int stop = bench_knob("TW_QUEST_STOP_AFTER");
   TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quest_select_kernel<D>, side.bcode, side.bparam, kv.page_table, kv.seq_len,
                                    kv.max_pages, kv.n_heads, group, budget_tokens, q, scores, out.count, out.tokens,
-                                   out.capacity, stop_knob()));
+                                   out.capacity, stop));
 }
 
 }  // namespace
