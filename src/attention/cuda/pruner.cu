@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <mutex>
+#include <type_traits>
 
 #include "attention/cuda/cluster.cuh"
 #include "attention/cuda/imma.cuh"
@@ -17,19 +18,18 @@ namespace tw::attn::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;     // 8 warps
 // Three builds of the kernel, by the blocks per SM the plan's shared memory allows: three (<= 75 KB,
-// registers <= 85), two (<= 113 KB, registers <= 128, spent on twice the estimate loads in flight) or
-// one (a whole B0 = 8192 list in one block: no cluster barriers; four times the loads in flight).
+// 8 warps, registers <= 85), two (<= 113 KB, 8 warps, registers <= 128, spent on twice the estimate
+// loads in flight) or one (16 warps, registers <= 128: a whole B0 = 8192 list in one block, no cluster
+// barriers, the same 16 warps per SM as two blocks).
 constexpr size_t kThreeBlockSmem = size_t(75) << 10;
 constexpr size_t kTwoBlockSmem = size_t(113) << 10;
-constexpr int kWarps = kThreads / 32;
+constexpr int threads_of(int blocks_per_sm) { return blocks_per_sm == 1 ? 512 : 256; }
+constexpr int kMaxWarps = 16;
 constexpr int kBins = 1024;        // every radix level: level 1 = bits 29..20 (weights <= 1 have bit 30 clear
                                    // below 2.0), levels 2 and 3 = bits 19..10 and 9..0
-constexpr int kBinsPerThread = kBins / kThreads;
 constexpr int kMaxCluster = 16;
 constexpr uint32_t kPrioKey = 0x3fc00000u;  // 1.5f: the current token's rank for floor / cap, above any weight
-static_assert(kBins == 4 * kThreads, "four bins per thread (one 16-byte load per limb)");
 
 
 using u64 = unsigned long long;
@@ -47,13 +47,13 @@ struct Small {
   float qsum[kMaxGroup];     // per head: sum of qs = q / sqrt(d) (the zero-point term)
   float sq[kMaxGroup];       // per head: the int8 query's scale
   float cq[kMaxGroup];       // per head: 7.5 * sum of the query's rounding residuals
-  float wred[kWarps][kMaxGroup];
+  float wred[kMaxWarps][kMaxGroup];
   float cmax[kMaxGroup];     // this block's score max per head (read by the cluster)
   float csum[kMaxGroup];     // this block's exp sum per head (read by the cluster)
   float gmax[kMaxGroup];     // per head: the cluster's score max
   float ginv[kMaxGroup];     // per head: 1 / (cluster exp sum * G)
-  u64 ured[kWarps];
-  int ired[kWarps];
+  u64 ured[kMaxWarps];
+  int ired[kMaxWarps];
   int sel_bin;
   u64 sel_cum, sel_total;
   int ccount;                // this block's count (published to the cluster)
@@ -123,7 +123,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Inclusive scan of one u64 per thread in thread order (integers: exact, order-free); `excl` gets
-// the exclusive value and `total` the block's sum.
+// the exclusive value and `total` the block's sum. NT: threads of the block.
+template <int NT>
 __device__ u64 block_scan_incl(u64 v, u64& excl, u64& total, Small& S) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const u64 own = v;
@@ -136,7 +137,7 @@ __device__ u64 block_scan_incl(u64 v, u64& excl, u64& total, Small& S) {
   if (lane == 31) S.ured[warp] = v;
   __syncthreads();
   u64 off = 0, all = 0;
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < NT / 32; ++w) {
     if (w == warp) off = all;
     all += S.ured[w];
   }
@@ -146,6 +147,7 @@ __device__ u64 block_scan_incl(u64 v, u64& excl, u64& total, Small& S) {
 }
 
 // Exclusive scan of one int per thread; *total gets the block sum.
+template <int NT>
 __device__ int block_scan_excl_int(int v, int* total, Small& S) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int x = v;
@@ -158,7 +160,7 @@ __device__ int block_scan_excl_int(int v, int* total, Small& S) {
   if (lane == 31) S.ired[warp] = x;
   __syncthreads();
   int off = 0, tot = 0;
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < NT / 32; ++w) {
     if (w == warp) off = tot;
     tot += S.ired[w];
   }
@@ -197,40 +199,57 @@ __device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w, bo
 // scan reaches whenever the total is positive. A lower level's histograms hold exactly the masses (or
 // counts) of the bin chosen above them (integers add up exactly), so their scan reaches the target
 // too. Only an all-zero level 1 (no positive weight) finds no bin: bin_out = -1.
+template <int NT>
 __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist, uint32_t* clear, bool count_mode,
                            double frac, u64 target, u64 cum0, int& bin_out, u64& cum_out) {
   const int C = (int)cl.num_blocks();
   cluster_sync(cl, C);  // every block's histogram of this level is complete (a block barrier too)
-  u64 v[kBinsPerThread];
+  // This thread's bins: bin0 .. bin0 + BPT - 1, v[i] = bin bin0 + BPT - 1 - i (descending), read by
+  // one 16-byte (8-byte at 512 threads) load per limb.
+  constexpr int BPT = kBins / NT;
+  static_assert(BPT == 4 || BPT == 2, "four or two bins per thread");
+  using Vec = std::conditional_t<BPT == 4, uint4, uint2>;
+  auto lanes = [](const Vec& x, uint32_t (&o)[BPT]) {  // o[i]: bin bin0 + BPT - 1 - i
+    if constexpr (BPT == 4)
+      o[0] = x.w, o[1] = x.z, o[2] = x.y, o[3] = x.x;
+    else
+      o[0] = x.y, o[1] = x.x;
+  };
+  u64 v[BPT];
 #pragma unroll
-  for (int i = 0; i < kBinsPerThread; ++i) v[i] = 0;
-  const int bin0 = kBins - kBinsPerThread * (threadIdx.x + 1);  // this thread's bins: bin0 .. bin0+3
+  for (int i = 0; i < BPT; ++i) v[i] = 0;
+  const int bin0 = kBins - BPT * (threadIdx.x + 1);
 #pragma unroll 2
   for (int r = 0; r < C; ++r) {
     const uint32_t* hr = block_field(cl, C, hist, r);
-    const uint4 l0 = *reinterpret_cast<const uint4*>(hr + bin0);
+    uint32_t l0[BPT];
+    lanes(*reinterpret_cast<const Vec*>(hr + bin0), l0);
     if (count_mode) {
-      v[0] += l0.w, v[1] += l0.z, v[2] += l0.y, v[3] += l0.x;
+#pragma unroll
+      for (int i = 0; i < BPT; ++i) v[i] += l0[i];
     } else {
-      const uint4 l1 = *reinterpret_cast<const uint4*>(hr + kBins + bin0);
-      const uint4 l2 = *reinterpret_cast<const uint4*>(hr + 2 * kBins + bin0);
-      v[0] += limb_value(l0.w, l1.w, l2.w), v[1] += limb_value(l0.z, l1.z, l2.z);
-      v[2] += limb_value(l0.y, l1.y, l2.y), v[3] += limb_value(l0.x, l1.x, l2.x);
+      uint32_t l1[BPT], l2[BPT];
+      lanes(*reinterpret_cast<const Vec*>(hr + kBins + bin0), l1);
+      lanes(*reinterpret_cast<const Vec*>(hr + 2 * kBins + bin0), l2);
+#pragma unroll
+      for (int i = 0; i < BPT; ++i) v[i] += limb_value(l0[i], l1[i], l2[i]);
     }
   }
-  for (int i = threadIdx.x; i < 3 * kBins; i += kThreads) clear[i] = 0u;
-  u64 tsum = v[0] + v[1] + v[2] + v[3];
+  for (int i = threadIdx.x; i < 3 * kBins; i += NT) clear[i] = 0u;
+  u64 tsum = 0;
+#pragma unroll
+  for (int i = 0; i < BPT; ++i) tsum += v[i];
   if (threadIdx.x == 0) S.sel_bin = -1;
   u64 excl, total;
-  const u64 incl = block_scan_incl(tsum, excl, total, S);  // has __syncthreads: the reset is visible
+  const u64 incl = block_scan_incl<NT>(tsum, excl, total, S);  // has __syncthreads: the reset is visible
   if (frac > 0.0) target = (u64)ceil(frac * (double)total);
   if (threadIdx.x == 0) S.sel_total = total;
   if (cum0 + excl < target && cum0 + incl >= target) {  // this thread's bins hold the crossing
     u64 run = cum0 + excl;
 #pragma unroll
-    for (int i = 0; i < kBinsPerThread; ++i) {  // descending bins
+    for (int i = 0; i < BPT; ++i) {  // descending bins
       if (v[i] != 0 && run < target && run + v[i] >= target) {
-        S.sel_bin = bin0 + kBinsPerThread - 1 - i;
+        S.sel_bin = bin0 + BPT - 1 - i;
         S.sel_cum = run;
       }
       run += v[i];
@@ -247,7 +266,7 @@ __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist
 // buffers alternate, so a buffer is only cleared after every block has passed the next level's
 // cluster barrier (its remote readers are done); `next` is the buffer the first level uses.
 // first_built: the caller already built level 1's histogram (mass mode) in hist[next].
-template <class KeyFn>
+template <int NT, class KeyFn>
 __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* ws, int m, KeyFn key_of, bool count_mode,
                                  bool first_built, double frac, u64 target, uint32_t* const (&hist)[2], int& next,
                                  u64& cum_above) {
@@ -260,7 +279,7 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* w
     // Four consecutive weights per thread in one 16-byte load (ws is 16-byte aligned; the row's padding
     // past m is readable and masked here).
 #pragma unroll 1
-    for (int j = 4 * threadIdx.x; j < m && !(level == 0 && first_built); j += 4 * kThreads) {
+    for (int j = 4 * threadIdx.x; j < m && !(level == 0 && first_built); j += 4 * NT) {
       const float4 w4 = *reinterpret_cast<const float4*>(ws + j);
       const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
@@ -278,7 +297,7 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* w
     int bin;
     u64 before;
     // The other buffer is cleared for the next level inside (its last remote readers are done then).
-    scan_level(cl, S, hc, next ? hist[0] : hist[1], count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
+    scan_level<NT>(cl, S, hc, next ? hist[0] : hist[1], count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
     if (level == 0 && frac > 0.0) target = (u64)ceil(frac * (double)S.sel_total);
     next ^= 1;
     if (bin < 0) bin = 0;  // nothing selectable: no positive weight
@@ -290,8 +309,9 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* w
 }
 
 template <int D, int MINB>
-__global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
-  constexpr int kUnroll = MINB >= 3 ? 4 : MINB == 2 ? 8 : 16;  // 16-row tiles whose loads a warp has in flight
+__global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Args a) {
+  constexpr int kThreads = threads_of(MINB), kWarps = kThreads / 32;
+  constexpr int kUnroll = MINB >= 3 ? 4 : 8;  // 16-row tiles whose loads a warp has in flight
   using RB = RowBytes<D>;
   cg::cluster_group cl = cg::this_cluster();
   const int C = (int)cl.num_blocks();
@@ -655,7 +675,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
       return k != 0u;
     };
     u64 above;
-    tau_key = radix_select(cl, S, ws, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
+    tau_key = radix_select<kThreads>(cl, S, ws, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
     if (tau_key == 0u) tau_key = 1u;
   }
 
@@ -746,13 +766,13 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
         return true;
       };
       u64 above;
-      const uint32_t vk = radix_select(cl, S, ws, m, key_fn, true, false, 0.0, (u64)k, hist, next, above);
+      const uint32_t vk = radix_select<kThreads>(cl, S, ws, m, key_fn, true, false, 0.0, (u64)k, hist, next, above);
       const int need = k - (int)above;  // ties at vk to keep, lowest list index first
       // Ties in list order: this block's offset among the cluster's ties, then an ordered block scan.
       int nt = 0;
       for (int j = tid; j < m; j += kThreads) nt += prio(j) == vk;
       int ttot;
-      (void)block_scan_excl_int(nt, &ttot, S);
+      (void)block_scan_excl_int<kThreads>(nt, &ttot, S);
       if (tid == 0) S.ccount = ttot;
       __syncthreads();
       cluster_sync(cl, C);
@@ -765,7 +785,7 @@ __global__ void __launch_bounds__(kThreads, MINB) prune_kernel(const Args a) {
         const uint32_t kk = j < m ? prio(j) : 0u;
         const bool tie = j < m && kk == vk;
         int rtot;
-        const int r = block_scan_excl_int(tie ? 1 : 0, &rtot, S);
+        const int r = block_scan_excl_int<kThreads>(tie ? 1 : 0, &rtot, S);
         if (j < m) flag[j] = kk > vk || (tie && toff + r < need);
         toff += rtot;
       }
@@ -849,8 +869,13 @@ size_t smem_for(int G, int chunk, int* zstride) {
 // The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
 // clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
 // captures stay free of it.
-void (*kernel_for(int head_dim, size_t smem))(Args) {
-  const int per_sm = smem <= kThreeBlockSmem ? 3 : smem <= kTwoBlockSmem ? 2 : 1;
+// The build a plan runs: its 16-warp build, else by the blocks per SM its shared memory allows.
+int blocks_per_sm_of(const PrunePlan& plan) {
+  return plan.threads == threads_of(1) ? 1 : plan.smem_bytes <= kThreeBlockSmem ? 3 : 2;
+}
+
+void (*kernel_for(int head_dim, const PrunePlan& plan))(Args) {
+  const int per_sm = blocks_per_sm_of(plan);
   void (*kern)(Args) = per_sm == 3   ? (head_dim == 128 ? prune_kernel<128, 3> : prune_kernel<64, 3>)
                        : per_sm == 2 ? (head_dim == 128 ? prune_kernel<128, 2> : prune_kernel<64, 2>)
                                      : (head_dim == 128 ? prune_kernel<128, 1> : prune_kernel<64, 1>);
@@ -870,8 +895,8 @@ void (*kernel_for(int head_dim, size_t smem))(Args) {
 // The plan's launch: a cluster of plan.cluster blocks per list; `attr` must outlive the config.
 cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaStream_t stream,
                                  cudaLaunchAttribute& attr) {
-  return cluster_launch(dim3(plan.cluster, kv.n_kv_heads, kv.batch), kThreads, plan.cluster, plan.smem_bytes, stream,
-                        attr);
+  return cluster_launch(dim3(plan.cluster, kv.n_kv_heads, kv.batch), plan.threads, plan.cluster,
+                        plan.smem_bytes, stream, attr);
 }
 
 }  // namespace
@@ -884,10 +909,13 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   // Blocks per list: from the parallelism target (tokens per block), then more until a block's slice
   // fits kMaxChunk and, preferably, the shared memory of the target's blocks per SM, else up to the
-  // opt-in limit. Two blocks of 4096 per list (113 KiB, two per SM) win from ~100 lists up (H200,
-  // B0 8192, G 4: 256 lists 145 us against 172 for 4 of 2048 at three per SM, every radix level then
-  // reading 4 remote histograms; one block of 8192 209 us, 8 warps per SM too few to hide the phases'
-  // latencies; 128 lists: 58 against 96 us). With fewer lists (a single sequence) the GPU is idle for
+  // opt-in limit. From about one wave of lists up, a whole list in one 16-warp block (up to 185 KiB at
+  // G 4): the same 16 warps per SM as two 8-warp blocks of 4096, without the cluster barriers and the
+  // remote reads (H200, B0 8192, G 4, 128 / 256 / 512 lists: 47.6 / 88.0 / 169.1 -> 45.4 / 85.7 /
+  // 167.3 us). Before, two blocks of 4096 (113 KiB, two per SM) had won from ~100 lists up (256 lists
+  // 145 us against 172 for 4 of 2048 at three per SM, every radix level then reading 4 remote
+  // histograms; one 8-warp block of 8192 209 us, 8 warps per SM too few to hide the phases' latencies;
+  // 128 lists: 58 against 96 us). With fewer lists (a single sequence) the GPU is idle for
   // want of blocks: blocks of 2048, as long as they fit three per SM and the launch stays one wave
   // (G 4, 8 lists: 42.5 -> 33.4 us; 8 of 1024: 35.7 us). At G 6 blocks of 2048 do not fit three per
   // SM; forcing smaller ones was slower (Qwen 1.5B shape, 32 lists: 39.5 -> 45.3 us).
@@ -895,17 +923,23 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
   const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster);
   const bool few = lists * c2k <= 3 * (int64_t)sm_count() && smem_for(sh.G, chunk_of(c2k), nullptr) <= kThreeBlockSmem;
+  // Lists enough for a wave of one-block lists (the 16-warp build), each list whole in one block.
+  const bool whole = !few && lists * 8 >= 7 * (int64_t)sm_count() && in_capacity <= kMaxChunk &&
+                     smem_for(sh.G, chunk_of(1), nullptr) <= (size_t)optin;
   static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB");
-  const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : 4096;
+  const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : whole ? kMaxChunk : 4096;
   const int cmin = std::clamp((in_capacity + tpb - 1) / tpb, 1, kMaxCluster);
-  const size_t first_limit = smem_knob_kb > 0    ? size_t(smem_knob_kb) << 10
-                             : tpb <= 2048 ? kThreeBlockSmem
-                                           : kTwoBlockSmem;
+  const size_t first_limit = smem_knob_kb > 0 ? size_t(smem_knob_kb) << 10
+                             : tpb <= 2048    ? kThreeBlockSmem
+                             : tpb <= 4096    ? kTwoBlockSmem
+                                              : (size_t)optin;
   for (size_t limit : {first_limit, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
       const int chunk = chunk_of(c);
       const size_t smem = smem_for(sh.G, chunk, nullptr);
-      if (chunk <= kMaxChunk && smem <= limit) return PrunePlan{c, chunk, smem};
+      // Past the two-block limit a block has an SM to itself: the 16-warp build.
+      const int threads = threads_of(smem <= kTwoBlockSmem && tpb <= 4096 ? 2 : 1);
+      if (chunk <= kMaxChunk && smem <= limit) return PrunePlan{c, chunk, smem, threads};
     }
   }
   fail("pruner (CUDA): I0 capacity ", in_capacity, " with group size ", sh.G, " does not fit ", kMaxCluster,
@@ -948,7 +982,7 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   a.stop = stop;
   smem_for(a.group, plan.chunk, &a.zstride);
 
-  void (*kern)(Args) = kernel_for(kv.head_dim, plan.smem_bytes);
+  void (*kern)(Args) = kernel_for(kv.head_dim, plan);
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = launch_config(plan, kv, stream, attr);
   TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
@@ -959,7 +993,7 @@ int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PrunePar
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0, attr);
   int n = 0;
-  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, plan.smem_bytes), &cfg));
+  TW_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel_for(kv.head_dim, plan), &cfg));
   return n;
 }
 

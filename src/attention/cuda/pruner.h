@@ -46,6 +46,7 @@ struct PrunePlan {
   int cluster = 0;           // thread blocks per (sequence, kv head)
   int chunk = 0;             // candidates per block at most (ceil(capacity / cluster), rounded up to 16)
   size_t smem_bytes = 0;     // dynamic shared memory per block
+  int threads = 0;           // per block: 256 (two or three blocks per SM), 512 (one block per SM)
 };
 
 // Validates and plans; throws tw::Error for unsupported head dim (64, 128), group size (1..8),

@@ -294,6 +294,35 @@ TEST(PrunerCuda, FloorAndCap) {
   EXPECT_GE(tally.equal_checked, tally.lists / 2);
 }
 
+// Enough lists for a wave of one-block lists: each list whole in one 16-warp block (no cluster),
+// its radix levels scanning two bins per thread; top-p, floor and cap. Mostly short sequences under a
+// B0 8192 capacity (a list's count is below its capacity), so racecheck can run it.
+TEST(PrunerCuda, WholeListsInOneBlock) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  BatchSpec spec;
+  spec.n_heads = 32, spec.n_kv_heads = 8, spec.head_dim = 128, spec.kscale = 1.5f;
+  const int batch = (sm_count() + 7) / 8 + 1;
+  std::uniform_int_distribution<int> len(1, 2500);
+  for (int s = 0; s < batch; ++s) spec.seq_len.push_back(s == 0 ? 9000 : s == 1 ? 8192 : len(rng));
+  auto B = make_batch(spec, rng);
+  const PrunePlan plan = prune_plan(B->kv, 8192, PruneParams{});
+  EXPECT_EQ(plan.cluster, 1);
+  EXPECT_EQ(plan.threads, 512);
+  const HostLists in = random_lists(*B, 8192, rng);
+  Tally tally;
+  for (auto [p, lo, hi] : {std::tuple{0.85f, 0, 0}, std::tuple{0.95f, 0, 0}, std::tuple{0.9f, 64, 300}}) {
+    SCOPED_TRACE(cat("p ", p, " floor ", lo, " cap ", hi));
+    PruneParams prm;
+    prm.p = p, prm.min_tokens = lo, prm.max_tokens = hi;
+    const RunResult r = run_pruner(*B, in, prm);
+    check_batch(*B, in, r.out, r.mass, prm, tally);
+  }
+  EXPECT_GE(tally.equal_checked, tally.lists / 2) << tally.equal_checked << " of " << tally.lists;
+}
+
 // Structured inputs: every key identical (one tie group), one dominant key, keys from four values
 // (heavy ties), p near 0 and p = 1, tiny lists, lists without the current token.
 TEST(PrunerCuda, EdgeCases) {
@@ -512,9 +541,10 @@ TEST(PrunerCudaBench, DISABLED_Llama8B_B0_8192) {
     const double bytes = (double)batch * Hkv * B0 * (d / 2 + 8 + 4) + (double)batch * Hkv * (B0 / 16) * 4;
     std::printf("BENCH pruner group p=%.2f: batch %d H %d Hkv %d d %d B0 %d (%d rows of G=%d heads): median %.1f us "
                 "per call in a graph (%.1f us direct launch), %.1f MB read, %.0f GB/s, mean |I1| %.0f, "
-                "cluster %d (%d clusters resident at once), smem %zu B\n",
+                "cluster %d of %d-thread blocks (%d clusters resident at once), smem %zu B\n",
                 p, batch, H, Hkv, d, B0, batch * H, H / Hkv, us, us_direct, bytes / 1e6, bytes / us / 1e3,
-                kept / (batch * Hkv), plan.cluster, prune_max_active_clusters(kv, B0, prm), plan.smem_bytes);
+                kept / (batch * Hkv), plan.cluster, plan.threads, prune_max_active_clusters(kv, B0, prm),
+                plan.smem_bytes);
   }
 }
 
