@@ -21,7 +21,7 @@ namespace tw::attn::cuda {
 
 namespace {
 
-constexpr int kSelectThreads = 256;  // 8 warps; one radix bin per thread
+constexpr int kBins = 256;           // radix bins (8-bit digits), one per thread of the first 256
 constexpr int kMaxCluster = 16;      // blocks per list (non-portable above 8)
 constexpr size_t kSelectSmemLimit = size_t(200) << 10;  // the block's keys and emit slots: ~24k pages
 
@@ -62,8 +62,11 @@ __host__ __device__ __forceinline__ int run_of(int pages, int C) { return ((page
 // page_bound_score per (page, head) and the max over the group's heads (NaN ranks as +inf). Warps take
 // the block's 32-page chunks in turn: the page table is read 32 entries per load, the codes of those
 // 32 pages (two tiles) go out together.
-template <int D>
-__global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
+// NT threads per block: 256 (two blocks per SM), or 512 (one) where a list would otherwise be a
+// cluster of two 256-thread blocks sharing SMs with other lists' blocks: the same warps per SM
+// without the cluster barriers.
+template <int D, int NT>
+__global__ void __launch_bounds__(NT) quest_select_kernel(
     const uint8_t* __restrict__ bcode, const float* __restrict__ bparam, const int32_t* __restrict__ page_table,
     const int32_t* __restrict__ seq_len, int max_pages, int n_heads, int group, int64_t budget,
     const float* __restrict__ q, float* __restrict__ scores, int32_t* __restrict__ count,
@@ -90,19 +93,20 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
     return;
   }
   if (budget >= n || n_sel >= np) {  // every token
-    for (int t = bb * kPageSize + tid; t < min(n, be * kPageSize); t += kSelectThreads) dst[t] = t;
+    for (int t = bb * kPageSize + tid; t < min(n, be * kPageSize); t += NT) dst[t] = t;
     if (rank == 0 && tid == 0) count[li] = n;
     return;
   }
   // Here n_sel < np, so np >= 2: first and last page are distinct; r middle pages to choose.
   const int r = n_sel > 2 ? (int)(n_sel - 2) : 0;
 
-  __shared__ uint32_t hist[2][kSelectThreads];  // radix passes alternate: one cluster barrier each
-  __shared__ uint32_t s_tot[kSelectThreads];
+  __shared__ uint32_t hist[2][kBins];  // radix passes alternate: one cluster barrier each
+  __shared__ uint32_t s_tot[kBins];
   __shared__ uint32_t s_digit, s_need;
   __shared__ long long s_agg;  // this block's (sure << 32 | tie) page counts, read by the cluster
-  static_assert(kSelectThreads == 256, "one radix bin per thread");
-  hist[0][tid] = 0u, hist[1][tid] = 0u;
+  static_assert(NT >= kBins && kBins == 256, "one radix bin per thread of the first 256");
+  const bool binner = NT == kBins || tid < kBins;  // this thread owns bin tid
+  if (binner) hist[0][tid] = 0u, hist[1][tid] = 0u;
 
   // The int8 query (quantize_quest_query), one warp per head: amax by a butterfly (order-free), the
   // same float operations per element, q8sum in integers. Stored as B rows of 2D bytes: min(q8, 0)
@@ -110,7 +114,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   __shared__ __align__(16) int8_t s_b[kMaxGroup][2 * D];
   __shared__ float s_sq[kMaxGroup];
   __shared__ int s_q8sum[kMaxGroup];
-  static_assert(kSelectThreads / 32 >= kMaxGroup, "one warp per head");
+  static_assert(NT / 32 >= kMaxGroup, "one warp per head");
   if (warp < kMaxGroup) {
     const float* qg = q + ((int64_t)b * n_heads + (int64_t)h * group + warp) * D;
     float x[D / 32], amax = 0.f;
@@ -164,7 +168,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
     const uint8_t* const code_h = bcode + (int64_t)h * 2 * D + t4 * 16;
     const float2* const par_h = reinterpret_cast<const float2*>(bparam) + h;
     const int64_t page_bytes = (int64_t)hkv * 2 * D;
-    for (int r0 = bb + 32 * warp; r0 < be; r0 += 32 * (kSelectThreads / 32)) {
+    for (int r0 = bb + 32 * warp; r0 < be; r0 += NT) {
       const int phys_lane = r0 + lane < be ? pt[r0 + lane] : 0;
       // The 32 pages' codes (two tiles of 16 rows) go out together; then the two products. The loads
       // are unconditional: a row past the run reads physical page 0 and its score is never stored
@@ -230,7 +234,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   // inside the block's allocation, whose length per is a multiple of 32). Keys kept in registers for
   // all passes instead (runs up to 32) were slower everywhere: 32-fold unrolled passes and emit.
   // Runs shorter than 4 pages (blocks of under 1024 pages) stay 1-3 long: more threads share them.
-  const int cpt0 = (be - bb + kSelectThreads - 1) / kSelectThreads;
+  const int cpt0 = (be - bb + NT - 1) / NT;
   const int cpt = cpt0 >= 4 ? (cpt0 + 3) & ~3 : cpt0;
   const int pb = min(be, bb + tid * cpt), pe = min(be, pb + cpt);
   auto keys8 = [&](int p0, uint32_t (&key)[8]) {
@@ -292,13 +296,15 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
       // Every block's histogram of this pass is complete; every remote read of the other buffer (the
       // previous pass) is done, so it is cleared for the next pass below.
       cluster_sync(cl, C);
-      uint32_t tot = 0;
-      if (C == 1)  // the block's own (block_field inside the loop compiled to ~100 more instructions)
-        tot = hb[tid];
-      else
-        for (int c = 0; c < C; ++c) tot += cl.map_shared_rank(hb, c)[tid];
-      s_tot[tid] = tot;
-      hist[(pass + 1) & 1][tid] = 0u;
+      if (binner) {
+        uint32_t tot = 0;
+        if (C == 1)  // the block's own (block_field inside the loop compiled to ~100 more instructions)
+          tot = hb[tid];
+        else
+          for (int c = 0; c < C; ++c) tot += cl.map_shared_rank(hb, c)[tid];
+        s_tot[tid] = tot;
+        hist[(pass + 1) & 1][tid] = 0u;
+      }
       __syncthreads();
       if (warp == 0) {  // the digit where the count from the top reaches `need`
         uint32_t v[8], sum = 0;
@@ -356,7 +362,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_select_kernel(
   };
   int n_sure = 0, n_tie = 0;
   each_page([&](int, int su, int ti) { n_sure += su, n_tie += ti; });
-  using Scan = cub::BlockScan<long long, kSelectThreads>;
+  using Scan = cub::BlockScan<long long, NT>;
   __shared__ typename Scan::TempStorage scan_tmp;
   long long excl, agg;
   Scan(scan_tmp).ExclusiveSum(((long long)n_sure << 32) | n_tie, excl, agg);
@@ -403,15 +409,15 @@ size_t select_smem(int per) { return (size_t)(kidx(per) + per) * sizeof(uint32_t
 // Clusters of C blocks (each with `smem` bytes) the device holds at once for this kernel, 0 where it
 // cannot schedule that size; the kernel's attributes are set on first use. Clusters are placed within
 // a GPC, so this is below (SMs x blocks per SM) / C where a GPC's slots do not divide by C. Cached per
-// (head dim, C, smem); not stream work.
-template <int D>
+// (head dim, threads, C, smem); not stream work.
+template <int D, int NT>
 int active_clusters(int C, size_t smem) {
   static std::mutex mu;
   static std::map<std::pair<int, size_t>, int> cache;
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_pair(C, smem);
   if (auto it = cache.find(key); it != cache.end()) return it->second;
-  auto kern = quest_select_kernel<D>;
+  auto kern = quest_select_kernel<D, NT>;
   static const bool attrs = [kern] {
     TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSelectSmemLimit));
     TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -419,7 +425,7 @@ int active_clusters(int C, size_t smem) {
   }();
   (void)attrs;
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = cluster_launch(dim3(C, 1, 1), kSelectThreads, C, smem, nullptr, attr);
+  const cudaLaunchConfig_t cfg = cluster_launch(dim3(C, 1, 1), NT, C, smem, nullptr, attr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // a size the device cannot schedule: not a choice, not an error
@@ -441,31 +447,38 @@ void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, in
   const int64_t np = std::min<int64_t>((max_seq_len + kPageSize - 1) / kPageSize, kv.max_pages);
   const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
   auto per_of = [&](int c) { return run_of(kv.max_pages, c); };
-  const int64_t chunks = (np + kSelectThreads - 1) / kSelectThreads;  // 32-page chunks per warp at C = 1
+  const int64_t chunks = (np + 255) / 256;  // 32-page chunks per warp at C = 1 (256 threads)
   int C = 1;
   for (int c = (int)std::min<int64_t>(kMaxCluster, chunks); c > 1; --c) {
     const size_t sm = select_smem(per_of(c));
-    if (sm <= kSelectSmemLimit && active_clusters<D>(c, sm) >= lists) {
+    if (sm <= kSelectSmemLimit && active_clusters<D, 256>(c, sm) >= lists) {
       C = c;
       break;
     }
   }
   // Very long page tables: more blocks until a block's run fits its shared memory.
   while (select_smem(per_of(C)) > kSelectSmemLimit && C < kMaxCluster) ++C;
+  // Blocks of 512 threads, half as many per list, where the clusters' 256-thread blocks would share
+  // SMs anyway (more blocks than SMs): the same warps per SM, fewer (or no) cluster barriers.
+  int NT = 256;
+  if (C % 2 == 0 && lists * C > sm_count()) {
+    const size_t sm = select_smem(per_of(C / 2));
+    if (sm <= kSelectSmemLimit && active_clusters<D, 512>(C / 2, sm) >= lists) NT = 512, C /= 2;
+  }
   const size_t smem = select_smem(per_of(C));
   TW_CHECK(smem <= kSelectSmemLimit, "quest: ", kv.max_pages, " pages per sequence need ", smem,
            " bytes of shared memory per block at ", C, " blocks per list (limit ", kSelectSmemLimit, ")");
-  TW_CHECK(active_clusters<D>(C, smem) > 0, "quest: this device cannot schedule clusters of ", C, " blocks of ",
-           smem, " bytes of shared memory (", kv.max_pages, " pages per sequence)");
+  TW_CHECK((NT == 256 ? active_clusters<D, 256>(C, smem) : active_clusters<D, 512>(C, smem)) > 0,
+           "quest: this device cannot schedule clusters of ", C, " blocks of ", smem, " bytes of shared memory (",
+           kv.max_pages, " pages per sequence)");
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg =
-      cluster_launch(dim3(C, kv.n_kv_heads, kv.batch), kSelectThreads, C, smem, stream, attr);
+  const cudaLaunchConfig_t cfg = cluster_launch(dim3(C, kv.n_kv_heads, kv.batch), NT, C, smem, stream, attr);
   const int group = kv.n_heads / kv.n_kv_heads;
   // TW_QUEST_STOP_AFTER=k (benchmarking aid, quest.h): the kernel leaves after phase k.
   static const int stop = bench_knob("TW_QUEST_STOP_AFTER");
-  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, quest_select_kernel<D>, side.bcode, side.bparam, kv.page_table, kv.seq_len,
-                                   kv.max_pages, kv.n_heads, group, budget_tokens, q, scores, out.count, out.tokens,
-                                   out.capacity, stop));
+  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, NT == 256 ? quest_select_kernel<D, 256> : quest_select_kernel<D, 512>,
+                                   side.bcode, side.bparam, kv.page_table, kv.seq_len, kv.max_pages, kv.n_heads,
+                                   group, budget_tokens, q, scores, out.count, out.tokens, out.capacity, stop));
 }
 
 }  // namespace

@@ -183,6 +183,27 @@ TEST(QuestCuda, ManyListsOneLongRun) {
   EXPECT_EQ(exact, batch * hkv * (int)budgets.size());
 }
 
+// Lists for clusters of two 256-thread blocks that would share SMs (100 lists x 2 blocks on 132 SMs):
+// one 512-thread block per list instead, its radix bins owned by the first 256 threads. Tiny lists
+// (every token) in the same launch.
+TEST(QuestCuda, WholeListsInWideBlocks) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> len(4200, 12000);
+  const int hkv = 2, batch = 50;
+  std::vector<int> lens = {1, 16, 17};
+  while ((int)lens.size() < batch) lens.push_back(len(rng));
+  const std::vector<int64_t> budgets = {100, 1000, 8192};
+  int exact = 0;
+  for (Values v : {Values::Dyadic, Values::Gaussian}) {
+    run_case(rng, {KvDtype::F16, 128, 4, hkv, lens, v}, budgets, exact);
+    if (HasFatalFailure()) return;
+  }
+  EXPECT_EQ(exact, 2 * batch * hkv * (int)budgets.size());
+}
+
 // Long rows: enough page rows (batch x Hkv x pages) that the scoring warps take several 32-page rounds
 // each (pages per warp from ~200k rows up on 132 SMs; the other tests stay at one round), and one
 // sequence past 8192 middle pages. No K / V: random bound codes and params written into the CPU key
