@@ -578,6 +578,7 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     float mx = -INFINITY;
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, S.wred[w][tid]);
     S.cmax[tid] = mx;
+    if (C == 1) S.gmax[tid] = mx;  // a block alone is the list: no exchange below
   }
   __syncthreads();
 
@@ -587,13 +588,15 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   // once; exponents below -87 give 0 (fast_exp.h's rule). Only cluster-wide values enter e, so equal
   // scores get equal e in every block: exact ties stay ties (a per-block max, rescaled later by
   // exp(M_c - M), rounded differently per block and split tie groups across blocks). ----
-  cluster_sync(cl, C);  // every block's max is published
-  if (tid < G) {
-    float mx = -INFINITY;
-    for (int r = 0; r < C; ++r) mx = fmaxf(mx, block_field(cl, C, S.cmax, r)[tid]);
-    S.gmax[tid] = mx;
+  if (C > 1) {
+    cl.sync();  // every block's max is published
+    if (tid < G) {
+      float mx = -INFINITY;
+      for (int r = 0; r < C; ++r) mx = fmaxf(mx, cl.map_shared_rank(S.cmax, r)[tid]);
+      S.gmax[tid] = mx;
+    }
+    __syncthreads();
   }
-  __syncthreads();
   // Head by head, four consecutive entries per thread in one 16-byte load: these phases are
   // latency-bound (16 warps per SM), and a vector load is the one way to get several shared-memory
   // values in flight that the scheduler does not pull apart. Entries past m in the row's padding
@@ -625,12 +628,15 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     float sr = 0.f;
     for (int w = 0; w < kWarps; ++w) sr += S.wred[w][tid];
     S.csum[tid] = sr;
+    if (C == 1) S.ginv[tid] = S.gmax[tid] != -INFINITY ? 1.f / (sr * (float)G) : 0.f;  // the same value as below
   }
-  cluster_sync(cl, C);  // every block's sum is published (and every remote read of cmax is done)
-  if (tid < G) {
-    float sr = 0.f;
-    for (int r = 0; r < C; ++r) sr += block_field(cl, C, S.csum, r)[tid];  // block order: the same in every block
-    S.ginv[tid] = S.gmax[tid] != -INFINITY ? 1.f / (sr * (float)G) : 0.f;
+  if (C > 1) {
+    cl.sync();  // every block's sum is published (and every remote read of cmax is done)
+    if (tid < G) {
+      float sr = 0.f;
+      for (int r = 0; r < C; ++r) sr += cl.map_shared_rank(S.csum, r)[tid];  // block order: the same in every block
+      S.ginv[tid] = S.gmax[tid] != -INFINITY ? 1.f / (sr * (float)G) : 0.f;
+    }
   }
   __syncthreads();
 

@@ -182,6 +182,9 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     const int cur = a.seq_len[b] - 1;
     const int32_t* toks = a.tokens + (size_t)list * a.cap;
     const int32_t* pt = a.page_table + (size_t)b * a.max_pages;
+    // The query first: its loads do not wait for the rows, so their latency hides behind the rows'.
+    Tile acc;
+    acc.init(gi < G ? a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G + gi) * D : nullptr, ti, s_q[warp]);
     // Rows resolved kRows entries per thread at a time (token, then page: two dependent loads each),
     // their loads in flight together: H200, fixed-budget Quest (items of 2048 entries) 3-5% faster
     // than one entry at a time; 16 at a time was no better.
@@ -204,8 +207,6 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     }
     __syncthreads();
 
-    Tile acc;
-    acc.init(gi < G ? a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G + gi) * D : nullptr, ti, s_q[warp]);
     using Regs = typename Tile::Regs;
     // A dead entry (past the chunk, or a bad token) reads row 0, a readable row, and is masked. The
     // liveness of a tile is read again from s_row when it is computed, not held from its load: the
