@@ -504,16 +504,19 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
 #pragma unroll
     for (int u = 0; u < kHalf; ++u) {
       const int tile = tile0 + u * kWarps;
-      int acc[4] = {0, 0, 0, 0};
+      // Two accumulator chains (even and odd words), summed after: half the dependent IMMA latency.
+      int acc[4] = {0, 0, 0, 0}, acc2[4] = {0, 0, 0, 0};
       uint32_t wa[RB::kWords], wb[RB::kWords];
       RB::words(f.ca[u], wa);
       RB::words(f.cb[u], wb);
 #pragma unroll
       for (int j = 0; j < RB::kWords; ++j) {  // one code word = 8 dims of rows g and g + 8
         const uint2 bj = bq[j];
-        imma16832(acc, wa[j] & 0x0f0f0f0fu, wb[j] & 0x0f0f0f0fu, (wa[j] >> 4) & 0x0f0f0f0fu,
+        imma16832(j % 2 ? acc2 : acc, wa[j] & 0x0f0f0f0fu, wb[j] & 0x0f0f0f0fu, (wa[j] >> 4) & 0x0f0f0f0fu,
                   (wb[j] >> 4) & 0x0f0f0f0fu, bj.x, bj.y);
       }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] += acc2[i];
       const float sc_g = __shfl_sync(0xffffffffu, f.sz[u], g), zp_g = __shfl_sync(0xffffffffu, f.sz[u], 16 + g);
       const float sc_g8 = __shfl_sync(0xffffffffu, f.sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, f.sz[u], 24 + g);
       if (tile >= ntiles) continue;

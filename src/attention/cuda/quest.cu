@@ -191,12 +191,15 @@ __global__ void __launch_bounds__(NT) quest_select_kernel(
       }
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
-        int c[4] = {0, 0, 0, 0};
+        // Two accumulator chains (each slab's two k-steps), summed after: half the dependent IMMA latency.
+        int c[4] = {0, 0, 0, 0}, c2[4] = {0, 0, 0, 0};
 #pragma unroll
         for (int i = 0; i < NS; ++i) {
           imma16832(c, ca[u][i].x, cb[u][i].x, ca[u][i].y, cb[u][i].y, bq[2 * i][0], bq[2 * i][1]);
-          imma16832(c, ca[u][i].z, cb[u][i].z, ca[u][i].w, cb[u][i].w, bq[2 * i + 1][0], bq[2 * i + 1][1]);
+          imma16832(c2, ca[u][i].z, cb[u][i].z, ca[u][i].w, cb[u][i].w, bq[2 * i + 1][0], bq[2 * i + 1][1]);
         }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) c[k] += c2[k];
         // c: (row g, heads 2t, 2t + 1), (row g + 8, same heads); the group max over the 4 lanes of a row.
         float va = fmaxf(score(pa[u], sq0, qs0, c[0], h0 < group), score(pa[u], sq1, qs1, c[1], h1 < group));
         float vb = fmaxf(score(pb[u], sq0, qs0, c[2], h0 < group), score(pb[u], sq1, qs1, c[3], h1 < group));
