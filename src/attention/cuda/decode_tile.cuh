@@ -152,6 +152,7 @@ struct Acc {
     auto& kr = r.kr;
     auto& vr = r.vr;
     float s[4] = {0.f, 0.f, 0.f, 0.f};  // (token gi, head 2ti), (gi, 2ti+1), (gi+8, 2ti), (gi+8, 2ti+1)
+    float s_lo[4] = {0.f, 0.f, 0.f, 0.f};  // the lo parts' chain: two chains of KS dependent MMAs, not one of 2 KS
 #pragma unroll
     for (int j = 0; j < KS; ++j) {
       const int i = j / 2, w = 2 * (j % 2);
@@ -159,8 +160,10 @@ struct Acc {
       const uint32_t a0 = word(kr[0][i], w), a1 = word(kr[1][i], w), a2 = word(kr[0][i], w + 1),
                      a3 = word(kr[1][i], w + 1);
       mma16816<T>(s, a0, a1, a2, a3, qv.x, qv.y);
-      mma16816<T>(s, a0, a1, a2, a3, qv.z, qv.w);
+      mma16816<T>(s_lo, a0, a1, a2, a3, qv.z, qv.w);
     }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[e] += s_lo[e];
     if (!all_live) {
       if (!live_k[0]) s[0] = s[1] = -INFINITY;
       if (!live_k[1]) s[2] = s[3] = -INFINITY;
