@@ -18,10 +18,10 @@ namespace tw::attn::cuda {
 
 namespace {
 
-// Three builds of the kernel, by the blocks per SM the plan's shared memory allows: three (<= 75 KB,
+// Three builds of the kernel, by blocks per SM (the plan's threads and shared memory): three (<= 75 KB,
 // 8 warps, registers <= 85), two (<= 113 KB, 8 warps, registers <= 128, spent on twice the estimate
 // loads in flight) or one (16 warps, registers <= 128: a whole B0 = 8192 list in one block, no cluster
-// barriers, the same 16 warps per SM as two blocks).
+// barriers, the same 16 warps per SM as two blocks; also any block past the two-block limit).
 constexpr size_t kThreeBlockSmem = size_t(75) << 10;
 constexpr size_t kTwoBlockSmem = size_t(113) << 10;
 constexpr int threads_of(int blocks_per_sm) { return blocks_per_sm == 1 ? 512 : 256; }
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
 
   // ---- prologue: row indices resolved, histograms cleared, query scaled and split ----
   // Row indices: token -> page -> row, two dependent loads per candidate, kRows candidates per thread
-  // in flight (one round covers a block of up to kRows * 256 candidates); the histograms are cleared
+  // in flight (one round covers a block of up to kRows x kThreads candidates); the histograms are cleared
   // while the first tokens load. H200, 128 lists x 8192: the prologue took 6.4 us of a 52-us block
   // with two rounds of 8 after the query; 4.6 us now.
   constexpr int kRows = MINB >= 3 ? 8 : 16;
