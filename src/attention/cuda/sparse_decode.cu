@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "common/error.h"
@@ -22,6 +24,7 @@ namespace {
 // always split).
 constexpr int kMinChunk = 256;
 constexpr int kMaxChunk = 2048;
+constexpr int kWaveChunk = 1024;  // at least this many tokens per item once the lists fill a wave (plan_kernel)
 constexpr int kPlanThreads = 1024;
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = 32 * kAttnWarps;
@@ -73,6 +76,7 @@ struct Args {
   float* part;
   int64_t n_pages;
   int batch, n_kv_heads, group, max_pages, cap, max_items, sm_count, items_per_sm;
+  int slots;  // attend blocks resident at once (SMs x blocks per SM)
 };
 
 __device__ __forceinline__ int list_len(const Args& a, int list, int* extra_out) {
@@ -110,6 +114,11 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
     long long T = (s + want - 1) / want;
     T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;  // whole 16-token tiles, two per warp
     s_T = (int)std::min<long long>(std::max<long long>(T, kMinChunk), kMaxChunk);
+    // A wave of lists or more: items of at least kWaveChunk entries, since splitting a shorter list adds
+    // a combine and a second item's fixed costs, not parallelism (H200, concentrated 64 x 32k p 0.85,
+    // ~500 entries per list: T 512 split the lists over 640 in two). Longer lists still split at T: items
+    // of the cap instead left a tail of long single items (diffuse 64 x 128k p 0.85, ~1000 per list).
+    if (n_lists >= a.slots) s_T = max(s_T, kWaveChunk);
     s_carry = 0;
   }
   __syncthreads();
@@ -287,6 +296,19 @@ __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
   tile::merge_parts<D, kCombThreads>(n, ml_of, part_of, out);
 }
 
+// Blocks of `kern` (`threads` each, no dynamic shared memory) one SM holds; once per kernel.
+template <class K>
+int blocks_per_sm(K* kern, int threads) {
+  static std::mutex mu;
+  static std::map<const void*, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(reinterpret_cast<const void*>(kern));
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  TW_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, threads, 0));
+  return cache[reinterpret_cast<const void*>(kern)] = std::max(n, 1);
+}
+
 }  // namespace
 
 size_t sparse_decode_workspace_bytes(const PagedKV& kv, int list_capacity) {
@@ -331,17 +353,16 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   static const int ips = bench_knob("TW_SPARSE_ITEMS_PER_SM");
   a.items_per_sm = ips > 0 ? ips : kItemsPerSm;
 
-  plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
-  TW_CUDA_CHECK_LAUNCH();
   // Fixed grid (shapes only): blocks loop over however many items the plan made.
   const int grid = std::min(L.max_items, a.sm_count * 16);
   const bool bf = kv.dtype == KvDtype::BF16;
   auto by_dtype = [&](auto d_tag) {
     constexpr int D = decltype(d_tag)::value;
-    if (bf)
-      attend_kernel<D, __nv_bfloat16><<<grid, kAttnThreads, 0, stream>>>(a);
-    else
-      attend_kernel<D, __half><<<grid, kAttnThreads, 0, stream>>>(a);
+    auto kern = bf ? attend_kernel<D, __nv_bfloat16> : attend_kernel<D, __half>;
+    a.slots = a.sm_count * blocks_per_sm(kern, kAttnThreads);
+    plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
+    TW_CUDA_CHECK_LAUNCH();
+    kern<<<grid, kAttnThreads, 0, stream>>>(a);
     TW_CUDA_CHECK_LAUNCH();
   };
   using D128 = std::integral_constant<int, 128>;

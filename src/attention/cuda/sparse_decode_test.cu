@@ -81,6 +81,11 @@ const std::vector<Cfg> kCfgs = {
     {9, 3, 64, KvDtype::F16, {4100, 900, 2}},             {12, 2, 128, KvDtype::BF16, {5000, 2500}},
     {14, 2, 64, KvDtype::BF16, {3500, 64, 16}},           {8, 8, 128, KvDtype::F16, {1500, 700}},
     {16, 2, 64, KvDtype::F16, {6000}},
+    // A wave of lists or more (272 >= the H200's 2 x 132 resident attend blocks): items of the cap, a list
+    // split only past it.
+    {32, 8, 128, KvDtype::F16, {17,  300, 2100, 70,   5000, 1,   900, 2600, 150,  3100, 40,   1800,
+                                640, 2049, 333, 4000, 12,   700, 2500, 90, 1300, 3000, 55,   1024,
+                                260, 4500, 8,   1600, 2200, 480, 3600, 75, 950,  2300}},
 };
 
 TEST(SparseDecodeCuda, RandomListsMatchCpu) {
