@@ -220,11 +220,11 @@ TEST(PrunerCuda, RandomBatchesMatchCpu) {
       // Few lists: blocks of 2048 where three fit per SM (G <= 4 here), else the default plan (prune_plan).
       {32, 8, 128, KvDtype::F16, 2048, {1, 17, 300, 2100, 5000}, 1.5f},   // G = 4, one block per list
       {9, 3, 64, KvDtype::F16, 4096, {33, 4100, 900}, 2.0f},              // G = 3 (SmolLM2)
-      {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500}, 1.2f},              // G = 6 (Qwen 1.5B)
+      {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500}, 1.2f},              // G = 6 (Qwen 1.5B), two per SM
       {14, 2, 64, KvDtype::F16, 3000, {3500, 64, 16}, 2.5f},              // G = 7 (Qwen 0.5B)
       {8, 8, 128, KvDtype::F16, 1024, {1500, 700}, 1.0f},                 // G = 1
       {16, 2, 64, KvDtype::BF16, 16384, {17000}, 1.5f},                   // G = 8
-      // Many lists (128 x B0 8192 is more than one wave of 4 blocks each): two blocks of 4096 per list.
+      // Many lists (128 x B0 8192, about a wave of SMs on the H200): a whole list per 16-warp block.
       {32, 8, 128, KvDtype::F16, 8192,
        {8200, 9000, 8192, 12000, 8300, 8193, 10000, 8700, 9100, 8250, 20000, 8800, 9500, 8400, 8600, 11000}, 1.5f},
   };
