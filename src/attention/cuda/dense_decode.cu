@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kManyThreads) dense_combine_many_kernel(
       [&](int s) { return part_o + (row * n_splits + s) * D; }, out + row * D);
 }
 
-// How many blocks of the kernel fit on one SM (registers bound it: ~190 per lane at d = 128).
+// How many blocks of the kernel fit on one SM (registers bound it: ~220 per lane at d = 128).
 template <typename T, int D>
 int blocks_per_sm() {
   static const int n = [] {

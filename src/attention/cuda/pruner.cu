@@ -627,18 +627,21 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     if (lane == 0) S.wred[warp][r] = sr;
   }
   __syncthreads();
+  // 1 / (S G) of head tid from the list's exp sum S (0 for a head without a finite score).
+  auto ginv_of = [&](float sr) { return S.gmax[tid] != -INFINITY ? 1.f / (sr * (float)G) : 0.f; };
   if (tid < G) {
     float sr = 0.f;
     for (int w = 0; w < kWarps; ++w) sr += S.wred[w][tid];
     S.csum[tid] = sr;
-    if (C == 1) S.ginv[tid] = S.gmax[tid] != -INFINITY ? 1.f / (sr * (float)G) : 0.f;  // the same value as below
+    if (C == 1) S.ginv[tid] = ginv_of(sr);
   }
+  // Written out for C > 1 only: block_field's loop for every C compiled to ~170 more instructions.
   if (C > 1) {
     cl.sync();  // every block's sum is published (and every remote read of cmax is done)
     if (tid < G) {
       float sr = 0.f;
       for (int r = 0; r < C; ++r) sr += cl.map_shared_rank(S.csum, r)[tid];  // block order: the same in every block
-      S.ginv[tid] = S.gmax[tid] != -INFINITY ? 1.f / (sr * (float)G) : 0.f;
+      S.ginv[tid] = ginv_of(sr);
     }
   }
   __syncthreads();
@@ -875,14 +878,14 @@ size_t smem_for(int G, int chunk, int* zstride) {
   return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * 3 * kBins * 4;
 }
 
-// The kernel for a shape, its attributes set once (the largest shared memory any plan may ask,
-// clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
-// captures stay free of it.
 // The build a plan runs: its 16-warp build, else by the blocks per SM its shared memory allows.
 int blocks_per_sm_of(const PrunePlan& plan) {
   return plan.threads == threads_of(1) ? 1 : plan.smem_bytes <= kThreeBlockSmem ? 3 : 2;
 }
 
+// The kernel for a plan, its attributes set once (the largest shared memory any plan may ask,
+// clusters up to 16, the maximal shared-memory carveout); not stream work, and done once, so graph
+// captures stay free of it.
 void (*kernel_for(int head_dim, const PrunePlan& plan))(Args) {
   const int per_sm = blocks_per_sm_of(plan);
   void (*kern)(Args) = per_sm == 3   ? (head_dim == 128 ? prune_kernel<128, 3> : prune_kernel<64, 3>)
@@ -946,9 +949,11 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
     for (int c = cmin; c <= kMaxCluster; ++c) {
       const int chunk = chunk_of(c);
       const size_t smem = smem_for(sh.G, chunk, nullptr);
-      // Past the two-block limit a block has an SM to itself: the 16-warp build.
-      const int threads = threads_of(smem <= kTwoBlockSmem && tpb <= 4096 ? 2 : 1);
-      if (chunk <= kMaxChunk && smem <= limit) return PrunePlan{c, chunk, smem, threads};
+      if (chunk <= kMaxChunk && smem <= limit) {
+        // Whole lists, or past the two-block limit (a block has an SM to itself): the 16-warp build.
+        const int threads = threads_of(smem <= kTwoBlockSmem && tpb <= 4096 ? 2 : 1);
+        return PrunePlan{c, chunk, smem, threads};
+      }
     }
   }
   fail("pruner (CUDA): I0 capacity ", in_capacity, " with group size ", sh.G, " does not fit ", kMaxCluster,

@@ -7,8 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <map>
-#include <mutex>
 #include <type_traits>
 
 #include "common/error.h"
@@ -296,17 +294,15 @@ __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
   tile::merge_parts<D, kCombThreads>(n, ml_of, part_of, out);
 }
 
-// Blocks of `kern` (`threads` each, no dynamic shared memory) one SM holds; once per kernel.
-template <class K>
-int blocks_per_sm(K* kern, int threads) {
-  static std::mutex mu;
-  static std::map<const void*, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(reinterpret_cast<const void*>(kern));
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  TW_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kern, threads, 0));
-  return cache[reinterpret_cast<const void*>(kern)] = std::max(n, 1);
+// How many attend blocks fit on one SM (registers bound it: two at d = 128), as dense_decode.cu asks.
+template <int D, typename E>
+int attend_blocks_per_sm() {
+  static const int n = [] {
+    int k = 0;
+    TW_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, attend_kernel<D, E>, kAttnThreads, 0));
+    return std::max(k, 1);
+  }();
+  return n;
 }
 
 }  // namespace
@@ -358,11 +354,13 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   const bool bf = kv.dtype == KvDtype::BF16;
   auto by_dtype = [&](auto d_tag) {
     constexpr int D = decltype(d_tag)::value;
-    auto kern = bf ? attend_kernel<D, __nv_bfloat16> : attend_kernel<D, __half>;
-    a.slots = a.sm_count * blocks_per_sm(kern, kAttnThreads);
+    a.slots = a.sm_count * (bf ? attend_blocks_per_sm<D, __nv_bfloat16>() : attend_blocks_per_sm<D, __half>());
     plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
     TW_CUDA_CHECK_LAUNCH();
-    kern<<<grid, kAttnThreads, 0, stream>>>(a);
+    if (bf)
+      attend_kernel<D, __nv_bfloat16><<<grid, kAttnThreads, 0, stream>>>(a);
+    else
+      attend_kernel<D, __half><<<grid, kAttnThreads, 0, stream>>>(a);
     TW_CUDA_CHECK_LAUNCH();
   };
   using D128 = std::integral_constant<int, 128>;
