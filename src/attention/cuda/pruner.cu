@@ -19,9 +19,9 @@ namespace tw::attn::cuda {
 namespace {
 
 // Three builds of the kernel, by blocks per SM (the plan's threads and shared memory): three (<= 75 KB,
-// 8 warps, registers <= 85), two (<= 113 KB, 8 warps, registers <= 128, spent on twice the estimate
-// loads in flight) or one (16 warps, registers <= 128: a whole B0 = 8192 list in one block, no cluster
-// barriers, the same 16 warps per SM as two blocks; also any block past the two-block limit).
+// 8 warps, registers <= 85), two (<= 113 KB, 8 warps, registers <= 128) or one (16 warps, registers
+// <= 128: a whole B0 = 8192 list in one block, no cluster barriers, the same 16 warps per SM as two
+// blocks; also any block past the two-block limit).
 constexpr size_t kThreeBlockSmem = size_t(75) << 10;
 constexpr size_t kTwoBlockSmem = size_t(113) << 10;
 constexpr int threads_of(int blocks_per_sm) { return blocks_per_sm == 1 ? 512 : 256; }
@@ -311,7 +311,11 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* w
 template <int D, int MINB>
 __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Args a) {
   constexpr int kThreads = threads_of(MINB), kWarps = kThreads / 32;
-  constexpr int kUnroll = MINB >= 3 ? 4 : 8;  // 16-row tiles whose loads a warp has in flight
+  // 16-row tiles whose loads a warp has in flight, in every build. The one- and two-block builds had 8
+  // (128 registers, at the cap): with 4 (112-116 registers) the two tiles' IMMA chains overlap (below)
+  // and the estimate is faster, so the loads in flight were not what bound it (H200, 128 / 256 / 512
+  // lists x B0 8192: 44.5 / 84.3 / 164.4 -> 43.6 / 82.3 / 158.8 us; 8 lists -0.9 us, 112 lists -2.4).
+  constexpr int kUnroll = 4;
   using RB = RowBytes<D>;
   cg::cluster_group cl = cg::this_cluster();
   const int C = (int)cl.num_blocks();
@@ -501,9 +505,11 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     }
   };
   auto compute = [&](const Frag& f, int tile0) {
+    // The tiles' products first, then their scores, so that the kHalf tiles' IMMA chains overlap (ptxas
+    // kept each tile's products and scores together, the chains back to back).
+    int accs[kHalf][4];
 #pragma unroll
     for (int u = 0; u < kHalf; ++u) {
-      const int tile = tile0 + u * kWarps;
       // Two accumulator chains (even and odd words), summed after: half the dependent IMMA latency.
       int acc[4] = {0, 0, 0, 0}, acc2[4] = {0, 0, 0, 0};
       uint32_t wa[RB::kWords], wb[RB::kWords];
@@ -516,7 +522,12 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
                   (wb[j] >> 4) & 0x0f0f0f0fu, bj.x, bj.y);
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i] += acc2[i];
+      for (int i = 0; i < 4; ++i) accs[u][i] = acc[i] + acc2[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kHalf; ++u) {
+      const int tile = tile0 + u * kWarps;
+      const int (&acc)[4] = accs[u];
       const float sc_g = __shfl_sync(0xffffffffu, f.sz[u], g), zp_g = __shfl_sync(0xffffffffu, f.sz[u], 16 + g);
       const float sc_g8 = __shfl_sync(0xffffffffu, f.sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, f.sz[u], 24 + g);
       if (tile >= ntiles) continue;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <numeric>
 #include <vector>
 
@@ -191,9 +192,15 @@ __global__ void fill_half(__half* p, size_t n, uint32_t seed) {
 
 // Llama-3.1-8B shape, 32 sequences x 32768 tokens (distinct K/V per sequence: 4.3 GB), lists of
 // `per_list` random positions per (sequence, kv head) (~2% of the context, Twilight's typical |I1|).
+// TW_BENCH_BATCH picks another batch, TW_BENCH_PER_LIST one list length instead of the three.
 TEST(SparseDecodeCudaBench, DISABLED_Llama8B) {
   TW_REQUIRE_CUDA_DEVICE();
-  const int batch = 32, H = 32, Hkv = 8, d = 128, L = 32768;
+  const char* batch_env = std::getenv("TW_BENCH_BATCH");
+  const char* per_env = std::getenv("TW_BENCH_PER_LIST");
+  const int batch = batch_env ? std::max(1, std::atoi(batch_env)) : 32;
+  const std::vector<int> per_lists =
+      per_env ? std::vector<int>{std::min(std::max(2, std::atoi(per_env)), 8192)} : std::vector<int>{160, 655, 2048};
+  const int H = 32, Hkv = 8, d = 128, L = 32768;
   const int64_t n_pages = (int64_t)batch * (L / kPageSize);
   const size_t n_elem = (size_t)n_pages * Hkv * kPageSize * d;
   ::tw::cuda::DeviceBuffer k(n_elem * 2), v(n_elem * 2);
@@ -214,7 +221,7 @@ TEST(SparseDecodeCudaBench, DISABLED_Llama8B) {
   kv.k = k.get(), kv.v = v.get(), kv.page_table = dpt.as<int32_t>(), kv.seq_len = dlen.as<int32_t>();
   kv.batch = batch, kv.n_heads = H, kv.n_kv_heads = Hkv, kv.head_dim = d, kv.max_pages = L / kPageSize;
   kv.n_pages = n_pages;
-  for (int per_list : {160, 655, 2048}) {
+  for (int per_list : per_lists) {
     HostLists lists;
     lists.capacity = 8193;
     std::uniform_int_distribution<int> U(0, L - 2);
