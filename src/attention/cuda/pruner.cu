@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   // 16-row tiles whose loads a warp has in flight, in every build. The one- and two-block builds had 8
   // (128 registers, at the cap): with 4 (112-116 registers) the two tiles' IMMA chains overlap (below)
   // and the estimate is faster, so the loads in flight were not what bound it (H200, 128 / 256 / 512
-  // lists x B0 8192: 44.5 / 84.3 / 164.4 -> 43.6 / 82.3 / 158.8 us; 8 lists -0.9 us, 112 lists -2.4).
+  // lists x B0 8192: 44.5 / 84.1 / 164.4 -> 43.6 / 82.3 / 158.8 us; 8 lists -0.8 us, 112 lists -2.3).
   constexpr int kUnroll = 4;
   using RB = RowBytes<D>;
   cg::cluster_group cl = cg::this_cluster();
