@@ -932,8 +932,8 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   // Blocks per list: from the parallelism target (tokens per block), then more until a block's slice
   // fits kMaxChunk and, preferably, the shared memory of the target's blocks per SM, else up to the
-  // opt-in limit. From about one wave of lists up, a whole list in one 16-warp block (up to 185 KiB at
-  // G 4): the same 16 warps per SM as two 8-warp blocks of 4096, without the cluster barriers and the
+  // opt-in limit. From about half a wave of lists up (below), a whole list in one 16-warp block (up to
+  // 185 KiB at G 4): the same 16 warps per SM as two 8-warp blocks of 4096, without the cluster barriers and the
   // remote reads (H200, B0 8192, G 4, 128 / 256 / 512 lists: 47.6 / 88.0 / 169.1 -> 45.4 / 85.7 /
   // 167.3 us). Before, two blocks of 4096 (113 KiB, two per SM) had won from ~100 lists up (256 lists
   // 145 us against 172 for 4 of 2048 at three per SM, every radix level then reading 4 remote
@@ -942,12 +942,19 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   // want of blocks: blocks of 2048, as long as they fit three per SM and the launch stays one wave
   // (G 4, 8 lists: 42.5 -> 33.4 us; 8 of 1024: 35.7 us). At G 6 blocks of 2048 do not fit three per
   // SM; forcing smaller ones was slower (Qwen 1.5B shape, 32 lists: 39.5 -> 45.3 us).
+  // Lists of more than 2048 candidates: clusters of 2048 only while they fill at most half the SMs,
+  // clusters of two blocks of 4096 while those fit one per SM, whole lists beyond (H200, G 4, B0 8192,
+  // 8 / 16 / 32 / 48 / 64 / 80 / 96 / 112 lists: clusters of 2048 22.2 / 22.6 / 28.9 / 30.4 / 40.9 / 47.0 /
+  // 66.8 / - us, of 4096 25.9 / 26.0 / 26.2 / 26.8 / 30.0 / 39.1 / 42.3 / 44.1, whole lists 29.4 / 29.4 /
+  // 29.5 / 30.0 / 32.4 / 36.6 / 39.9 / 41.8; a cluster's threshold exchange grows with its blocks).
   auto chunk_of = [&](int c) { return ((in_capacity + c - 1) / c + 15) / 16 * 16; };  // per block
-  const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
-  const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster);
-  const bool few = lists * c2k <= 3 * (int64_t)sm_count() && smem_for(sh.G, chunk_of(c2k), nullptr) <= kThreeBlockSmem;
-  // Lists enough for a wave of one-block lists (the 16-warp build), each list whole in one block.
-  const bool whole = !few && lists * 8 >= 7 * (int64_t)sm_count() && in_capacity <= kMaxChunk &&
+  const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads, sms = sm_count();
+  const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster), c4k = (in_capacity + 4095) / 4096;
+  const bool few = (c2k > 1 ? 2 * lists * c2k <= sms : lists <= 3 * sms) &&
+                   smem_for(sh.G, chunk_of(c2k), nullptr) <= kThreeBlockSmem;
+  // Whole lists, each in one 16-warp block: where clusters of 4096 would not fit one per SM (lists of
+  // up to 2048 candidates: from about a wave of lists).
+  const bool whole = !few && (c2k > 1 ? lists * c4k > sms : lists * 8 >= 7 * sms) && in_capacity <= kMaxChunk &&
                      smem_for(sh.G, chunk_of(1), nullptr) <= (size_t)optin;
   static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB");
   const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : whole ? kMaxChunk : 4096;

@@ -224,6 +224,8 @@ TEST(PrunerCuda, RandomBatchesMatchCpu) {
       {14, 2, 64, KvDtype::F16, 3000, {3500, 64, 16}, 2.5f},              // G = 7 (Qwen 0.5B)
       {8, 8, 128, KvDtype::F16, 1024, {1500, 700}, 1.0f},                 // G = 1
       {16, 2, 64, KvDtype::BF16, 16384, {17000}, 1.5f},                   // G = 8
+      // A few dozen lists (48 x B0 8192 on the H200's 132 SMs): clusters of two 8-warp blocks of 4096.
+      {32, 8, 128, KvDtype::F16, 8192, {8200, 9000, 8192, 12000, 8300, 8193}, 1.5f},
       // Many lists (128 x B0 8192, about a wave of SMs on the H200): a whole list per 16-warp block.
       {32, 8, 128, KvDtype::F16, 8192,
        {8200, 9000, 8192, 12000, 8300, 8193, 10000, 8700, 9100, 8250, 20000, 8800, 9500, 8400, 8600, 11000}, 1.5f},
