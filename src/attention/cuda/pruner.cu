@@ -924,12 +924,9 @@ cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaS
 
 }  // namespace
 
-PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& prm, int sms, int optin) {
   const Shape sh = check_args(kv, in_capacity, prm);
-  int dev = 0;
-  TW_CUDA_CHECK(cudaGetDevice(&dev));
-  int optin = 0;
-  TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TW_CHECK(sms > 0 && optin > 0, "pruner (CUDA): ", sms, " SMs, ", optin, " bytes of shared memory per block");
   // Blocks per list: from the parallelism target (tokens per block), then more until a block's slice
   // fits kMaxChunk and, preferably, the shared memory of the target's blocks per SM, else up to the
   // opt-in limit. From about half a wave of lists up (below), a whole list in one 16-warp block (up to
@@ -948,7 +945,7 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   // 66.8 / - us, of 4096 25.9 / 26.0 / 26.2 / 26.8 / 30.0 / 39.1 / 42.3 / 44.1, whole lists 29.4 / 29.4 /
   // 29.5 / 30.0 / 32.4 / 36.6 / 39.9 / 41.8; a cluster's threshold exchange grows with its blocks).
   auto chunk_of = [&](int c) { return ((in_capacity + c - 1) / c + 15) / 16 * 16; };  // per block
-  const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads, sms = sm_count();
+  const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
   const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster), c4k = (in_capacity + 4095) / 4096;
   const bool few = (c2k > 1 ? 2 * lists * c2k <= sms : lists <= 3 * sms) &&
                    smem_for(sh.G, chunk_of(c2k), nullptr) <= kThreeBlockSmem;
@@ -976,6 +973,13 @@ PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm)
   }
   fail("pruner (CUDA): I0 capacity ", in_capacity, " with group size ", sh.G, " does not fit ", kMaxCluster,
        " blocks of shared memory");
+}
+
+PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+  int dev = 0, optin = 0;
+  TW_CUDA_CHECK(cudaGetDevice(&dev));
+  TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return prune_plan_for(kv, in_capacity, prm, sm_count(), optin);
 }
 
 void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const TokenLists& in,

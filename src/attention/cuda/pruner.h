@@ -54,6 +54,10 @@ struct PrunePlan {
 // p outside (0, 1], floor/cap, or an I0 capacity too large for 16 blocks of shared memory.
 PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm);
 
+// The same plan for a GPU of `sms` multiprocessors and `optin` bytes of opt-in shared memory per
+// block (prune_plan asks the current device): host code only, so the rule is tested without a GPU.
+PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& prm, int sms, int optin);
+
 // Diagnostic for benchmarks: clusters of this plan the GPU holds at once
 // (cudaOccupancyMaxActiveClusters); the launch has batch * Hkv of them.
 int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm);

@@ -296,6 +296,35 @@ TEST(PrunerCuda, FloorAndCap) {
   EXPECT_GE(tally.equal_checked, tally.lists / 2);
 }
 
+// The plan's rule on the H200's figures (132 SMs, 227 KiB of opt-in shared memory per block), from
+// prune_plan_for, which is host code: this test needs no GPU and runs in the CPU CI too. B0 8192 at the
+// Llama shape: clusters of four blocks of 2048 for a single sequence or two, of two blocks of 4096 up
+// to 64 lists, whole lists in 16-warp blocks beyond (BENCHMARKS, "Since the run of ad67121").
+TEST(PrunerPlan, RuleOnH200Figures) {
+  alignas(16) static const int32_t dummy[4] = {};  // never read: the plan needs only non-null pointers
+  PagedKV kv;
+  kv.k = kv.v = dummy, kv.page_table = kv.seq_len = dummy;
+  kv.n_heads = 32, kv.n_kv_heads = 8, kv.head_dim = 128, kv.max_pages = 8192, kv.n_pages = 1 << 16;
+  constexpr int kSms = 132, kOptin = 227 << 10;
+  struct Want {
+    int batch, cap, cluster, threads;
+  };
+  for (const Want& w : {Want{1, 8192, 4, 256}, Want{2, 8192, 4, 256}, Want{4, 8192, 2, 256}, Want{8, 8192, 2, 256},
+                        Want{10, 8192, 1, 512}, Want{16, 8192, 1, 512}, Want{64, 8192, 1, 512},
+                        Want{16, 2048, 1, 256}, Want{64, 2048, 1, 512}}) {
+    kv.batch = w.batch;
+    const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin);
+    EXPECT_EQ(plan.cluster, w.cluster) << "batch " << w.batch << " cap " << w.cap;
+    EXPECT_EQ(plan.threads, w.threads) << "batch " << w.batch << " cap " << w.cap;
+  }
+  // Qwen2.5-Coder-1.5B (G 6): blocks of 2048 do not fit three per SM, 4096 not two per SM: clusters of 3.
+  kv.n_heads = 12, kv.n_kv_heads = 2, kv.batch = 16;
+  const PrunePlan q = prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin);
+  EXPECT_EQ(q.cluster, 3);
+  EXPECT_EQ(q.threads, 256);
+  expect_error([&] { prune_plan_for(kv, 8192, PruneParams{}, 0, kOptin); }, "SMs");
+}
+
 // Enough lists for a wave of one-block lists: each list whole in one 16-warp block (no cluster),
 // its radix levels scanning two bins per thread; top-p, floor and cap. Mostly short sequences under a
 // B0 8192 capacity (a list's count is below its capacity), so racecheck can run it.
