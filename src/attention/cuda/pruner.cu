@@ -939,19 +939,21 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   // want of blocks: blocks of 2048, as long as they fit three per SM and the launch stays one wave
   // (G 4, 8 lists: 42.5 -> 33.4 us; 8 of 1024: 35.7 us). At G 6 blocks of 2048 do not fit three per
   // SM; forcing smaller ones was slower (Qwen 1.5B shape, 32 lists: 39.5 -> 45.3 us).
-  // Lists of more than 2048 candidates: clusters of 2048 only while they fill at most half the SMs,
+  // Lists of 2049-8192 candidates: clusters of 2048 only while they fill at most half the SMs,
   // clusters of two blocks of 4096 while those fit one per SM, whole lists beyond (H200, G 4, B0 8192,
   // 8 / 16 / 32 / 48 / 64 / 80 / 96 / 112 lists: clusters of 2048 22.2 / 22.6 / 28.9 / 30.4 / 40.9 / 47.0 /
   // 66.8 / - us, of 4096 25.9 / 26.0 / 26.2 / 26.8 / 30.0 / 39.1 / 42.3 / 44.1, whole lists 29.4 / 29.4 /
   // 29.5 / 30.0 / 32.4 / 36.6 / 39.9 / 41.8; a cluster's threshold exchange grows with its blocks).
   auto chunk_of = [&](int c) { return ((in_capacity + c - 1) / c + 15) / 16 * 16; };  // per block
   const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
+  // Other capacities keep the rule measured before: clusters of 2048 while they fit one wave at three
+  // per SM, whole lists (of up to 2048) from about a wave of lists.
   const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster), c4k = (in_capacity + 4095) / 4096;
-  const bool few = (c2k > 1 ? 2 * lists * c2k <= sms : lists <= 3 * sms) &&
+  const bool mid = c2k > 1 && in_capacity <= kMaxChunk;
+  const bool few = (mid ? 2 * lists * c2k <= sms : lists * c2k <= 3 * sms) &&
                    smem_for(sh.G, chunk_of(c2k), nullptr) <= kThreeBlockSmem;
-  // Whole lists, each in one 16-warp block: where clusters of 4096 would not fit one per SM (lists of
-  // up to 2048 candidates: from about a wave of lists).
-  const bool whole = !few && (c2k > 1 ? lists * c4k > sms : lists * 8 >= 7 * sms) && in_capacity <= kMaxChunk &&
+  // Whole lists, each in one 16-warp block.
+  const bool whole = !few && (mid ? lists * c4k > sms : lists * 8 >= 7 * sms) && in_capacity <= kMaxChunk &&
                      smem_for(sh.G, chunk_of(1), nullptr) <= (size_t)optin;
   static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB");
   const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : whole ? kMaxChunk : 4096;

@@ -299,7 +299,8 @@ TEST(PrunerCuda, FloorAndCap) {
 // The plan's rule on the H200's figures (132 SMs, 227 KiB of opt-in shared memory per block), from
 // prune_plan_for, which is host code: this test needs no GPU and runs in the CPU CI too. B0 8192 at the
 // Llama shape: clusters of four blocks of 2048 for a single sequence or two, of two blocks of 4096 up
-// to 64 lists, whole lists in 16-warp blocks beyond (BENCHMARKS, "Since the run of ad67121").
+// to 64 lists, whole lists in 16-warp blocks beyond (BENCHMARKS, "Since the run of ad67121"); B0 2048
+// and B0 32768 keep the earlier rule.
 TEST(PrunerPlan, RuleOnH200Figures) {
   alignas(16) static const int32_t dummy[4] = {};  // never read: the plan needs only non-null pointers
   PagedKV kv;
@@ -311,7 +312,7 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   };
   for (const Want& w : {Want{1, 8192, 4, 256}, Want{2, 8192, 4, 256}, Want{4, 8192, 2, 256}, Want{8, 8192, 2, 256},
                         Want{10, 8192, 1, 512}, Want{16, 8192, 1, 512}, Want{64, 8192, 1, 512},
-                        Want{16, 2048, 1, 256}, Want{64, 2048, 1, 512}}) {
+                        Want{16, 2048, 1, 256}, Want{64, 2048, 1, 512}, Want{1, 32768, 16, 256}}) {
     kv.batch = w.batch;
     const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin);
     EXPECT_EQ(plan.cluster, w.cluster) << "batch " << w.batch << " cap " << w.cap;
