@@ -1,6 +1,7 @@
 #include "attention/cuda/dense_decode.h"
 
 #include "attention/cuda/decode_tile.cuh"
+#include "attention/cuda/occupancy.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -124,20 +125,14 @@ __global__ void __launch_bounds__(kManyThreads) dense_combine_many_kernel(
 }
 
 // How many blocks of the kernel fit on one SM (registers bound it: ~220 per lane at d = 128).
-template <typename T, int D>
-int blocks_per_sm() {
-  static const int n = [] {
-    int k = 0;
-    TW_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, dense_decode_kernel<T, D>, kWarps * 32, 0));
-    return std::max(k, 1);
-  }();
-  return n;
-}
-
 int blocks_per_sm(const PagedKV& kv) {
+  constexpr int t = kWarps * 32;
   const bool bf = kv.dtype == KvDtype::BF16;
-  if (kv.head_dim == 64) return bf ? blocks_per_sm<__nv_bfloat16, 64>() : blocks_per_sm<__half, 64>();
-  return bf ? blocks_per_sm<__nv_bfloat16, 128>() : blocks_per_sm<__half, 128>();
+  if (kv.head_dim == 64)
+    return bf ? resident_blocks<dense_decode_kernel<__nv_bfloat16, 64>>(t)
+              : resident_blocks<dense_decode_kernel<__half, 64>>(t);
+  return bf ? resident_blocks<dense_decode_kernel<__nv_bfloat16, 128>>(t)
+            : resident_blocks<dense_decode_kernel<__half, 128>>(t);
 }
 
 template <typename T, int D>

@@ -927,27 +927,23 @@ cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaS
 PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& prm, int sms, int optin) {
   const Shape sh = check_args(kv, in_capacity, prm);
   TW_CHECK(sms > 0 && optin > 0, "pruner (CUDA): ", sms, " SMs, ", optin, " bytes of shared memory per block");
-  // Blocks per list: from the parallelism target (tokens per block), then more until a block's slice
-  // fits kMaxChunk and, preferably, the shared memory of the target's blocks per SM, else up to the
-  // opt-in limit. From about half a wave of lists up (below), a whole list in one 16-warp block (up to
-  // 185 KiB at G 4): the same 16 warps per SM as two 8-warp blocks of 4096, without the cluster barriers and the
-  // remote reads (H200, B0 8192, G 4, 128 / 256 / 512 lists: 47.6 / 88.0 / 169.1 -> 45.4 / 85.7 /
-  // 167.3 us). Before, two blocks of 4096 (113 KiB, two per SM) had won from ~100 lists up (256 lists
-  // 145 us against 172 for 4 of 2048 at three per SM, every radix level then reading 4 remote
-  // histograms; one 8-warp block of 8192 209 us, 8 warps per SM too few to hide the phases' latencies;
-  // 128 lists: 58 against 96 us). With fewer lists (a single sequence) the GPU is idle for
-  // want of blocks: blocks of 2048, as long as they fit three per SM and the launch stays one wave
-  // (G 4, 8 lists: 42.5 -> 33.4 us; 8 of 1024: 35.7 us). At G 6 blocks of 2048 do not fit three per
-  // SM; forcing smaller ones was slower (Qwen 1.5B shape, 32 lists: 39.5 -> 45.3 us).
-  // Lists of 2049-8192 candidates: clusters of 2048 only while they fill at most half the SMs,
-  // clusters of two blocks of 4096 while those fit one per SM, whole lists beyond (H200, G 4, B0 8192,
-  // 8 / 16 / 32 / 48 / 64 / 80 / 96 / 112 lists: clusters of 2048 22.2 / 22.6 / 28.9 / 30.4 / 40.9 / 47.0 /
-  // 66.8 / - us, of 4096 25.9 / 26.0 / 26.2 / 26.8 / 30.0 / 39.1 / 42.3 / 44.1, whole lists 29.4 / 29.4 /
-  // 29.5 / 30.0 / 32.4 / 36.6 / 39.9 / 41.8; a cluster's threshold exchange grows with its blocks).
+  // Blocks per list: from a target of tokens per block, then more until a block's slice fits
+  // kMaxChunk and, preferably, the shared memory of the target's blocks per SM, else up to the opt-in
+  // limit. The target (H200, G 4, B0 8192, the plans timed side by side; BENCHMARKS):
+  //  - blocks of 2048 in clusters (three per SM) while those fill at most half the SMs (one or two
+  //    sequences), so that the estimate runs on many SMs (8 lists: 22.2 us, against 25.9 for clusters
+  //    of two blocks of 4096);
+  //  - clusters of two blocks of 4096 while those blocks fit one per SM: 32 / 64 lists 26.2 / 30.0 us,
+  //    against 28.9 / 40.9 for clusters of 2048, whose threshold exchange grows with the cluster;
+  //  - beyond, a whole list in one 16-warp block (185 KiB at G 4): the same 16 warps per SM as two
+  //    8-warp blocks, without cluster barriers or remote reads (96 / 256 lists 39.9 / 85.7 us, against
+  //    42.3 / 88.0 for clusters of 4096).
+  // At G 6 blocks of 2048 do not fit three per SM; forcing smaller ones was slower (Qwen 1.5B shape,
+  // 32 lists: 39.5 -> 45.3 us).
   auto chunk_of = [&](int c) { return ((in_capacity + c - 1) / c + 15) / 16 * 16; };  // per block
   const int64_t lists = (int64_t)kv.batch * kv.n_kv_heads;
-  // Other capacities keep the rule measured before: clusters of 2048 while they fit one wave at three
-  // per SM, whole lists (of up to 2048) from about a wave of lists.
+  // These thresholds for 2049-8192 candidates (the range measured); other capacities keep the earlier
+  // rule: blocks of 2048 while they fit one wave at three per SM, whole lists from 7/8 of a wave.
   const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster), c4k = (in_capacity + 4095) / 4096;
   const bool mid = c2k > 1 && in_capacity <= kMaxChunk;
   const bool few = (mid ? 2 * lists * c2k <= sms : lists * c2k <= 3 * sms) &&

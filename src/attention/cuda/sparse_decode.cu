@@ -1,6 +1,7 @@
 #include "attention/cuda/sparse_decode.h"
 
 #include "attention/cuda/decode_tile.cuh"
+#include "attention/cuda/occupancy.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -294,17 +295,6 @@ __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
   tile::merge_parts<D, kCombThreads>(n, ml_of, part_of, out);
 }
 
-// How many attend blocks fit on one SM (registers bound it: two at d = 128), as dense_decode.cu asks.
-template <int D, typename E>
-int attend_blocks_per_sm() {
-  static const int n = [] {
-    int k = 0;
-    TW_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&k, attend_kernel<D, E>, kAttnThreads, 0));
-    return std::max(k, 1);
-  }();
-  return n;
-}
-
 }  // namespace
 
 size_t sparse_decode_workspace_bytes(const PagedKV& kv, int list_capacity) {
@@ -354,7 +344,8 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   const bool bf = kv.dtype == KvDtype::BF16;
   auto by_dtype = [&](auto d_tag) {
     constexpr int D = decltype(d_tag)::value;
-    a.slots = a.sm_count * (bf ? attend_blocks_per_sm<D, __nv_bfloat16>() : attend_blocks_per_sm<D, __half>());
+    a.slots = a.sm_count * (bf ? resident_blocks<attend_kernel<D, __nv_bfloat16>>(kAttnThreads)
+                               : resident_blocks<attend_kernel<D, __half>>(kAttnThreads));
     plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
     TW_CUDA_CHECK_LAUNCH();
     if (bf)
