@@ -259,10 +259,20 @@ inline std::pair<double, double> time_us(Fn fn) {
   constexpr int kPerGraph = 10;
   cudaStream_t s;
   TW_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  fn(s);  // warm-up (attributes, module load)
   cudaEvent_t e0, e1;
   TW_CUDA_CHECK(cudaEventCreate(&e0));
   TW_CUDA_CHECK(cudaEventCreate(&e1));
+  // Warm-up for >= 20 ms of calls (attributes and module load first): with one call, the first case of
+  // a process read 1-3 us slower than the same work timed after it (H200, the pruner at 128 lists).
+  for (float ms = 0.f; ms < 20.f;) {
+    TW_CUDA_CHECK(cudaEventRecord(e0, s));
+    for (int i = 0; i < 10; ++i) fn(s);
+    TW_CUDA_CHECK(cudaEventRecord(e1, s));
+    TW_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t;
+    TW_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    ms += t;
+  }
   std::vector<float> direct, graph;
   for (int r = 0; r < 13; ++r) {
     TW_CUDA_CHECK(cudaEventRecord(e0, s));
