@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <functional>
 #include <numeric>
 #include <string>
@@ -503,12 +502,9 @@ TEST(PrunerCudaBench, DISABLED_Llama8B_B0_8192) {
   TW_REQUIRE_CUDA_DEVICE();
   // The issue's case: 32 sequences x 8 kv heads = 256 lists; TW_BENCH_BATCH picks another batch,
   // TW_BENCH_HEADS / TW_BENCH_KV_HEADS another shape (e.g. 12 / 2: Qwen2.5 1.5B).
-  auto env_int = [](const char* name, int dflt) {
-    const char* v = std::getenv(name);
-    return v ? std::max(1, std::atoi(v)) : dflt;
-  };
-  const int batch = env_int("TW_BENCH_BATCH", 32);
-  const int H = env_int("TW_BENCH_HEADS", 32), Hkv = env_int("TW_BENCH_KV_HEADS", 8), d = 128, L = 32768, B0 = 8192;
+  const int batch = bench_size("TW_BENCH_BATCH", 32);
+  const int H = bench_size("TW_BENCH_HEADS", 32), Hkv = bench_size("TW_BENCH_KV_HEADS", 8), d = 128, L = 32768,
+            B0 = 8192;
   const int pages_per_seq = L / kPageSize;
   const int64_t n_pages = (int64_t)batch * pages_per_seq;
   std::mt19937_64 rng(12345);

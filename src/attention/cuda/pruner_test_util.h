@@ -247,6 +247,12 @@ inline Selection selection_of(const HostLists& h, int s, int Hkv) {
 }
 
 // ---- benchmark timing ----
+// A benchmark's size knob: bench_knob(name) when set to a positive value, else `dflt`.
+inline int bench_size(const char* name, int dflt) {
+  const int v = bench_knob(name);
+  return v > 0 ? v : dflt;
+}
+
 inline double median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];

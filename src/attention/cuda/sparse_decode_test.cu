@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <numeric>
 #include <vector>
 
@@ -195,11 +194,9 @@ __global__ void fill_half(__half* p, size_t n, uint32_t seed) {
 // TW_BENCH_BATCH picks another batch, TW_BENCH_PER_LIST one list length instead of the three.
 TEST(SparseDecodeCudaBench, DISABLED_Llama8B) {
   TW_REQUIRE_CUDA_DEVICE();
-  const char* batch_env = std::getenv("TW_BENCH_BATCH");
-  const char* per_env = std::getenv("TW_BENCH_PER_LIST");
-  const int batch = batch_env ? std::max(1, std::atoi(batch_env)) : 32;
+  const int batch = bench_size("TW_BENCH_BATCH", 32), per = bench_knob("TW_BENCH_PER_LIST");
   const std::vector<int> per_lists =
-      per_env ? std::vector<int>{std::min(std::max(2, std::atoi(per_env)), 8192)} : std::vector<int>{160, 655, 2048};
+      per > 0 ? std::vector<int>{std::min(std::max(2, per), 8192)} : std::vector<int>{160, 655, 2048};
   const int H = 32, Hkv = 8, d = 128, L = 32768;
   const int64_t n_pages = (int64_t)batch * (L / kPageSize);
   const size_t n_elem = (size_t)n_pages * Hkv * kPageSize * d;
