@@ -85,10 +85,11 @@ __global__ void gather_tokens(float* __restrict__ kbuf, float* __restrict__ vbuf
 }
 
 struct Set {  // one "layer": its own pools, side structures, page table, query and lists
-  DeviceBuffer k, v, bcode, bparam, k4, k4s, k4z, pt, len, q, out, i0c, i0t, i1c, i1t, mass;
+  DeviceBuffer k, v, bcode, bparam, k4, k4s, k4z, pt, len, q, out, i0c, i0t, i0pc, i0pp, i1c, i1t, mass;
   PagedKV kv;
   KeySideDev side;
-  TokenLists i0, i1;
+  TokenLists i0, i1;  // I0 as tokens (fixed-budget Quest's attention), I1
+  PageLists i0p;      // I0 as pages (Twilight's pruner input)
 };
 
 double median(std::vector<double> v) {
@@ -331,9 +332,12 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         S->i0c = DeviceBuffer((size_t)B * Hkv * 4);
         S->i1c = DeviceBuffer((size_t)B * Hkv * 4);
         S->i0t = DeviceBuffer((size_t)B * Hkv * cap0 * 4);
+        S->i0pc = DeviceBuffer((size_t)B * Hkv * 4);
+        S->i0pp = DeviceBuffer((size_t)B * Hkv * (cap0 / kPageSize) * 4);
         S->i1t = DeviceBuffer((size_t)B * Hkv * cap1 * 4);
         S->mass = DeviceBuffer((size_t)B * Hkv * 4);
         S->i0 = TokenLists{S->i0c.as<int32_t>(), S->i0t.as<int32_t>(), cap0};
+        S->i0p = PageLists{S->i0pc.as<int32_t>(), S->i0pp.as<int32_t>(), cap0 / kPageSize};
         S->i1 = TokenLists{S->i1c.as<int32_t>(), S->i1t.as<int32_t>(), cap1};
         sets.push_back(std::move(S));
       }
@@ -362,6 +366,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         const int c0 = (int)quest_list_capacity(kv0, b0);
         for (auto& S : sets) {
           S->i0.capacity = c0;
+          S->i0p.capacity = c0 / kPageSize;
           S->i1.capacity = c0 + 1;
         }
         auto select = [&](int i) {
@@ -370,9 +375,19 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
         auto attend0 = [&](int i) {
           sparse_decode(sets[i]->kv, sets[i]->q.as<float>(), sets[i]->i0, sets[i]->out.as<float>(), sws.get(), sws_b, st);
         };
+        // Twilight's select writes I0 as whole pages for the pruner (TW_BENCH_TOKEN_I0=1, an A/B aid: as
+        // tokens, the form fixed-budget Quest's attention reads).
+        static const bool token_i0 = bench_knob("TW_BENCH_TOKEN_I0") > 0;
+        auto select_tw = [&](int i) {
+          if (token_i0)
+            select(i);
+          else
+            quest_select_pages(sets[i]->kv, sets[i]->side, sets[i]->q.as<float>(), b0, L, sets[i]->i0p, st);
+        };
         const double t_sel = step_only ? 0.0 : time_calls(select, n_sets, o.reps, o.trials, st);
+        const double t_sel_tw = step_only ? 0.0 : time_calls(select_tw, n_sets, o.reps, o.trials, st);
         if (!step_only)
-          for (int i = 0; i < n_sets; ++i) select(i);  // every set's I0 for the stages below
+          for (int i = 0; i < n_sets; ++i) select(i), select_tw(i);  // every set's I0 for the stages below
         const double t_att0 = step_only ? 0.0 : time_calls(attend0, n_sets, o.reps, o.trials, st);
         // Fixed-budget Quest as one step (select + sparse attention over I0), graph-replayed like Twilight's.
         const double t_quest =
@@ -387,6 +402,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
               << ",\"kv_sets\":" << n_sets << ",\"dense_splits\":" << dplan.n_splits << ",\"dense_us\":" << t_dense * 1e6
               << ",\"dense_GBps\":" << kv_bytes / t_dense / 1e9 << ",\"quest_select_us\":" << t_sel * 1e6
               << ",\"quest_attend_us\":" << t_att0 * 1e6 << ",\"quest_graph_us\":" << t_quest * 1e6
+              << ",\"twilight_select_us\":" << t_sel_tw * 1e6 << ",\"i0_pages\":" << (token_i0 ? 0 : 1)
               << ",\"i0_avg\":" << i0_avg;
           PruneParams prm;
           prm.p = p;
@@ -400,8 +416,12 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
             continue;
           }
           auto prune = [&](int i) {
-            prune_topp(sets[i]->kv, sets[i]->side, sets[i]->q.as<float>(), sets[i]->i0, prm, sets[i]->i1,
-                       sets[i]->mass.as<float>(), st);
+            if (token_i0)
+              prune_topp(sets[i]->kv, sets[i]->side, sets[i]->q.as<float>(), sets[i]->i0, prm, sets[i]->i1,
+                         sets[i]->mass.as<float>(), st);
+            else
+              prune_topp(sets[i]->kv, sets[i]->side, sets[i]->q.as<float>(), sets[i]->i0p, prm, sets[i]->i1,
+                         sets[i]->mass.as<float>(), st);
           };
           auto attend1 = [&](int i) {
             sparse_decode(sets[i]->kv, sets[i]->q.as<float>(), sets[i]->i1, sets[i]->out.as<float>(), sws.get(), sws_b, st);
@@ -411,7 +431,8 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
             for (int i = 0; i < n_sets; ++i) prune(i);
           const double t_att1 = step_only ? 0.0 : time_calls(attend1, n_sets, o.reps, o.trials, st);
           // The whole step, captured once per set and replayed: no host work between the stages.
-          const double t_step = time_graphs([&](int i) { select(i), prune(i), attend1(i); }, n_sets, o.reps, o.trials, st);
+          const double t_step =
+              time_graphs([&](int i) { select_tw(i), prune(i), attend1(i); }, n_sets, o.reps, o.trials, st);
           // Budgets of every set's last step.
           double i1_sum = 0, mass_sum = 0;
           int64_t i1_min = INT64_MAX, i1_max = 0, n_lists = 0;
@@ -432,20 +453,21 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
           const double lists = (double)B * Hkv;
           // 8-bit bound codes + {lo, s}; none when B0 covers the context (every token listed, no scores)
           const double by_sel = b0 >= L ? 0.0 : lists * max_pages * (2.0 * d + 8);
-          const double by_prune = lists * i0_avg * (d / 2.0 + 8 + 4);  // codes + scale/zero + I0 index
+          // codes + scale/zero + the I0 entry (a page id per 16 candidates; a token each with token I0)
+          const double by_prune = lists * i0_avg * (d / 2.0 + 8 + (token_i0 ? 4.0 : 4.0 / kPageSize));
           const double by_att = lists * i1_avg * (2.0 * d * esz + 4);
           row << ",\"prune_us\":" << t_prune * 1e6 << ",\"attend_us\":" << t_att1 * 1e6
-              << ",\"twilight_sum_us\":" << (t_sel + t_prune + t_att1) * 1e6 << ",\"twilight_graph_us\":" << t_step * 1e6
+              << ",\"twilight_sum_us\":" << (t_sel_tw + t_prune + t_att1) * 1e6 << ",\"twilight_graph_us\":" << t_step * 1e6
               << ",\"i1_avg\":" << i1_avg << ",\"i1_min\":" << i1_min << ",\"i1_max\":" << i1_max
               << ",\"est_mass_avg\":" << mass_sum / n_lists << ",\"bytes_select\":" << by_sel
               << ",\"bytes_prune\":" << by_prune << ",\"bytes_attend\":" << by_att
-              << ",\"select_GBps\":" << by_sel / t_sel / 1e9 << ",\"prune_GBps\":" << by_prune / t_prune / 1e9
+              << ",\"select_GBps\":" << by_sel / t_sel_tw / 1e9 << ",\"prune_GBps\":" << by_prune / t_prune / 1e9
               << ",\"attend_GBps\":" << by_att / t_att1 / 1e9 << ",\"speedup_vs_dense\":" << t_dense / t_step
               << ",\"speedup_vs_quest\":" << t_quest / t_step << "}";
           js << row.str() << "\n";
           table << "| " << B << " | " << L << " | " << p << " | " << b0 << " | " << fmt(t_dense * 1e6) << " | "
                 << fmt(kv_bytes / t_dense / 1e9, 0) << " (" << fmt(100 * kv_bytes / t_dense / copy_bw, 0) << "%) | "
-                << fmt(t_quest * 1e6) << " | " << fmt(t_step * 1e6) << " | " << fmt(t_sel * 1e6) << " | "
+                << fmt(t_quest * 1e6) << " | " << fmt(t_step * 1e6) << " | " << fmt(t_sel_tw * 1e6) << " | "
                 << fmt(t_prune * 1e6) << " | " << fmt(t_att1 * 1e6) << " | " << fmt(i1_avg, 0) << " ("
                 << fmt(100 * i1_avg / L, 2) << "%) | " << fmt(mass_sum / n_lists, 3) << " | " << fmt(t_dense / t_step, 2)
                 << " | " << fmt(t_quest / t_step, 2) << " |\n";

@@ -66,6 +66,18 @@ struct TokenLists {
   int capacity = 0;
 };
 
+// Candidate lists of whole pages, the Quest select's output for the pruner (16x fewer entries to write
+// and read than the tokens): a list's tokens are its pages' tokens below seq_len, in order, so token j
+// is pages[j / 16] * 16 + j % 16 for j < count (every page but the last full; a partial page can only
+// be the sequence's last).
+//   count [batch][Hkv]                int32 tokens in the list
+//   pages [batch][Hkv][capacity]      int32 logical page ids, ascending, unique
+struct PageLists {
+  int32_t* count = nullptr;    // [batch][Hkv]
+  int32_t* pages = nullptr;    // [batch][Hkv][capacity]
+  int capacity = 0;            // pages per list
+};
+
 // Multiprocessors of the current device (queried once): the planners size their grids by it.
 int sm_count();
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <mutex>
 #include <type_traits>
 
@@ -69,12 +70,13 @@ struct Args {
   const float* k4z;
   const float* q;
   const int32_t* in_count;
-  const int32_t* in_tokens;
+  const int32_t* in_tokens;  // the I0 lists' tokens, or (page input) their pages
   int32_t* out_count;
   int32_t* out_tokens;
   float* est_mass;
   int64_t n_pages;
   int max_pages, n_kv_heads, group, in_cap, out_cap;
+  int in_stride;  // entries between lists of in_tokens: in_cap, or (page input) in_cap / 16
   float p;
   int min_tokens, max_tokens;
   int chunk, zstride;
@@ -308,7 +310,10 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* w
   return prefix;
 }
 
-template <int D, int MINB>
+// kPages: the I0 lists are whole pages (layout.h PageLists: token j = page j / 16's slot j % 16), so
+// the prologue resolves one page-table entry per 16 candidates and the tokens of the output come from
+// the block's pages in shared memory instead of a second read of the list.
+template <int D, int MINB, bool kPages>
 __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Args a) {
   constexpr int kThreads = threads_of(MINB), kWarps = kThreads / 32;
   // 16-row tiles whose loads a warp has in flight, in every build. The one- and two-block builds had 8
@@ -330,12 +335,15 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   int32_t* rowidx = reinterpret_cast<int32_t*>(zs + (size_t)G * a.zstride);              // [chunk]
   uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + a.chunk);  // [3][kBins]
   uint32_t* histB = histA + 3 * kBins;
+  int32_t* s_pages = reinterpret_cast<int32_t*>(histB + 3 * kBins);  // [chunk / 16]: kPages, the block's pages
 
   const int list = b * a.n_kv_heads + h;
   const int n = min(max(a.in_count[list], 0), a.in_cap);
   const int cur = a.seq_len[b] - 1;
-  const int32_t* toks_all = a.in_tokens + (size_t)list * a.in_cap;
-  const bool cur_is_cand = n > 0 && toks_all[n - 1] == cur;
+  const int32_t* toks_all = a.in_tokens + (size_t)list * a.in_stride;  // kPages: the list's pages
+  const int32_t last = kPages ? (n > 0 ? toks_all[(n - 1) / kPageSize] * kPageSize + (n - 1) % kPageSize : -1)
+                              : (n > 0 ? toks_all[n - 1] : -1);
+  const bool cur_is_cand = n > 0 && last == cur;
   const int extra = (cur_is_cand || cur < 0) ? 0 : 1;
   int32_t* out_toks = a.out_tokens + (size_t)list * a.out_cap;
 
@@ -347,10 +355,19 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     }
     return;
   }
-  const int per = (n + C - 1) / C;
+  // Slices of whole pages (a multiple of 16, <= chunk): page input needs it, and token input splits the
+  // same way, so both sum the softmax over the same blocks (the same floats, the same output).
+  const int per = (n + C * kPageSize - 1) / (C * kPageSize) * kPageSize;
   const int beg = min(n, rank * per);
   const int m = min(n, beg + per) - beg;
-  const int32_t* toks = toks_all + beg;
+  const int32_t* toks = toks_all + beg;  // token input only
+  // Entry j of the block's slice (kPages: beg is a multiple of 16, the slice's pages are in s_pages).
+  auto tok_at = [&](int j) -> int32_t {
+    if constexpr (kPages)
+      return s_pages[j / kPageSize] * kPageSize + j % kPageSize;
+    else
+      return toks[j];
+  };
 
   // ---- prologue: row indices resolved, histograms cleared, query scaled and split ----
   // Row indices: token -> page -> row, two dependent loads per candidate, kRows candidates per thread
@@ -382,7 +399,14 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   // builds its B fragments from the int8 bytes (before: the query after the rows, and one warp building
   // the fragments for the block: two load latencies and two barriers more; 256 lists x B0 8192 on the
   // H200 90.4 -> 89.2 us, 8 lists 25.9 -> 24.8).
-  load_tokens(tid);
+  // Page input: one page per thread, its id loaded now, resolved with the query in flight.
+  const int np_s = (m + kPageSize - 1) / kPageSize;
+  const int32_t* pages = toks_all + beg / kPageSize;
+  int lp0 = -1;
+  if constexpr (kPages)
+    lp0 = tid < np_s ? pages[tid] : -1;
+  else
+    load_tokens(tid);
   const float qscale = 1.f / sqrtf((float)D);
   const float* qh = a.q + ((size_t)b * a.n_kv_heads * G + (size_t)h * G) * D;
   float qx[D / 32];
@@ -432,10 +456,27 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
 #pragma unroll
     for (int e = 0; e < D / 32; ++e) reinterpret_cast<uint32_t*>(xs)[lane + 32 * e] = 0u;
   }
-  resolve_rows(tid);
-  for (int j0 = tid + kRows * kThreads; j0 < m; j0 += kRows * kThreads) {
-    load_tokens(j0);
-    resolve_rows(j0);
+  if constexpr (kPages) {
+    for (int k = tid; k < np_s; k += kThreads) {
+      const int lp = k == tid ? lp0 : pages[k];
+      s_pages[k] = lp;
+      const int ph = (lp >= 0 && lp < a.max_pages) ? a.page_table[(size_t)b * a.max_pages + lp] : -1;
+      int r[kPageSize];
+#pragma unroll
+      for (int i = 0; i < kPageSize; ++i) {
+        const int t = lp * kPageSize + i;
+        r[i] = t <= cur ? kv_row(ph, a.n_pages, a.n_kv_heads, h, t) : -1;
+      }
+      int4* dst = reinterpret_cast<int4*>(rowidx + kPageSize * k);  // rowidx is 16-byte aligned
+#pragma unroll
+      for (int i = 0; i < kPageSize / 4; ++i) dst[i] = make_int4(r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3]);
+    }
+  } else {
+    resolve_rows(tid);
+    for (int j0 = tid + kRows * kThreads; j0 < m; j0 += kRows * kThreads) {
+      load_tokens(j0);
+      resolve_rows(j0);
+    }
   }
   __syncthreads();  // rows, histograms and the query are in shared memory
 
@@ -570,12 +611,13 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   // the block's slice (a multiple of 32 long), kPre per lane at most; the rest load in the compaction.
   const int seg = ((m + kWarps - 1) / kWarps + 31) & ~31;
   const int s0 = min(m, warp * seg), s1 = min(m, s0 + seg);
-  constexpr int kPre = MINB >= 3 ? 0 : 16;  // none at three blocks per SM: they would spill
+  constexpr int kPre = MINB >= 3 || kPages ? 0 : 16;  // none at three blocks per SM (they would spill), nor
+                                                     // for page input (the tokens come from shared memory)
   int32_t pre_tok[kPre > 0 ? kPre : 1];
 #pragma unroll
   for (int u = 0; u < kPre; ++u) {
     const int j = s0 + 32 * u + lane;
-    pre_tok[u] = j < s1 ? toks[j] : 0;
+    pre_tok[u] = j < s1 ? tok_at(j) : 0;
   }
   // Block max per head: over the lanes of one column (xor over g), then over warps.
 #pragma unroll
@@ -856,7 +898,7 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     for (int u = 0; u < 8; ++u) {
       const int j = base + 32 * u + lane;
       f[u] = j < s1 && flag[j];
-      tk[u] = f[u] ? toks[j] : 0;
+      tk[u] = f[u] ? tok_at(j) : 0;
     }
     emit(f, tk);
   }
@@ -883,10 +925,12 @@ Shape check_args(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
   return {kv.head_dim, G};
 }
 
-size_t smem_for(int G, int chunk, int* zstride) {
+// Page input adds the block's pages (chunk / 16 ids) after the histograms.
+size_t smem_for(int G, int chunk, bool pages, int* zstride) {
   const int zs = (chunk + 31) / 32 * 32 + 4;  // +4 floats: the 4 column groups of a tile hit distinct banks
   if (zstride) *zstride = zs;
-  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * 3 * kBins * 4;
+  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (size_t)chunk * 4 + (size_t)2 * 3 * kBins * 4 +
+         (pages ? (size_t)chunk / kPageSize * 4 : 0);
 }
 
 // The build a plan runs: its 16-warp build, else by the blocks per SM its shared memory allows.
@@ -900,13 +944,18 @@ int blocks_per_sm_of(const PrunePlan& plan) {
 // driver's own choice can leave 60 (the 196-KB configuration); that made the estimate faster, likely
 // because its loads in flight take L1 lines (H200, 128 / 256 / 512 lists x B0 8192: 43.6 / 81.9 /
 // 158.0 -> 41.8 / 78.2 / 151.6 us; 8 lists, three smaller blocks per SM, unchanged).
+template <bool P>
+void (*kernel_of(int head_dim, int per_sm))(Args) {
+  return per_sm == 3   ? (head_dim == 128 ? prune_kernel<128, 3, P> : prune_kernel<64, 3, P>)
+         : per_sm == 2 ? (head_dim == 128 ? prune_kernel<128, 2, P> : prune_kernel<64, 2, P>)
+                       : (head_dim == 128 ? prune_kernel<128, 1, P> : prune_kernel<64, 1, P>);
+}
+
 void (*kernel_for(int head_dim, const PrunePlan& plan))(Args) {
   const int per_sm = blocks_per_sm_of(plan);
-  void (*kern)(Args) = per_sm == 3   ? (head_dim == 128 ? prune_kernel<128, 3> : prune_kernel<64, 3>)
-                       : per_sm == 2 ? (head_dim == 128 ? prune_kernel<128, 2> : prune_kernel<64, 2>)
-                                     : (head_dim == 128 ? prune_kernel<128, 1> : prune_kernel<64, 1>);
-  static std::once_flag once[6];
-  std::call_once(once[(head_dim == 128 ? 3 : 0) + per_sm - 1], [kern] {
+  void (*kern)(Args) = plan.pages ? kernel_of<true>(head_dim, per_sm) : kernel_of<false>(head_dim, per_sm);
+  static std::once_flag once[12];
+  std::call_once(once[(plan.pages ? 6 : 0) + (head_dim == 128 ? 3 : 0) + per_sm - 1], [kern] {
     int dev = 0, optin = 0;
     TW_CUDA_CHECK(cudaGetDevice(&dev));
     TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -925,9 +974,11 @@ cudaLaunchConfig_t launch_config(const PrunePlan& plan, const PagedKV& kv, cudaS
 
 }  // namespace
 
-PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& prm, int sms, int optin) {
+PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& prm, int sms, int optin, bool pages) {
   const Shape sh = check_args(kv, in_capacity, prm);
   TW_CHECK(sms > 0 && optin > 0, "pruner (CUDA): ", sms, " SMs, ", optin, " bytes of shared memory per block");
+  TW_CHECK(!pages || in_capacity % kPageSize == 0, "pruner (CUDA): page input of ", in_capacity,
+           " tokens, not whole pages");
   // Blocks per list: from a target of tokens per block, then more until a block's slice fits
   // kMaxChunk and, preferably, the shared memory of the target's blocks per SM, else up to the opt-in
   // limit. The target (H200, G 4, B0 8192, the plans timed side by side; BENCHMARKS):
@@ -948,10 +999,10 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster), c4k = (in_capacity + 4095) / 4096;
   const bool mid = c2k > 1 && in_capacity <= kMaxChunk;
   const bool few = (mid ? 2 * lists * c2k <= sms : lists * c2k <= 3 * sms) &&
-                   smem_for(sh.G, chunk_of(c2k), nullptr) <= kThreeBlockSmem;
+                   smem_for(sh.G, chunk_of(c2k), pages, nullptr) <= kThreeBlockSmem;
   // Whole lists, each in one 16-warp block.
   const bool whole = !few && (mid ? lists * c4k > sms : lists * 8 >= 7 * sms) && in_capacity <= kMaxChunk &&
-                     smem_for(sh.G, chunk_of(1), nullptr) <= (size_t)optin;
+                     smem_for(sh.G, chunk_of(1), pages, nullptr) <= (size_t)optin;
   static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB");
   const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : whole ? kMaxChunk : 4096;
   const int cmin = std::clamp((in_capacity + tpb - 1) / tpb, 1, kMaxCluster);
@@ -962,11 +1013,11 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   for (size_t limit : {first_limit, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
       const int chunk = chunk_of(c);
-      const size_t smem = smem_for(sh.G, chunk, nullptr);
+      const size_t smem = smem_for(sh.G, chunk, pages, nullptr);
       if (chunk <= kMaxChunk && smem <= limit) {
         // Whole lists, or past the two-block limit (a block has an SM to itself): the 16-warp build.
         const int threads = threads_of(smem <= kTwoBlockSmem && tpb <= 4096 ? 2 : 1);
-        return PrunePlan{c, chunk, smem, threads};
+        return PrunePlan{c, chunk, smem, threads, pages};
       }
     }
   }
@@ -974,20 +1025,25 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
        " blocks of shared memory");
 }
 
-PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
+PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm, bool pages) {
   int dev = 0, optin = 0;
   TW_CUDA_CHECK(cudaGetDevice(&dev));
   TW_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return prune_plan_for(kv, in_capacity, prm, sm_count(), optin);
+  return prune_plan_for(kv, in_capacity, prm, sm_count(), optin, pages);
 }
 
-void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const TokenLists& in,
-                const PruneParams& prm, const TokenLists& out, float* est_mass, cudaStream_t stream) {
-  const PrunePlan plan = prune_plan(kv, in.capacity, prm);
+namespace {
+
+// in_tokens / in_count: the I0 lists, in_cap tokens each (page input: in_cap / 16 pages).
+void launch_prune(const PagedKV& kv, const KeySideDev& ks, const float* q, const int32_t* in_count,
+                  const int32_t* in_tokens, int in_cap, bool pages, const PruneParams& prm, const TokenLists& out,
+                  float* est_mass, cudaStream_t stream) {
+  const PrunePlan plan = prune_plan(kv, in_cap, prm, pages);
   TW_CHECK(ks.k4 && ks.k4_scale && ks.k4_zero, "pruner (CUDA): null INT4 key mirror");
   TW_CHECK(q, "pruner (CUDA): null query");
-  TW_CHECK(in.count && in.tokens && out.count && out.tokens, "pruner (CUDA): null token lists");
-  const int need_out = prm.max_tokens > 0 ? std::min(prm.max_tokens, in.capacity + 1) : in.capacity + 1;
+  TW_CHECK(in_count && in_tokens && out.count && out.tokens, "pruner (CUDA): null ", pages ? "page" : "token",
+           " lists");
+  const int need_out = prm.max_tokens > 0 ? std::min(prm.max_tokens, in_cap + 1) : in_cap + 1;
   TW_CHECK(out.capacity >= need_out, "pruner (CUDA): output capacity ", out.capacity, " < ", need_out,
            " (I0 capacity + the current token)");
 
@@ -998,8 +1054,8 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   a.k4s = ks.k4_scale;
   a.k4z = ks.k4_zero;
   a.q = q;
-  a.in_count = in.count;
-  a.in_tokens = in.tokens;
+  a.in_count = in_count;
+  a.in_tokens = in_tokens;
   a.out_count = out.count;
   a.out_tokens = out.tokens;
   a.est_mass = est_mass;
@@ -1007,7 +1063,8 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   a.max_pages = kv.max_pages;
   a.n_kv_heads = kv.n_kv_heads;
   a.group = kv.n_heads / kv.n_kv_heads;
-  a.in_cap = in.capacity;
+  a.in_cap = in_cap;
+  a.in_stride = pages ? in_cap / kPageSize : in_cap;
   a.out_cap = out.capacity;
   a.p = prm.p;
   a.min_tokens = prm.min_tokens;
@@ -1015,7 +1072,7 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   a.chunk = plan.chunk;
   static const int stop = bench_knob("TW_PRUNE_STOP_AFTER");
   a.stop = stop;
-  smem_for(a.group, plan.chunk, &a.zstride);
+  smem_for(a.group, plan.chunk, pages, &a.zstride);
 
   void (*kern)(Args) = kernel_for(kv.head_dim, plan);
   cudaLaunchAttribute attr;
@@ -1023,8 +1080,22 @@ void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const T
   TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, a));
 }
 
-int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
-  const PrunePlan plan = prune_plan(kv, in_capacity, prm);
+}  // namespace
+
+void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const TokenLists& in,
+                const PruneParams& prm, const TokenLists& out, float* est_mass, cudaStream_t stream) {
+  launch_prune(kv, ks, q, in.count, in.tokens, in.capacity, false, prm, out, est_mass, stream);
+}
+
+void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const PageLists& in,
+                const PruneParams& prm, const TokenLists& out, float* est_mass, cudaStream_t stream) {
+  TW_CHECK(in.capacity > 0 && in.capacity <= INT32_MAX / kPageSize, "pruner (CUDA): page list capacity ",
+           in.capacity);
+  launch_prune(kv, ks, q, in.count, in.pages, in.capacity * kPageSize, true, prm, out, est_mass, stream);
+}
+
+int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm, bool pages) {
+  const PrunePlan plan = prune_plan(kv, in_capacity, prm, pages);
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = launch_config(plan, kv, 0, attr);
   int n = 0;

@@ -48,19 +48,22 @@ struct PrunePlan {
   int chunk = 0;             // candidates per block at most (ceil(capacity / cluster), rounded up to 16)
   size_t smem_bytes = 0;     // dynamic shared memory per block
   int threads = 0;           // per block: 256 (two or three blocks per SM), 512 (one block per SM)
+  bool pages = false;        // the I0 lists are PageLists (their pages after the histograms in shared memory)
 };
 
 // Validates and plans; throws tw::Error for unsupported head dim (64, 128), group size (1..8),
-// p outside (0, 1], floor/cap, or an I0 capacity too large for 16 blocks of shared memory.
-PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm);
+// p outside (0, 1], floor/cap, or an I0 capacity (tokens) too large for 16 blocks of shared memory.
+// pages: the I0 lists are PageLists (in_capacity = their pages x 16).
+PrunePlan prune_plan(const PagedKV& kv, int in_capacity, const PruneParams& prm, bool pages = false);
 
 // The same plan for a GPU of `sms` multiprocessors and `optin` bytes of opt-in shared memory per
 // block (prune_plan asks the current device): host code only, so the rule is tested without a GPU.
-PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& prm, int sms, int optin);
+PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& prm, int sms, int optin,
+                         bool pages = false);
 
 // Diagnostic for benchmarks: clusters of this plan the GPU holds at once
 // (cudaOccupancyMaxActiveClusters); the launch has batch * Hkv of them.
-int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm);
+int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PruneParams& prm, bool pages = false);
 
 // kv: shape, page_table, seq_len (K/V themselves are not read). ks: k4, k4_scale, k4_zero.
 // q: [batch][H][d] float. in: I0 lists (positions ascending, unique, in [0, seq_len); counts are
@@ -68,6 +71,13 @@ int prune_max_active_clusters(const PagedKV& kv, int in_capacity, const PrunePar
 // cap when one is set). est_mass: [batch][Hkv] floats (may be null). Asynchronous on `stream`, no
 // host synchronisation, no workspace: capturable in a CUDA graph.
 void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const TokenLists& in,
+                const PruneParams& prm, const TokenLists& out, float* est_mass, cudaStream_t stream = 0);
+
+// The same with I0 as whole pages (layout.h PageLists, e.g. from quest_select_pages): in.count tokens
+// per list, in.capacity pages (I0 capacity in.capacity x 16 tokens). The output and its order are
+// those of the token input holding the same tokens, bit for bit; the prologue reads one id and one
+// page-table entry per 16 candidates instead of a token and an entry per candidate.
+void prune_topp(const PagedKV& kv, const KeySideDev& ks, const float* q, const PageLists& in,
                 const PruneParams& prm, const TokenLists& out, float* est_mass, cudaStream_t stream = 0);
 
 }  // namespace tw::attn::cuda

@@ -202,6 +202,64 @@ HostLists random_lists(const Batch& B, int cap, std::mt19937_64& rng, int kinds_
   return h;
 }
 
+// Page lists (PageLists) and the same candidates as tokens. Kinds by list: Quest-like (the last page,
+// then random others up to the capacity), a random subset without the last page (the current token
+// not a candidate), every page up to the capacity, and an empty list.
+struct PageInput {
+  std::vector<std::vector<int32_t>> pages;
+  HostLists tokens;
+};
+PageInput random_page_lists(const Batch& B, int cap_pages, std::mt19937_64& rng) {
+  PageInput in;
+  in.tokens.capacity = cap_pages * kPageSize;
+  for (int s = 0; s < B.batch; ++s)
+    for (int k = 0; k < B.spec.n_kv_heads; ++k) {
+      const int L = B.spec.seq_len[s], np = (L + kPageSize - 1) / kPageSize, kind = (s * 7 + k) % 4;
+      std::vector<int32_t> all(np), pg;
+      std::iota(all.begin(), all.end(), 0);
+      if (kind == 0 || kind == 1) {
+        std::vector<int32_t> rest(all.begin(), all.end() - (np > 0 ? 1 : 0));
+        std::shuffle(rest.begin(), rest.end(), rng);
+        if (kind == 0 && np > 0) pg.push_back(np - 1);
+        const int want = kind == 0 ? cap_pages : (int)(rng() % (cap_pages + 1));
+        for (size_t i = 0; i < rest.size() && (int)pg.size() < std::min(want, cap_pages); ++i) pg.push_back(rest[i]);
+        std::sort(pg.begin(), pg.end());
+      } else if (kind == 2) {
+        pg.assign(all.begin(), all.begin() + std::min(np, cap_pages));
+        if (np > cap_pages && cap_pages > 0) pg.back() = np - 1;  // full pages and the last
+      }
+      std::vector<int32_t> toks;
+      for (int32_t p : pg)
+        for (int t = p * kPageSize; t < std::min(L, (p + 1) * kPageSize); ++t) toks.push_back(t);
+      in.pages.push_back(pg);
+      in.tokens.lists.push_back(toks);
+    }
+  return in;
+}
+
+RunResult run_pruner_pages(const Batch& B, const PageInput& in, const PruneParams& prm) {
+  const int n_lists = B.batch * B.spec.n_kv_heads, cap_pages = in.tokens.capacity / kPageSize;
+  std::vector<int32_t> cnt(n_lists), pg((size_t)n_lists * cap_pages, -7);
+  for (int i = 0; i < n_lists; ++i) {
+    cnt[i] = (int32_t)in.tokens.lists[i].size();
+    std::copy(in.pages[i].begin(), in.pages[i].end(), pg.begin() + (size_t)i * cap_pages);
+  }
+  ::tw::cuda::DeviceBuffer dc((size_t)n_lists * 4), dp(pg.size() * 4), dmass((size_t)n_lists * 4);
+  dc.upload(cnt.data(), cnt.size() * 4);
+  dp.upload(pg.data(), pg.size() * 4);
+  DevLists dout(n_lists, in.tokens.capacity + 1);
+  dout.poison();
+  TW_CUDA_CHECK(cudaMemset(dmass.get(), 0xFF, dmass.size()));
+  prune_topp(B.kv, B.ks, B.d_q.as<float>(), PageLists{dc.as<int32_t>(), dp.as<int32_t>(), cap_pages}, prm, dout.tl,
+             dmass.as<float>());
+  TW_CUDA_CHECK(cudaDeviceSynchronize());
+  RunResult r;
+  r.out = dout.download(n_lists);
+  r.mass.resize(n_lists);
+  dmass.download(r.mass.data(), r.mass.size() * 4);
+  return r;
+}
+
 struct Cfg {
   int H, Hkv, d;
   KvDtype dtype;
@@ -313,9 +371,11 @@ TEST(PrunerPlan, RuleOnH200Figures) {
                         Want{10, 8192, 1, 512}, Want{16, 8192, 1, 512}, Want{64, 8192, 1, 512},
                         Want{16, 2048, 1, 256}, Want{64, 2048, 1, 512}, Want{1, 32768, 16, 256}}) {
     kv.batch = w.batch;
-    const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin);
-    EXPECT_EQ(plan.cluster, w.cluster) << "batch " << w.batch << " cap " << w.cap;
-    EXPECT_EQ(plan.threads, w.threads) << "batch " << w.batch << " cap " << w.cap;
+    for (const bool pages : {false, true}) {  // page input: the same plans (2 KB more per 8192 candidates)
+      const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin, pages);
+      EXPECT_EQ(plan.cluster, w.cluster) << "batch " << w.batch << " cap " << w.cap << " pages " << pages;
+      EXPECT_EQ(plan.threads, w.threads) << "batch " << w.batch << " cap " << w.cap << " pages " << pages;
+    }
   }
   // Qwen2.5-Coder-1.5B (G 6): blocks of 2048 do not fit three per SM, 4096 not two per SM: clusters of 3.
   kv.n_heads = 12, kv.n_kv_heads = 2, kv.batch = 16;
@@ -323,6 +383,50 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   EXPECT_EQ(q.cluster, 3);
   EXPECT_EQ(q.threads, 256);
   expect_error([&] { prune_plan_for(kv, 8192, PruneParams{}, 0, kOptin); }, "SMs");
+}
+
+// Page input (PageLists, as quest_select_pages writes it) against the same candidates as tokens: the
+// same lists and masses, bit for bit, in each of the plans (one 16-warp block per list; clusters of
+// blocks of 2048 or 4096; G 6 in clusters of 3; d 64), with floor and cap, empty lists and lists
+// without the current token; and the page runs against the CPU like the token ones.
+TEST(PrunerCuda, PageInputMatchesTokenInput) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  std::vector<int> many;  // a wave of lists: whole lists in one block
+  std::uniform_int_distribution<int> len(1, 12000);
+  for (int s = 0; s < (sm_count() + 7) / 8 + 1; ++s) many.push_back(s == 0 ? 9000 : len(rng));
+  const std::vector<Cfg> cfgs = {
+      {32, 8, 128, KvDtype::F16, 8192, many, 1.5f},
+      {32, 8, 128, KvDtype::F16, 8192, {9000, 20000}, 1.5f},         // clusters of blocks of 2048
+      {32, 8, 128, KvDtype::BF16, 8192, {8200, 300, 12000, 1, 8192, 9999}, 1.5f},  // clusters of 4096
+      {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500, 17}, 1.2f},     // G 6
+      {9, 3, 64, KvDtype::F16, 2048, {33, 4100, 900}, 2.0f},         // d 64, G 3
+  };
+  Tally tally;
+  for (const Cfg& c : cfgs) {
+    BatchSpec spec;
+    spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens,
+    spec.kscale = c.kscale;
+    auto B = make_batch(spec, rng);
+    const PageInput in = random_page_lists(*B, c.cap / kPageSize, rng);
+    const PrunePlan plan = prune_plan(B->kv, c.cap, PruneParams{}, true);
+    for (auto [p, lo, hi] : {std::tuple{0.85f, 0, 0}, std::tuple{0.95f, 0, 0}, std::tuple{0.9f, 64, 300}}) {
+      SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, " p ", p, " floor ", lo, " cap ", hi, " (",
+                       plan.cluster, " blocks of ", plan.chunk, ")"));
+      PruneParams prm;
+      prm.p = p, prm.min_tokens = lo, prm.max_tokens = hi;
+      const RunResult rt = run_pruner(*B, in.tokens, prm), rp = run_pruner_pages(*B, in, prm);
+      ASSERT_EQ(rp.out.lists.size(), rt.out.lists.size());
+      for (size_t i = 0; i < rt.out.lists.size(); ++i) {
+        EXPECT_EQ(rp.out.lists[i], rt.out.lists[i]) << "list " << i << " (" << in.pages[i].size() << " pages)";
+        EXPECT_EQ(rp.mass[i], rt.mass[i]) << "mass of list " << i;
+      }
+      check_batch(*B, in.tokens, rp.out, rp.mass, prm, tally);
+    }
+  }
+  EXPECT_GE(tally.equal_checked, tally.lists / 2) << tally.equal_checked << " of " << tally.lists;
 }
 
 // Enough lists for a wave of one-block lists: each list whole in one 16-warp block (no cluster),
@@ -469,6 +573,13 @@ TEST(PrunerCuda, BadConfigurationsFail) {
   ks.k4 = nullptr;
   expect_error([&] { prune_topp(B->kv, ks, B->d_q.as<float>(), in.tl, prm, out.tl, nullptr); }, "INT4");
   expect_error([&] { prune_plan(B->kv, 1 << 24, prm); }, "does not fit");
+  // Page input: capacities of whole pages only, an output for 16 tokens a page.
+  const PageLists pin{in.tl.count, in.tl.tokens, 4};
+  expect_error([&] { prune_topp(B->kv, B->ks, B->d_q.as<float>(), pin, prm, small.tl, nullptr); }, "capacity");
+  expect_error([&] { prune_topp(B->kv, B->ks, B->d_q.as<float>(), PageLists{in.tl.count, in.tl.tokens, 0}, prm,
+                                out.tl, nullptr); },
+               "page list capacity");
+  expect_error([&] { prune_plan(B->kv, 100, prm, true); }, "not whole pages");
 }
 
 
@@ -530,6 +641,17 @@ TEST(PrunerCudaBench, DISABLED_Llama8B_B0_8192) {
   DevLists din(batch * Hkv, B0), dout(batch * Hkv, B0 + 1);
   din.upload(in);
   ::tw::cuda::DeviceBuffer dmass((size_t)batch * Hkv * 4);
+  // The same candidates as whole pages (the Twilight step's I0, quest_select_pages).
+  std::vector<int32_t> pcount, ppages((size_t)batch * Hkv * (B0 / kPageSize), -1);
+  for (size_t i = 0; i < in.lists.size(); ++i) {
+    pcount.push_back((int32_t)in.lists[i].size());
+    for (size_t j = 0; j < in.lists[i].size(); j += kPageSize)
+      ppages[i * (B0 / kPageSize) + j / kPageSize] = in.lists[i][j] / kPageSize;
+  }
+  ::tw::cuda::DeviceBuffer dpc(pcount.size() * 4), dpp(ppages.size() * 4);
+  dpc.upload(pcount.data(), pcount.size() * 4);
+  dpp.upload(ppages.data(), ppages.size() * 4);
+  const PageLists pin{dpc.as<int32_t>(), dpp.as<int32_t>(), B0 / kPageSize};
 
   PagedKV kv;
   kv.k = kdummy.get(), kv.v = vdummy.get();  // the pruner reads the INT4 mirror only
@@ -560,24 +682,31 @@ TEST(PrunerCudaBench, DISABLED_Llama8B_B0_8192) {
                 2.0 * a.size() / ms / 1e6);
   }
 
-  for (float p : {0.85f, 0.95f}) {
-    PruneParams prm;
-    prm.p = p;
-    const PrunePlan plan = prune_plan(kv, B0, prm);
-    const auto [us, us_direct] = time_us(
-        [&](cudaStream_t st) { prune_topp(kv, ks, dq.as<float>(), din.tl, prm, dout.tl, dmass.as<float>(), st); });
-    const HostLists out = dout.download(batch * Hkv);
-    double kept = 0;
-    for (const auto& l : out.lists) kept += l.size();
-    // Bytes: per candidate its d/2 code bytes + scale + zero + its position; per page one table entry.
-    const double bytes = (double)batch * Hkv * B0 * (d / 2 + 8 + 4) + (double)batch * Hkv * (B0 / 16) * 4;
-    std::printf("BENCH pruner group p=%.2f: batch %d H %d Hkv %d d %d B0 %d (%d rows of G=%d heads): median %.1f us "
-                "per call in a graph (%.1f us direct launch), %.1f MB read, %.0f GB/s, mean |I1| %.0f, "
-                "cluster %d of %d-thread blocks (%d clusters resident at once), smem %zu B\n",
-                p, batch, H, Hkv, d, B0, batch * H, H / Hkv, us, us_direct, bytes / 1e6, bytes / us / 1e3,
-                kept / (batch * Hkv), plan.cluster, plan.threads, prune_max_active_clusters(kv, B0, prm),
-                plan.smem_bytes);
-  }
+  for (const bool pages : {true, false})
+    for (float p : {0.85f, 0.95f}) {
+      PruneParams prm;
+      prm.p = p;
+      const PrunePlan plan = prune_plan(kv, B0, prm, pages);
+      const auto [us, us_direct] = time_us([&](cudaStream_t st) {
+        if (pages)
+          prune_topp(kv, ks, dq.as<float>(), pin, prm, dout.tl, dmass.as<float>(), st);
+        else
+          prune_topp(kv, ks, dq.as<float>(), din.tl, prm, dout.tl, dmass.as<float>(), st);
+      });
+      const HostLists out = dout.download(batch * Hkv);
+      double kept = 0;
+      for (const auto& l : out.lists) kept += l.size();
+      // Bytes: per candidate its d/2 code bytes + scale + zero (+ its position as a token); per page
+      // one table entry (+ its id as a page).
+      const double bytes = (double)batch * Hkv * B0 * (d / 2 + 8 + (pages ? 0 : 4)) +
+                           (double)batch * Hkv * (B0 / kPageSize) * (pages ? 8 : 4);
+      std::printf("BENCH pruner group p=%.2f I0 %s: batch %d H %d Hkv %d d %d B0 %d (%d rows of G=%d heads): median "
+                  "%.1f us per call in a graph (%.1f us direct launch), %.1f MB read, %.0f GB/s, mean |I1| %.0f, "
+                  "cluster %d of %d-thread blocks (%d clusters resident at once), smem %zu B\n",
+                  p, pages ? "pages" : "tokens", batch, H, Hkv, d, B0, batch * H, H / Hkv, us, us_direct, bytes / 1e6,
+                  bytes / us / 1e3, kept / (batch * Hkv), plan.cluster, plan.threads,
+                  prune_max_active_clusters(kv, B0, prm, pages), plan.smem_bytes);
+    }
 }
 
 }  // namespace

@@ -65,7 +65,7 @@ __host__ __device__ __forceinline__ int run_of(int pages, int C) { return ((page
 // NT threads per block: 256 (two blocks per SM), or 512 (one) where a list would otherwise be a
 // cluster of two 256-thread blocks sharing SMs with other lists' blocks: the same warps per SM
 // without the cluster barriers.
-template <int D, int NT>
+template <int D, int NT, bool kPageOut>
 __global__ void __launch_bounds__(NT) quest_select_kernel(
     const uint8_t* __restrict__ bcode, const float* __restrict__ bparam, const int32_t* __restrict__ page_table,
     const int32_t* __restrict__ seq_len, int max_pages, int n_heads, int group, int64_t budget,
@@ -93,7 +93,10 @@ __global__ void __launch_bounds__(NT) quest_select_kernel(
     return;
   }
   if (budget >= n || n_sel >= np) {  // every token
-    for (int t = bb * kPageSize + tid; t < min(n, be * kPageSize); t += NT) dst[t] = t;
+    if constexpr (kPageOut)
+      for (int p = bb + tid; p < be; p += NT) dst[p] = p;
+    else
+      for (int t = bb * kPageSize + tid; t < min(n, be * kPageSize); t += NT) dst[t] = t;
     if (rank == 0 && tid == 0) count[li] = n;
     return;
   }
@@ -390,14 +393,18 @@ __global__ void __launch_bounds__(NT) quest_select_kernel(
   const int w_first = __shfl_sync(0xffffffffu, my_first, 0);
   const int w_end = __shfl_sync(0xffffffffu, next_rank(), 31);
   __syncwarp();
-  const bool vec = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;  // any capacity is allowed
-  int32_t* const o = dst + (size_t)w_first * kPageSize;
-  for (int i = lane; i < (w_end - w_first) * (kPageSize / 4); i += 32) {  // four tokens of one page each
-    const int t0 = s_sel[w_first - base_rank + i / (kPageSize / 4)] * kPageSize + 4 * (i % (kPageSize / 4));
-    if (vec && t0 + 3 < n) {
-      *reinterpret_cast<int4*>(o + 4 * i) = make_int4(t0, t0 + 1, t0 + 2, t0 + 3);
-    } else {
-      for (int k = 0; k < 4 && t0 + k < n; ++k) o[4 * i + k] = t0 + k;
+  if constexpr (kPageOut) {  // the pages themselves (PageLists)
+    for (int i = lane; i < w_end - w_first; i += 32) dst[w_first + i] = s_sel[w_first - base_rank + i];
+  } else {
+    const bool vec = (reinterpret_cast<uintptr_t>(dst) & 15) == 0;  // any capacity is allowed
+    int32_t* const o = dst + (size_t)w_first * kPageSize;
+    for (int i = lane; i < (w_end - w_first) * (kPageSize / 4); i += 32) {  // four tokens of one page each
+      const int t0 = s_sel[w_first - base_rank + i / (kPageSize / 4)] * kPageSize + 4 * (i % (kPageSize / 4));
+      if (vec && t0 + 3 < n) {
+        *reinterpret_cast<int4*>(o + 4 * i) = make_int4(t0, t0 + 1, t0 + 2, t0 + 3);
+      } else {
+        for (int k = 0; k < 4 && t0 + k < n; ++k) o[4 * i + k] = t0 + k;
+      }
     }
   }
   // r + 2 pages, all full but the last.
@@ -412,7 +419,8 @@ size_t select_smem(int per) { return (size_t)(kidx(per) + per) * sizeof(uint32_t
 // Clusters of C blocks (each with `smem` bytes) the device holds at once for this kernel, 0 where it
 // cannot schedule that size; the kernel's attributes are set on first use. Clusters are placed within
 // a GPC, so this is below (SMs x blocks per SM) / C where a GPC's slots do not divide by C. Cached per
-// (head dim, threads, C, smem); not stream work.
+// (head dim, threads, C, smem); not stream work. The token and page outputs' builds have the same
+// resources; the attributes are set on both.
 template <int D, int NT>
 int active_clusters(int C, size_t smem) {
   static std::mutex mu;
@@ -420,10 +428,12 @@ int active_clusters(int C, size_t smem) {
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_pair(C, smem);
   if (auto it = cache.find(key); it != cache.end()) return it->second;
-  auto kern = quest_select_kernel<D, NT>;
-  static const bool attrs = [kern] {
-    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSelectSmemLimit));
-    TW_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  auto kern = quest_select_kernel<D, NT, false>;
+  static const bool attrs = [] {
+    for (auto k : {quest_select_kernel<D, NT, false>, quest_select_kernel<D, NT, true>}) {
+      TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSelectSmemLimit));
+      TW_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    }
     return true;
   }();
   (void)attrs;
@@ -440,7 +450,7 @@ int active_clusters(int C, size_t smem) {
 
 template <int D>
 void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
-                   int64_t max_seq_len, const TokenLists& out, float* scores, cudaStream_t stream) {
+                   int64_t max_seq_len, const TokenLists& out, bool page_out, float* scores, cudaStream_t stream) {
   // Cluster size: the most blocks per list (at most kMaxCluster, at least one 32-page chunk per warp)
   // that keep the launch to one wave of resident clusters: the radix passes and the emit hold a block's
   // slot with little to overlap them, so a second wave would wait for them (H200, 32 lists x 2048 pages:
@@ -479,7 +489,9 @@ void launch_select(const PagedKV& kv, const KeySideDev& side, const float* q, in
   const int group = kv.n_heads / kv.n_kv_heads;
   // TW_QUEST_STOP_AFTER=k (benchmarking aid, quest.h): the kernel leaves after phase k.
   static const int stop = bench_knob("TW_QUEST_STOP_AFTER");
-  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, NT == 256 ? quest_select_kernel<D, 256> : quest_select_kernel<D, 512>,
+  auto kern = page_out ? (NT == 256 ? quest_select_kernel<D, 256, true> : quest_select_kernel<D, 512, true>)
+                       : (NT == 256 ? quest_select_kernel<D, 256, false> : quest_select_kernel<D, 512, false>);
+  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern,
                                    side.bcode, side.bparam, kv.page_table, kv.seq_len, kv.max_pages, kv.n_heads,
                                    group, budget_tokens, q, scores, out.count, out.tokens, out.capacity, stop));
 }
@@ -495,9 +507,11 @@ int64_t quest_list_capacity(const PagedKV& kv, int64_t budget_tokens) {
   return std::min<int64_t>(std::max<int64_t>(n_sel, 2), kv.max_pages) * kPageSize;
 }
 
-void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
-                  int64_t max_seq_len, const TokenLists& out, cudaStream_t stream, float* scores,
-                  size_t scores_bytes) {
+namespace {
+
+// The checks both outputs share; `capacity` counts the list's entries of `per_entry` tokens each.
+void check_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
+                  int64_t max_seq_len, int64_t capacity, int per_entry, const char* unit) {
   check_config(kv);
   TW_CHECK(side.bcode != nullptr && side.bparam != nullptr, "quest: null page bounds (bcode / bparam)");
   TW_CHECK(reinterpret_cast<uintptr_t>(side.bcode) % 16 == 0 && reinterpret_cast<uintptr_t>(side.bparam) % 8 == 0,
@@ -505,18 +519,39 @@ void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int
   TW_CHECK(q != nullptr, "quest: null q");
   TW_CHECK(budget_tokens > 0, "quest: budget must be positive, got ", budget_tokens);
   TW_CHECK(max_seq_len > 0, "quest: max_seq_len must be positive, got ", max_seq_len);
-  TW_CHECK(out.count != nullptr && out.tokens != nullptr, "quest: null token lists");
   const int64_t cap = quest_list_capacity(kv, budget_tokens);
-  TW_CHECK(out.capacity >= cap, "quest: token list capacity ", out.capacity, " < ", cap,
+  TW_CHECK(capacity * per_entry >= cap, "quest: ", unit, " list capacity ", capacity, " < ", cap / per_entry,
            " (budget ", budget_tokens, " rounded up to pages)");
+}
+
+void run_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens, int64_t max_seq_len,
+                const TokenLists& out, bool page_out, float* scores, cudaStream_t stream) {
+  if (kv.head_dim == 64)
+    launch_select<64>(kv, side, q, budget_tokens, max_seq_len, out, page_out, scores, stream);
+  else
+    launch_select<128>(kv, side, q, budget_tokens, max_seq_len, out, page_out, scores, stream);
+}
+
+}  // namespace
+
+void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
+                  int64_t max_seq_len, const TokenLists& out, cudaStream_t stream, float* scores,
+                  size_t scores_bytes) {
+  TW_CHECK(out.count != nullptr && out.tokens != nullptr, "quest: null token lists");
+  check_select(kv, side, q, budget_tokens, max_seq_len, out.capacity, 1, "token");
   if (scores != nullptr) {
     const size_t need = quest_scores_bytes(kv);
     TW_CHECK(scores_bytes >= need, "quest: score buffer of ", scores_bytes, " bytes, needs ", need);
   }
-  if (kv.head_dim == 64)
-    launch_select<64>(kv, side, q, budget_tokens, max_seq_len, out, scores, stream);
-  else
-    launch_select<128>(kv, side, q, budget_tokens, max_seq_len, out, scores, stream);
+  run_select(kv, side, q, budget_tokens, max_seq_len, out, false, scores, stream);
+}
+
+void quest_select_pages(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
+                        int64_t max_seq_len, const PageLists& out, cudaStream_t stream) {
+  TW_CHECK(out.count != nullptr && out.pages != nullptr, "quest: null page lists");
+  check_select(kv, side, q, budget_tokens, max_seq_len, out.capacity, kPageSize, "page");
+  run_select(kv, side, q, budget_tokens, max_seq_len, TokenLists{out.count, out.pages, out.capacity}, true, nullptr,
+             stream);
 }
 
 }  // namespace tw::attn::cuda

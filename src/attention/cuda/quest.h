@@ -40,4 +40,11 @@ void quest_select(const PagedKV& kv, const KeySideDev& side, const float* q, int
                   int64_t max_seq_len, const TokenLists& out, cudaStream_t stream = nullptr,
                   float* scores = nullptr, size_t scores_bytes = 0);
 
+// The same selection as whole pages (layout.h PageLists), for the pruner (prune_topp's PageLists
+// input): out.count gets the same token counts, out.pages the kept logical pages ascending (every
+// page of the sequence where every token is selected). out.capacity (pages) must be at least
+// quest_list_capacity / 16.
+void quest_select_pages(const PagedKV& kv, const KeySideDev& side, const float* q, int64_t budget_tokens,
+                        int64_t max_seq_len, const PageLists& out, cudaStream_t stream = nullptr);
+
 }  // namespace tw::attn::cuda

@@ -112,6 +112,23 @@ void run_case(std::mt19937_64& rng, const QuestCase& c, const std::vector<int64_
       ASSERT_EQ(to_host<int32_t>(dcount, n_lists), count) << "counts without the score output";
       ASSERT_EQ(to_host<int32_t>(dtok, n_lists * cap), tok) << "lists without the score output";
     }
+    {  // the pruner's input form (PageLists): the same counts, and pages whose tokens are the lists
+      const int pcap = cap / kPageSize + 1;
+      DeviceBuffer dpc(n_lists * 4), dpg(n_lists * pcap * 4);
+      TW_CUDA_CHECK(cudaMemset(dpc.get(), 0xFF, dpc.size()));
+      TW_CUDA_CHECK(cudaMemset(dpg.get(), 0xFF, dpg.size()));
+      quest_select_pages(kv, side, dq.as<float>(), budget, max_len, PageLists{dpc.as<int32_t>(), dpg.as<int32_t>(), pcap});
+      TW_CUDA_CHECK(cudaDeviceSynchronize());
+      ASSERT_EQ(to_host<int32_t>(dpc, n_lists), count) << "page lists' token counts";
+      const auto pg = to_host<int32_t>(dpg, n_lists * pcap);
+      for (size_t li = 0; li < n_lists; ++li) {
+        const int np_l = (count[li] + kPageSize - 1) / kPageSize;
+        for (int i = 0; i < count[li]; ++i)
+          ASSERT_EQ(pg[li * pcap + i / kPageSize] * kPageSize + i % kPageSize, tok[li * cap + i])
+              << "list " << li << ", token " << i << " from the page output";
+        for (int k = np_l; k < pcap; ++k) ASSERT_EQ(pg[li * pcap + k], -1) << "page written past the count, list " << li;
+      }
+    }
     for (int b = 0; b < batch; ++b) {
       Selection sel;
       select_quest(ks, seqs[b], 0, {H, hkv, d}, q.data() + (size_t)b * H * d, c.lens[b], budget, GqaMode::Group, sel);
@@ -303,6 +320,8 @@ TEST(QuestCuda, BadInputIsAnError) {
   TokenLists tl{cnt.as<int32_t>(), tok.as<int32_t>(), 64};
   expect_error([&] { quest_select(kv, side, q.as<float>(), 0, 100, tl); }, "budget");
   expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl); }, "capacity 64 < 112");
+  expect_error([&] { quest_select_pages(kv, side, q.as<float>(), 100, 100, PageLists{tl.count, tl.tokens, 6}); },
+               "page list capacity 6 < 7");
   tl.capacity = 128;
   expect_error([&] { quest_select(kv, side, q.as<float>(), 100, 100, tl, nullptr, ws.as<float>(), 4); }, "score buffer");
   expect_error([&] { quest_select(kv, KeySideDev{}, q.as<float>(), 100, 100, tl); }, "null page bounds");

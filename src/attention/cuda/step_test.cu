@@ -1,4 +1,5 @@
-// The Twilight decode step on the GPU (Quest select -> fused top-p pruner -> varlen sparse attention)
+// The Twilight decode step on the GPU (Quest select of whole pages -> fused top-p pruner -> varlen sparse
+// attention)
 // captured into a CUDA graph: the capture runs in global mode, where any synchronising call is an
 // error, so a successful capture shows the step needs no host synchronisation (every size lives on
 // the device). The replay must reproduce the un-captured run exactly, also after the inputs (query,
@@ -44,9 +45,11 @@ struct Step {
     sws_bytes = sparse_decode_workspace_bytes(B.kv, i1.tl.capacity);
     sws = DeviceBuffer(sws_bytes);
   }
+  // The step as the benchmark runs it: I0 as whole pages (the token form of I0 is PrunerCuda's input).
   void run(cudaStream_t s) {
-    quest_select(B.kv, B.ks, B.d_q.as<float>(), budget, max_len, i0.tl, s);
-    prune_topp(B.kv, B.ks, B.d_q.as<float>(), i0.tl, prm, i1.tl, mass.as<float>(), s);
+    const PageLists pages{i0.tl.count, i0.tl.tokens, cap0 / kPageSize};
+    quest_select_pages(B.kv, B.ks, B.d_q.as<float>(), budget, max_len, pages, s);
+    prune_topp(B.kv, B.ks, B.d_q.as<float>(), pages, prm, i1.tl, mass.as<float>(), s);
     sparse_decode(B.kv, B.d_q.as<float>(), i1.tl, out.as<float>(), sws.get(), sws_bytes, s);
   }
   void poison() {
