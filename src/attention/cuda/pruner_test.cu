@@ -268,6 +268,13 @@ struct Cfg {
   float kscale;
 };
 
+auto batch_of(const Cfg& c, std::mt19937_64& rng) {
+  BatchSpec spec;
+  spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens,
+  spec.kscale = c.kscale;
+  return make_batch(spec, rng);
+}
+
 TEST(PrunerCuda, RandomBatchesMatchCpu) {
   TW_REQUIRE_CUDA_DEVICE();
   const uint64_t seed = fresh_seed();
@@ -289,10 +296,7 @@ TEST(PrunerCuda, RandomBatchesMatchCpu) {
   };
   Tally tally;
   for (const Cfg& c : cfgs) {
-    BatchSpec spec;
-    spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens,
-    spec.kscale = c.kscale;
-    auto B = make_batch(spec, rng);
+    auto B = batch_of(c, rng);
     const HostLists in = random_lists(*B, c.cap, rng);
     const PrunePlan plan = prune_plan(B->kv, c.cap, PruneParams{});
     for (float p : {0.5f, 0.85f, 0.95f}) {
@@ -406,10 +410,7 @@ TEST(PrunerCuda, PageInputMatchesTokenInput) {
   };
   Tally tally;
   for (const Cfg& c : cfgs) {
-    BatchSpec spec;
-    spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens,
-    spec.kscale = c.kscale;
-    auto B = make_batch(spec, rng);
+    auto B = batch_of(c, rng);
     const PageInput in = random_page_lists(*B, c.cap / kPageSize, rng);
     const PrunePlan plan = prune_plan(B->kv, c.cap, PruneParams{}, true);
     for (auto [p, lo, hi] : {std::tuple{0.85f, 0, 0}, std::tuple{0.95f, 0, 0}, std::tuple{0.9f, 64, 300}}) {
