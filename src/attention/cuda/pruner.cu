@@ -108,6 +108,12 @@ __device__ __forceinline__ const T* opaque(const T* p) {
   return p;
 }
 
+// An int the compiler cannot recompute (a volatile move), so a loop keeps it in a register.
+__device__ __forceinline__ int pinned(int x) {
+  asm volatile("mov.b32 %0, %0;" : "+r"(x));
+  return x;
+}
+
 // exp(x) as the bare MUFU ex2.approx.ftz (relative error ~1e-6 for the |x| <= 87 used here; the CPU's
 // fast_exp is within 3e-7: the weights agree far inside the tests' 1e-5 boundary tolerance). exp2f
 // would add a denormal rescale, but results below 2^-126 only arise for x < -87.3, which every
@@ -493,7 +499,11 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     bq[j] = make_uint2(__byte_perm(v.x, v.y, 0x6420), __byte_perm(v.x, v.y, 0x7531));  // even bytes, odd bytes
   }
   // Heads of this lane's accumulator columns (>= G: unused).
-  const int hc0 = 2 * t4, hc1 = 2 * t4 + 1;
+  // Pinned in the one- and two-block builds: their page-input estimate loop recomputed 2 t4 + {0, 1}
+  // and the tests against G for every tile (270 instructions per 4 tiles, against 246 with tokens; H200,
+  // 32 lists 27.9 -> 27.1 us, the Qwen 1.5B shape at batch 16 27.6 -> 26.9); the three-block build,
+  // pinned, got 0.7 us slower at 8 lists.
+  const int hc0 = MINB >= 3 ? 2 * t4 : pinned(2 * t4), hc1 = hc0 + 1;
   const float qs0 = hc0 < G ? S.qsum[hc0] : 0.f, qs1 = hc1 < G ? S.qsum[hc1] : 0.f;
   const float sq0 = hc0 < G ? S.sq[hc0] : 0.f, sq1 = hc1 < G ? S.sq[hc1] : 0.f;
   const float cq0 = hc0 < G ? S.cq[hc0] : 0.f, cq1 = hc1 < G ? S.cq[hc1] : 0.f;
