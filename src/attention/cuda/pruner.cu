@@ -424,6 +424,9 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   static_assert(kWarps >= kMaxGroup && kMaxGroup * 128 <= 3 * kBins, "one warp per head; scratch fits histB");
   for (int i = tid; i < 6 * kBins; i += kThreads)
     if (i < 3 * kBins || i >= 3 * kBins + G * D) histA[i] = 0u;
+  // Page input: the page's table entry goes out now, its latency behind the query's quantisation.
+  int ph0 = -1;
+  if constexpr (kPages) ph0 = (lp0 >= 0 && lp0 < a.max_pages) ? a.page_table[(size_t)b * a.max_pages + lp0] : -1;
   // The query in int8, as the CPU's quantize_query_int8 (pruner.h), one warp per head: x = q * qscale
   // and sq are the CPU's float operations; the max is order-free; qsum is summed in the CPU's order
   // (one lane, from shared memory); the rounding residuals x - sq * q8 are exact in double (sq * q8
@@ -466,7 +469,7 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     for (int k = tid; k < np_s; k += kThreads) {
       const int lp = k == tid ? lp0 : pages[k];
       s_pages[k] = lp;
-      const int ph = (lp >= 0 && lp < a.max_pages) ? a.page_table[(size_t)b * a.max_pages + lp] : -1;
+      const int ph = k == tid ? ph0 : (lp >= 0 && lp < a.max_pages) ? a.page_table[(size_t)b * a.max_pages + lp] : -1;
       int r[kPageSize];
 #pragma unroll
       for (int i = 0; i < kPageSize; ++i) {
