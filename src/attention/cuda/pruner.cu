@@ -76,7 +76,8 @@ struct Args {
   float* est_mass;
   int64_t n_pages;
   int max_pages, n_kv_heads, group, in_cap, out_cap;
-  int in_stride;  // entries between lists of in_tokens: in_cap, or (page input) in_cap / 16
+  int in_stride;  // entries between lists of in_tokens: in_cap, or (page input) in_cap / 16 (derivable,
+                  // but derived in the kernel it cost the three-block d 128 build 40 bytes of spill)
   float p;
   int min_tokens, max_tokens;
   int chunk, zstride;

@@ -173,19 +173,30 @@ struct RunResult {
   std::vector<float> mass;
 };
 
-RunResult run_pruner(const Batch& B, const HostLists& in, const PruneParams& prm) {
+// Runs `launch(out, mass)` (a prune_topp call) into fresh, poisoned output lists of `out_cap` and reads
+// them back.
+template <class Launch>
+RunResult run_into(const Batch& B, int out_cap, Launch&& launch) {
   const int n_lists = B.batch * B.spec.n_kv_heads;
-  DevLists din(n_lists, in.capacity), dout(n_lists, in.capacity + 1);
-  din.upload(in);
+  DevLists dout(n_lists, out_cap);
   dout.poison();
   ::tw::cuda::DeviceBuffer dmass((size_t)n_lists * 4);
   TW_CUDA_CHECK(cudaMemset(dmass.get(), 0xFF, dmass.size()));
-  prune_topp(B.kv, B.ks, B.d_q.as<float>(), din.tl, prm, dout.tl, dmass.as<float>());
+  launch(dout.tl, dmass.as<float>());
   TW_CUDA_CHECK(cudaDeviceSynchronize());
   RunResult r;
   r.out = dout.download(n_lists);
   r.mass.resize(n_lists);
   dmass.download(r.mass.data(), r.mass.size() * 4);
+  return r;
+}
+
+RunResult run_pruner(const Batch& B, const HostLists& in, const PruneParams& prm) {
+  DevLists din(B.batch * B.spec.n_kv_heads, in.capacity);
+  din.upload(in);
+  RunResult r = run_into(B, in.capacity + 1, [&](const TokenLists& out, float* mass) {
+    prune_topp(B.kv, B.ks, B.d_q.as<float>(), din.tl, prm, out, mass);
+  });
   for (float x : r.mass) EXPECT_TRUE(std::isfinite(x)) << "mass not written";
   return r;
 }
@@ -244,20 +255,13 @@ RunResult run_pruner_pages(const Batch& B, const PageInput& in, const PruneParam
     cnt[i] = (int32_t)in.tokens.lists[i].size();
     std::copy(in.pages[i].begin(), in.pages[i].end(), pg.begin() + (size_t)i * cap_pages);
   }
-  ::tw::cuda::DeviceBuffer dc((size_t)n_lists * 4), dp(pg.size() * 4), dmass((size_t)n_lists * 4);
+  ::tw::cuda::DeviceBuffer dc((size_t)n_lists * 4), dp(pg.size() * 4);
   dc.upload(cnt.data(), cnt.size() * 4);
   dp.upload(pg.data(), pg.size() * 4);
-  DevLists dout(n_lists, in.tokens.capacity + 1);
-  dout.poison();
-  TW_CUDA_CHECK(cudaMemset(dmass.get(), 0xFF, dmass.size()));
-  prune_topp(B.kv, B.ks, B.d_q.as<float>(), PageLists{dc.as<int32_t>(), dp.as<int32_t>(), cap_pages}, prm, dout.tl,
-             dmass.as<float>());
-  TW_CUDA_CHECK(cudaDeviceSynchronize());
-  RunResult r;
-  r.out = dout.download(n_lists);
-  r.mass.resize(n_lists);
-  dmass.download(r.mass.data(), r.mass.size() * 4);
-  return r;
+  return run_into(B, in.tokens.capacity + 1, [&](const TokenLists& out, float* mass) {
+    prune_topp(B.kv, B.ks, B.d_q.as<float>(), PageLists{dc.as<int32_t>(), dp.as<int32_t>(), cap_pages}, prm, out,
+               mass);
+  });
 }
 
 struct Cfg {
