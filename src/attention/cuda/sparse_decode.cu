@@ -30,6 +30,16 @@ constexpr int kAttnThreads = 32 * kAttnWarps;
 constexpr int kItemsPerSm = 4;     // the planner aims at this many work items per SM (H200: 4 beat 2, 8, 16)
 constexpr int kWhole = 1 << 30;    // item flag: the list's only item, which writes the output itself (no combine)
 
+// Programmatic dependent launch of the attend and combine kernels: each may start (blocks resident,
+// parameters loaded) while the kernel before it still runs, and waits (griddepcontrol.wait, which
+// returns once that grid has finished and its writes are visible) before its first read of them. In
+// the graph-replayed step it hides about one launch latency per edge (H200, one call, two alternations:
+// concentrated 16 x 32k p 0.85 92.9 / 92.7 -> 92.0 / 91.6 us, diffuse 16 x 128k p 0.95 198.0 / 197.9 ->
+// 197.1 / 196.9). Not used before the pruner or the plan: every kernel of the step launched this way
+// made the step slower (docs/BENCHMARKS.md).
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
 // Workspace layout (all int32 / float, 16-byte aligned pieces).
 struct Layout {
   size_t hdr = 0;        // int[4]: n_items
@@ -92,6 +102,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
   __shared__ long long red[kPlanThreads / 32];
   __shared__ int sc[kPlanThreads / 32];
   __shared__ int s_T, s_carry;
+  pdl_launch_dependents();  // the attend grid may start now; it waits for this grid's end before its reads
   const int n_lists = a.batch * a.n_kv_heads;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   long long tot = 0;
@@ -175,6 +186,8 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
   __shared__ float smem[kAttnWarps * kMaxGroup * (D + 2)];
   using Tile = tile::Acc<E, D>;
   __shared__ uint4 s_q[kAttnWarps][Tile::kQSmem];
+  pdl_wait();               // the plan's items, complete and visible
+  pdl_launch_dependents();  // the combine's blocks may start once every attend block has
   const int n_items = a.hdr[0];
   const E* kpool = static_cast<const E*>(a.k);
   const E* vpool = static_cast<const E*>(a.v);
@@ -280,6 +293,7 @@ constexpr int kFewItems = 4;
 template <int D>
 __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
   const int hq = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  pdl_wait();  // the items' partial states
   const int G = a.group, h = hq / G, r = hq % G;
   const int list = b * a.n_kv_heads + h;
   const int i0 = a.start[list], n = a.start[list + 1] - i0;
@@ -293,6 +307,21 @@ __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
     return;
   }
   tile::merge_parts<D, kCombThreads>(n, ml_of, part_of, out);
+}
+
+// kernel<<<grid, block, 0, stream>>>(a), as a programmatic dependent of the stream's previous kernel.
+template <class K>
+void launch_pdl(K kernel, dim3 grid, dim3 block, cudaStream_t stream, const Args& a) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  TW_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
 }
 
 }  // namespace
@@ -349,21 +378,19 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
     plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
     TW_CUDA_CHECK_LAUNCH();
     if (bf)
-      attend_kernel<D, __nv_bfloat16><<<grid, kAttnThreads, 0, stream>>>(a);
+      launch_pdl(attend_kernel<D, __nv_bfloat16>, dim3(grid), dim3(kAttnThreads), stream, a);
     else
-      attend_kernel<D, __half><<<grid, kAttnThreads, 0, stream>>>(a);
-    TW_CUDA_CHECK_LAUNCH();
+      launch_pdl(attend_kernel<D, __half>, dim3(grid), dim3(kAttnThreads), stream, a);
   };
   using D128 = std::integral_constant<int, 128>;
   using D64 = std::integral_constant<int, 64>;
   if (kv.head_dim == 128) {
     by_dtype(D128{});
-    combine_kernel<128><<<dim3(kv.n_heads, kv.batch), kCombThreads, 0, stream>>>(a);
+    launch_pdl(combine_kernel<128>, dim3(kv.n_heads, kv.batch), dim3(kCombThreads), stream, a);
   } else {
     by_dtype(D64{});
-    combine_kernel<64><<<dim3(kv.n_heads, kv.batch), kCombThreads, 0, stream>>>(a);
+    launch_pdl(combine_kernel<64>, dim3(kv.n_heads, kv.batch), dim3(kCombThreads), stream, a);
   }
-  TW_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace tw::attn::cuda
