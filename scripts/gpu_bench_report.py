@@ -33,17 +33,40 @@ def prune_share(r):
     return 100 * r["prune_us"] / (select_us(r) + r["prune_us"] + r["attend_us"])
 
 
-def goal_lines(rows, best_dense, anchors_of, copy_gbps):
+def bytes_dense(r):
+    """Bytes our dense decode reads (the bench reports its rate and time)."""
+    return r["dense_GBps"] * r["dense_us"] * 1e3
+
+
+def bytes_twilight(r):
+    return r["bytes_select"] + r["bytes_prune"] + r["bytes_attend"]
+
+
+def bytes_quest(r, dev):
+    """Fixed-budget Quest by the same byte model: the same page bounds, then K + V and a 4-B token entry
+    for every one of its I0 candidates."""
+    esz = 4 if dev.get("dtype") == "fp32" else 2
+    lists = r["batch"] * dev["kv_heads"]
+    return r["bytes_select"] + lists * r["i0_avg"] * (2 * dev["head_dim"] * esz + 4)
+
+
+def goal_lines(rows, best_dense, anchors_of, copy_gbps, dev=None):
     """Issue 4's goals checked on this run's rows (batch >= 16, B0 = 8192 for the step's goals): each goal
-    with the rows that meet it and those that do not. Ratios are compared unrounded."""
+    with the rows that meet it and those that do not. Ratios are compared unrounded. With the device
+    record, a row that misses also shows what the byte model alone allows there ("bytes: ..."): the
+    same ratio if every kernel read its bytes at the same rate and had no fixed costs (dense bytes over
+    the step's, Quest's bytes over the step's, the pruner's bytes over the step's). A miss whose byte
+    bound also misses cannot be met by any implementation of this layout and B0."""
     out = ["\nAgainst the goals (issue 4; Twilight rows at batch >= 16, B0 = 8192):\n"]
+    with_bytes = dev is not None and "kv_heads" in dev and "head_dim" in dev
     goal_rows = [r for r in rows if r["batch"] >= 16 and r["b0"] == 8192]
 
     def name(r):
         return f"{r['batch']} x {r['ctx'] // 1024}k p {r['p']:g}"
 
-    def check(text, pick, value, ok, fmt, margin):
-        """margin(v): how far v is past the goal (small = a row that could flip between runs)."""
+    def check(text, pick, value, ok, fmt, margin, bound=None):
+        """margin(v): how far v is past the goal (small = a row that could flip between runs); bound(r):
+        the byte model's value for a row, shown for the rows that miss."""
         sel = [r for r in goal_rows if pick(r)]
         if not sel:
             return
@@ -55,7 +78,10 @@ def goal_lines(rows, best_dense, anchors_of, copy_gbps):
             r = min(met, key=lambda r: margin(value(r)))
             parts.append(f"least margin: {name(r)} {fmt(value(r))}")
         if miss:
-            parts.append("not: " + ", ".join(f"{name(r)} {fmt(value(r))}" for r in miss))
+            def shown(r):
+                b = bound(r) if (bound and with_bytes) else None
+                return f" (bytes: {fmt(b)})" if b is not None else ""
+            parts.append("not: " + ", ".join(f"{name(r)} {fmt(value(r))}{shown(r)}" for r in miss))
         out.append(line + " (" + "; ".join(parts) + ")")
 
     def step_vs_dense(r):
@@ -65,14 +91,18 @@ def goal_lines(rows, best_dense, anchors_of, copy_gbps):
         return quest_us(r) / r["twilight_graph_us"]
 
     times = lambda v: f"{v:.3f}x"
+    dense_bound = lambda r: bytes_dense(r) / bytes_twilight(r) if "dense_GBps" in r else None
+    quest_bound = lambda r: bytes_quest(r, dev) / bytes_twilight(r)
+    prune_bound = lambda r: 100 * r["bytes_prune"] / bytes_twilight(r)
     check(">= 10x the best dense at 128k", lambda r: r["ctx"] == 131072, step_vs_dense, lambda v: v >= 10, times,
-          lambda v: v - 10)
+          lambda v: v - 10, dense_bound)
     check(">= 6x the best dense at 32k", lambda r: r["ctx"] == 32768, step_vs_dense, lambda v: v >= 6, times,
-          lambda v: v - 6)
+          lambda v: v - 6, dense_bound)
     long_ctx = lambda r: r["ctx"] >= 32768  # the contexts the goals name (at 8k, B0 8192 lists every token)
-    check(">= 2x fixed-budget Quest (32k and up)", long_ctx, vs_quest, lambda v: v >= 2, times, lambda v: v - 2)
+    check(">= 2x fixed-budget Quest (32k and up)", long_ctx, vs_quest, lambda v: v >= 2, times, lambda v: v - 2,
+          quest_bound)
     check("pruner under 35% of the step (32k and up)", long_ctx, prune_share, lambda v: v < 35,
-          lambda v: f"{v:.0f}%", lambda v: 35 - v)
+          lambda v: f"{v:.0f}%", lambda v: 35 - v, prune_bound)
     # Dense, once per size: ours at least as fast as the fastest anchor; above 90% of the copy figure at
     # the large sizes (batch >= 16, ctx >= 32k).
     sizes = {}
@@ -167,7 +197,7 @@ def main():
         out.append(f"| {r['batch']} | {r['ctx']} | {r['p']:g} | {r['b0']} | "
                    f"{sel} | {stage(r['prune_us'], r['bytes_prune'])} | "
                    f"{stage(r['attend_us'], r['bytes_attend'])} | {r['i0_avg']:.0f} | {r['i1_avg']:.0f} |")
-    out.extend(goal_lines(rows, best_dense, anchors_of, cp))
+    out.extend(goal_lines(rows, best_dense, anchors_of, cp, dev))
     errs = [r for r in sdpa + fi if r.get("kind") in ("sdpa", "flashinfer") and any(k.endswith("_error") for k in r)]
     if errs:
         out.append("\nAnchor backends that refused a shape:")

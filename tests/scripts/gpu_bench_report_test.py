@@ -136,13 +136,17 @@ class GpuBenchReport(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         text = read(self.md)
         # each goal names the met row with the least margin (the one that could flip between runs)
+        # a row that misses also shows what the byte model allows: dense bytes (3000 GB/s x 9990 us) over
+        # the step's 3 MB; Quest's bounds (1 MB) + 64 x 8 lists x 8192 x (2 x 128 x 2 + 4) B over 3 MB;
+        # the pruner's 1 of the 3 MB
         self.assertIn("- >= 10x the best dense at 128k: 1 of 2 rows (least margin: 16 x 128k p 0.85 10.053x; "
-                      "not: 64 x 128k p 0.85 9.990x)", text)
+                      "not: 64 x 128k p 0.85 9.990x (bytes: 9990.000x))", text)
         self.assertIn("- >= 6x the best dense at 32k: 1 of 1 rows (least margin: 64 x 32k p 0.85 6.167x)", text)
         self.assertIn("- >= 2x fixed-budget Quest (32k and up): 2 of 3 rows (least margin: 64 x 32k p 0.85 2.133x; "
-                      "not: 64 x 128k p 0.85 1.999x)", text)
+                      "not: 64 x 128k p 0.85 1.999x (bytes: 721.754x))", text)
         # prune 20 of select 10 + prune 20 + attend 10 in every row: 50%
-        self.assertIn("- pruner under 35% of the step (32k and up): 0 of 3 rows (not: ", text)
+        self.assertIn("- pruner under 35% of the step (32k and up): 0 of 3 rows (not: 16 x 128k p 0.85 50% (bytes: 33%)",
+                      text)
         # cuDNN 1900 beats our 2000 at 16 x 128k; ours 9990 beats 10000 at 64 x 128k; 64 x 32k has no anchor
         self.assertIn("- our dense at least as fast as the best anchor: 1 of 2 sizes (not: 16 x 128k 0.950", text)
         self.assertIn("- our dense above 90% of the copy figure at batch >= 16, ctx >= 32k: 1 of 2 sizes "

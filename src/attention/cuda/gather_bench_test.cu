@@ -242,3 +242,47 @@ TEST(GatherCudaBench, DISABLED_BulkCopies) {
 }
 
 }  // namespace
+
+namespace {
+
+// Is cuDNN's edge over a paged decode (4.6-4.7 TB/s against our 4.4-4.5 at batch >= 16) the contiguity
+// of its K / V, or the way it reads? The same kernels on the same 1 GiB, once as chunks in address
+// order (the grid streams one contiguous range) and once as distinct random chunks.
+TEST(GatherCudaBench, DISABLED_InOrderVsScattered) {
+  const Pool P;
+  const size_t pool = Pool::kBytes, read = Pool::kRead;
+  const size_t smem = size_t(kBulkStages) * kStageBytes;
+  TW_CUDA_CHECK(cudaFuncSetAttribute(bulk_gather_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  std::mt19937 rng(17);
+  for (int S : {4096, 16384}) {
+    const int64_t n_chunks = (int64_t)(read / S);
+    std::vector<int32_t> in_order(n_chunks);
+    std::iota(in_order.begin(), in_order.end(), 0);
+    tw::cuda::DeviceBuffer dord((size_t)n_chunks * 4);
+    TW_CUDA_CHECK(cudaMemcpy(dord.get(), in_order.data(), (size_t)n_chunks * 4, cudaMemcpyHostToDevice));
+    const tw::cuda::DeviceBuffer drand = random_chunks((int64_t)(pool / S), n_chunks, rng);
+    int log_vpc = 0;
+    while ((16 << log_vpc) < S) ++log_vpc;
+    const int n_vec = (int)(n_chunks << log_vpc);
+    for (int scattered = 0; scattered <= 1; ++scattered) {
+      const auto* idx = static_cast<const int32_t*>(scattered ? drand.get() : dord.get());
+      const char* how = scattered ? "random  " : "in order";
+      for (int blocks_per_sm : {4, 8}) {
+        const float ms = median_ms([&] {
+          gather_kernel<8><<<P.sms * blocks_per_sm, 256>>>(reinterpret_cast<const uint4*>(P.base()), idx, n_vec,
+                                                           log_vpc, P.out());
+        });
+        std::printf("BENCH %s: chunks of %5d B, plain loads, %d blocks of 256 per SM: %.0f GB/s (median of 7)\n", how,
+                    S, blocks_per_sm, (double)read / (ms * 1e-3) / 1e9);
+      }
+      if (S > kStageBytes) continue;  // the bulk kernel's chunks fit a stage
+      const float ms = median_ms([&] {
+        bulk_gather_kernel<<<P.sms * 6, kBulkThreads, smem>>>(P.base(), idx, (int)n_chunks, S, P.out());
+      });
+      std::printf("BENCH %s: chunks of %5d B, cp.async.bulk, 6 blocks of %d per SM: %.0f GB/s (median of 7)\n", how, S,
+                  kBulkThreads, (double)read / (ms * 1e-3) / 1e9);
+    }
+  }
+}
+
+}  // namespace
