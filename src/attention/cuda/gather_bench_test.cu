@@ -245,43 +245,62 @@ TEST(GatherCudaBench, DISABLED_BulkCopies) {
 
 namespace {
 
-// Is cuDNN's edge over a paged decode (4.6-4.7 TB/s against our 4.4-4.5 at batch >= 16) the contiguity
-// of its K / V, or the way it reads? The same kernels on the same 1 GiB, once as chunks in address
-// order (the grid streams one contiguous range) and once as distinct random chunks.
+// Is cuDNN's edge over a paged decode (4.5-4.7 TB/s against our 4.3-4.5 at batch >= 16) the contiguity
+// of its K / V, or the way it reads? The same kernels on the same 1 GiB of 4-KiB chunks (a page's K or
+// V for one kv head) in three orders: random distinct chunks (our pages); in address order, every
+// block's k-th chunk k blocks of chunks further (the whole grid sweeps one window, like a copy
+// kernel); and in per-block runs, each block streaming its own contiguous range (like a decode kernel
+// whose blocks each read one (sequence, kv head) of contiguous [B, Hkv, L, d] tensors).
 TEST(GatherCudaBench, DISABLED_InOrderVsScattered) {
   const Pool P;
   const size_t pool = Pool::kBytes, read = Pool::kRead;
   const size_t smem = size_t(kBulkStages) * kStageBytes;
   TW_CUDA_CHECK(cudaFuncSetAttribute(bulk_gather_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   std::mt19937 rng(17);
-  for (int S : {4096, 16384}) {
-    const int64_t n_chunks = (int64_t)(read / S);
-    std::vector<int32_t> in_order(n_chunks);
-    std::iota(in_order.begin(), in_order.end(), 0);
-    tw::cuda::DeviceBuffer dord((size_t)n_chunks * 4);
-    TW_CUDA_CHECK(cudaMemcpy(dord.get(), in_order.data(), (size_t)n_chunks * 4, cudaMemcpyHostToDevice));
-    const tw::cuda::DeviceBuffer drand = random_chunks((int64_t)(pool / S), n_chunks, rng);
-    int log_vpc = 0;
-    while ((16 << log_vpc) < S) ++log_vpc;
-    const int n_vec = (int)(n_chunks << log_vpc);
-    for (int scattered = 0; scattered <= 1; ++scattered) {
-      const auto* idx = static_cast<const int32_t*>(scattered ? drand.get() : dord.get());
-      const char* how = scattered ? "random  " : "in order";
-      for (int blocks_per_sm : {4, 8}) {
-        const float ms = median_ms([&] {
-          gather_kernel<8><<<P.sms * blocks_per_sm, 256>>>(reinterpret_cast<const uint4*>(P.base()), idx, n_vec,
-                                                           log_vpc, P.out());
-        });
-        std::printf("BENCH %s: chunks of %5d B, plain loads, %d blocks of 256 per SM: %.0f GB/s (median of 7)\n", how,
-                    S, blocks_per_sm, (double)read / (ms * 1e-3) / 1e9);
-      }
-      if (S > kStageBytes) continue;  // the bulk kernel's chunks fit a stage
+  constexpr int S = 4096;  // one block of 256 threads reads one chunk per load round in both kernels
+  const int64_t n_chunks = (int64_t)(read / S);
+  auto upload = [](const std::vector<int32_t>& v) {
+    tw::cuda::DeviceBuffer d(v.size() * 4);
+    TW_CUDA_CHECK(cudaMemcpy(d.get(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    return d;
+  };
+  // Position c is read by block c % n_blocks as its (c / n_blocks)-th chunk, in both kernels.
+  auto runs = [&](int n_blocks) {
+    std::vector<int32_t> v(n_chunks);
+    const int64_t per = n_chunks / n_blocks;
+    for (int64_t c = 0; c < n_chunks; ++c) v[c] = c < per * n_blocks ? (int32_t)((c % n_blocks) * per + c / n_blocks) : (int32_t)c;
+    return upload(v);
+  };
+  std::vector<int32_t> in_order(n_chunks);
+  std::iota(in_order.begin(), in_order.end(), 0);
+  const tw::cuda::DeviceBuffer dord = upload(in_order);
+  const tw::cuda::DeviceBuffer drand = random_chunks((int64_t)(pool / S), n_chunks, rng);
+  const int n_vec = (int)(n_chunks << 8);  // 256 vectors of 16 B per chunk
+  // ~100 ms of reads first: without it the first order measured read ~12% slower than the same order
+  // measured again later in the process (H200, clocks still ramping up from idle).
+  for (int i = 0; i < 400; ++i)
+    gather_kernel<8><<<P.sms * 8, 256>>>(reinterpret_cast<const uint4*>(P.base()), static_cast<const int32_t*>(drand.get()),
+                                         n_vec, 8, P.out());
+  TW_CUDA_CHECK(cudaDeviceSynchronize());
+  for (const char* how : {"random       ", "address order", "block runs   "}) {
+    for (int blocks_per_sm : {4, 8}) {
+      const int nb = P.sms * blocks_per_sm;
+      const tw::cuda::DeviceBuffer drun = how[0] == 'b' ? runs(nb) : tw::cuda::DeviceBuffer(16);
+      const auto* idx = static_cast<const int32_t*>(how[0] == 'r' ? drand.get() : how[0] == 'a' ? dord.get() : drun.get());
       const float ms = median_ms([&] {
-        bulk_gather_kernel<<<P.sms * 6, kBulkThreads, smem>>>(P.base(), idx, (int)n_chunks, S, P.out());
+        gather_kernel<8><<<nb, 256>>>(reinterpret_cast<const uint4*>(P.base()), idx, n_vec, 8, P.out());
       });
-      std::printf("BENCH %s: chunks of %5d B, cp.async.bulk, 6 blocks of %d per SM: %.0f GB/s (median of 7)\n", how, S,
-                  kBulkThreads, (double)read / (ms * 1e-3) / 1e9);
+      std::printf("BENCH %s: 4-KiB chunks, plain loads, %d blocks of 256 per SM: %.0f GB/s (median of 7)\n", how,
+                  blocks_per_sm, (double)read / (ms * 1e-3) / 1e9);
     }
+    const int nb = P.sms * 6;
+    const tw::cuda::DeviceBuffer drun = how[0] == 'b' ? runs(nb) : tw::cuda::DeviceBuffer(16);
+    const auto* idx = static_cast<const int32_t*>(how[0] == 'r' ? drand.get() : how[0] == 'a' ? dord.get() : drun.get());
+    const float ms = median_ms([&] {
+      bulk_gather_kernel<<<nb, kBulkThreads, smem>>>(P.base(), idx, (int)n_chunks, S, P.out());
+    });
+    std::printf("BENCH %s: 4-KiB chunks, cp.async.bulk, 6 blocks of %d per SM: %.0f GB/s (median of 7)\n", how,
+                kBulkThreads, (double)read / (ms * 1e-3) / 1e9);
   }
 }
 
