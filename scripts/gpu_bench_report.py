@@ -45,7 +45,7 @@ def bytes_twilight(r):
 def bytes_quest(r, dev):
     """Fixed-budget Quest by the same byte model: the same page bounds, then K + V and a 4-B token entry
     for every one of its I0 candidates."""
-    esz = 4 if dev.get("dtype") == "fp32" else 2
+    esz = 2  # fp16 / bf16 K and V, the bench's two KV dtypes
     lists = r["batch"] * dev["kv_heads"]
     return r["bytes_select"] + lists * r["i0_avg"] * (2 * dev["head_dim"] * esz + 4)
 
