@@ -105,8 +105,12 @@ fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   [ -n "$build_pid" ] && wait "$build_pid"
   if [ "$(cat "$LOG/build.rc" 2>/dev/null)" = 0 ]; then
-    "$BUILD/cuda_tests" --gtest_filter='-QmatvecCudaModel.*:QmatvecCudaFixture.*' >"$OUT/tests.log" 2>&1 || rc=$?
-    grep -E '^\[ *(PASSED|FAILED) *\]|tests ran' "$OUT/tests.log" | head -40
+    # TW_REAL_KV: the *.RealModelDump tests run every kernel on the real model's K / V / queries too;
+    # without REAL_KV they skip, and this says so.
+    TW_REAL_KV="${REAL_KV:-}" "$BUILD/cuda_tests" --gtest_filter='-QmatvecCudaModel.*:QmatvecCudaFixture.*' \
+      >"$OUT/tests.log" 2>&1 || rc=$?
+    grep -E '^\[ *(PASSED|FAILED|SKIPPED) *\]|tests ran|^real-model' "$OUT/tests.log" | head -40
+    [ -n "${REAL_KV:-}" ] || echo "real-model kernel tests (*.RealModelDump) skipped: no REAL_KV"
     echo "cuda_tests rc=$rc"
     # The read ceiling of scattered chunks (the side structures' gathers): GatherCudaBench.
     "$BUILD/cuda_tests" --gtest_also_run_disabled_tests --gtest_filter='GatherCudaBench.*' 2>&1 |

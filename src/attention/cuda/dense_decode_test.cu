@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "attention/cuda/attn_test_util.h"
+#include "attention/cuda/real_kv_test_util.h"
 #include "attention/cuda/dense_decode.h"
 #include "attention/dense_cpu.h"
 #include "kv/kv_cache.h"
@@ -143,6 +144,39 @@ TEST(DenseDecodeCuda, RandomRaggedBatches) {
         // its loop, in one launch.
         check(pb, DenseDecodePlan{48, std::max(1, (pb.max_pages + 47) / 48)}, q, ref);
       }
+}
+
+// The real model's attention (TW_REAL_KV, real_kv_test_util.h): its K / V (fp16 and rounded to bf16) on
+// random pages, its queries; the planned split and a single split against the double reference.
+TEST(DenseDecodeCuda, RealModelDump) {
+  TW_REQUIRE_CUDA_DEVICE();
+  TW_REQUIRE_REAL_KV();
+  const kv::KVDump& dump = *real::dump();
+  const int n = (int)dump.info.n_tokens, H = dump.info.n_heads, hkv = dump.info.n_kv_heads, d = dump.info.head_dim;
+  SCOPED_TRACE(cat("real KV: ", dump.info.model_name, ", ", n, " tokens"));
+  const uint64_t seed = fresh_seed();  // the pages' placement only
+  std::mt19937_64 rng(seed);
+  const int sms = ::tw::cuda::device_info(0).sm_count;
+  const std::vector<int> lens = {n, 4 * n, std::max(1, n * 5 / 8), std::max(1, n / 7)};
+  const int n_layers = (int)dump.info.layers.size();
+  for (KvDtype dt : {KvDtype::F16, KvDtype::BF16}) {
+    PagedBatch pb = make_batch(rng, dt, H, hkv, d, lens, 1.f);
+    std::vector<float> k(d), v(d), q;
+    for (int b = 0; b < pb.batch(); ++b) {
+      for (int t = 0; t < lens[b]; ++t)
+        for (int h = 0; h < hkv; ++h) {
+          real::row(dump, b % n_layers, t, h, k.data(), v.data());
+          const size_t r = pb.row(b, t, h);
+          for (int i = 0; i < d; ++i) pb.k[r + i] = to_bits(dt, k[i]), pb.v[r + i] = to_bits(dt, v[i]);
+        }
+      const float* qb = dump.query(0, b % n_layers);
+      q.insert(q.end(), qb, qb + (size_t)H * d);
+    }
+    pb.upload();
+    const auto ref = reference(pb, q);
+    check(pb, plan_dense_decode(pb.view(), 4 * n, sms), q, ref);
+    check(pb, DenseDecodePlan{1, pb.max_pages}, q, ref);
+  }
 }
 
 // More splits than the many-split combine holds weights for at once (1024): its chunk loop, with a

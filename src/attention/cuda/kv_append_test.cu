@@ -6,10 +6,12 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "attention/cuda/attn_test_util.h"
 #include "attention/cuda/kv_append.h"
+#include "attention/cuda/real_kv_test_util.h"
 #include "attention/key_side.h"
 #include "attention/page_bounds.h"
 #include "common/fp16.h"
@@ -52,7 +54,11 @@ void draw_k(std::mt19937_64& rng, float* k, int n, float kscale) {
   }
 }
 
-void run_case(std::mt19937_64& rng, KvDtype dt, int hkv, int d, const std::vector<int>& lens, int tail_steps) {
+// src (optional): the K and V rows of (sequence, position, kv head) instead of random ones.
+using RowSource = std::function<void(int, int, int, float*, float*)>;
+
+void run_case(std::mt19937_64& rng, KvDtype dt, int hkv, int d, const std::vector<int>& lens, int tail_steps,
+              const RowSource& src = {}) {
   SCOPED_TRACE(cat(dtype_name(dt), " Hkv ", hkv, " d ", d, " batch ", lens.size()));
   const int batch = (int)lens.size();
   std::vector<int> final_len(lens);
@@ -90,8 +96,14 @@ void run_case(std::mt19937_64& rng, KvDtype dt, int hkv, int d, const std::vecto
       pos[b] = by_len ? lens[b] + (step - max_len) : (step < lens[b] ? step : -1);
       if (pos[b] < 0) continue;
       for (int h = 0; h < hkv; ++h) {
-        draw_k(rng, &knew[((size_t)b * hkv + h) * d], d, 1.5f);
-        for (int i = 0; i < d; ++i) vnew[((size_t)b * hkv + h) * d + i] = N(rng);
+        float* kr = &knew[((size_t)b * hkv + h) * d];
+        float* vr = &vnew[((size_t)b * hkv + h) * d];
+        if (src) {
+          src(b, pos[b], h, kr, vr);
+          continue;
+        }
+        draw_k(rng, kr, d, 1.5f);
+        for (int i = 0; i < d; ++i) vr[i] = N(rng);
       }
       if (dt == KvDtype::F16) {
         pool.write(0, seqs[b], pos[b], &knew[(size_t)b * hkv * d], &vnew[(size_t)b * hkv * d]);
@@ -205,6 +217,21 @@ TEST(KvAppendCuda, MatchesCpuKeySide) {
         std::vector<int> lens = {len(rng), len(rng), 16, 1, len(rng)};
         run_case(rng, dt, hkv, d, lens, 20);
       }
+}
+
+// The real model's K / V (TW_REAL_KV, real_kv_test_util.h): dumped layer b for sequence b, appended token
+// by token to the dump's length and past it (tiled), for both KV dtypes.
+TEST(KvAppendCuda, RealModelDump) {
+  TW_REQUIRE_CUDA_DEVICE();
+  TW_REQUIRE_REAL_KV();
+  const kv::KVDump& dump = *real::dump();
+  const int n = (int)dump.info.n_tokens, n_layers = (int)dump.info.layers.size();
+  SCOPED_TRACE(cat("real KV: ", dump.info.model_name, ", ", n, " tokens"));
+  std::mt19937_64 rng(fresh_seed());  // the pages' placement only
+  const RowSource src = [&](int b, int pos, int h, float* k, float* v) { real::row(dump, b % n_layers, pos, h, k, v); };
+  for (KvDtype dt : {KvDtype::F16, KvDtype::BF16})
+    run_case(rng, dt, dump.info.n_kv_heads, dump.info.head_dim, {n, std::max(1, n * 5 / 8), std::max(1, n / 7), 1}, 20,
+             src);
 }
 
 // K/V only (no key side), and the pools of idle slots (negative position) stay untouched.

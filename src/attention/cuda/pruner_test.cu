@@ -18,7 +18,9 @@
 
 #include "attention/cuda/pruner.h"
 #include "attention/cuda/pruner_test_util.h"
+#include "attention/cuda/real_kv_test_util.h"
 #include "attention/pruner.h"
+#include "attention/selectors.h"
 #include "common/threadpool.h"
 
 namespace tw::attn::cuda {
@@ -431,6 +433,61 @@ TEST(PrunerCuda, PageInputMatchesTokenInput) {
       check_batch(*B, in.tokens, rp.out, rp.mass, prm, tally);
     }
   }
+  EXPECT_GE(tally.equal_checked, tally.lists / 2) << tally.equal_checked << " of " << tally.lists;
+}
+
+// Quest's candidate lists from the CPU selector (select_quest, Group mode) at budget b0 per sequence
+// (b0 <= 0: a quarter of the sequence), as tokens and as the pages the step hands the pruner.
+PageInput quest_lists(const Batch& B, int64_t b0) {
+  PageInput in;
+  int64_t cap = 0;
+  for (int s = 0; s < B.batch; ++s) {
+    const int L = B.spec.seq_len[s];
+    Selection sel;
+    select_quest(*B.side, B.seqs[s], 0, B.hs(), B.q.data() + (size_t)s * B.spec.n_heads * B.spec.head_dim, L,
+                 b0 > 0 ? b0 : std::max<int64_t>(L / 4, 1), GqaMode::Group, sel);
+    for (int h = 0; h < B.spec.n_kv_heads; ++h) {
+      std::vector<int32_t> toks(sel.list(h), sel.list(h) + sel.size(h)), pages;
+      for (int32_t t : toks)
+        if (pages.empty() || pages.back() != t / kPageSize) pages.push_back(t / kPageSize);
+      cap = std::max<int64_t>(cap, (int64_t)pages.size() * kPageSize);
+      in.tokens.lists.push_back(std::move(toks));
+      in.pages.push_back(std::move(pages));
+    }
+  }
+  in.tokens.capacity = (int)std::max<int64_t>(cap, kPageSize);
+  return in;
+}
+
+// The real model's attention (TW_REAL_KV, real_kv_test_util.h): Quest's candidates from the CPU
+// selector at B0 8192 and at a quarter of each sequence, pruned from pages (the step's form) and from
+// tokens, both checked against the CPU prune_topp and the double-precision top-p definition.
+TEST(PrunerCuda, RealModelDump) {
+  TW_REQUIRE_CUDA_DEVICE();
+  TW_REQUIRE_REAL_KV();
+  const kv::KVDump& d = *real::dump();
+  SCOPED_TRACE(cat("real KV: ", d.info.model_name, ", ", d.info.n_tokens, " tokens"));
+  Tally tally;
+  for (KvDtype dt : {KvDtype::F16, KvDtype::BF16}) {
+    auto B = real::standard_batch(d, dt);
+    for (int64_t b0 : {int64_t(8192), int64_t(0)}) {
+      const PageInput in = quest_lists(*B, b0);
+      for (float p : {0.85f, 0.95f}) {
+        SCOPED_TRACE(cat(dt == KvDtype::F16 ? "f16" : "bf16", " B0 ", b0 > 0 ? std::to_string(b0) : "n/4", " p ", p));
+        PruneParams prm;
+        prm.p = p;
+        const RunResult rt = run_pruner(*B, in.tokens, prm), rp = run_pruner_pages(*B, in, prm);
+        ASSERT_EQ(rp.out.lists.size(), rt.out.lists.size());
+        for (size_t i = 0; i < rt.out.lists.size(); ++i) {
+          EXPECT_EQ(rp.out.lists[i], rt.out.lists[i]) << "list " << i << ": page input against token input";
+          EXPECT_EQ(rp.mass[i], rt.mass[i]) << "mass of list " << i;
+        }
+        check_batch(*B, in.tokens, rp.out, rp.mass, prm, tally);
+      }
+    }
+  }
+  std::printf("real-model pruner: %d of %d lists compared token for token with the CPU\n", tally.equal_checked,
+              tally.lists);
   EXPECT_GE(tally.equal_checked, tally.lists / 2) << tally.equal_checked << " of " << tally.lists;
 }
 

@@ -32,8 +32,9 @@ struct BatchSpec {
   KvDtype dtype = KvDtype::F16;
   std::vector<int> seq_len;      // tokens per sequence (current token included)
   float kscale = 1.5f;           // K ~ N(0, kscale^2): larger = more peaked attention
-  // Optional generator of K rows (seq, pos, kv head, d floats out); replaces the random one.
-  std::function<void(int, int, int, float*)> key_fn;
+  // Optional generators of K and V rows (seq, pos, kv head, d floats out); replace the random ones.
+  std::function<void(int, int, int, float*)> key_fn, value_fn;
+  std::vector<float> query;  // [batch][H][d]: the queries when given, else random
 };
 
 // The batch on the host (CPU cache + side structures) and on the device (layout.h arrays).
@@ -88,7 +89,10 @@ inline std::unique_ptr<Batch> make_batch(const BatchSpec& spec, std::mt19937_64&
         else
           for (int i = 0; i < d; ++i) k[(size_t)h * d + i] = N(rng) * spec.kscale;
       }
-      for (auto& x : v) x = N(rng);
+      if (spec.value_fn)
+        for (int h = 0; h < Hkv; ++h) spec.value_fn(s, t, h, v.data() + (size_t)h * d);
+      else
+        for (auto& x : v) x = N(rng);
       if (bf) {  // bf16 values are exact in fp16: the CPU cache then holds exactly the device's values
         for (auto& x : k) x = round_bf16(x);
         for (auto& x : v) x = round_bf16(x);
@@ -98,7 +102,9 @@ inline std::unique_ptr<Batch> make_batch(const BatchSpec& spec, std::mt19937_64&
     }
     B->seqs[s].n_tokens = spec.seq_len[s];
   }
-  B->q = ::tw::cuda::test::random_normal(rng, (size_t)B->batch * spec.n_heads * d);
+  const size_t n_q = (size_t)B->batch * spec.n_heads * d;
+  TW_CHECK(spec.query.empty() || spec.query.size() == n_q, "test batch: ", spec.query.size(), " query values, need ", n_q);
+  B->q = spec.query.empty() ? ::tw::cuda::test::random_normal(rng, n_q) : spec.query;
 
   // Upload. Pool arrays are [n_pages][Hkv][16][d] per layer, contiguous from page 0 (kv_cache.h).
   const size_t n_elem = (size_t)B->n_pages * Hkv * kPageSize * d;

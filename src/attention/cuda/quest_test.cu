@@ -13,6 +13,7 @@
 
 #include "attention/cuda/attn_test_util.h"
 #include "attention/cuda/quest.h"
+#include "attention/cuda/real_kv_test_util.h"
 #include "attention/key_side.h"
 #include "attention/selectors.h"
 #include "common/fp16.h"
@@ -328,6 +329,58 @@ TEST(QuestCuda, BadInputIsAnError) {
   PagedKV bad = kv;
   bad.n_heads = 18;
   expect_error([&] { quest_select(bad, side, q.as<float>(), 100, 100, tl); }, "GQA group 9");
+}
+
+// The real model's attention (TW_REAL_KV, real_kv_test_util.h): the GPU's page scores and lists equal the
+// CPU select_quest's bit for bit, for budgets from a page to the whole context, the long tiled sequence
+// spreading its pages over a cluster.
+TEST(QuestCuda, RealModelDump) {
+  TW_REQUIRE_CUDA_DEVICE();
+  TW_REQUIRE_REAL_KV();
+  const kv::KVDump& d = *real::dump();
+  SCOPED_TRACE(cat("real KV: ", d.info.model_name, ", ", d.info.n_tokens, " tokens"));
+  int exact = 0, total = 0;
+  for (KvDtype dt : {KvDtype::F16, KvDtype::BF16}) {
+    auto B = real::standard_batch(d, dt);
+    const ptest::Batch& b = *B;
+    const int Hkv = b.spec.n_kv_heads, H = b.spec.n_heads, D = b.spec.head_dim;
+    const int64_t max_len = *std::max_element(b.spec.seq_len.begin(), b.spec.seq_len.end());
+    DeviceBuffer ws(quest_scores_bytes(b.kv));
+    for (int64_t budget : {int64_t(16), int64_t(1000), int64_t(2048), int64_t(8192), max_len / 4, max_len}) {
+      SCOPED_TRACE(cat(dtype_name(dt), " budget ", budget));
+      const int cap = (int)quest_list_capacity(b.kv, budget);
+      const size_t n_lists = (size_t)b.batch * Hkv;
+      DeviceBuffer dcount(n_lists * 4), dtok(n_lists * cap * 4);
+      TW_CUDA_CHECK(cudaMemset(dcount.get(), 0xFF, dcount.size()));
+      TW_CUDA_CHECK(cudaMemset(dtok.get(), 0xFF, dtok.size()));
+      quest_select(b.kv, b.ks, b.d_q.as<float>(), budget, max_len, TokenLists{dcount.as<int32_t>(), dtok.as<int32_t>(), cap},
+                   nullptr, ws.as<float>(), ws.size());
+      TW_CUDA_CHECK(cudaDeviceSynchronize());
+      const auto count = to_host<int32_t>(dcount, n_lists), tok = to_host<int32_t>(dtok, n_lists * cap);
+      const auto gscores = to_host<float>(ws, n_lists * b.max_pages);
+      for (int s = 0; s < b.batch; ++s) {
+        const int L = b.spec.seq_len[s], np = (L + kPageSize - 1) / kPageSize;
+        const float* q = b.q.data() + (size_t)s * H * D;
+        Selection sel;
+        select_quest(*b.side, b.seqs[s], 0, b.hs(), q, L, budget, GqaMode::Group, sel);
+        std::vector<float> cpu_scores((size_t)Hkv * np);
+        quest_page_scores(*b.side, b.seqs[s], 0, b.hs(), q, L, GqaMode::Group, cpu_scores.data());
+        const bool all = budget >= L || (budget + kPageSize - 1) / kPageSize >= np;
+        for (int h = 0; h < Hkv; ++h) {
+          SCOPED_TRACE(cat("seq ", s, " (len ", L, ") kv head ", h));
+          const size_t li = (size_t)s * Hkv + h;
+          ++total;
+          if (!all)  // scores are computed only when pages are chosen
+            for (int p = 0; p < np; ++p)
+              ASSERT_EQ(gscores[li * b.max_pages + p], cpu_scores[(size_t)h * np + p]) << "page " << p;
+          ASSERT_EQ(count[li], sel.size(h)) << "list length";
+          for (int i = 0; i < count[li]; ++i) ASSERT_EQ(tok[li * cap + i], sel.list(h)[i]) << "entry " << i;
+          ++exact;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(exact, total);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attention/cuda/pruner_test_util.h"
+#include "attention/cuda/real_kv_test_util.h"
 #include "attention/cuda/sparse_decode.h"
 #include "attention/dense_cpu.h"
 #include "attention/sparse_cpu.h"
@@ -132,6 +133,47 @@ TEST(SparseDecodeCuda, SelectAllEqualsDense) {
     for (int s = 0; s < B->batch; ++s)
       for (int h = 0; h < c.Hkv; ++h) lists.lists.push_back(make_candidates(ListKind::All, c.lens[s], lists.capacity, rng));
     compare_rows(run_sparse(*B, lists), dense_refs(*B, c.lens), c.d, c.dtype, "select-all vs dense");
+  }
+}
+
+// The real model's attention (TW_REAL_KV, real_kv_test_util.h), with the lists a decode step hands the
+// kernel: Quest's candidates at B0 8192 (CPU select_quest), those pruned by the CPU prune_topp at p 0.95
+// (a few hundred to a few thousand tokens per list), and every position (against dense attention).
+TEST(SparseDecodeCuda, RealModelDump) {
+  TW_REQUIRE_CUDA_DEVICE();
+  TW_REQUIRE_REAL_KV();
+  const kv::KVDump& d = *real::dump();
+  SCOPED_TRACE(cat("real KV: ", d.info.model_name, ", ", d.info.n_tokens, " tokens"));
+  ThreadPool tp(2);
+  for (KvDtype dt : {KvDtype::F16, KvDtype::BF16}) {
+    auto B = real::standard_batch(d, dt);
+    const int H = B->spec.n_heads, Hkv = B->spec.n_kv_heads, D = B->spec.head_dim;
+    const std::vector<int>& lens = B->spec.seq_len;
+    const int max_len = *std::max_element(lens.begin(), lens.end());
+    HostLists quest, pruned, all;
+    quest.capacity = pruned.capacity = all.capacity = max_len;
+    for (int s = 0; s < B->batch; ++s) {
+      Selection sel, kept;
+      real::cpu_chain(*B, s, 8192, 0.95f, tp, sel, kept);
+      for (int h = 0; h < Hkv; ++h) {
+        quest.lists.emplace_back(sel.list(h), sel.list(h) + sel.size(h));
+        pruned.lists.emplace_back(kept.list(h), kept.list(h) + kept.size(h));
+        all.lists.emplace_back(lens[s]);
+        std::iota(all.lists.back().begin(), all.lists.back().end(), 0);
+      }
+    }
+    for (const auto& [lists, what] : {std::pair{&quest, "Quest B0 8192"}, std::pair{&pruned, "pruned p 0.95"}}) {
+      SCOPED_TRACE(cat(dt == KvDtype::F16 ? "f16 " : "bf16 ", what));
+      const std::vector<float> got = run_sparse(*B, *lists);
+      std::vector<float> ref(got.size());
+      for (int s = 0; s < B->batch; ++s) {
+        const size_t off = (size_t)s * H * D;
+        sparse_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, selection_of(*lists, s, Hkv), lens[s],
+                         ref.data() + off);
+      }
+      compare_rows(got, ref, D, dt, what);
+    }
+    compare_rows(run_sparse(*B, all), dense_refs(*B, lens), D, dt, "select-all vs dense");
   }
 }
 
