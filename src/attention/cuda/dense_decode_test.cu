@@ -155,6 +155,7 @@ TEST(DenseDecodeCuda, RealModelDump) {
   const int n = (int)dump.info.n_tokens, H = dump.info.n_heads, hkv = dump.info.n_kv_heads, d = dump.info.head_dim;
   SCOPED_TRACE(cat("real KV: ", dump.info.model_name, ", ", n, " tokens"));
   const uint64_t seed = fresh_seed();  // the pages' placement only
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
   const int sms = ::tw::cuda::device_info(0).sm_count;
   const std::vector<int> lens = {n, 4 * n, std::max(1, n * 5 / 8), std::max(1, n / 7)};
