@@ -158,24 +158,25 @@ TEST(DenseDecodeCuda, RealModelDump) {
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
   const int sms = ::tw::cuda::device_info(0).sm_count;
-  const std::vector<int> lens = {n, 4 * n, std::max(1, n * 5 / 8), std::max(1, n / 7)};
-  const int n_layers = (int)dump.info.layers.size();
+  const std::vector<int> lens = real::standard_lens(dump);
+  const int max_len = *std::max_element(lens.begin(), lens.end());
   for (KvDtype dt : {KvDtype::F16, KvDtype::BF16}) {
     PagedBatch pb = make_batch(rng, dt, H, hkv, d, lens, 1.f);
     std::vector<float> k(d), v(d), q;
     for (int b = 0; b < pb.batch(); ++b) {
+      const int layer = real::standard_layer(dump, b);
       for (int t = 0; t < lens[b]; ++t)
         for (int h = 0; h < hkv; ++h) {
-          real::row(dump, b % n_layers, t, h, k.data(), v.data());
+          real::row(dump, layer, t, h, k.data(), v.data());
           const size_t r = pb.row(b, t, h);
           for (int i = 0; i < d; ++i) pb.k[r + i] = to_bits(dt, k[i]), pb.v[r + i] = to_bits(dt, v[i]);
         }
-      const float* qb = dump.query(0, b % n_layers);
+      const float* qb = dump.query(0, layer);
       q.insert(q.end(), qb, qb + (size_t)H * d);
     }
     pb.upload();
     const auto ref = reference(pb, q);
-    check(pb, plan_dense_decode(pb.view(), 4 * n, sms), q, ref);
+    check(pb, plan_dense_decode(pb.view(), max_len, sms), q, ref);
     check(pb, DenseDecodePlan{1, pb.max_pages}, q, ref);
   }
 }

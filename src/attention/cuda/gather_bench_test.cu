@@ -169,14 +169,19 @@ float median_ms(F&& call) {
   return t[3];
 }
 
+// The first n entries of v, on the device.
+tw::cuda::DeviceBuffer upload_prefix(const std::vector<int32_t>& v, int64_t n) {
+  tw::cuda::DeviceBuffer d((size_t)n * 4);
+  TW_CUDA_CHECK(cudaMemcpy(d.get(), v.data(), (size_t)n * 4, cudaMemcpyHostToDevice));
+  return d;
+}
+
 // n distinct random chunk indices of a pool of pool_n chunks (a random permutation's prefix), on the device.
 tw::cuda::DeviceBuffer random_chunks(int64_t pool_n, int64_t n, std::mt19937& rng) {
   std::vector<int32_t> all(pool_n);
   std::iota(all.begin(), all.end(), 0);
   for (int64_t i = 0; i < n; ++i) std::swap(all[i], all[i + (int64_t)(rng() % (pool_n - i))]);
-  tw::cuda::DeviceBuffer d((size_t)n * 4);
-  TW_CUDA_CHECK(cudaMemcpy(d.get(), all.data(), (size_t)n * 4, cudaMemcpyHostToDevice));
-  return d;
+  return upload_prefix(all, n);
 }
 
 TEST(GatherCudaBench, DISABLED_RandomChunks) {
@@ -241,10 +246,6 @@ TEST(GatherCudaBench, DISABLED_BulkCopies) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // Is cuDNN's edge over a paged decode (4.5-4.7 TB/s against our 4.3-4.5 at batch >= 16) the contiguity
 // of its K / V, or the way it reads? The same kernels on the same 1 GiB of 4-KiB chunks (a page's K or
 // V for one kv head) in three orders: random distinct chunks (our pages); in address order, every
@@ -259,48 +260,40 @@ TEST(GatherCudaBench, DISABLED_InOrderVsScattered) {
   std::mt19937 rng(17);
   constexpr int S = 4096;  // one block of 256 threads reads one chunk per load round in both kernels
   const int64_t n_chunks = (int64_t)(read / S);
-  auto upload = [](const std::vector<int32_t>& v) {
-    tw::cuda::DeviceBuffer d(v.size() * 4);
-    TW_CUDA_CHECK(cudaMemcpy(d.get(), v.data(), v.size() * 4, cudaMemcpyHostToDevice));
-    return d;
-  };
-  // Position c is read by block c % n_blocks as its (c / n_blocks)-th chunk, in both kernels.
-  auto runs = [&](int n_blocks) {
+  const int n_vec = (int)(n_chunks << 8);  // 256 vectors of 16 B per chunk
+  const tw::cuda::DeviceBuffer drand = random_chunks((int64_t)(pool / S), n_chunks, rng);
+  // The chunk indices of an order for a grid of n_blocks: position c is read by block c % n_blocks as its
+  // (c / n_blocks)-th chunk, in both kernels.
+  auto indices = [&](char order, int n_blocks) {
     std::vector<int32_t> v(n_chunks);
     const int64_t per = n_chunks / n_blocks;
-    for (int64_t c = 0; c < n_chunks; ++c) v[c] = c < per * n_blocks ? (int32_t)((c % n_blocks) * per + c / n_blocks) : (int32_t)c;
-    return upload(v);
+    for (int64_t c = 0; c < n_chunks; ++c)
+      v[c] = order == 'b' && c < per * n_blocks ? (int32_t)((c % n_blocks) * per + c / n_blocks) : (int32_t)c;
+    return upload_prefix(v, n_chunks);
   };
-  std::vector<int32_t> in_order(n_chunks);
-  std::iota(in_order.begin(), in_order.end(), 0);
-  const tw::cuda::DeviceBuffer dord = upload(in_order);
-  const tw::cuda::DeviceBuffer drand = random_chunks((int64_t)(pool / S), n_chunks, rng);
-  const int n_vec = (int)(n_chunks << 8);  // 256 vectors of 16 B per chunk
   // ~100 ms of reads first: without it the first order measured read ~12% slower than the same order
   // measured again later in the process (H200, clocks still ramping up from idle).
   for (int i = 0; i < 400; ++i)
-    gather_kernel<8><<<P.sms * 8, 256>>>(reinterpret_cast<const uint4*>(P.base()), static_cast<const int32_t*>(drand.get()),
-                                         n_vec, 8, P.out());
+    gather_kernel<8><<<P.sms * 8, 256>>>(reinterpret_cast<const uint4*>(P.base()), drand.as<int32_t>(), n_vec, 8,
+                                         P.out());
   TW_CUDA_CHECK(cudaDeviceSynchronize());
   for (const char* how : {"random       ", "address order", "block runs   "}) {
-    for (int blocks_per_sm : {4, 8}) {
+    // blocks per SM: 4 and 8 of 256 threads (plain loads), then 6 of kBulkThreads (bulk copies)
+    for (int blocks_per_sm : {4, 8, 6}) {
+      const bool bulk = blocks_per_sm == 6;
       const int nb = P.sms * blocks_per_sm;
-      const tw::cuda::DeviceBuffer drun = how[0] == 'b' ? runs(nb) : tw::cuda::DeviceBuffer(16);
-      const auto* idx = static_cast<const int32_t*>(how[0] == 'r' ? drand.get() : how[0] == 'a' ? dord.get() : drun.get());
+      const tw::cuda::DeviceBuffer didx = how[0] == 'r' ? tw::cuda::DeviceBuffer(16) : indices(how[0], nb);
+      const int32_t* idx = how[0] == 'r' ? drand.as<int32_t>() : didx.as<int32_t>();
       const float ms = median_ms([&] {
-        gather_kernel<8><<<nb, 256>>>(reinterpret_cast<const uint4*>(P.base()), idx, n_vec, 8, P.out());
+        if (bulk)
+          bulk_gather_kernel<<<nb, kBulkThreads, smem>>>(P.base(), idx, (int)n_chunks, S, P.out());
+        else
+          gather_kernel<8><<<nb, 256>>>(reinterpret_cast<const uint4*>(P.base()), idx, n_vec, 8, P.out());
       });
-      std::printf("BENCH %s: 4-KiB chunks, plain loads, %d blocks of 256 per SM: %.0f GB/s (median of 7)\n", how,
-                  blocks_per_sm, (double)read / (ms * 1e-3) / 1e9);
+      std::printf("BENCH %s: 4-KiB chunks, %s, %d blocks of %d per SM: %.0f GB/s (median of 7)\n", how,
+                  bulk ? "cp.async.bulk" : "plain loads", blocks_per_sm, bulk ? kBulkThreads : 256,
+                  (double)read / (ms * 1e-3) / 1e9);
     }
-    const int nb = P.sms * 6;
-    const tw::cuda::DeviceBuffer drun = how[0] == 'b' ? runs(nb) : tw::cuda::DeviceBuffer(16);
-    const auto* idx = static_cast<const int32_t*>(how[0] == 'r' ? drand.get() : how[0] == 'a' ? dord.get() : drun.get());
-    const float ms = median_ms([&] {
-      bulk_gather_kernel<<<nb, kBulkThreads, smem>>>(P.base(), idx, (int)n_chunks, S, P.out());
-    });
-    std::printf("BENCH %s: 4-KiB chunks, cp.async.bulk, 6 blocks of %d per SM: %.0f GB/s (median of 7)\n", how,
-                kBulkThreads, (double)read / (ms * 1e-3) / 1e9);
   }
 }
 

@@ -225,12 +225,14 @@ TEST(KvAppendCuda, RealModelDump) {
   TW_REQUIRE_CUDA_DEVICE();
   TW_REQUIRE_REAL_KV();
   const kv::KVDump& dump = *real::dump();
-  const int n = (int)dump.info.n_tokens, n_layers = (int)dump.info.layers.size();
+  const int n = (int)dump.info.n_tokens;
   SCOPED_TRACE(cat("real KV: ", dump.info.model_name, ", ", n, " tokens"));
   const uint64_t seed = fresh_seed();  // the pages' placement only
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
-  const RowSource src = [&](int b, int pos, int h, float* k, float* v) { real::row(dump, b % n_layers, pos, h, k, v); };
+  const RowSource src = [&](int b, int pos, int h, float* k, float* v) {
+    real::row(dump, real::standard_layer(dump, b), pos, h, k, v);
+  };
   for (KvDtype dt : {KvDtype::F16, KvDtype::BF16})
     run_case(rng, dt, dump.info.n_kv_heads, dump.info.head_dim, {n, std::max(1, n * 5 / 8), std::max(1, n / 7), 1}, 20,
              src);

@@ -73,14 +73,19 @@ inline std::unique_ptr<ptest::Batch> batch(const kv::KVDump& d, const std::vecto
   return ptest::make_batch(spec, unused);
 }
 
-// The batch the real-model tests share: all dumped layers (up to four), at the dump's own length, at 4x
-// that length (tiled: long context), and two shorter prefixes; so a ragged batch with lists from one page
-// to past a wave of pruner blocks.
+// The sequences the real-model tests share: the dump's own length, 4x that length (tiled: long context)
+// and two shorter prefixes, so a ragged batch with lists from one page to past a wave of pruner blocks;
+// sequence s replays dumped layer standard_layer(d, s), so every dumped layer (up to four) is used.
+inline std::vector<int> standard_lens(const kv::KVDump& d) {
+  const int n = (int)d.info.n_tokens;
+  return {n, 4 * n, std::max(1, n * 5 / 8), std::max(1, n / 7)};
+}
+inline int standard_layer(const kv::KVDump& d, int s) { return s % (int)d.info.layers.size(); }
+
 inline std::unique_ptr<ptest::Batch> standard_batch(const kv::KVDump& d, KvDtype dtype) {
-  const int n = (int)d.info.n_tokens, n_layers = (int)d.info.layers.size();
-  const std::vector<int> lens = {n, 4 * n, std::max(1, n * 5 / 8), std::max(1, n / 7)};
+  const std::vector<int> lens = standard_lens(d);
   std::vector<int> layers;
-  for (size_t s = 0; s < lens.size(); ++s) layers.push_back((int)s % n_layers);
+  for (size_t s = 0; s < lens.size(); ++s) layers.push_back(standard_layer(d, (int)s));
   return batch(d, layers, lens, dtype);
 }
 
