@@ -346,7 +346,8 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   Small& S = *reinterpret_cast<Small*>(smem_raw);
   float* zs = reinterpret_cast<float*>(smem_raw + ((sizeof(Small) + 15) & ~size_t(15)));  // [G][zstride]
   int32_t* rowidx = reinterpret_cast<int32_t*>(zs + (size_t)G * a.zstride);  // [chunk] (kLean: G 1 only)
-  uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + (kLean && G >= 2 ? 0 : a.chunk));  // [3][kBins]
+  const bool flags_in_z = kLean && G >= 2;  // no rowidx array: the flags use score row 1
+  uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + (flags_in_z ? 0 : a.chunk));  // [3][kBins]
   uint32_t* histB = histA + 3 * kBins;
   int32_t* s_pages = reinterpret_cast<int32_t*>(histB + 3 * kBins);  // [chunk / 16]: kPages, the block's pages
   // kLean, per page of the slice: its first row | (valid tokens - 1) in the low 4 bits (the row of
@@ -475,19 +476,16 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
 #pragma unroll
     for (int e = 0; e < D / 32; ++e) reinterpret_cast<uint32_t*>(xs)[lane + 32 * e] = 0u;
   }
-  if constexpr (kLean) {
+  if constexpr (kPages) {
     for (int k = tid; k < np_s; k += kThreads) {
       const int lp = k == tid ? lp0 : pages[k];
       s_pages[k] = lp;
       const int ph = k == tid ? ph0 : (lp >= 0 && lp < a.max_pages) ? a.page_table[(size_t)b * a.max_pages + lp] : -1;
-      const int t0 = lp * kPageSize, base = kv_row(ph, a.n_pages, a.n_kv_heads, h, t0);
-      s_rb[k] = (base >= 0 && t0 <= cur) ? base | min(cur - t0, kPageSize - 1) : INT_MIN;
-    }
-  } else if constexpr (kPages) {
-    for (int k = tid; k < np_s; k += kThreads) {
-      const int lp = k == tid ? lp0 : pages[k];
-      s_pages[k] = lp;
-      const int ph = k == tid ? ph0 : (lp >= 0 && lp < a.max_pages) ? a.page_table[(size_t)b * a.max_pages + lp] : -1;
+      if constexpr (kLean) {
+        const int t0 = lp * kPageSize, base = kv_row(ph, a.n_pages, a.n_kv_heads, h, t0);
+        s_rb[k] = (base >= 0 && t0 <= cur) ? base | min(cur - t0, kPageSize - 1) : INT_MIN;
+        continue;
+      }
       int r[kPageSize];
 #pragma unroll
       for (int i = 0; i < kPageSize; ++i) {
@@ -789,7 +787,7 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   // and the ordered output go 32 list entries at a time (ballots; coalesced, no bank conflicts).
   // The first count takes the keep test from the threshold and writes the flags of its own warp's
   // segment as it goes (no separate flags pass); floor / cap rewrite the flags and count from them.
-  int32_t* flag = kLean && G >= 2 ? reinterpret_cast<int32_t*>(zs + a.zstride) : rowidx;
+  int32_t* flag = flags_in_z ? reinterpret_cast<int32_t*>(zs + a.zstride) : rowidx;
   int warp_off = 0;  // this warp's first output slot within the block's
   // keep(j, w, flag) decides entry j (weight w, stored flag) from registers; write_flags stores the
   // decisions as flags. Four consecutive entries per lane (16-byte loads and stores; s0 is a multiple of
