@@ -409,6 +409,7 @@ TEST(PrunerCuda, PageInputMatchesTokenInput) {
   for (int s = 0; s < (sm_count() + 7) / 8 + 1; ++s) many.push_back(s == 0 ? 9000 : len(rng));
   const std::vector<Cfg> cfgs = {
       {32, 8, 128, KvDtype::F16, 8192, many, 1.5f},
+      {8, 8, 128, KvDtype::F16, 8192, many, 1.5f},  // G 1, whole lists: the lean build's own flags array
       {32, 8, 128, KvDtype::F16, 8192, {9000, 20000}, 1.5f},         // clusters of blocks of 2048
       {32, 8, 128, KvDtype::BF16, 8192, {8200, 300, 12000, 1, 8192, 9999}, 1.5f},  // clusters of 4096
       {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500, 17}, 1.2f},     // G 6
