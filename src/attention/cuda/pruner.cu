@@ -484,17 +484,17 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
       if constexpr (kLean) {
         const int t0 = lp * kPageSize, base = kv_row(ph, a.n_pages, a.n_kv_heads, h, t0);
         s_rb[k] = (base >= 0 && t0 <= cur) ? base | min(cur - t0, kPageSize - 1) : INT_MIN;
-        continue;
-      }
-      int r[kPageSize];
+      } else {
+        int r[kPageSize];
 #pragma unroll
-      for (int i = 0; i < kPageSize; ++i) {
-        const int t = lp * kPageSize + i;
-        r[i] = t <= cur ? kv_row(ph, a.n_pages, a.n_kv_heads, h, t) : -1;
-      }
-      int4* dst = reinterpret_cast<int4*>(rowidx + kPageSize * k);  // rowidx is 16-byte aligned
+        for (int i = 0; i < kPageSize; ++i) {
+          const int t = lp * kPageSize + i;
+          r[i] = t <= cur ? kv_row(ph, a.n_pages, a.n_kv_heads, h, t) : -1;
+        }
+        int4* dst = reinterpret_cast<int4*>(rowidx + kPageSize * k);  // rowidx is 16-byte aligned
 #pragma unroll
-      for (int i = 0; i < kPageSize / 4; ++i) dst[i] = make_int4(r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3]);
+        for (int i = 0; i < kPageSize / 4; ++i) dst[i] = make_int4(r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3]);
+      }
     }
   } else {
     resolve_rows(tid);
