@@ -1026,9 +1026,12 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   //    of two blocks of 4096);
   //  - clusters of two blocks of 4096 while those blocks fit one per SM: 32 / 64 lists 26.2 / 30.0 us,
   //    against 28.9 / 40.9 for clusters of 2048, whose threshold exchange grows with the cluster;
-  //  - beyond, a whole list in one 16-warp block (185 KiB at G 4): the same 16 warps per SM as two
-  //    8-warp blocks, without cluster barriers or remote reads (96 / 256 lists 39.9 / 85.7 us, against
-  //    42.3 / 88.0 for clusters of 4096).
+  //  - beyond, a whole list in one block: the same 16 warps per SM as two 8-warp blocks of a cluster,
+  //    without cluster barriers or remote reads (96 / 256 lists 39.9 / 85.7 us, against 42.3 / 88.0
+  //    for clusters of 4096). One 8-warp block where the list fits two (or three) per SM, else one
+  //    16-warp block (B0 8192 at G 4: ~159 KB): the same warps per SM, but past a wave of lists the
+  //    smaller blocks hold twice the lists at once, so each wave's latency-bound phases are paid half
+  //    as often (B0 4096: 256 / 512 lists 48.6 / 93.2 -> 40.6 / 76.6 us; 128 lists level).
   // At G 6 blocks of 2048 do not fit three per SM; forcing smaller ones was slower (Qwen 1.5B shape,
   // 32 lists: 39.5 -> 45.3 us).
   auto chunk_of = [&](int c) { return ((in_capacity + c - 1) / c + 15) / 16 * 16; };  // per block
@@ -1054,8 +1057,8 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
       const int chunk = chunk_of(c);
       const size_t smem = smem_for(sh.G, chunk, pages, nullptr);
       if (chunk <= kMaxChunk && smem <= limit) {
-        // Whole lists, or past the two-block limit (a block has an SM to itself): the 16-warp build.
-        const int threads = threads_of(smem <= kTwoBlockSmem && tpb <= 4096 ? 2 : 1);
+        // Past the two-block limit (a block has an SM to itself): the 16-warp build.
+        const int threads = threads_of(smem <= kTwoBlockSmem ? 2 : 1);
         // The 16-warp build on page input needs less (smem_for's `lean`); the rule above keeps the
         // full sizes, so the plans stay those it was measured with.
         const bool lean = pages && threads == threads_of(1);

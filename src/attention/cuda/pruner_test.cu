@@ -367,7 +367,8 @@ TEST(PrunerCuda, FloorAndCap) {
 // prune_plan_for, which is host code: this test needs no GPU and runs in the CPU CI too. B0 8192 at the
 // Llama shape: clusters of four blocks of 2048 for a single sequence or two, of two blocks of 4096 up
 // to 64 lists, whole lists in 16-warp blocks beyond (BENCHMARKS, "Since the run of ad67121"); B0 2048
-// and B0 32768 keep the earlier rule.
+// and B0 32768 keep the earlier rule. A whole list that fits two or three blocks per SM (B0 <= 4096 at
+// G 4, any B0 at G 1) is one 8-warp block (BENCHMARKS, "Since the run of 19d2fce").
 TEST(PrunerPlan, RuleOnH200Figures) {
   alignas(16) static const int32_t dummy[4] = {};  // never read: the plan needs only non-null pointers
   PagedKV kv;
@@ -379,7 +380,8 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   };
   for (const Want& w : {Want{1, 8192, 4, 256}, Want{2, 8192, 4, 256}, Want{4, 8192, 2, 256}, Want{8, 8192, 2, 256},
                         Want{10, 8192, 1, 512}, Want{16, 8192, 1, 512}, Want{64, 8192, 1, 512},
-                        Want{16, 2048, 1, 256}, Want{64, 2048, 1, 512}, Want{1, 32768, 16, 256}}) {
+                        Want{16, 2048, 1, 256}, Want{64, 2048, 1, 256}, Want{16, 4096, 1, 256},
+                        Want{32, 4096, 1, 256}, Want{64, 4096, 1, 256}, Want{1, 32768, 16, 256}}) {
     kv.batch = w.batch;
     for (const bool pages : {false, true}) {  // page input: the same plans (2 KB more per 8192 candidates)
       const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin, pages);
@@ -387,6 +389,9 @@ TEST(PrunerPlan, RuleOnH200Figures) {
       EXPECT_EQ(plan.threads, w.threads) << "batch " << w.batch << " cap " << w.cap << " pages " << pages;
     }
   }
+  // G 1: a whole list of 8192 fits two 8-warp blocks per SM.
+  kv.n_heads = 8, kv.batch = 18;
+  EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).threads, 256);
   // Qwen2.5-Coder-1.5B (G 6): blocks of 2048 do not fit three per SM, 4096 not two per SM: clusters of 3.
   kv.n_heads = 12, kv.n_kv_heads = 2, kv.batch = 16;
   const PrunePlan q = prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin);
@@ -409,7 +414,7 @@ TEST(PrunerCuda, PageInputMatchesTokenInput) {
   for (int s = 0; s < (sm_count() + 7) / 8 + 1; ++s) many.push_back(s == 0 ? 9000 : len(rng));
   const std::vector<Cfg> cfgs = {
       {32, 8, 128, KvDtype::F16, 8192, many, 1.5f},
-      {8, 8, 128, KvDtype::F16, 8192, many, 1.5f},  // G 1, whole lists: the lean build's own flags array
+      {8, 8, 128, KvDtype::F16, 8192, many, 1.5f},  // G 1, whole lists (8-warp blocks, two per SM)
       {32, 8, 128, KvDtype::F16, 8192, {9000, 20000}, 1.5f},         // clusters of blocks of 2048
       {32, 8, 128, KvDtype::BF16, 8192, {8200, 300, 12000, 1, 8192, 9999}, 1.5f},  // clusters of 4096
       {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500, 17}, 1.2f},     // G 6
