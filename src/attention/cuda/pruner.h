@@ -13,8 +13,9 @@
 //
 // One kernel, one pass over the INT4 rows, nothing but the result written to device memory:
 //  - a cluster of C thread blocks per (b, h) (C from the I0 capacity, G and the number of lists, see
-//    prune_plan: from about half a wave of lists a B0 = 8192 list is one 16-warp block, C = 1), each block
-//    scoring a contiguous slice of the list; the scores of all G heads stay in shared memory;
+//    prune_plan: from about half a wave of lists a whole list is one block, C = 1: 8 warps where two
+//    fit per SM, else 16, as for B0 = 8192 at G 4), each block scoring a contiguous slice of the list;
+//    the scores of all G heads stay in shared memory;
 //  - each INT4 row is loaded once and scored for all G heads with integer tensor-core MMAs (m16n8k32,
 //    u8 codes x s8 query, int32 accumulators: exact); the query is quantised per head by one thread
 //    with the CPU's operations in the CPU's order;
