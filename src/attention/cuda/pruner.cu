@@ -1046,7 +1046,11 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   const bool whole = !few && (mid ? lists * c4k > sms : lists * 8 >= 7 * sms) && in_capacity <= kMaxChunk &&
                      smem_for(sh.G, chunk_of(1), pages, nullptr) <= (size_t)optin;
   static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB");
-  const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : whole ? kMaxChunk : 4096;
+  // Lists longer than a block's kMaxChunk (past `few`): blocks of kMaxChunk, the fewest per cluster
+  // (each block reads every other block's histograms: H200, B0 32768 at G 4, 128 / 512 lists, clusters
+  // of 4 x 8192 in 16-warp blocks 217 / 792 us against 308 / 1098 for 8 x 4096 two per SM, 871 / 3266
+  // for 16 x 2048 three per SM).
+  const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : (whole || in_capacity > kMaxChunk) ? kMaxChunk : 4096;
   const int cmin = std::clamp((in_capacity + tpb - 1) / tpb, 1, kMaxCluster);
   const size_t first_limit = smem_knob_kb > 0 ? size_t(smem_knob_kb) << 10
                              : tpb <= 2048    ? kThreeBlockSmem

@@ -367,8 +367,9 @@ TEST(PrunerCuda, FloorAndCap) {
 // prune_plan_for, which is host code: this test needs no GPU and runs in the CPU CI too. B0 8192 at the
 // Llama shape: clusters of four blocks of 2048 for a single sequence or two, of two blocks of 4096 up
 // to 64 lists, whole lists in 16-warp blocks beyond (BENCHMARKS, "Since the run of ad67121"); B0 2048
-// and B0 32768 keep the earlier rule. A whole list that fits two or three blocks per SM (B0 <= 4096 at
-// G 4, any B0 at G 1) is one 8-warp block (BENCHMARKS, "Since the run of 19d2fce").
+// keeps the earlier rule. A whole list that fits two or three blocks per SM (B0 <= 4096 at G 4, any B0
+// at G 1) is one 8-warp block; lists longer than 8192 past a few sequences (B0 32768 from 4 sequences
+// on) are clusters of 8192-candidate blocks (BENCHMARKS, "Since the run of 19d2fce").
 TEST(PrunerPlan, RuleOnH200Figures) {
   alignas(16) static const int32_t dummy[4] = {};  // never read: the plan needs only non-null pointers
   PagedKV kv;
@@ -381,7 +382,8 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   for (const Want& w : {Want{1, 8192, 4, 256}, Want{2, 8192, 4, 256}, Want{4, 8192, 2, 256}, Want{8, 8192, 2, 256},
                         Want{10, 8192, 1, 512}, Want{16, 8192, 1, 512}, Want{64, 8192, 1, 512},
                         Want{16, 2048, 1, 256}, Want{64, 2048, 1, 256}, Want{16, 4096, 1, 256},
-                        Want{32, 4096, 1, 256}, Want{64, 4096, 1, 256}, Want{1, 32768, 16, 256}}) {
+                        Want{32, 4096, 1, 256}, Want{64, 4096, 1, 256}, Want{1, 32768, 16, 256},
+                        Want{16, 32768, 4, 512}, Want{64, 32768, 4, 512}, Want{7, 16384, 2, 512}}) {
     kv.batch = w.batch;
     for (const bool pages : {false, true}) {  // page input: the same plans (2 KB more per 8192 candidates)
       const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin, pages);
@@ -416,6 +418,8 @@ TEST(PrunerCuda, PageInputMatchesTokenInput) {
       {32, 8, 128, KvDtype::F16, 8192, many, 1.5f},
       {8, 8, 128, KvDtype::F16, 8192, many, 1.5f},  // G 1, whole lists (8-warp blocks, two per SM)
       {32, 8, 128, KvDtype::F16, 8192, {9000, 20000}, 1.5f},         // clusters of blocks of 2048
+      // Lists past a block (56 x B0 16384): clusters of two 16-warp blocks of 8192 (the lean build).
+      {32, 8, 128, KvDtype::F16, 16384, {17000, 16400, 20000, 9000, 16385, 30000, 12000}, 1.5f},
       {32, 8, 128, KvDtype::BF16, 8192, {8200, 300, 12000, 1, 8192, 9999}, 1.5f},  // clusters of 4096
       {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500, 17}, 1.2f},     // G 6
       {9, 3, 64, KvDtype::F16, 2048, {33, 4100, 900}, 2.0f},         // d 64, G 3
