@@ -1042,15 +1042,24 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   const bool mid = c2k > 1 && in_capacity <= kMaxChunk;
   const bool few = (mid ? 2 * lists * c2k <= sms : lists * c2k <= 3 * sms) &&
                    smem_for(sh.G, chunk_of(c2k), pages, nullptr) <= kThreeBlockSmem;
-  // Whole lists, each in one 16-warp block.
+  // Whole lists, each in one block (8 or 16 warps: below).
   const bool whole = !few && (mid ? lists * c4k > sms : lists * 8 >= 7 * sms) && in_capacity <= kMaxChunk &&
                      smem_for(sh.G, chunk_of(1), pages, nullptr) <= (size_t)optin;
   static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB");
-  // Lists longer than a block's kMaxChunk (past `few`): blocks of kMaxChunk, the fewest per cluster
-  // (each block reads every other block's histograms: H200, B0 32768 at G 4, 128 / 512 lists, clusters
-  // of 4 x 8192 in 16-warp blocks 217 / 792 us against 308 / 1098 for 8 x 4096 two per SM, 871 / 3266
-  // for 16 x 2048 three per SM).
-  const int tpb = tpb_knob >= 256 ? tpb_knob : few ? 2048 : (whole || in_capacity > kMaxChunk) ? kMaxChunk : 4096;
+  // Lists longer than a block's kMaxChunk: blocks of kMaxChunk, the fewest per cluster (each block
+  // reads every other block's histograms in every radix level), from 32 such blocks on; below, the
+  // few-sequence rule's blocks of 2048 spread the estimate over more SMs. H200, B0 32768 at G 4,
+  // clusters of 4 x 8192 (16-warp blocks) against 8 x 4096 (two per SM) and 16 x 2048 (three per SM):
+  // 8 lists 39.4 / 45.4 / 92.4 us, 24 lists 44.8 / 68.8 / 224, 128 lists 217 / 308 / 871, 512 lists
+  // 792 / 1098 / 3266; B0 16384: 16 lists 36.0 (2 x 8192) against 45.5 (8 x 2048), but 8 lists (16
+  // blocks of 8192) 34.7 against 32.1.
+  const int c8k = (in_capacity + kMaxChunk - 1) / kMaxChunk;
+  const bool long_lists = in_capacity > kMaxChunk && (!few || lists * c8k >= 32);
+  const int tpb = tpb_knob >= 256 ? tpb_knob
+                  : long_lists ? kMaxChunk
+                  : few ? 2048
+                  : whole ? kMaxChunk
+                  : 4096;
   const int cmin = std::clamp((in_capacity + tpb - 1) / tpb, 1, kMaxCluster);
   const size_t first_limit = smem_knob_kb > 0 ? size_t(smem_knob_kb) << 10
                              : tpb <= 2048    ? kThreeBlockSmem

@@ -368,8 +368,8 @@ TEST(PrunerCuda, FloorAndCap) {
 // Llama shape: clusters of four blocks of 2048 for a single sequence or two, of two blocks of 4096 up
 // to 64 lists, whole lists in 16-warp blocks beyond (BENCHMARKS, "Since the run of ad67121"); B0 2048
 // keeps the earlier rule. A whole list that fits two or three blocks per SM (B0 <= 4096 at G 4, any B0
-// at G 1) is one 8-warp block; lists longer than 8192 past a few sequences (B0 32768 from 4 sequences
-// on) are clusters of 8192-candidate blocks (BENCHMARKS, "Since the run of 19d2fce").
+// at G 1) is one 8-warp block; lists longer than 8192 are clusters of the fewest blocks of up to 8192
+// from 32 such blocks on (BENCHMARKS, "Since the run of 19d2fce").
 TEST(PrunerPlan, RuleOnH200Figures) {
   alignas(16) static const int32_t dummy[4] = {};  // never read: the plan needs only non-null pointers
   PagedKV kv;
@@ -382,8 +382,9 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   for (const Want& w : {Want{1, 8192, 4, 256}, Want{2, 8192, 4, 256}, Want{4, 8192, 2, 256}, Want{8, 8192, 2, 256},
                         Want{10, 8192, 1, 512}, Want{16, 8192, 1, 512}, Want{64, 8192, 1, 512},
                         Want{16, 2048, 1, 256}, Want{64, 2048, 1, 256}, Want{16, 4096, 1, 256},
-                        Want{32, 4096, 1, 256}, Want{64, 4096, 1, 256}, Want{1, 32768, 16, 256},
-                        Want{16, 32768, 4, 512}, Want{64, 32768, 4, 512}, Want{7, 16384, 2, 512}}) {
+                        Want{32, 4096, 1, 256}, Want{64, 4096, 1, 256}, Want{1, 32768, 4, 512},
+                        Want{16, 32768, 4, 512}, Want{64, 32768, 4, 512}, Want{7, 16384, 2, 512},
+                        Want{2, 16384, 2, 512}, Want{1, 16384, 8, 256}}) {
     kv.batch = w.batch;
     for (const bool pages : {false, true}) {  // page input: the same plans (2 KB more per 8192 candidates)
       const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin, pages);
