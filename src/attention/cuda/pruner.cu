@@ -339,8 +339,9 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
 
   // kLean (the 16-warp build on page input): no per-candidate row indices. The estimate derives a
   // row from its page's entry in s_rb, and the keep flags live in score row 1, dead once the weights
-  // are in row 0 (G 1: a flags array of its own). A G 4 block of 8192 candidates then needs ~159 KB,
-  // the 164-KB configuration, which leaves 92 KB of L1 instead of 60 (H200: the pruner 0.5-1% faster).
+  // are in row 0 (G 1: a flags array of its own, though no plan gives G 1 this build since e1b218b:
+  // its lists always fit the 8-warp one). A G 4 block of 8192 candidates then needs ~159 KB, the
+  // 164-KB configuration, which leaves 92 KB of L1 instead of 60 (H200: the pruner 0.5-1% faster).
   constexpr bool kLean = kPages && MINB == 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Small& S = *reinterpret_cast<Small*>(smem_raw);
