@@ -263,6 +263,12 @@ void quantize_query_int8(const float* q, int d, int8_t* q8, float& sq, float& cq
   qsum = s;
 }
 
+// The estimate's last step (pruner.h): every score rounded to fp16, nearest even, at most 65504 (the
+// clamp first). F16C's vcvtps2ph in the x86-64-v3 / v4 clones, libgcc's exact conversion otherwise.
+TW_CLONES void round_scores_to_half(float* z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) z[i] = (float)(_Float16)std::min(z[i], 65504.f);
+}
+
 void estimate_scores(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d, const float* q, int nq,
                      const int32_t* tokens, int64_t m, float* z) {
   check_keys(keys);
@@ -289,9 +295,10 @@ void estimate_scores(const Int4Keys& keys, const kv::SeqPages& seq, int layer, i
       score_tokens_vnni<8>(keys, seq, layer, kvh, qd.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
     else
       score_tokens_vnni<16>(keys, seq, layer, kvh, qd.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
-    return;
+  } else {
+    score_tokens(keys, seq, layer, kvh, d, q8.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
   }
-  score_tokens(keys, seq, layer, kvh, d, q8.data(), sq.data(), cq.data(), qsum.data(), nq, tokens, m, z);
+  round_scores_to_half(z, (int64_t)nq * m);
 }
 
 void estimate_scores_reference(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d,
@@ -308,9 +315,15 @@ void estimate_scores_reference(const Int4Keys& keys, const kv::SeqPages& seq, in
       const float s = keys.scale(keys.ctx, layer, phys, kvh)[row], zp = keys.zero(keys.ctx, layer, phys, kvh)[row];
       int64_t dot = 0;
       for (int i = 0; i < d; ++i) dot += (int64_t)((i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4)) * q8[i];
-      z[(size_t)r * m + j] = std::fma(s, std::fma(sq, (float)dot, cq), zp * qsum);
+      z[(size_t)r * m + j] = estimate_score(dot, s, zp, sq, cq, qsum);
     }
   }
+}
+
+float estimate_score(int64_t dot, float scale, float zero, float sq, float cq, float qsum) {
+  float z = std::fma(scale, std::fma(sq, (float)dot, cq), zero * qsum);
+  round_scores_to_half(&z, 1);
+  return z;
 }
 
 const char* guard_name(Guard g) {

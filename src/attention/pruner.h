@@ -38,6 +38,10 @@
 // which is q . K~_t / sqrt(d) (K~ = zero + code * scale, the INT4 mirror) up to
 // scale_t * sum_i (code_ti - 7.5) * (qs_i - sq * q8_i): centring the codes at 7.5 halves the query
 // rounding's worst case, |error| <= 7.5 * scale_t * sum_i |qs_i - sq * q8_i| <= 3.75 * d * sq * scale_t.
+// The score is then rounded to fp16 (nearest even; at most 65504, below -65504 it is -inf, weight 0),
+// relative error <= 2^-11:
+// far below the INT4 keys' own error, and it halves the GPU pruner's on-chip scores (CUDA.md: two
+// blocks of a B0 = 8192 list per SM at G 4, so 264 lists run in one wave).
 // Every SIMD level computes exactly this (bit-identical to estimate_scores_reference).
 // GQA-aware estimate: each INT4 row is loaded and unpacked once per kv head and scored against all G
 // query heads (TWILIGHT.md section 4.2). Threads split the lists; results do not depend on the
@@ -146,6 +150,8 @@ void estimate_scores(const Int4Keys& keys, const kv::SeqPages& seq, int layer, i
                      const int32_t* tokens, int64_t m, float* z);
 // The estimate's query quantisation (above) of one head: q [d] -> q8 [d], sq, cq, qsum.
 void quantize_query_int8(const float* q, int d, int8_t* q8, float& sq, float& cq, float& qsum);
+// One score of the estimate from its exact integer dot (the definition above, fp16 rounding included).
+float estimate_score(int64_t dot, float scale, float zero, float sq, float cq, float qsum);
 void estimate_scores_reference(const Int4Keys& keys, const kv::SeqPages& seq, int layer, int kvh, int d,
                                const float* q, int nq, const int32_t* tokens, int64_t m, float* z);
 

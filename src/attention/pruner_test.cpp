@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <cmath>
 #include <map>
@@ -99,7 +100,8 @@ std::vector<double> brute_weights(const TestMirror& mir, const kv::SeqPages& seq
     const float* qr = q + (size_t)((group ? list * G : list) + r) * d;
     std::vector<double> z(m);
     double mx = -INFINITY;
-    // The estimate's definition (pruner.h): int8 query, INT4 keys, in double.
+    // The estimate's definition (pruner.h): int8 query, INT4 keys, the score as estimate_score gives it
+    // (fp16), the softmax in double.
     std::vector<int8_t> q8(d);
     float sq, cq, qsum;
     quantize_query_int8(qr, d, q8.data(), sq, cq, qsum);
@@ -108,9 +110,9 @@ std::vector<double> brute_weights(const TestMirror& mir, const kv::SeqPages& seq
       const int slot = t % kPageSize;
       const uint8_t* c = mir.codes.at({phys, kvh}).data() + (size_t)slot * d / 2;
       const double sc = mir.scales.at({phys, kvh})[slot], zp = mir.zeros.at({phys, kvh})[slot];
-      double dot = 0;
-      for (int i = 0; i < d; ++i) dot += ((i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4)) * (double)q8[i];
-      z[j] = sc * ((double)sq * dot + cq) + zp * (double)qsum;
+      int64_t dot = 0;
+      for (int i = 0; i < d; ++i) dot += ((i % 2 == 0) ? (c[i / 2] & 15) : (c[i / 2] >> 4)) * (int64_t)q8[i];
+      z[j] = estimate_score(dot, (float)sc, (float)zp, sq, cq, qsum);  // fp32 operations, fp16 rounding
       mx = std::max(mx, z[j]);
     }
     double s = 0;
@@ -192,6 +194,25 @@ TEST(Pruner, EstimateMatchesScalarReference) {
   }
 }
 
+// The score's last step (pruner.h): fp16, nearest even, at most 65504; the same in every build (F16C
+// or libgcc) as the portable conversion of common/fp16.h. estimate_score(0, 1, 0, 0, x, 0) = round(x).
+TEST(Pruner, ScoreRoundingIsHalfNearestEven) {
+  std::mt19937 rng(2026);
+  std::uniform_real_distribution<float> mant(1.f, 2.f);
+  std::uniform_int_distribution<int> ex(-30, 17);
+  std::vector<float> xs = {0.f, 1e-30f, -1e-30f, 65504.f, 65519.f, 65520.f, 1e6f, -65504.f, -65519.f,
+                           -65520.f, -1e6f, 1.f + 0x1p-11f, 1.f + 0x1p-11f + 0x1p-12f, 1.f + 3 * 0x1p-11f,
+                           0x1p-24f, 0x1p-25f, 0x1.8p-25f, -INFINITY};
+  for (int i = 0; i < 20000; ++i) xs.push_back((rng() & 1 ? -1.f : 1.f) * std::ldexp(mant(rng), ex(rng)));
+  for (float x : xs) {
+    const float want = fp16_to_fp32(fp32_to_fp16(std::min(x, 65504.f)));
+    const float got = estimate_score(0, 1.f, 0.f, 0.f, x, 0.f);
+    ASSERT_EQ(std::memcmp(&got, &want, 4), 0) << "x " << x << ": got " << got << ", want " << want;
+  }
+  EXPECT_EQ(estimate_score(0, 1.f, 0.f, 0.f, 1e6f, 0.f), 65504.f);
+  EXPECT_EQ(estimate_score(0, 1.f, 0.f, 0.f, -1e6f, 0.f), -INFINITY);  // weight 0
+}
+
 TEST(Pruner, EstimateErrorIsBounded) {
   // Against the exact score q . K / sqrt(d) (fp16 K, double): the INT4 keys move it by at most
   // scale_t / 2 * sum |qs| and the int8 query by at most 7.5 * scale_t * sum |qs - sq * q8| (pruner.h);
@@ -243,7 +264,9 @@ TEST(Pruner, EstimateErrorIsBounded) {
           }
           exact *= qs, int4 *= qs;
           const double got = z[(size_t)r * m + j];
-          const double mag = 1e-5 * (1 + std::fabs(exact) + std::fabs(zp) * a + sc * 15 * a);
+          // + the score's rounding to fp16 (half an ulp: <= 2^-11 relative, 2^-25 absolute near 0).
+          const double mag = 1e-5 * (1 + std::fabs(exact) + std::fabs(zp) * a + sc * 15 * a) +
+                             std::fabs(got) * 0x1p-11 + 0x1p-25;
           ASSERT_LE(std::fabs(got - int4), 7.5 * sc * res + mag) << "query rounding beyond its bound, token " << t;
           ASSERT_LE(std::fabs(got - exact), sc * (0.5 * a + 7.5 * res) + mag) << "estimate beyond its bound, token " << t;
           err_q += std::fabs(got - int4);

@@ -1,6 +1,7 @@
 #include "attention/cuda/pruner.h"
 
 #include <cooperative_groups.h>
+#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <climits>
@@ -81,7 +82,7 @@ struct Args {
                   // but derived in the kernel it cost the three-block d 128 build 40 bytes of spill)
   float p;
   int min_tokens, max_tokens;
-  int chunk, zstride;
+  int chunk, npad;  // npad: the block's entries rounded up to 32 (the score area's length)
   int stop;  // benchmarking aid (TW_PRUNE_STOP_AFTER): leave after phase `stop` (0 = run everything)
 };
 
@@ -337,18 +338,23 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = a.group;
 
-  // kLean (the 16-warp build on page input): no per-candidate row indices. The estimate derives a
-  // row from its page's entry in s_rb, and the keep flags live in score row 1, dead once the weights
-  // are in row 0 (G 1: a flags array of its own, though no plan gives G 1 this build since e1b218b:
-  // its lists always fit the 8-warp one). A G 4 block of 8192 candidates then needs ~159 KB, the
-  // 164-KB configuration, which leaves 92 KB of L1 instead of 60 (H200: the pruner 0.5-1% faster).
-  constexpr bool kLean = kPages && MINB == 1;
+  // kLean (page input, every build): no per-candidate row indices; the estimate derives a row from
+  // its page's entry in s_rb.
+  constexpr bool kLean = kPages;
+  // The score area (smem_for): the estimate's fp16 scores, token-major [npad][Gp] (Gp = G rounded up
+  // to 2, 4 or 8: a 16-byte unit holds whole tokens); then the group weights w [npad] fp32 over its
+  // start (each weight overlays units at or before its own, so one barrier per round orders them),
+  // and the keep flags [npad] int32 at byte 4 npad. fp16 scores (the CPU's definition, pruner.h) make
+  // a G 4 block of 8192 candidates ~94 KB: two per SM, one wave of 264 lists (fp32 took ~159 KB).
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Small& S = *reinterpret_cast<Small*>(smem_raw);
-  float* zs = reinterpret_cast<float*>(smem_raw + ((sizeof(Small) + 15) & ~size_t(15)));  // [G][zstride]
-  int32_t* rowidx = reinterpret_cast<int32_t*>(zs + (size_t)G * a.zstride);  // [chunk] (kLean: G 1 only)
-  const bool flags_in_z = kLean && G >= 2;  // no rowidx array: the flags use score row 1
-  uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + (flags_in_z ? 0 : a.chunk));  // [3][kBins]
+  unsigned char* const zb = smem_raw + ((sizeof(Small) + 15) & ~size_t(15));
+  const int gsh = G <= 2 ? 1 : G <= 4 ? 2 : 3;  // log2(Gp)
+  __half* const zh = reinterpret_cast<__half*>(zb);
+  float* const ws = reinterpret_cast<float*>(zb);
+  int32_t* const flag = reinterpret_cast<int32_t*>(zb + (size_t)4 * a.npad);
+  int32_t* rowidx = reinterpret_cast<int32_t*>(zb + (size_t)a.npad * max(2 << gsh, 8));  // [chunk], token input
+  uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + (kLean ? 0 : a.chunk));  // [3][kBins]
   uint32_t* histB = histA + 3 * kBins;
   int32_t* s_pages = reinterpret_cast<int32_t*>(histB + 3 * kBins);  // [chunk / 16]: kPages, the block's pages
   // kLean, per page of the slice: its first row | (valid tokens - 1) in the low 4 bits (the row of
@@ -482,20 +488,8 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
       const int lp = k == tid ? lp0 : pages[k];
       s_pages[k] = lp;
       const int ph = k == tid ? ph0 : (lp >= 0 && lp < a.max_pages) ? a.page_table[(size_t)b * a.max_pages + lp] : -1;
-      if constexpr (kLean) {
-        const int t0 = lp * kPageSize, base = kv_row(ph, a.n_pages, a.n_kv_heads, h, t0);
-        s_rb[k] = (base >= 0 && t0 <= cur) ? base | min(cur - t0, kPageSize - 1) : INT_MIN;
-      } else {
-        int r[kPageSize];
-#pragma unroll
-        for (int i = 0; i < kPageSize; ++i) {
-          const int t = lp * kPageSize + i;
-          r[i] = t <= cur ? kv_row(ph, a.n_pages, a.n_kv_heads, h, t) : -1;
-        }
-        int4* dst = reinterpret_cast<int4*>(rowidx + kPageSize * k);  // rowidx is 16-byte aligned
-#pragma unroll
-        for (int i = 0; i < kPageSize / 4; ++i) dst[i] = make_int4(r[4 * i], r[4 * i + 1], r[4 * i + 2], r[4 * i + 3]);
-      }
+      const int t0 = lp * kPageSize, base = kv_row(ph, a.n_pages, a.n_kv_heads, h, t0);
+      s_rb[k] = (base >= 0 && t0 <= cur) ? base | min(cur - t0, kPageSize - 1) : INT_MIN;
     }
   } else {
     resolve_rows(tid);
@@ -547,7 +541,17 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     float sz[kHalf];                      // lane < 16: scale of row lane, else zero of row lane - 16
     int rg[kFlags], rg8[kFlags];          // rows g and g + 8 (-1: none); unused with kNanDead
   };
-  float lmax0 = -INFINITY, lmax1 = -INFINITY;
+  // Per column of this lane (heads hc0, hc1): the running max of its scores and the sum of exp(z - max)
+  // rescaled when the max grows (online softmax), so that S needs no pass over the scores later.
+  float lmax0 = -INFINITY, lmax1 = -INFINITY, lsum0 = 0.f, lsum1 = 0.f;
+  auto online = [&](float& mx, float& sm, float x, float y) {  // x, y: two scores (-inf: none)
+    const float mn = fmaxf(mx, fmaxf(x, y));
+    if (mn > mx) {  // rare after the first tiles
+      sm *= exp_fast(mx - mn);  // mx = -inf: 0 (sm is 0 then)
+      mx = mn;
+    }
+    if (mx > -INFINITY) sm += exp_fast(x - mx) + exp_fast(y - mx);
+  };
   const int ntiles = (m + 15) / 16;
   // Per-lane bases, so each load's address is one unsigned wide multiply-add of its row (< 2^31).
   const uint8_t* const k4_lane = opaque(a.k4 + t4 * (D / 8));
@@ -611,26 +615,35 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
       const float sc_g8 = __shfl_sync(0xffffffffu, f.sz[u], g + 8), zp_g8 = __shfl_sync(0xffffffffu, f.sz[u], 24 + g);
       if (tile >= ntiles) continue;
       const int j0 = tile * 16 + g, j1 = j0 + 8;
-      // z = fma(scale, fma(sq, dot, cq), zero * qsum): the CPU estimate's operations (pruner.h).
-      float z00, z01, z10, z11;
-      if constexpr (kNanDead) {
-        z00 = fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0);
-        z01 = fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1);
-        z10 = fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0);
-        z11 = fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1);
-      } else {
-        z00 = f.rg[u] >= 0 ? fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0) : -INFINITY;
-        z01 = f.rg[u] >= 0 ? fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1) : -INFINITY;
-        z10 = f.rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0) : -INFINITY;
-        z11 = f.rg8[u] >= 0 ? fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1) : -INFINITY;
+      // z = fma(scale, fma(sq, dot, cq), zero * qsum): the CPU estimate's operations (pruner.h), then
+      // rounded to fp16 in pairs (heads hc0, hc1), at most 65504 (rounding after the clamp is the same:
+      // a NaN-preserving min, so the three-block build's dead rows stay NaN). The others' dead rows
+      // are -inf after it.
+      const __half2 kHi = __floats2half2_rn(65504.f, 65504.f);
+      __half2 h0 = __floats2half2_rn(fmaf(sc_g, fmaf(sq0, (float)acc[0], cq0), zp_g * qs0),
+                                     fmaf(sc_g, fmaf(sq1, (float)acc[1], cq1), zp_g * qs1));
+      __half2 h1 = __floats2half2_rn(fmaf(sc_g8, fmaf(sq0, (float)acc[2], cq0), zp_g8 * qs0),
+                                     fmaf(sc_g8, fmaf(sq1, (float)acc[3], cq1), zp_g8 * qs1));
+      h0 = __hmin2_nan(h0, kHi);
+      h1 = __hmin2_nan(h1, kHi);
+      if constexpr (!kNanDead) {
+        const __half2 kDead = __floats2half2_rn(-INFINITY, -INFINITY);
+        h0 = f.rg[u] >= 0 ? h0 : kDead;
+        h1 = f.rg8[u] >= 0 ? h1 : kDead;
       }
-      if (j0 < m) {
-        if (hc0 < G) zs[(size_t)hc0 * a.zstride + j0] = z00, lmax0 = fmaxf(lmax0, z00);
-        if (hc1 < G) zs[(size_t)hc1 * a.zstride + j0] = z01, lmax1 = fmaxf(lmax1, z01);
-      }
-      if (j1 < m) {
-        if (hc0 < G) zs[(size_t)hc0 * a.zstride + j1] = z10, lmax0 = fmaxf(lmax0, z10);
-        if (hc1 < G) zs[(size_t)hc1 * a.zstride + j1] = z11, lmax1 = fmaxf(lmax1, z11);
+      if (hc0 < G) {  // a column hc1 >= G is padding of the token's Gp slots
+        if (j0 < m) *reinterpret_cast<__half2*>(zh + (j0 << gsh) + hc0) = h0;
+        if (j1 < m) *reinterpret_cast<__half2*>(zh + (j1 << gsh) + hc0) = h1;
+        float2 a = __half22float2(h0), c = __half22float2(h1);
+        if (j0 >= m) a = make_float2(-INFINITY, -INFINITY);
+        if (j1 >= m) c = make_float2(-INFINITY, -INFINITY);
+        if constexpr (kNanDead) {  // the max only (fmaxf skips a dead row's NaN); S in a pass below
+          lmax0 = fmaxf(lmax0, fmaxf(a.x, c.x));
+          lmax1 = fmaxf(lmax1, fmaxf(a.y, c.y));
+        } else {
+          online(lmax0, lsum0, a.x, c.x);
+          online(lmax1, lsum1, a.y, c.y);
+        }
       }
     }
   };
@@ -658,14 +671,15 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     pre_tok[u] = j < s1 ? tok_at(j) : 0;
   }
   // Block max per head: over the lanes of one column (xor over g), then over warps.
+  float bmax0 = lmax0, bmax1 = lmax1;
 #pragma unroll
   for (int o = 4; o < 32; o <<= 1) {
-    lmax0 = fmaxf(lmax0, __shfl_xor_sync(0xffffffffu, lmax0, o));
-    lmax1 = fmaxf(lmax1, __shfl_xor_sync(0xffffffffu, lmax1, o));
+    bmax0 = fmaxf(bmax0, __shfl_xor_sync(0xffffffffu, bmax0, o));
+    bmax1 = fmaxf(bmax1, __shfl_xor_sync(0xffffffffu, bmax1, o));
   }
   if (lane < 4) {
-    if (hc0 < kMaxGroup) S.wred[warp][hc0] = lmax0;
-    if (hc1 < kMaxGroup) S.wred[warp][hc1] = lmax1;
+    if (hc0 < kMaxGroup) S.wred[warp][hc0] = bmax0;
+    if (hc1 < kMaxGroup) S.wred[warp][hc1] = bmax1;
   }
   __syncthreads();
   if (tid < G) {
@@ -677,9 +691,8 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   __syncthreads();
 
   if (a.stop == 2) { __syncthreads(); cluster_sync(cl, C); return; }
-  // ---- softmax statistics: the cluster's max M per head first (one exchange), then one pass that
-  // stores e = exp(z - M) in place of z and sums it (a second exchange gives S), so each exp is taken
-  // once; exponents below -87 give 0 (fast_exp.h's rule). Only cluster-wide values enter e, so equal
+  // ---- softmax statistics: the cluster's max M per head first (one exchange), then the lanes' online
+  // sums rescaled to it (a second exchange gives S); exponents below -87 give 0 (fast_exp.h's rule). Only cluster-wide values enter e, so equal
   // scores get equal e in every block: exact ties stay ties (a per-block max, rescaled later by
   // exp(M_c - M), rounded differently per block and split tie groups across blocks). ----
   if (C > 1) {
@@ -691,31 +704,67 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     }
     __syncthreads();
   }
-  // Head by head, four consecutive entries per thread in one 16-byte load: these phases are
-  // latency-bound (16 warps per SM), and a vector load is the one way to get several shared-memory
-  // values in flight that the scheduler does not pull apart. Entries past m in the row's padding
-  // are read and set to 0.
-#pragma unroll 1
-  for (int r = 0; r < G; ++r) {
-    const float gm = S.gmax[r];
-    float* zr = zs + (size_t)r * a.zstride;
-    float ls = 0.f;
-#pragma unroll 2
-    for (int j = 4 * tid; j < m; j += 4 * kThreads) {
-      const float4 z4 = *reinterpret_cast<const float4*>(zr + j);
-      const float zv[4] = {z4.x, z4.y, z4.z, z4.w};
-      float e[4];
+  // The weights pass below takes one 16-byte unit of scores (8 / Gp whole tokens) per thread at a
+  // time: these phases are latency-bound, and a vector load is the one way to get several
+  // shared-memory values in flight that the scheduler does not pull apart. A unit's tokens past m
+  // count 0. (A separate pass for S, e = exp(z - M) taken twice as fp16 scores leave no room to
+  // store it, made this phase 2.7 / 4 us slower at 128 / 256 lists x B0 8192; hence the online sums.)
+  float gmr[kMaxGroup];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const float x = zv[u] - gm;
-        const bool low = kNanDead ? !(x >= -87.f) : x < -87.f;  // kNanDead: a NaN (dead row) gives 0 too
-        e[u] = (j + u >= m || low || gm == -INFINITY) ? 0.f : exp_fast(x);
-        ls += e[u];
+  for (int r = 0; r < kMaxGroup; ++r) gmr[r] = r < G ? S.gmax[r] : 0.f;
+  auto e_of = [&](uint32_t word, int k, int r) {  // half k % 2 of `word`, head r (compile-time k, r)
+    const float x = __half2float(__ushort_as_half((unsigned short)(k % 2 ? word >> 16 : word & 0xffffu))) - gmr[r];
+    const bool low = kNanDead ? !(x >= -87.f) : x < -87.f;  // kNanDead: a NaN (dead row) gives 0 too
+    return (low || gmr[r] == -INFINITY) ? 0.f : exp_fast(x);
+  };
+  const int nunits = (m + (8 >> gsh) - 1) >> (3 - gsh);  // units covering [0, m)
+  const uint4* const zu = reinterpret_cast<const uint4*>(zb);
+  auto by_group = [&](auto pass) {  // the pass with Gp as a compile-time constant
+    if (gsh == 1)
+      pass(std::integral_constant<int, 2>{});
+    else if (gsh == 2)
+      pass(std::integral_constant<int, 4>{});
+    else
+      pass(std::integral_constant<int, 8>{});
+  };
+  // S per head: each lane's online sum rescaled to the cluster's max, summed over the column's lanes
+  // and then over warps. (A rescaled sum rounds differently from the CPU's sum of exp(z - M) in its
+  // order, as any GPU order does: the float sum is the definition's, not its bits.) The three-block
+  // build (80 registers: the online sums made its estimate loop spill) sums in a pass over the scores.
+  if constexpr (kNanDead) {
+    by_group([&](auto gp) {
+      constexpr int GP = decltype(gp)::value, T = 8 / GP;
+      float ls[GP];
+#pragma unroll
+      for (int r = 0; r < GP; ++r) ls[r] = 0.f;
+#pragma unroll 2
+      for (int i = tid; i < nunits; i += kThreads) {
+        const uint4 u4 = zu[i];
+        const uint32_t wd[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          if (k % GP < G && i * T + k / GP < m) ls[k % GP] += e_of(wd[k / 2], k, k % GP);
       }
-      *reinterpret_cast<float4*>(zr + j) = make_float4(e[0], e[1], e[2], e[3]);
+#pragma unroll
+      for (int r = 0; r < GP; ++r) {
+        if (r >= G) break;
+        const float sr = warp_sum(ls[r]);
+        if (lane == 0) S.wred[warp][r] = sr;
+      }
+    });
+  } else {
+    const float gm0 = hc0 < G ? S.gmax[hc0] : -INFINITY, gm1 = hc1 < G ? S.gmax[hc1] : -INFINITY;
+    float c0 = lmax0 > -INFINITY && gm0 > -INFINITY ? lsum0 * exp_fast(lmax0 - gm0) : 0.f;
+    float c1 = lmax1 > -INFINITY && gm1 > -INFINITY ? lsum1 * exp_fast(lmax1 - gm1) : 0.f;
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      c0 += __shfl_xor_sync(0xffffffffu, c0, o);
+      c1 += __shfl_xor_sync(0xffffffffu, c1, o);
     }
-    const float sr = warp_sum(ls);
-    if (lane == 0) S.wred[warp][r] = sr;
+    if (lane < 4) {  // (the block max's readers of S.wred passed a barrier since)
+      if (hc0 < G) S.wred[warp][hc0] = c0;
+      if (hc1 < G) S.wred[warp][hc1] = c1;
+    }
   }
   __syncthreads();
   // 1 / (S G) of head tid from the list's exp sum S (0 for a head without a finite score).
@@ -738,30 +787,53 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   __syncthreads();
 
   // ---- group weights w = sum_r exp(z_r - M_r) / (S_r G) (the CPU's operations: e * (1 / (S G))),
-  // into row 0 of zs; the level-1 histogram of the top-p select is built in the same pass. ----
-  float* ws = zs;
+  // over the start of the score area; the level-1 histogram of the top-p select is built in the same
+  // pass. A unit's weights overlay units at or before it (4 bytes per token over 2 Gp >= 4), so a
+  // barrier between a round's reads and its writes is all the ordering needed. ----
   uint32_t* const hist[2] = {histA, histB};
   const bool topp = a.p < 1.f;
   {
     float gi[kMaxGroup];
 #pragma unroll
     for (int r = 0; r < kMaxGroup; ++r) gi[r] = r < G ? S.ginv[r] : 0.f;
+    by_group([&](auto gp) {
+      constexpr int GP = decltype(gp)::value, T = 8 / GP, kU = 4;  // kU units per thread and round
 #pragma unroll 1
-    for (int j = 4 * tid; j < m; j += 4 * kThreads) {  // four consecutive entries (16-byte loads, as above)
-      float w[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int base = 0; base < nunits; base += kU * kThreads) {  // block-uniform rounds
+        float w[kU][T];
 #pragma unroll
-      for (int r = 0; r < kMaxGroup; ++r) {  // the CPU's order: head 0 first
-        if (r >= G) break;
-        const float4 e4 = *reinterpret_cast<const float4*>(zs + (size_t)r * a.zstride + j);
-        w[0] += e4.x * gi[r], w[1] += e4.y * gi[r], w[2] += e4.z * gi[r], w[3] += e4.w * gi[r];
-      }
-      *reinterpret_cast<float4*>(ws + j) = make_float4(w[0], w[1], w[2], w[3]);  // padding: e = 0 -> w = 0
-      if (topp) {
+        for (int v = 0; v < kU; ++v) {  // kU independent units in flight
+          const int i = base + v * kThreads + tid;
+          const uint4 u4 = i < nunits ? zu[i] : make_uint4(0u, 0u, 0u, 0u);
+          const uint32_t wd[4] = {u4.x, u4.y, u4.z, u4.w};
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
-          hist_add(histA, (__float_as_uint(w[u]) >> 20) & (kBins - 1), w[u], true);  // past m: w = 0, adds 0
+          for (int t = 0; t < T; ++t) {
+            w[v][t] = 0.f;
+#pragma unroll
+            for (int r = 0; r < GP; ++r)  // the CPU's order: head 0 first
+              if (r < G) w[v][t] += e_of(wd[(t * GP + r) / 2], t * GP + r, r) * gi[r];
+            if (i * T + t >= m) w[v][t] = 0.f;  // past the slice (and past the last unit): 0, never kept
+          }
+        }
+        __syncthreads();  // every unit of the round is read before a weight overlays one
+#pragma unroll
+        for (int v = 0; v < kU; ++v) {
+          const int i = base + v * kThreads + tid;
+          if (i >= nunits) break;
+          if constexpr (T == 4)
+            reinterpret_cast<float4*>(ws)[i] = make_float4(w[v][0], w[v][1], w[v][2], w[v][3]);
+          else if constexpr (T == 2)
+            reinterpret_cast<float2*>(ws)[i] = make_float2(w[v][0], w[v][1]);
+          else
+            ws[i] = w[v][0];
+          if (topp) {
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+              hist_add(histA, (__float_as_uint(w[v][t]) >> 20) & (kBins - 1), w[v][t], true);  // past m: adds 0
+          }
+        }
       }
-    }
+    });
   }
   __syncthreads();
 
@@ -783,12 +855,12 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   }
 
   if (a.stop == 4) { __syncthreads(); cluster_sync(cl, C); return; }
-  // ---- keep flags (in rowidx, or kLean: score row 1); count and kept mass published to the cluster together ----
+  // ---- keep flags (at byte 4 npad of the score area, dead scores by now); count and kept mass published
+  // to the cluster together ----
   // Warp w owns the contiguous segment [s0, s1) of the block's slice (a multiple of 32 long): counts
   // and the ordered output go 32 list entries at a time (ballots; coalesced, no bank conflicts).
   // The first count takes the keep test from the threshold and writes the flags of its own warp's
   // segment as it goes (no separate flags pass); floor / cap rewrite the flags and count from them.
-  int32_t* flag = flags_in_z ? reinterpret_cast<int32_t*>(zs + a.zstride) : rowidx;
   int warp_off = 0;  // this warp's first output slot within the block's
   // keep(j, w, flag) decides entry j (weight w, stored flag) from registers; write_flags stores the
   // decisions as flags. Four consecutive entries per lane (16-byte loads and stores; s0 is a multiple of
@@ -963,19 +1035,16 @@ Shape check_args(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
   return {kv.head_dim, G};
 }
 
-// Page input adds the block's pages (chunk / 16 ids) after the histograms; `lean` (the 16-warp build
-// on page input, prune_kernel's kLean) drops the row indices (G >= 2) and adds a row base per page.
-size_t smem_for(int G, int chunk, bool pages, int* zstride, bool lean = false) {
-  const int zs = (chunk + 31) / 32 * 32 + 4;  // +4 floats: the 4 column groups of a tile hit distinct banks
-  if (zstride) *zstride = zs;
-  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)G * zs * 4 + (lean && G >= 2 ? 0 : (size_t)chunk * 4) +
-         (size_t)2 * 3 * kBins * 4 + (pages ? (size_t)chunk / kPageSize * 4 * (lean ? 2 : 1) : 0);
+// The score area ([npad][Gp] fp16 scores, later the weights and the flags: at least 8 bytes per entry),
+// token input's row indices, the two histogram sets; page input instead the block's pages and a row
+// base per page (chunk / 16 each).
+size_t smem_for(int G, int chunk, bool pages, int* npad_out) {
+  const int npad = (chunk + 31) / 32 * 32, gp = G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  if (npad_out) *npad_out = npad;
+  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)npad * std::max(2 * gp, 8) +
+         (pages ? (size_t)chunk / kPageSize * 8 : (size_t)chunk * 4) + (size_t)2 * 3 * kBins * 4;
 }
 
-// The build a plan runs: its 16-warp build, else by the blocks per SM its shared memory allows.
-int blocks_per_sm_of(const PrunePlan& plan) {
-  return plan.threads == threads_of(1) ? 1 : plan.smem_bytes <= kThreeBlockSmem ? 3 : 2;
-}
 
 // The kernel for a plan, its attributes set once (the largest shared memory any plan may ask,
 // clusters up to 16); not stream work, and done once, so graph captures stay free of it. No carveout
@@ -992,7 +1061,7 @@ void (*kernel_of(int head_dim, int per_sm))(Args) {
 }
 
 void (*kernel_for(int head_dim, const PrunePlan& plan))(Args) {
-  const int per_sm = blocks_per_sm_of(plan);
+  const int per_sm = plan.per_sm;
   void (*kern)(Args) = plan.pages ? kernel_of<true>(head_dim, per_sm) : kernel_of<false>(head_dim, per_sm);
   static std::once_flag once[12];
   std::call_once(once[(plan.pages ? 6 : 0) + (head_dim == 128 ? 3 : 0) + per_sm - 1], [kern] {
@@ -1042,11 +1111,13 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   const int c2k = std::min((in_capacity + 2047) / 2048, kMaxCluster), c4k = (in_capacity + 4095) / 4096;
   const bool mid = c2k > 1 && in_capacity <= kMaxChunk;
   const bool few = (mid ? 2 * lists * c2k <= sms : lists * c2k <= 3 * sms) &&
-                   smem_for(sh.G, chunk_of(c2k), pages, nullptr) <= kThreeBlockSmem;
+                   smem_for(sh.G, chunk_of(c2k), true, nullptr) <= kThreeBlockSmem;
   // Whole lists, each in one block (8 or 16 warps: below).
   const bool whole = !few && (mid ? lists * c4k > sms : lists * 8 >= 7 * sms) && in_capacity <= kMaxChunk &&
-                     smem_for(sh.G, chunk_of(1), pages, nullptr) <= (size_t)optin;
-  static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB");
+                     smem_for(sh.G, chunk_of(1), true, nullptr) <= (size_t)optin;
+  static const int tpb_knob = bench_knob("TW_PRUNE_TOKENS_PER_BLOCK"), smem_knob_kb = bench_knob("TW_PRUNE_SMEM_KB"),
+                   threads_knob = bench_knob("TW_PRUNE_THREADS"),  // 512 / 256: 16 / 8 warps (A/B runs)
+                   per_sm_knob = bench_knob("TW_PRUNE_PER_SM");     // 3 / 2: the 8-warp build (A/B runs)
   // Lists longer than a block's kMaxChunk: blocks of kMaxChunk, the fewest per cluster (each block
   // reads every other block's histograms in every radix level), from 32 such blocks on; below, the
   // few-sequence rule's blocks of 2048 spread the estimate over more SMs. H200, B0 32768 at G 4,
@@ -1069,14 +1140,25 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   for (size_t limit : {first_limit, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
       const int chunk = chunk_of(c);
-      const size_t smem = smem_for(sh.G, chunk, pages, nullptr);
+      // Decided on page input's size (the Twilight step's); token input (3.5 bytes more per candidate:
+      // row indices) takes the same plan, so both give the same output bit for bit (the softmax sums'
+      // order follows the block's threads), at fewer blocks per SM where its size exceeds the target.
+      const size_t smem = smem_for(sh.G, chunk, true, nullptr);
       if (chunk <= kMaxChunk && smem <= limit) {
-        // Past the two-block limit (a block has an SM to itself): the 16-warp build.
-        const int threads = threads_of(smem <= kTwoBlockSmem ? 2 : 1);
-        // The 16-warp build on page input needs less (smem_for's `lean`); the rule above keeps the
-        // full sizes, so the plans stay those it was measured with.
-        const bool lean = pages && threads == threads_of(1);
-        return PrunePlan{c, chunk, lean ? smem_for(sh.G, chunk, true, nullptr, true) : smem, threads, pages};
+        // Past the two-block limit (a block has an SM to itself): the 16-warp build; also for blocks of
+        // more than 4096 while they do not outnumber the SMs (two 8-warp blocks per SM would leave
+        // half of them idle: one 16-warp block gives each list all the SM's warps).
+        const bool sm_each = chunk > 4096 && lists * c <= sms;
+        const bool knob16 = threads_knob == 512, knob8 = threads_knob == 256 && smem <= kTwoBlockSmem;
+        const int threads = knob16 || (!knob8 && (smem > kTwoBlockSmem || sm_each)) ? threads_of(1) : threads_of(2);
+        // 8-warp blocks: the three-block build (80 registers) where a third block per SM is needed (more
+        // than two blocks per SM) and the slices are small, chunk x (G + 1) <= 12288 (those whose fp32
+        // scores fitted three per SM, where it was measured); else the two-block build (clusters of 2 x
+        // 4096 at G 4, 32 / 64 lists: the three-block build was 4.4 / 5.5 us slower).
+        const bool three = smem <= kThreeBlockSmem && chunk * (sh.G + 1) <= 12288 &&
+                           (per_sm_knob == 3 || (per_sm_knob != 2 && lists * c > 2 * sms));
+        const int per_sm = threads == threads_of(1) ? 1 : three ? 3 : 2;
+        return PrunePlan{c, chunk, pages ? smem : smem_for(sh.G, chunk, false, nullptr), threads, per_sm, pages};
       }
     }
   }
@@ -1131,7 +1213,7 @@ void launch_prune(const PagedKV& kv, const KeySideDev& ks, const float* q, const
   a.chunk = plan.chunk;
   static const int stop = bench_knob("TW_PRUNE_STOP_AFTER");
   a.stop = stop;
-  smem_for(a.group, plan.chunk, pages, &a.zstride);
+  smem_for(a.group, plan.chunk, pages, &a.npad);
 
   void (*kern)(Args) = kernel_for(kv.head_dim, plan);
   cudaLaunchAttribute attr;

@@ -49,6 +49,7 @@ struct PrunePlan {
   int chunk = 0;             // candidates per block at most (ceil(capacity / cluster), rounded up to 16)
   size_t smem_bytes = 0;     // dynamic shared memory per block
   int threads = 0;           // per block: 256 (two or three blocks per SM), 512 (one block per SM)
+  int per_sm = 0;            // the kernel build: blocks per SM it is made for (1, 2 or 3; its registers)
   bool pages = false;        // the I0 lists are PageLists (their pages after the histograms in shared memory)
 };
 
