@@ -1151,12 +1151,15 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
         const bool sm_each = chunk > 4096 && lists * c <= sms;
         const bool knob16 = threads_knob == 512, knob8 = threads_knob == 256 && smem <= kTwoBlockSmem;
         const int threads = knob16 || (!knob8 && (smem > kTwoBlockSmem || sm_each)) ? threads_of(1) : threads_of(2);
-        // 8-warp blocks: the three-block build (80 registers) where a third block per SM is needed (more
-        // than two blocks per SM) and the slices are small, chunk x (G + 1) <= 12288 (those whose fp32
-        // scores fitted three per SM, where it was measured); else the two-block build (clusters of 2 x
-        // 4096 at G 4, 32 / 64 lists: the three-block build was 4.4 / 5.5 us slower).
+        // 8-warp blocks: the three-block build (80 registers) only where a third block per SM saves a
+        // wave and the slices are small, chunk x (G + 1) <= 12288 (those whose fp32 scores fitted three
+        // per SM, where it was measured); else the two-block build, which is faster per block (H200,
+        // 512 lists of 2048 at G 4, two waves either way: 55.9 us three per SM, 47.7 two; clusters of
+        // 2 x 4096 at G 4, 32 / 64 lists: the three-block build was 4.4 / 5.5 us slower).
+        const int64_t blocks = lists * c;
+        const bool saves_wave = (blocks + 3 * sms - 1) / (3 * sms) < (blocks + 2 * sms - 1) / (2 * sms);
         const bool three = smem <= kThreeBlockSmem && chunk * (sh.G + 1) <= 12288 &&
-                           (per_sm_knob == 3 || (per_sm_knob != 2 && lists * c > 2 * sms));
+                           (per_sm_knob == 3 || (per_sm_knob != 2 && saves_wave));
         const int per_sm = threads == threads_of(1) ? 1 : three ? 3 : 2;
         return PrunePlan{c, chunk, pages ? smem : smem_for(sh.G, chunk, false, nullptr), threads, per_sm, pages};
       }

@@ -398,13 +398,15 @@ TEST(PrunerPlan, RuleOnH200Figures) {
       EXPECT_EQ(plan.threads, w.threads) << "batch " << w.batch << " cap " << w.cap << " pages " << pages;
     }
   }
-  // The kernel build: three blocks per SM where they are needed (more than two per SM) and small,
+  // The kernel build: three blocks per SM where a third one saves a wave and the blocks are small,
   // else two (clusters of 4096 would fit three with fp16 scores, but that build was slower there), one
   // for 16-warp blocks.
   kv.batch = 1;
   EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).per_sm, 2);
-  kv.batch = 64;
+  kv.batch = 40;  // 320 blocks: one wave at three per SM, two at two
   EXPECT_EQ(prune_plan_for(kv, 2048, PruneParams{}, kSms, kOptin, true).per_sm, 3);
+  kv.batch = 64;  // 512 blocks: two waves either way
+  EXPECT_EQ(prune_plan_for(kv, 2048, PruneParams{}, kSms, kOptin, true).per_sm, 2);
   kv.batch = 16;
   EXPECT_EQ(prune_plan_for(kv, 2048, PruneParams{}, kSms, kOptin, true).per_sm, 2);
   kv.batch = 4;
@@ -532,7 +534,7 @@ TEST(PrunerCuda, WholeListsInOneBlock) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
-  for (const auto [batch, threads] : {std::pair{sm_count() / 8, 512}, std::pair{sm_count() / 8 + 2, 256}}) {
+  for (const auto& [batch, threads] : {std::pair{sm_count() / 8, 512}, std::pair{sm_count() / 8 + 2, 256}}) {
     SCOPED_TRACE(cat("batch ", batch));
     BatchSpec spec;
     spec.n_heads = 32, spec.n_kv_heads = 8, spec.head_dim = 128, spec.kscale = 1.5f;
