@@ -1051,8 +1051,8 @@ size_t smem_for(int G, int chunk, bool pages, int* npad_out) {
 // preference: the maximal one (set before) left a 16-warp block of 190 KB (G 4) 28 KB of L1, where the
 // driver's own choice can leave 60 (the 196-KB configuration); that made the estimate faster, likely
 // because its loads in flight take L1 lines (H200, 128 / 256 / 512 lists x B0 8192: 43.6 / 81.9 /
-// 158.0 -> 41.8 / 78.2 / 151.6 us; 8 lists, three smaller blocks per SM, unchanged). On page input that
-// block is ~159 KB now (kLean), so the driver's choice leaves 92 KB.
+// 158.0 -> 41.8 / 78.2 / 151.6 us; 8 lists, three smaller blocks per SM, unchanged). With fp16 scores
+// a G 4 block of 8192 on page input is ~94 KB, two per SM.
 template <bool P>
 void (*kernel_of(int head_dim, int per_sm))(Args) {
   return per_sm == 3   ? (head_dim == 128 ? prune_kernel<128, 3, P> : prune_kernel<64, 3, P>)
@@ -1099,7 +1099,7 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   //  - beyond, a whole list in one block: the same 16 warps per SM as two 8-warp blocks of a cluster,
   //    without cluster barriers or remote reads (96 / 256 lists 39.9 / 85.7 us, against 42.3 / 88.0
   //    for clusters of 4096). One 8-warp block where the list fits two (or three) per SM, else one
-  //    16-warp block (B0 8192 at G 4: ~159 KB): the same warps per SM, but past a wave of lists the
+  //    16-warp block (past the two-block limit): the same warps per SM, but past a wave of lists the
   //    smaller blocks hold twice the lists at once, so each wave's latency-bound phases are paid half
   //    as often (B0 4096: 256 / 512 lists 48.6 / 93.2 -> 40.6 / 76.6 us; 128 lists level).
   // At G 6 blocks of 2048 do not fit three per SM; forcing smaller ones was slower (Qwen 1.5B shape,
