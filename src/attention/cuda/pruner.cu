@@ -1145,10 +1145,12 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
       // order follows the block's threads), at fewer blocks per SM where its size exceeds the target.
       const size_t smem = smem_for(sh.G, chunk, true, nullptr);
       if (chunk <= kMaxChunk && smem <= limit) {
-        // Past the two-block limit (a block has an SM to itself): the 16-warp build; also for blocks of
-        // more than 4096 while they do not outnumber the SMs (two 8-warp blocks per SM would leave
-        // half of them idle: one 16-warp block gives each list all the SM's warps).
-        const bool sm_each = chunk > 4096 && lists * c <= sms;
+        // Past the two-block limit (a block has an SM to itself): the 16-warp build; also while the
+        // blocks do not outnumber the SMs (each SM holds one block then: 16 warps give it all the SM's
+        // warps, 8 leave half idle). H200, prune µs, 8 / 16 warps: G 4 B0 8192, 32 lists (clusters of
+        // 2 x 4096) 31.7 / 27.1, 64 lists 34.6 / 30.2, 16 lists (4 x 2048) 25.2 / 24.8; G 6 (Qwen 1.5B
+        // dump), 32 / 48 lists 33.6 / 28.0, 35.3 / 29.7.
+        const bool sm_each = lists * c <= sms;
         const bool knob16 = threads_knob == 512, knob8 = threads_knob == 256 && smem <= kTwoBlockSmem;
         const int threads = knob16 || (!knob8 && (smem > kTwoBlockSmem || sm_each)) ? threads_of(1) : threads_of(2);
         // 8-warp blocks: the three-block build (80 registers) only where a third block per SM saves a

@@ -383,14 +383,14 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   struct Want {
     int batch, cap, cluster, threads;
   };
-  // Blocks of 8192 (fp16 scores: ~94 KB at G 4 on page input) fit two per SM: 8-warp blocks once they
-  // outnumber the SMs, else 16-warp ones.
-  for (const Want& w : {Want{1, 8192, 4, 256}, Want{2, 8192, 4, 256}, Want{4, 8192, 2, 256}, Want{8, 8192, 2, 256},
+  // Blocks of 8192 (fp16 scores: ~94 KB at G 4 on page input) fit two per SM: 8-warp blocks once the
+  // blocks outnumber the SMs, else 16-warp ones (one block per SM either way).
+  for (const Want& w : {Want{1, 8192, 4, 512}, Want{2, 8192, 4, 512}, Want{4, 8192, 2, 512}, Want{8, 8192, 2, 512},
                         Want{10, 8192, 1, 512}, Want{16, 8192, 1, 512}, Want{17, 8192, 1, 256},
-                        Want{64, 8192, 1, 256}, Want{16, 2048, 1, 256}, Want{64, 2048, 1, 256},
-                        Want{16, 4096, 1, 256}, Want{32, 4096, 1, 256}, Want{64, 4096, 1, 256},
+                        Want{64, 8192, 1, 256}, Want{16, 2048, 1, 512}, Want{64, 2048, 1, 256},
+                        Want{16, 4096, 1, 512}, Want{32, 4096, 1, 256}, Want{64, 4096, 1, 256},
                         Want{1, 32768, 4, 512}, Want{16, 32768, 4, 256}, Want{64, 32768, 4, 256},
-                        Want{7, 16384, 2, 512}, Want{2, 16384, 2, 512}, Want{1, 16384, 8, 256}}) {
+                        Want{7, 16384, 2, 512}, Want{2, 16384, 2, 512}, Want{1, 16384, 8, 512}}) {
     kv.batch = w.batch;
     for (const bool pages : {false, true}) {  // token input takes page input's plan (larger blocks)
       const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin, pages);
@@ -398,19 +398,19 @@ TEST(PrunerPlan, RuleOnH200Figures) {
       EXPECT_EQ(plan.threads, w.threads) << "batch " << w.batch << " cap " << w.cap << " pages " << pages;
     }
   }
-  // The kernel build: three blocks per SM where a third one saves a wave and the blocks are small,
-  // else two (clusters of 4096 would fit three with fp16 scores, but that build was slower there), one
-  // for 16-warp blocks.
-  kv.batch = 1;
-  EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).per_sm, 2);
+  // The kernel build: one for 16-warp blocks (also whenever the blocks do not outnumber the SMs); three
+  // blocks per SM where a third one saves a wave and the blocks are small, else two (clusters of 4096
+  // would fit three with fp16 scores, but that build was slower there).
+  kv.batch = 1;  // 32 blocks of 2048
+  EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).per_sm, 1);
   kv.batch = 40;  // 320 blocks: one wave at three per SM, two at two
   EXPECT_EQ(prune_plan_for(kv, 2048, PruneParams{}, kSms, kOptin, true).per_sm, 3);
   kv.batch = 64;  // 512 blocks: two waves either way
   EXPECT_EQ(prune_plan_for(kv, 2048, PruneParams{}, kSms, kOptin, true).per_sm, 2);
-  kv.batch = 16;
-  EXPECT_EQ(prune_plan_for(kv, 2048, PruneParams{}, kSms, kOptin, true).per_sm, 2);
-  kv.batch = 4;
-  EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).per_sm, 2);
+  kv.batch = 16;  // 128 blocks
+  EXPECT_EQ(prune_plan_for(kv, 2048, PruneParams{}, kSms, kOptin, true).per_sm, 1);
+  kv.batch = 4;  // 64 blocks of 4096
+  EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).per_sm, 1);
   kv.batch = 16;
   EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).per_sm, 1);
   kv.batch = 32;
@@ -418,17 +418,23 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   // G 1: a whole list of 8192 fits two 8-warp blocks per SM.
   kv.n_heads = 8, kv.batch = 18;
   EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).threads, 256);
-  // Qwen2.5-Coder-1.5B (G 6, scores stored as for G 8): clusters of two blocks of 4096, two per SM.
+  // Qwen2.5-Coder-1.5B (G 6, scores stored as for G 8): clusters of two 16-warp blocks of 4096 while
+  // they do not outnumber the SMs (32 lists: 64 blocks); from there whole lists, which at G 6 exceed
+  // the two-block limit: 16-warp blocks again.
   kv.n_heads = 12, kv.n_kv_heads = 2, kv.batch = 16;
   const PrunePlan q = prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin);
   EXPECT_EQ(q.cluster, 2);
-  EXPECT_EQ(q.threads, 256);
+  EXPECT_EQ(q.threads, 512);
+  kv.batch = 34;  // 68 lists
+  const PrunePlan q2 = prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin);
+  EXPECT_EQ(q2.cluster, 1);
+  EXPECT_EQ(q2.threads, 512);
   expect_error([&] { prune_plan_for(kv, 8192, PruneParams{}, 0, kOptin); }, "SMs");
 }
 
 // Page input (PageLists, as quest_select_pages writes it) against the same candidates as tokens: the
 // same lists and masses, bit for bit, in each of the plans (one 16-warp block per list; clusters of
-// blocks of 2048 or 4096; G 6 in clusters of 3; d 64), with floor and cap, empty lists and lists
+// blocks of 2048 or 4096; G 6; d 64), with floor and cap, empty lists and lists
 // without the current token; and the page runs against the CPU like the token ones.
 TEST(PrunerCuda, PageInputMatchesTokenInput) {
   TW_REQUIRE_CUDA_DEVICE();
