@@ -38,7 +38,7 @@
 // which is q . K~_t / sqrt(d) (K~ = zero + code * scale, the INT4 mirror) up to
 // scale_t * sum_i (code_ti - 7.5) * (qs_i - sq * q8_i): centring the codes at 7.5 halves the query
 // rounding's worst case, |error| <= 7.5 * scale_t * sum_i |qs_i - sq * q8_i| <= 3.75 * d * sq * scale_t.
-// The score is then rounded to fp16 (nearest even; at most 65504, below -65504 it is -inf, weight 0),
+// The score is then rounded to fp16 (nearest even; at most 65504; from -65520 down it is -inf, weight 0),
 // relative error <= 2^-11:
 // far below the INT4 keys' own error, and it halves the GPU pruner's on-chip scores (CUDA.md: two
 // blocks of a B0 = 8192 list per SM at G 4, so 264 lists run in one wave).

@@ -28,6 +28,11 @@ namespace {
 constexpr size_t kThreeBlockSmem = size_t(75) << 10;
 constexpr size_t kTwoBlockSmem = size_t(113) << 10;
 constexpr int threads_of(int blocks_per_sm) { return blocks_per_sm == 1 ? 512 : 256; }
+// The score area (prune_kernel): a token's fp16 scores take Gp slots, G rounded up to 2, 4 or 8 (this
+// is log2 Gp), so a 16-byte unit holds whole tokens; an entry takes at least the 8 bytes of the weight
+// and keep flag that later overlay the scores.
+__host__ __device__ constexpr int score_slots_log2(int G) { return G <= 2 ? 1 : G <= 4 ? 2 : 3; }
+__host__ __device__ constexpr int score_entry_bytes(int slots_log2) { return (2 << slots_log2) > 8 ? 2 << slots_log2 : 8; }
 constexpr int kMaxWarps = 16;
 constexpr int kBins = 1024;        // every radix level: level 1 = bits 29..20 (weights <= 1 have bit 30 clear
                                    // below 2.0), levels 2 and 3 = bits 19..10 and 9..0
@@ -349,11 +354,11 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Small& S = *reinterpret_cast<Small*>(smem_raw);
   unsigned char* const zb = smem_raw + ((sizeof(Small) + 15) & ~size_t(15));
-  const int gsh = G <= 2 ? 1 : G <= 4 ? 2 : 3;  // log2(Gp)
+  const int gsh = score_slots_log2(G);
   __half* const zh = reinterpret_cast<__half*>(zb);
   float* const ws = reinterpret_cast<float*>(zb);
   int32_t* const flag = reinterpret_cast<int32_t*>(zb + (size_t)4 * a.npad);
-  int32_t* rowidx = reinterpret_cast<int32_t*>(zb + (size_t)a.npad * max(2 << gsh, 8));  // [chunk], token input
+  int32_t* rowidx = reinterpret_cast<int32_t*>(zb + (size_t)a.npad * score_entry_bytes(gsh));  // [chunk], token input
   uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + (kLean ? 0 : a.chunk));  // [3][kBins]
   uint32_t* histB = histA + 3 * kBins;
   int32_t* s_pages = reinterpret_cast<int32_t*>(histB + 3 * kBins);  // [chunk / 16]: kPages, the block's pages
@@ -1039,12 +1044,11 @@ Shape check_args(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
 // token input's row indices, the two histogram sets; page input instead the block's pages and a row
 // base per page (chunk / 16 each).
 size_t smem_for(int G, int chunk, bool pages, int* npad_out) {
-  const int npad = (chunk + 31) / 32 * 32, gp = G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  const int npad = (chunk + 31) / 32 * 32;
   if (npad_out) *npad_out = npad;
-  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)npad * std::max(2 * gp, 8) +
+  return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)npad * score_entry_bytes(score_slots_log2(G)) +
          (pages ? (size_t)chunk / kPageSize * 8 : (size_t)chunk * 4) + (size_t)2 * 3 * kBins * 4;
 }
-
 
 // The kernel for a plan, its attributes set once (the largest shared memory any plan may ask,
 // clusters up to 16); not stream work, and done once, so graph captures stay free of it. No carveout
@@ -1150,7 +1154,8 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
         // warps, 8 leave half idle). H200, prune µs, 8 / 16 warps: G 4 B0 8192, 32 lists (clusters of
         // 2 x 4096) 31.7 / 27.1, 64 lists 34.6 / 30.2, 16 lists (4 x 2048) 25.2 / 24.8; G 6 (Qwen 1.5B
         // dump), 32 / 48 lists 33.6 / 28.0, 35.3 / 29.7.
-        const bool sm_each = lists * c <= sms;
+        const int64_t blocks = lists * c;
+        const bool sm_each = blocks <= sms;
         const bool knob16 = threads_knob == 512, knob8 = threads_knob == 256 && smem <= kTwoBlockSmem;
         const int threads = knob16 || (!knob8 && (smem > kTwoBlockSmem || sm_each)) ? threads_of(1) : threads_of(2);
         // 8-warp blocks: the three-block build (80 registers) only where a third block per SM saves a
@@ -1158,7 +1163,6 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
         // per SM, where it was measured); else the two-block build, which is faster per block (H200,
         // 512 lists of 2048 at G 4, two waves either way: 55.9 us three per SM, 47.7 two; clusters of
         // 2 x 4096 at G 4, 32 / 64 lists: the three-block build was 4.4 / 5.5 us slower).
-        const int64_t blocks = lists * c;
         const bool saves_wave = (blocks + 3 * sms - 1) / (3 * sms) < (blocks + 2 * sms - 1) / (2 * sms);
         const bool three = smem <= kThreeBlockSmem && chunk * (sh.G + 1) <= 12288 &&
                            (per_sm_knob == 3 || (per_sm_knob != 2 && saves_wave));
