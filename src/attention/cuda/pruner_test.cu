@@ -291,7 +291,7 @@ TEST(PrunerCuda, RandomBatchesMatchCpu) {
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
   const std::vector<Cfg> cfgs = {
-      // Few lists: blocks of 2048 where three fit per SM (G <= 4 here), else the default plan (prune_plan).
+      // Few lists: clusters of blocks of 2048 (G <= 4 here), one 16-warp block per SM, else the default plan.
       {32, 8, 128, KvDtype::F16, 2048, {1, 17, 300, 2100, 5000}, 1.5f},   // G = 4, one block per list
       {9, 3, 64, KvDtype::F16, 4096, {33, 4100, 900}, 2.0f},              // G = 3 (SmolLM2)
       {12, 2, 128, KvDtype::BF16, 8192, {8300, 2500}, 1.2f},              // G = 6 (Qwen 1.5B), two per SM
@@ -561,6 +561,38 @@ TEST(PrunerCuda, WholeListsInOneBlock) {
     }
     EXPECT_GE(tally.equal_checked, tally.lists / 2) << tally.equal_checked << " of " << tally.lists;
   }
+}
+
+// The three-block build (80 registers, dead rows as NaN, its softmax sum in a pass of its own): the plan
+// takes it where a third 8-warp block per SM saves a wave, here 2.5 waves of two-per-SM blocks of 2048
+// candidates. Page input against token input (the same plan, bit for bit) and the CPU, with top-p,
+// floor and cap.
+TEST(PrunerCuda, ThreeBlocksPerSm) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  std::vector<int> lens;  // 8 lists per sequence: (2 sms, 3 sms] blocks
+  std::uniform_int_distribution<int> len(1, 3000);
+  for (int s = 0; s < 5 * sm_count() / 16; ++s) lens.push_back(s == 0 ? 2048 : s == 1 ? 2600 : len(rng));
+  auto B = batch_of({32, 8, 128, KvDtype::F16, 2048, lens, 1.5f}, rng);
+  const PrunePlan plan = prune_plan(B->kv, 2048, PruneParams{}, true);
+  ASSERT_EQ(plan.per_sm, 3) << (int64_t)B->batch * 8 << " lists, " << plan.cluster << " blocks of " << plan.chunk;
+  const PageInput in = random_page_lists(*B, 2048 / kPageSize, rng);
+  Tally tally;
+  for (auto [p, lo, hi] : {std::tuple{0.85f, 0, 0}, std::tuple{0.95f, 0, 0}, std::tuple{0.9f, 64, 300}}) {
+    SCOPED_TRACE(cat("p ", p, " floor ", lo, " cap ", hi));
+    PruneParams prm;
+    prm.p = p, prm.min_tokens = lo, prm.max_tokens = hi;
+    const RunResult rt = run_pruner(*B, in.tokens, prm), rp = run_pruner_pages(*B, in, prm);
+    ASSERT_EQ(rp.out.lists.size(), rt.out.lists.size());
+    for (size_t i = 0; i < rt.out.lists.size(); ++i) {
+      EXPECT_EQ(rp.out.lists[i], rt.out.lists[i]) << "list " << i;
+      EXPECT_EQ(rp.mass[i], rt.mass[i]) << "mass of list " << i;
+    }
+    check_batch(*B, in.tokens, rp.out, rp.mass, prm, tally);
+  }
+  EXPECT_GE(tally.equal_checked, tally.lists / 2) << tally.equal_checked << " of " << tally.lists;
 }
 
 // Structured inputs: every key identical (one tie group), one dominant key, keys from four values
