@@ -40,8 +40,21 @@ def warm_up(run_once, min_s=0.02):
             break
 
 
+SETTLE_AFTER_S = 0.1
+SETTLE_S = 1.0
+
+
+def settle_after(t0):
+    """A pause after a measurement that kept the GPU busy for more than SETTLE_AFTER_S: a long
+    full-bandwidth one takes the H200 to its power cap, and the SM clock stays held down for ~0.5 s
+    after it (bench_attn.cu, settle_after: the same rule for our own paths)."""
+    if time.perf_counter() - t0 > SETTLE_AFTER_S:
+        time.sleep(SETTLE_S)
+
+
 def time_eager(fn, n_sets, reps, trials):
     """Median per-call time (s) of fn(i), i rotating over n_sets, in blocks of reps back-to-back calls."""
+    t0 = time.perf_counter()
     for i in range(min(n_sets, 3)):  # warm-up: module load, autotuning, workspace
         fn(i)
     warm_up(lambda: [fn(i % n_sets) for i in range(reps)])
@@ -55,6 +68,7 @@ def time_eager(fn, n_sets, reps, trials):
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e-3 / reps)
+    settle_after(t0)
     return median(times)
 
 
@@ -72,6 +86,7 @@ def time_graph(fn, n_sets, reps, trials):
     with torch.cuda.graph(g):
         for k in range(calls):
             fn(k % n_sets)
+    t0 = time.perf_counter()
     warm_up(g.replay)
     times = []
     for _ in range(trials):
@@ -82,6 +97,7 @@ def time_graph(fn, n_sets, reps, trials):
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e-3 / calls)
     del g
+    settle_after(t0)
     return median(times)
 
 

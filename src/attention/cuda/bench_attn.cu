@@ -13,6 +13,7 @@
 #include <numeric>
 #include <random>
 #include <sstream>
+#include <thread>
 #include <vector>
 
 #include "attention/cuda/dense_decode.h"
@@ -98,6 +99,20 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// After a measurement that kept the GPU busy for more than kSettleAfter, a pause of kSettle before the
+// next one. A long full-bandwidth measurement (the dense decode at 64 x 128k: ~0.6 s at ~700 W) takes
+// the H200 to its power cap, and the driver then holds the SM clock down (1380-1965 MHz, throttle
+// reason "SW power cap", nvidia-smi at 50 ms) for ~0.5 s after the load ends; what was timed in that
+// window paid for it: the first Twilight row after the dense and Quest timings at 64 x 128k 536 /
+// 745 us (p 0.85 / 0.95 timed first) against 523 / 696 timed later in the same call. Bandwidth-bound
+// kernels barely notice the clock; the latency-bound stages (the pruner's phases) do. The anchors'
+// scripts settle the same way (gpu_anchor_util.py).
+constexpr auto kSettleAfter = std::chrono::milliseconds(100);
+constexpr auto kSettle = std::chrono::milliseconds(1000);
+void settle_after(std::chrono::steady_clock::time_point start) {
+  if (std::chrono::steady_clock::now() - start > kSettleAfter) std::this_thread::sleep_for(kSettle);
+}
+
 // Median over `trials` blocks of `reps` calls of f(set index), rotating over n sets; seconds per call.
 // Warm-up: calls for at least 20 ms first. Whichever path ran first after a size's buffers were filled
 // came out 5-12% slow at batch 1 with a shorter warm-up (H200, DenseDecodeCudaBench: 1 x 128k dense
@@ -126,6 +141,7 @@ double time_calls(F&& f, int n, int reps, int trials, cudaStream_t st) {
   }
   cudaEventDestroy(a);
   cudaEventDestroy(b);
+  settle_after(w0);
   return median(t);
 }
 
