@@ -359,7 +359,11 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   float* const ws = reinterpret_cast<float*>(zb);
   int32_t* const flag = reinterpret_cast<int32_t*>(zb + (size_t)4 * a.npad);
   int32_t* rowidx = reinterpret_cast<int32_t*>(zb + (size_t)a.npad * score_entry_bytes(gsh));  // [chunk], token input
-  uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx + (kLean ? 0 : a.chunk));  // [3][kBins]
+  // Token input: the histograms overlay the row indices, which the estimate is the last to read (they
+  // are cleared after it); page input has no row indices. So a token-input block is no larger than a
+  // page-input block plus max(0, chunk - 6 kBins) words and runs as many blocks per SM (a G 4 block of
+  // 8192: 97 KB instead of 122, two per SM, as the plan, decided on page input, assumes).
+  uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx);  // [3][kBins]
   uint32_t* histB = histA + 3 * kBins;
   int32_t* s_pages = reinterpret_cast<int32_t*>(histB + 3 * kBins);  // [chunk / 16]: kPages, the block's pages
   // kLean, per page of the slice: its first row | (valid tokens - 1) in the low 4 bits (the row of
@@ -442,17 +446,19 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   if (warp < G)
 #pragma unroll
     for (int e = 0; e < D / 32; ++e) qx[e] = qh[(size_t)warp * D + lane + 32 * e];
-  // The histograms cleared, but for histB's first G * D words: the query's scratch below (zeroed by
-  // the warps that use it).
+  // Page input: the histograms cleared, but for histB's first G * D words: the query's scratch below
+  // (zeroed by the warps that use it). Token input clears them after the estimate (they overlay the rows).
   static_assert(kWarps >= kMaxGroup && kMaxGroup * 128 <= 3 * kBins, "one warp per head; scratch fits histB");
-  for (int i = tid; i < 6 * kBins; i += kThreads)
-    if (i < 3 * kBins || i >= 3 * kBins + G * D) histA[i] = 0u;
+  if constexpr (kPages)
+    for (int i = tid; i < 6 * kBins; i += kThreads)
+      if (i < 3 * kBins || i >= 3 * kBins + G * D) histA[i] = 0u;
   // Page input: the page's table entry goes out now, its latency behind the query's quantisation.
   int ph0 = -1;
   if constexpr (kPages) ph0 = (lp0 >= 0 && lp0 < a.max_pages) ? a.page_table[(size_t)b * a.max_pages + lp0] : -1;
   // The query in int8, as the CPU's quantize_query_int8 (pruner.h), one warp per head: x = q * qscale
   // and sq are the CPU's float operations; the max is order-free; qsum is summed in the CPU's order
-  // (one lane, from shared memory); the rounding residuals x - sq * q8 are exact in double (sq * q8
+  // (one lane, from shared memory; token input, whose rows overlay that scratch, from shuffles in the
+  // same order: the same float); the rounding residuals x - sq * q8 are exact in double (sq * q8
   // has 31 bits; x is within half a step of it), so only their double sum's order differs from the
   // CPU's, far below the rounding of cq to float.
   if (warp < G) {
@@ -461,7 +467,7 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
 #pragma unroll
     for (int e = 0; e < D / 32; ++e) {
       x[e] = qx[e] * qscale;
-      xs[lane + 32 * e] = x[e];
+      if constexpr (kPages) xs[lane + 32 * e] = x[e];
       amax = fmaxf(amax, fabsf(x[e]));
     }
 #pragma unroll
@@ -476,17 +482,27 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) res += __shfl_xor_sync(0xffffffffu, res, o);
+    float qs_tok = 0.f;  // token input: element 32 e + l from lane l, in index order
+    if constexpr (!kPages)
+#pragma unroll
+      for (int e = 0; e < D / 32; ++e)
+#pragma unroll 4
+        for (int l = 0; l < 32; ++l) qs_tok += __shfl_sync(0xffffffffu, x[e], l);
     __syncwarp();
     if (lane == 0) {
       float qs = 0.f;
-      for (int i = 0; i < D; ++i) qs += xs[i];
+      if constexpr (kPages)
+        for (int i = 0; i < D; ++i) qs += xs[i];
+      else
+        qs = qs_tok;
       S.sq[warp] = sq;
       S.cq[warp] = (float)(7.5 * res);
       S.qsum[warp] = qs;
     }
     __syncwarp();
+    if constexpr (kPages)
 #pragma unroll
-    for (int e = 0; e < D / 32; ++e) reinterpret_cast<uint32_t*>(xs)[lane + 32 * e] = 0u;
+      for (int e = 0; e < D / 32; ++e) reinterpret_cast<uint32_t*>(xs)[lane + 32 * e] = 0u;
   }
   if constexpr (kPages) {
     for (int k = tid; k < np_s; k += kThreads) {
@@ -687,6 +703,10 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
     if (hc1 < kMaxGroup) S.wred[warp][hc1] = bmax1;
   }
   __syncthreads();
+  // Token input: every warp is past the estimate, the last reader of the row indices under the
+  // histograms; the barrier below orders the clearing before the weights pass's first adds.
+  if constexpr (!kLean)
+    for (int i = tid; i < 6 * kBins; i += kThreads) histA[i] = 0u;
   if (tid < G) {
     float mx = -INFINITY;
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, S.wred[w][tid]);
@@ -1041,13 +1061,14 @@ Shape check_args(const PagedKV& kv, int in_capacity, const PruneParams& prm) {
 }
 
 // The score area ([npad][Gp] fp16 scores, later the weights and the flags: at least 8 bytes per entry),
-// token input's row indices, the two histogram sets; page input instead the block's pages and a row
-// base per page (chunk / 16 each).
+// then token input's row indices with the two histogram sets over them (the larger of the two), or page
+// input's two histogram sets and the block's pages and a row base per page (chunk / 16 each).
 size_t smem_for(int G, int chunk, bool pages, int* npad_out) {
   const int npad = (chunk + 31) / 32 * 32;
   if (npad_out) *npad_out = npad;
+  const size_t hist = (size_t)2 * 3 * kBins * 4;
   return ((sizeof(Small) + 15) & ~size_t(15)) + (size_t)npad * score_entry_bytes(score_slots_log2(G)) +
-         (pages ? (size_t)chunk / kPageSize * 8 : (size_t)chunk * 4) + (size_t)2 * 3 * kBins * 4;
+         (pages ? (size_t)chunk / kPageSize * 8 + hist : std::max((size_t)chunk * 4, hist));  // token: rows under the histograms
 }
 
 // The kernel for a plan, its attributes set once (the largest shared memory any plan may ask,
@@ -1144,9 +1165,10 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
   for (size_t limit : {first_limit, (size_t)optin}) {
     for (int c = cmin; c <= kMaxCluster; ++c) {
       const int chunk = chunk_of(c);
-      // Decided on page input's size (the Twilight step's); token input (3.5 bytes more per candidate:
-      // row indices) takes the same plan, so both give the same output bit for bit (the softmax sums'
-      // order follows the block's threads), at fewer blocks per SM where its size exceeds the target.
+      // Decided on page input's size (the Twilight step's); token input (its row indices under the
+      // histograms: at most 3.5 bytes more per candidate, none up to 6144 candidates) takes the same
+      // plan, so both give the same output bit for bit (the softmax sums' order follows the block's
+      // threads), at fewer blocks per SM only where its size exceeds the target.
       const size_t smem = smem_for(sh.G, chunk, true, nullptr);
       if (chunk <= kMaxChunk && smem <= limit) {
         // Past the two-block limit (a block has an SM to itself): the 16-warp build; also while the
