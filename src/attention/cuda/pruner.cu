@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
   // Token input: the histograms overlay the row indices, which the estimate is the last to read (they
   // are cleared after it); page input has no row indices. So a token-input block is no larger than a
   // page-input block plus max(0, chunk - 6 kBins) words and runs as many blocks per SM (a G 4 block of
-  // 8192: 97 KB instead of 122, two per SM, as the plan, decided on page input, assumes).
+  // 8192: 100304 B instead of 124880, two per SM, as the plan, decided on page input, assumes).
   uint32_t* histA = reinterpret_cast<uint32_t*>(rowidx);  // [3][kBins]
   uint32_t* histB = histA + 3 * kBins;
   int32_t* s_pages = reinterpret_cast<int32_t*>(histB + 3 * kBins);  // [chunk / 16]: kPages, the block's pages

@@ -417,7 +417,7 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   EXPECT_EQ(prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, true).per_sm, 2);
   // Token input takes that plan, and its row indices lie under its histograms (pruner.cu), so its
   // blocks fit two per SM too (the SM's 228 KB, 1 KB reserved per block): 256 lists x 8192 in one wave.
-  // (With the rows beside the histograms a block was 122 KB: one per SM, two waves, 119 against 74 us.)
+  // (With the rows beside the histograms a block was 122 KiB: one per SM, two waves, 119 against 74 us.)
   const PrunePlan tok = prune_plan_for(kv, 8192, PruneParams{}, kSms, kOptin, false);
   EXPECT_EQ(tok.per_sm, 2);
   EXPECT_LE(2 * (tok.smem_bytes + 1024), size_t(228) << 10) << tok.smem_bytes;
