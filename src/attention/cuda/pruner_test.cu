@@ -438,6 +438,33 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   expect_error([&] { prune_plan_for(kv, 8192, PruneParams{}, 0, kOptin); }, "SMs");
 }
 
+// The settings most tests sweep: top-p at 0.85 and 0.95, and p 0.9 with a floor of 64 and a cap of 300.
+std::vector<PruneParams> common_sweep() {
+  std::vector<PruneParams> v;
+  for (auto [p, lo, hi] : {std::tuple{0.85f, 0, 0}, std::tuple{0.95f, 0, 0}, std::tuple{0.9f, 64, 300}}) {
+    PruneParams prm;
+    prm.p = p, prm.min_tokens = lo, prm.max_tokens = hi;
+    v.push_back(prm);
+  }
+  return v;
+}
+std::string describe(const PruneParams& prm) {
+  return cat("p ", prm.p, " floor ", prm.min_tokens, " cap ", prm.max_tokens);
+}
+
+// The pruner on the same candidates as pages and as tokens: the same lists and masses, bit for bit;
+// then the page run against the CPU (check_batch). Call it inside ASSERT_NO_FATAL_FAILURE.
+void check_pages_match_tokens(const Batch& B, const PageInput& in, const PruneParams& prm, Tally& tally) {
+  const RunResult rt = run_pruner(B, in.tokens, prm), rp = run_pruner_pages(B, in, prm);
+  ASSERT_EQ(rp.out.lists.size(), rt.out.lists.size());
+  for (size_t i = 0; i < rt.out.lists.size(); ++i) {
+    EXPECT_EQ(rp.out.lists[i], rt.out.lists[i]) << "list " << i << " (" << in.pages[i].size()
+                                                << " pages): page input against token input";
+    EXPECT_EQ(rp.mass[i], rt.mass[i]) << "mass of list " << i;
+  }
+  check_batch(B, in.tokens, rp.out, rp.mass, prm, tally);
+}
+
 // Page input (PageLists, as quest_select_pages writes it) against the same candidates as tokens: the
 // same lists and masses, bit for bit, in each of the plans (one 16-warp block per list; clusters of
 // blocks of 2048 or 4096; G 6; d 64), with floor and cap, empty lists and lists
@@ -465,18 +492,10 @@ TEST(PrunerCuda, PageInputMatchesTokenInput) {
     auto B = batch_of(c, rng);
     const PageInput in = random_page_lists(*B, c.cap / kPageSize, rng);
     const PrunePlan plan = prune_plan(B->kv, c.cap, PruneParams{}, true);
-    for (auto [p, lo, hi] : {std::tuple{0.85f, 0, 0}, std::tuple{0.95f, 0, 0}, std::tuple{0.9f, 64, 300}}) {
-      SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, " p ", p, " floor ", lo, " cap ", hi, " (",
-                       plan.cluster, " blocks of ", plan.chunk, ")"));
-      PruneParams prm;
-      prm.p = p, prm.min_tokens = lo, prm.max_tokens = hi;
-      const RunResult rt = run_pruner(*B, in.tokens, prm), rp = run_pruner_pages(*B, in, prm);
-      ASSERT_EQ(rp.out.lists.size(), rt.out.lists.size());
-      for (size_t i = 0; i < rt.out.lists.size(); ++i) {
-        EXPECT_EQ(rp.out.lists[i], rt.out.lists[i]) << "list " << i << " (" << in.pages[i].size() << " pages)";
-        EXPECT_EQ(rp.mass[i], rt.mass[i]) << "mass of list " << i;
-      }
-      check_batch(*B, in.tokens, rp.out, rp.mass, prm, tally);
+    for (const PruneParams& prm : common_sweep()) {
+      SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, " ", describe(prm), " (", plan.cluster, " blocks of ",
+                       plan.chunk, ")"));
+      ASSERT_NO_FATAL_FAILURE(check_pages_match_tokens(*B, in, prm, tally));
     }
   }
   EXPECT_GE(tally.equal_checked, tally.lists / 2) << tally.equal_checked << " of " << tally.lists;
@@ -522,13 +541,7 @@ TEST(PrunerCuda, RealModelDump) {
         SCOPED_TRACE(cat(dt == KvDtype::F16 ? "f16" : "bf16", " B0 ", b0 > 0 ? std::to_string(b0) : "n/4", " p ", p));
         PruneParams prm;
         prm.p = p;
-        const RunResult rt = run_pruner(*B, in.tokens, prm), rp = run_pruner_pages(*B, in, prm);
-        ASSERT_EQ(rp.out.lists.size(), rt.out.lists.size());
-        for (size_t i = 0; i < rt.out.lists.size(); ++i) {
-          EXPECT_EQ(rp.out.lists[i], rt.out.lists[i]) << "list " << i << ": page input against token input";
-          EXPECT_EQ(rp.mass[i], rt.mass[i]) << "mass of list " << i;
-        }
-        check_batch(*B, in.tokens, rp.out, rp.mass, prm, tally);
+        ASSERT_NO_FATAL_FAILURE(check_pages_match_tokens(*B, in, prm, tally));
       }
     }
   }
@@ -558,10 +571,8 @@ TEST(PrunerCuda, WholeListsInOneBlock) {
     EXPECT_EQ(plan.threads, threads);
     const HostLists in = random_lists(*B, 8192, rng);
     Tally tally;
-    for (auto [p, lo, hi] : {std::tuple{0.85f, 0, 0}, std::tuple{0.95f, 0, 0}, std::tuple{0.9f, 64, 300}}) {
-      SCOPED_TRACE(cat("p ", p, " floor ", lo, " cap ", hi));
-      PruneParams prm;
-      prm.p = p, prm.min_tokens = lo, prm.max_tokens = hi;
+    for (const PruneParams& prm : common_sweep()) {
+      SCOPED_TRACE(describe(prm));
       const RunResult r = run_pruner(*B, in, prm);
       check_batch(*B, in, r.out, r.mass, prm, tally);
     }
@@ -586,17 +597,9 @@ TEST(PrunerCuda, ThreeBlocksPerSm) {
   ASSERT_EQ(plan.per_sm, 3) << (int64_t)B->batch * 8 << " lists, " << plan.cluster << " blocks of " << plan.chunk;
   const PageInput in = random_page_lists(*B, 2048 / kPageSize, rng);
   Tally tally;
-  for (auto [p, lo, hi] : {std::tuple{0.85f, 0, 0}, std::tuple{0.95f, 0, 0}, std::tuple{0.9f, 64, 300}}) {
-    SCOPED_TRACE(cat("p ", p, " floor ", lo, " cap ", hi));
-    PruneParams prm;
-    prm.p = p, prm.min_tokens = lo, prm.max_tokens = hi;
-    const RunResult rt = run_pruner(*B, in.tokens, prm), rp = run_pruner_pages(*B, in, prm);
-    ASSERT_EQ(rp.out.lists.size(), rt.out.lists.size());
-    for (size_t i = 0; i < rt.out.lists.size(); ++i) {
-      EXPECT_EQ(rp.out.lists[i], rt.out.lists[i]) << "list " << i;
-      EXPECT_EQ(rp.mass[i], rt.mass[i]) << "mass of list " << i;
-    }
-    check_batch(*B, in.tokens, rp.out, rp.mass, prm, tally);
+  for (const PruneParams& prm : common_sweep()) {
+    SCOPED_TRACE(describe(prm));
+    ASSERT_NO_FATAL_FAILURE(check_pages_match_tokens(*B, in, prm, tally));
   }
   EXPECT_GE(tally.equal_checked, tally.lists / 2) << tally.equal_checked << " of " << tally.lists;
 }
