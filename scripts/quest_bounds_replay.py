@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Replay of Quest's page selection on a real KV dump (`twilight bench --attn-dump`) with page bounds
+kept at fewer bits: the attention mass (exact softmax over the whole context, fp32) that the kept pages
+hold, per dumped layer, for fp bounds and for 8 / 6 / 4-bit codes made as attention/page_bounds.h makes
+its 8-bit ones (one affine step per page and kv head, s = (max - min) / levels, codes rounded outwards).
+A pre-check for a cheaper level 1 (fewer bound bytes for the select to read), not the engine's code:
+the float query is used as is (the engine's int8 query changes little, docs/ACCURACY.md).
+
+    ~/.cache/twilight/venv/bin/python3 scripts/quest_bounds_replay.py build-dumps/qwen15b-emma-8192.kv
+
+Group mode (the GPU step's): a page's score for a kv head is the max over its G query heads, the mass
+the mean over them. --head: each query head selects its own pages (the CPU's gqa=head).
+Keeps ceil(frac * n / 16) pages (at least 2), the first and last always, the rest by descending score.
+"""
+import argparse
+import struct
+
+import numpy as np
+
+P = 16  # tokens per page
+
+
+def read_dump(path):
+    f = open(path, 'rb').read()
+    if f[:8] != b'TWKVDUMP':
+        raise SystemExit(f'{path}: not a twilight KV dump')
+    o = 12  # magic, version
+    o += 16  # arch
+    name = f[o:o + 64].rstrip(b'\0').decode(); o += 64
+    _, H, Hkv, d = struct.unpack_from('<4I', f, o); o += 16
+    nt, qp0 = struct.unpack_from('<2Q', f, o); o += 16
+    ns, nd = struct.unpack_from('<2I', f, o); o += 8
+    layers = struct.unpack_from(f'<{nd}I', f, o); o += 4 * nd
+    dl, = struct.unpack_from('<I', f, o); o += 4 + dl
+    K = []
+    for _ in range(nd):
+        K.append(np.frombuffer(f, np.float16, nt * Hkv * d, o).reshape(nt, Hkv, d).astype(np.float32))
+        o += 2 * nt * Hkv * d * 2  # K, then V (not needed)
+    Q = np.frombuffer(f, np.float32, ns * nd * H * d, o).reshape(ns, nd, H, d)
+    return name, layers, H, Hkv, d, qp0, K, Q
+
+
+def page_bounds(k, n, levels):
+    npg = (n + P - 1) // P
+    mn = np.stack([k[p * P:min(n, (p + 1) * P)].min(0) for p in range(npg)])
+    mx = np.stack([k[p * P:min(n, (p + 1) * P)].max(0) for p in range(npg)])
+    if not levels:
+        return mn, mx
+    lo, hi = mn.min(1, keepdims=True), mx.max(1, keepdims=True)
+    s = np.where(hi > lo, (hi - lo) / levels, 1.0)
+    a = np.clip(np.floor((mn - lo) / s), 0, levels)
+    b = np.clip(np.ceil((mx - lo) / s), 0, levels)
+    return lo + s * a, lo + s * b
+
+
+def kept_mass(k, q, n, levels, frac, head_mode):
+    d = k.shape[1]
+    npg = (n + P - 1) // P
+    sc = (q @ k[:n].T) / np.sqrt(d)
+    w = np.exp(sc - sc.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    mn, mx = page_bounds(k, n, levels)
+    u = np.maximum(q[:, None, :] * mx[None], q[:, None, :] * mn[None]).sum(2)  # [G][pages]
+    rank = u if head_mode else u.max(0, keepdims=True)
+    keep = max(2, int(np.ceil(frac * n / P)))
+    masses = []
+    for g in range(q.shape[0]):
+        r = rank[g if head_mode else 0]
+        sel = np.concatenate([[0, npg - 1], np.argsort(-r[1:npg - 1], kind='stable')[:keep - 2] + 1])
+        tok = np.zeros(npg * P, bool)
+        for p in sel:
+            tok[p * P:(p + 1) * P] = True
+        masses.append(w[g, tok[:n]].sum())
+    return float(np.mean(masses))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('dump')
+    ap.add_argument('--head', action='store_true', help='per-query-head selection (default: group mode)')
+    ap.add_argument('--fracs', default='0.125,0.25', help='B0 as fractions of the context')
+    args = ap.parse_args()
+    name, layers, H, Hkv, d, qp0, K, Q = read_dump(args.dump)
+    G, n = H // Hkv, qp0 + 1
+    print(f'{name}: layers {layers}, H {H}, Hkv {Hkv}, d {d}, context {n}, {"head" if args.head else "group"} mode')
+    kinds = [(0, 'fp'), (255, '8-bit'), (63, '6-bit'), (15, '4-bit')]
+    print('| B0 | layer | ' + ' | '.join(k for _, k in kinds) + ' |')
+    print('| --- | --- |' + ' ---: |' * len(kinds))
+    for frac in (float(x) for x in args.fracs.split(',')):
+        for li, layer in enumerate(layers):
+            m = [np.mean([kept_mass(K[li][:, h], Q[0, li, h * G:(h + 1) * G], n, lv, frac, args.head)
+                          for h in range(Hkv)]) for lv, _ in kinds]
+            print(f'| n x {frac:g} | {layer} | ' + ' | '.join(f'{x:.3f}' for x in m) + ' |')
+
+
+if __name__ == '__main__':
+    main()
