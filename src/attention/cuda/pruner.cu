@@ -89,6 +89,7 @@ struct Args {
   int min_tokens, max_tokens;
   int chunk, npad;  // npad: the block's entries rounded up to 32 (the score area's length)
   int stop;  // benchmarking aid (TW_PRUNE_STOP_AFTER): leave after phase `stop` (0 = run everything)
+  int wall_off;  // bytes into dynamic shared memory of the whole list's weights (PrunePlan::wall_off), 0: none
 };
 
 // Row code loads: D/8 bytes per lane (a quarter of the row).
@@ -215,10 +216,11 @@ __device__ __forceinline__ void hist_add(uint32_t* hc, uint32_t bin, float w, bo
 // scan reaches whenever the total is positive. A lower level's histograms hold exactly the masses (or
 // counts) of the bin chosen above them (integers add up exactly), so their scan reaches the target
 // too. Only an all-zero level 1 (no positive weight) finds no bin: bin_out = -1.
-template <int NT>
+// kLocal: the block's own histograms only (a whole-list select in every block of the cluster).
+template <int NT, bool kLocal = false>
 __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist, uint32_t* clear, bool count_mode,
                            double frac, u64 target, u64 cum0, int& bin_out, u64& cum_out) {
-  const int C = (int)cl.num_blocks();
+  const int C = kLocal ? 1 : (int)cl.num_blocks();
   cluster_sync(cl, C);  // every block's histogram of this level is complete (a block barrier too)
   // This thread's bins: bin0 .. bin0 + BPT - 1, v[i] = bin bin0 + BPT - 1 - i (descending), read by
   // one 16-byte (8-byte at 512 threads) load per limb.
@@ -282,7 +284,9 @@ __device__ void scan_level(cg::cluster_group& cl, Small& S, const uint32_t* hist
 // buffers alternate, so a buffer is only cleared after every block has passed the next level's
 // cluster barrier (its remote readers are done); `next` is the buffer the first level uses.
 // first_built: the caller already built level 1's histogram (mass mode) in hist[next].
-template <int NT, class KeyFn>
+// kLocal: over this block's keys and histograms alone, with block barriers (the caller holds the whole
+// list's keys).
+template <int NT, bool kLocal = false, class KeyFn>
 __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* ws, int m, KeyFn key_of, bool count_mode,
                                  bool first_built, double frac, u64 target, uint32_t* const (&hist)[2], int& next,
                                  u64& cum_above) {
@@ -313,7 +317,8 @@ __device__ uint32_t radix_select(cg::cluster_group& cl, Small& S, const float* w
     int bin;
     u64 before;
     // The other buffer is cleared for the next level inside (its last remote readers are done then).
-    scan_level<NT>(cl, S, hc, next ? hist[0] : hist[1], count_mode, level == 0 ? frac : 0.0, target, cum, bin, before);
+    scan_level<NT, kLocal>(cl, S, hc, next ? hist[0] : hist[1], count_mode, level == 0 ? frac : 0.0, target, cum, bin,
+                           before);
     if (level == 0 && frac > 0.0) target = (u64)ceil(frac * (double)S.sel_total);
     next ^= 1;
     if (bin < 0) bin = 0;  // nothing selectable: no positive weight
@@ -875,7 +880,38 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
       return k != 0u;
     };
     u64 above;
-    tau_key = radix_select<kThreads>(cl, S, ws, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
+    // Only the 16-warp build has the path (the plan sets wall_off for no other): the others' registers
+    // and spills stay as they were.
+    bool whole_list = false;
+    if constexpr (MINB == 1) whole_list = C > 1 && a.wall_off > 0;
+    if (whole_list) {
+      // Every block of the cluster copies the whole list's weights (its own and, through distributed
+      // shared memory, the others': nothing writes them after the weights pass) and selects over them
+      // alone: one cluster barrier and one remote read of each weight, instead of a barrier and every
+      // block's three histograms per level. The level-1 histogram gets the other blocks' weights added
+      // to this block's. Integer masses: every block finds the same threshold, the cluster's.
+      float* const wall = reinterpret_cast<float*>(smem_raw + a.wall_off);
+      cl.sync();  // every block's weights are complete
+      for (int r = 0; r < C; ++r) {
+        const int rb = min(n, r * per), rm = min(n, rb + per) - rb;
+        const float* const wr = r == rank ? ws : cl.map_shared_rank(ws, r);
+        for (int j = 4 * tid; j < rm; j += 4 * kThreads) {
+          const float4 w4 = *reinterpret_cast<const float4*>(wr + j);
+          const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            if (j + u >= rm) break;
+            wall[rb + j + u] = wv[u];
+            if (r != rank) hist_add(histA, (__float_as_uint(wv[u]) >> 20) & (kBins - 1), wv[u]);
+          }
+        }
+      }
+      __syncthreads();
+      if constexpr (MINB == 1)
+        tau_key = radix_select<kThreads, true>(cl, S, wall, n, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
+    } else {
+      tau_key = radix_select<kThreads>(cl, S, ws, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
+    }
     if (tau_key == 0u) tau_key = 1u;
   }
 
@@ -1189,7 +1225,21 @@ PrunePlan prune_plan_for(const PagedKV& kv, int in_capacity, const PruneParams& 
         const bool three = smem <= kThreeBlockSmem && chunk * (sh.G + 1) <= 12288 &&
                            (per_sm_knob == 3 || (per_sm_knob != 2 && saves_wave));
         const int per_sm = threads == threads_of(1) ? 1 : three ? 3 : 2;
-        return PrunePlan{c, chunk, pages ? smem : smem_for(sh.G, chunk, false, nullptr), threads, per_sm, pages};
+        PrunePlan plan{c, chunk, pages ? smem : smem_for(sh.G, chunk, false, nullptr), threads, per_sm, pages};
+        // The whole-list threshold (pruner.cu, top-p) for clusters of four or more 16-warp blocks, which
+        // have an SM each, so the list's weights (4 bytes per candidate) cost no occupancy. H200, B0 8192
+        // at G 4, exchange -> whole list: 8 / 16 lists (clusters of four blocks of 2048; the threshold
+        // was 8.7 of 23.5 us) 23.1 / 23.5 -> 21.9 / 22.3 us, but 32 lists (two blocks of 4096, whose
+        // exchange reads one other block) 25.3 -> 26.0, and the Qwen 1.5B shape at batch 16 (32 lists of
+        // two blocks) 2-3 us slower. TW_PRUNE_CLUSTER_TOPP=1 keeps the exchange (A/B runs).
+        static const bool cluster_topp = bench_knob("TW_PRUNE_CLUSTER_TOPP") > 0;
+        const size_t wall_off = (plan.smem_bytes + 15) & ~size_t(15);
+        const size_t wall_bytes = (size_t)(in_capacity + 3) / 4 * 16;
+        if (!cluster_topp && c >= 4 && per_sm == 1 && in_capacity <= kMaxChunk && wall_off + wall_bytes <= (size_t)optin) {
+          plan.wall_off = wall_off;
+          plan.smem_bytes = wall_off + wall_bytes;
+        }
+        return plan;
       }
     }
   }
@@ -1244,6 +1294,7 @@ void launch_prune(const PagedKV& kv, const KeySideDev& ks, const float* q, const
   a.chunk = plan.chunk;
   static const int stop = bench_knob("TW_PRUNE_STOP_AFTER");
   a.stop = stop;
+  a.wall_off = (int)plan.wall_off;
   smem_for(a.group, plan.chunk, pages, &a.npad);
 
   void (*kern)(Args) = kernel_for(kv.head_dim, plan);

@@ -22,7 +22,8 @@
 //  - softmax max / sum by block reductions, combined across the cluster through distributed shared
 //    memory; weights w in shared memory;
 //  - threshold by a 3-level radix select over the weights' float bits (positive floats order like
-//    their bits: 11 + 10 + 10 bits), mass histograms per level, so tau is one exact float value;
+//    their bits: 11 + 10 + 10 bits), mass histograms per level, so tau is one exact float value
+//    (clusters of four or more: every block over a copy of the whole list's weights, PrunePlan);
 //  - compaction of the kept positions in list order (block scans, cluster prefix of the counts).
 // Larger I0 lists are split over more blocks of the cluster (up to 16); see prune_plan for limits.
 // Benchmarking aid: TW_PRUNE_STOP_AFTER=k (1 rows resolved, 2 estimate, 3 softmax and weights,
@@ -51,6 +52,11 @@ struct PrunePlan {
   int threads = 0;           // per block: 256 (two or three blocks per SM), 512 (one block per SM)
   int per_sm = 0;            // the kernel build: blocks per SM it is made for (1, 2 or 3; its registers)
   bool pages = false;        // the I0 lists are PageLists (their pages after the histograms in shared memory)
+  // Clusters of four or more 16-warp blocks (one per SM) over lists of up to 8192 candidates (a
+  // single sequence or two at B0 8192): every block copies the whole list's weights to this offset of
+  // its shared memory (smem_bytes includes them) and finds the top-p threshold alone; 0: the cluster's
+  // radix levels exchange histograms instead.
+  size_t wall_off = 0;
 };
 
 // Validates and plans; throws tw::Error for unsupported head dim (64, 128), group size (1..8),

@@ -438,6 +438,39 @@ TEST(PrunerPlan, RuleOnH200Figures) {
   expect_error([&] { prune_plan_for(kv, 8192, PruneParams{}, 0, kOptin); }, "SMs");
 }
 
+// Which plans find the top-p threshold from the whole list's weights in every block of a cluster
+// (PrunePlan::wall_off): clusters of four or more 16-warp blocks over lists of up to 8192 candidates
+// (one or two sequences at B0 8192), the copy (4 bytes per candidate, 16-byte aligned) after the
+// block's other shared memory; not clusters of two (their exchange is cheaper: BENCHMARKS) or three
+// (B0 6144: not measured, the exchange kept), one-block lists, 8-warp blocks or lists longer than 8192.
+TEST(PrunerPlan, WholeListThresholdInClusters) {
+  alignas(16) static const int32_t dummy[4] = {};
+  PagedKV kv;
+  kv.k = kv.v = dummy, kv.page_table = kv.seq_len = dummy;
+  kv.n_heads = 32, kv.n_kv_heads = 8, kv.head_dim = 128, kv.max_pages = 8192, kv.n_pages = 1 << 16;
+  constexpr int kSms = 132, kOptin = 227 << 10;
+  struct Want {
+    int batch, cap;
+    bool whole;
+  };
+  for (const Want& w : {Want{1, 8192, true}, Want{2, 8192, true}, Want{4, 8192, false}, Want{8, 8192, false},
+                        Want{16, 8192, false}, Want{64, 8192, false}, Want{1, 32768, false}, Want{16, 32768, false},
+                        Want{7, 16384, false}, Want{1, 4096, false}, Want{1, 6144, false}}) {
+    kv.batch = w.batch;
+    for (const bool pages : {false, true}) {
+      SCOPED_TRACE(cat("batch ", w.batch, " cap ", w.cap, " pages ", pages));
+      const PrunePlan plan = prune_plan_for(kv, w.cap, PruneParams{}, kSms, kOptin, pages);
+      EXPECT_EQ(plan.wall_off != 0, w.whole);
+      if (plan.wall_off == 0) continue;
+      EXPECT_GE(plan.cluster, 4);
+      EXPECT_EQ(plan.threads, 512);
+      EXPECT_EQ(plan.wall_off % 16, 0u);
+      EXPECT_EQ(plan.smem_bytes, plan.wall_off + size_t(w.cap) * 4);
+      EXPECT_LE(plan.smem_bytes, size_t(kOptin));
+    }
+  }
+}
+
 // The settings most tests sweep: top-p at 0.85 and 0.95, and p 0.9 with a floor of 64 and a cap of 300.
 std::vector<PruneParams> common_sweep() {
   std::vector<PruneParams> v;
