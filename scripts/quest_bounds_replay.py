@@ -21,7 +21,8 @@ P = 16  # tokens per page
 
 
 def read_dump(path):
-    f = open(path, 'rb').read()
+    with open(path, 'rb') as fh:
+        f = fh.read()
     if f[:8] != b'TWKVDUMP':
         raise SystemExit(f'{path}: not a twilight KV dump')
     o = 12  # magic, version
@@ -41,9 +42,8 @@ def read_dump(path):
 
 
 def page_bounds(k, n, levels):
-    npg = (n + P - 1) // P
-    mn = np.stack([k[p * P:min(n, (p + 1) * P)].min(0) for p in range(npg)])
-    mx = np.stack([k[p * P:min(n, (p + 1) * P)].max(0) for p in range(npg)])
+    pages = [k[p:min(n, p + P)] for p in range(0, n, P)]  # the last page may be partial
+    mn, mx = np.stack([x.min(0) for x in pages]), np.stack([x.max(0) for x in pages])
     if not levels:
         return mn, mx
     lo, hi = mn.min(1, keepdims=True), mx.max(1, keepdims=True)

@@ -880,11 +880,10 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
       return k != 0u;
     };
     u64 above;
+    bool found = false;
     // Only the 16-warp build has the path (the plan sets wall_off for no other): the others' registers
     // and spills stay as they were.
-    bool whole_list = false;
-    if constexpr (MINB == 1) whole_list = C > 1 && a.wall_off > 0;
-    if (whole_list) {
+    if constexpr (MINB == 1) if (C > 1 && a.wall_off > 0) {
       // Every block of the cluster copies the whole list's weights (its own and, through distributed
       // shared memory, the others': nothing writes them after the weights pass) and selects over them
       // alone: one cluster barrier and one remote read of each weight, instead of a barrier and every
@@ -907,11 +906,10 @@ __global__ void __launch_bounds__(threads_of(MINB), MINB) prune_kernel(const Arg
         }
       }
       __syncthreads();
-      if constexpr (MINB == 1)
-        tau_key = radix_select<kThreads, true>(cl, S, wall, n, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
-    } else {
-      tau_key = radix_select<kThreads>(cl, S, ws, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
+      tau_key = radix_select<kThreads, true>(cl, S, wall, n, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
+      found = true;
     }
+    if (!found) tau_key = radix_select<kThreads>(cl, S, ws, m, key_fn, false, true, (double)a.p, 0ull, hist, next, above);
     if (tau_key == 0u) tau_key = 1u;
   }
 

@@ -374,12 +374,19 @@ TEST(PrunerCuda, FloorAndCap) {
 // keeps the earlier rule. A whole list that fits two or three blocks per SM (B0 <= 4096 at G 4, any B0
 // at G 1) is one 8-warp block; lists longer than 8192 are clusters of the fewest blocks of up to 8192
 // from 32 such blocks on (BENCHMARKS, "Since the run of 19d2fce").
-TEST(PrunerPlan, RuleOnH200Figures) {
-  alignas(16) static const int32_t dummy[4] = {};  // never read: the plan needs only non-null pointers
+// The H200's figures and a cache of the Llama-3.1-8B attention shape for host-only plan tests (batch
+// set by the test; the pointers are never read: the plan needs only non-null ones).
+constexpr int kSms = 132, kOptin = 227 << 10;
+PagedKV llama_plan_kv() {
+  alignas(16) static const int32_t dummy[4] = {};
   PagedKV kv;
   kv.k = kv.v = dummy, kv.page_table = kv.seq_len = dummy;
   kv.n_heads = 32, kv.n_kv_heads = 8, kv.head_dim = 128, kv.max_pages = 8192, kv.n_pages = 1 << 16;
-  constexpr int kSms = 132, kOptin = 227 << 10;
+  return kv;
+}
+
+TEST(PrunerPlan, RuleOnH200Figures) {
+  PagedKV kv = llama_plan_kv();
   struct Want {
     int batch, cap, cluster, threads;
   };
@@ -444,11 +451,7 @@ TEST(PrunerPlan, RuleOnH200Figures) {
 // block's other shared memory; not clusters of two (their exchange is cheaper: BENCHMARKS) or three
 // (B0 6144: not measured, the exchange kept), one-block lists, 8-warp blocks or lists longer than 8192.
 TEST(PrunerPlan, WholeListThresholdInClusters) {
-  alignas(16) static const int32_t dummy[4] = {};
-  PagedKV kv;
-  kv.k = kv.v = dummy, kv.page_table = kv.seq_len = dummy;
-  kv.n_heads = 32, kv.n_kv_heads = 8, kv.head_dim = 128, kv.max_pages = 8192, kv.n_pages = 1 << 16;
-  constexpr int kSms = 132, kOptin = 227 << 10;
+  PagedKV kv = llama_plan_kv();
   struct Want {
     int batch, cap;
     bool whole;
