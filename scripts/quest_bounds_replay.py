@@ -11,6 +11,13 @@ the float query is used as is (the engine's int8 query changes little, docs/ACCU
 Group mode (the GPU step's): a page's score for a kv head is the max over its G query heads, the mass
 the mean over them. --head: each query head selects its own pages (the CPU's gqa=head).
 Keeps ceil(frac * n / 16) pages (at least 2), the first and last always, the rest by descending score.
+
+--adaptive: a data-sized level 1 against the fixed B0 (TWILIGHT.md section 4, item 4), 8-bit bounds,
+group mode, every dumped layer, kv head and query step. The same page order; a page's bound mass is
+n_p exp(u_p - max u) normalised over the pages, u_p its Quest bound on the score q.k / sqrt(d) per query
+head, averaged over the group; the adaptive rule keeps pages in that order until their bound mass reaches
+p0. Prints, per rule, the share of pages kept and the attention mass they hold (mean, 10th percentile,
+minimum over the lists).
 """
 import argparse
 import struct
@@ -74,14 +81,55 @@ def kept_mass(k, q, n, levels, frac, head_mode):
     return float(np.mean(masses))
 
 
+def adaptive(name, layers, H, Hkv, d, n0, K, Q, fracs):
+    G = H // Hkv
+    kept = []  # per list: (cumulative true mass, cumulative bound mass) in the page order
+    for li in range(len(layers)):
+        for h in range(Hkv):
+            k = K[li][:, h]
+            for st in range(Q.shape[0]):  # query step st sees the context plus the st tokens before it
+                n = n0 + st
+                npg = (n + P - 1) // P
+                q = Q[st, li, h * G:(h + 1) * G]
+                sc = (q @ k[:n].T) / np.sqrt(d)
+                w = np.exp(sc - sc.max(1, keepdims=True))
+                w /= w.sum(1, keepdims=True)
+                mn, mx = page_bounds(k, n, 255)
+                u = np.maximum(q[:, None, :] * mx[None], q[:, None, :] * mn[None]).sum(2) / np.sqrt(d)
+                r = u.max(0)
+                order = np.concatenate([[0, npg - 1], np.argsort(-r[1:npg - 1], kind='stable') + 1])
+                page_mass = np.add.reduceat(w.mean(0), np.arange(0, n, P))
+                cnt = np.minimum(P, n - np.arange(npg) * P)
+                beta = cnt[None] * np.exp(u - u.max(1, keepdims=True))
+                beta = (beta / beta.sum(1, keepdims=True)).mean(0)
+                kept.append((np.cumsum(page_mass[order]), np.cumsum(beta[order]), npg))
+    print(f'{name}: layers {layers[0]}..{layers[-1]} ({len(layers)}), H {H}, Hkv {Hkv}, d {d}, context {n0}, '
+          f'{Q.shape[0]} query steps: {len(kept)} lists; 8-bit bounds, group mode')
+    print('| level 1 | pages kept (mean) | mass kept: mean | 10th pct | min |')
+    print('| --- | ---: | ---: | ---: | ---: |')
+
+    def row(label, ks):
+        m = np.array([ct[k - 1] for (ct, _, _), k in zip(kept, ks)])
+        share = np.mean([k / npg for (_, _, npg), k in zip(kept, ks)])
+        print(f'| {label} | {100 * share:.1f}% | {m.mean():.3f} | {np.percentile(m, 10):.3f} | {m.min():.3f} |')
+
+    for f in fracs:
+        row(f'fixed B0 = n x {f:g}', [max(2, int(np.ceil(f * npg))) for _, _, npg in kept])
+    for p0 in (0.9, 0.95, 0.98, 0.99, 0.995, 0.998):
+        row(f'bound mass {p0:g}', [max(2, min(npg, int(np.searchsorted(cb, p0)) + 1)) for _, cb, npg in kept])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('dump')
     ap.add_argument('--head', action='store_true', help='per-query-head selection (default: group mode)')
     ap.add_argument('--fracs', default='0.125,0.25', help='B0 as fractions of the context')
+    ap.add_argument('--adaptive', action='store_true', help='bound-mass level 1 against fixed B0 (see above)')
     args = ap.parse_args()
     name, layers, H, Hkv, d, qp0, K, Q = read_dump(args.dump)
     G, n = H // Hkv, qp0 + 1
+    if args.adaptive:
+        return adaptive(name, layers, H, Hkv, d, n, K, Q, [float(x) for x in args.fracs.split(',')])
     print(f'{name}: layers {layers}, H {H}, Hkv {Hkv}, d {d}, context {n}, {"head" if args.head else "group"} mode')
     kinds = [(0, 'fp'), (255, '8-bit'), (63, '6-bit'), (15, '4-bit')]
     print('| B0 | layer | ' + ' | '.join(k for _, k in kinds) + ' |')
