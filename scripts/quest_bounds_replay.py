@@ -60,20 +60,32 @@ def page_bounds(k, n, levels):
     return lo + s * a, lo + s * b
 
 
-def kept_mass(k, q, n, levels, frac, head_mode):
+def weights_and_bounds(k, q, n, levels):
+    """The exact attention weights of the G query heads q over the first n keys, [G][n], and each
+    page's Quest bound on their scores q.k / sqrt(d), [G][pages]."""
     d = k.shape[1]
-    npg = (n + P - 1) // P
     sc = (q @ k[:n].T) / np.sqrt(d)
     w = np.exp(sc - sc.max(1, keepdims=True))
     w /= w.sum(1, keepdims=True)
     mn, mx = page_bounds(k, n, levels)
-    u = np.maximum(q[:, None, :] * mx[None], q[:, None, :] * mn[None]).sum(2)  # [G][pages]
+    u = np.maximum(q[:, None, :] * mx[None], q[:, None, :] * mn[None]).sum(2) / np.sqrt(d)
+    return w, u
+
+
+def page_order(r):
+    """Quest's page order for page scores r: the first and last pages, then by descending score."""
+    npg = len(r)
+    return np.concatenate([[0, npg - 1], np.argsort(-r[1:npg - 1], kind='stable') + 1])
+
+
+def kept_mass(k, q, n, levels, frac, head_mode):
+    npg = (n + P - 1) // P
+    w, u = weights_and_bounds(k, q, n, levels)
     rank = u if head_mode else u.max(0, keepdims=True)
     keep = max(2, int(np.ceil(frac * n / P)))
     masses = []
     for g in range(q.shape[0]):
-        r = rank[g if head_mode else 0]
-        sel = np.concatenate([[0, npg - 1], np.argsort(-r[1:npg - 1], kind='stable')[:keep - 2] + 1])
+        sel = page_order(rank[g if head_mode else 0])[:keep]
         tok = np.zeros(npg * P, bool)
         for p in sel:
             tok[p * P:(p + 1) * P] = True
@@ -83,21 +95,15 @@ def kept_mass(k, q, n, levels, frac, head_mode):
 
 def adaptive(name, layers, H, Hkv, d, n0, K, Q, fracs):
     G = H // Hkv
-    kept = []  # per list: (cumulative true mass, cumulative bound mass) in the page order
+    kept = []  # per list: cumulative true mass and bound mass in the page order, and its page count
     for li in range(len(layers)):
         for h in range(Hkv):
             k = K[li][:, h]
             for st in range(Q.shape[0]):  # query step st sees the context plus the st tokens before it
                 n = n0 + st
                 npg = (n + P - 1) // P
-                q = Q[st, li, h * G:(h + 1) * G]
-                sc = (q @ k[:n].T) / np.sqrt(d)
-                w = np.exp(sc - sc.max(1, keepdims=True))
-                w /= w.sum(1, keepdims=True)
-                mn, mx = page_bounds(k, n, 255)
-                u = np.maximum(q[:, None, :] * mx[None], q[:, None, :] * mn[None]).sum(2) / np.sqrt(d)
-                r = u.max(0)
-                order = np.concatenate([[0, npg - 1], np.argsort(-r[1:npg - 1], kind='stable') + 1])
+                w, u = weights_and_bounds(k, Q[st, li, h * G:(h + 1) * G], n, 255)
+                order = page_order(u.max(0))
                 page_mass = np.add.reduceat(w.mean(0), np.arange(0, n, P))
                 cnt = np.minimum(P, n - np.arange(npg) * P)
                 beta = cnt[None] * np.exp(u - u.max(1, keepdims=True))
