@@ -21,16 +21,8 @@ mkdir -p "$OUT" "$LOG"
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$LOG/gpu.txt"
 
-prefix=()
-if ! ls /usr/lib/x86_64-linux-gnu/cmake/GTest /usr/local/lib/cmake/GTest /usr/lib64/cmake/GTest >/dev/null 2>&1; then
-  [ -f build-gtest-src/CMakeLists.txt ] || { echo "no GoogleTest here and build-gtest-src not carried"; exit 2; }
-  cmake -S build-gtest-src -B /tmp/gtest-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_GMOCK=OFF \
-        -DCMAKE_INSTALL_PREFIX=/tmp/gtest >"$LOG/gtest_build.log" 2>&1 &&
-    ninja -C /tmp/gtest-build install >>"$LOG/gtest_build.log" 2>&1 || { tail -20 "$LOG/gtest_build.log"; exit 2; }
-  prefix=(-DCMAKE_PREFIX_PATH=/tmp/gtest)
-fi
-configure() { cmake -S . -B "$BUILD" -G Ninja -DTWILIGHT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a "${prefix[@]}" >"$LOG/configure.log" 2>&1 ||
-  { tail -30 "$LOG/configure.log"; exit 3; }; }
+. scripts/gpu_common.sh
+configure() { gpu_configure || exit $?; }
 # TW_BIN: a twilight binary built elsewhere with the CUDA backend (the device lease is short): the
 # benchmark starts at once and cuda_tests builds beside it; otherwise build both first.
 if [ -n "${TW_BIN:-}" ] && [ -x "$TW_BIN" ]; then

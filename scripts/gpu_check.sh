@@ -5,8 +5,7 @@
 #
 #   device tool: run command="bash scripts/gpu_check.sh" carry=["build-gtest-src"]
 #
-# GoogleTest: the system one when cmake finds it, else built from the source in build-gtest-src
-# (a copy of /usr/src/googletest; /build*/ is git-ignored, so it must be carried).
+# GoogleTest: scripts/gpu_common.sh (the system one, else build-gtest-src, carried).
 # The tests that need the model files (QmatvecCudaModel.*, QmatvecCudaFixture.*) are left out:
 # the models are bigger than what can be carried; the committed fixture stands in for them.
 set -uo pipefail
@@ -20,17 +19,9 @@ t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 nvcc --version | tail -1
 
-prefix=()
-if ! ls /usr/lib/x86_64-linux-gnu/cmake/GTest /usr/local/lib/cmake/GTest /usr/lib64/cmake/GTest >/dev/null 2>&1; then
-  [ -f build-gtest-src/CMakeLists.txt ] || { echo "no GoogleTest here and build-gtest-src not carried"; exit 2; }
-  cmake -S build-gtest-src -B /tmp/gtest-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_GMOCK=OFF \
-        -DCMAKE_INSTALL_PREFIX=/tmp/gtest >"$OUT/gtest_build.log" 2>&1 &&
-    ninja -C /tmp/gtest-build -j"$JOBS" install >>"$OUT/gtest_build.log" 2>&1 || { tail -20 "$OUT/gtest_build.log"; exit 2; }
-  prefix=(-DCMAKE_PREFIX_PATH=/tmp/gtest)
-fi
-
-cmake -S . -B "$BUILD" -G Ninja -DTWILIGHT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a "${prefix[@]}" >"$OUT/configure.log" 2>&1 ||
-  { tail -30 "$OUT/configure.log"; exit 3; }
+LOG=$OUT
+. scripts/gpu_common.sh
+gpu_configure || exit $?
 ninja -C "$BUILD" -j"$JOBS" cuda_tests >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 4; }
 echo "build done in $(( $(date +%s) - t0 )) s"
 

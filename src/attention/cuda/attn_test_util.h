@@ -19,6 +19,7 @@ namespace tw::attn::cuda::test {
 
 using ::tw::cuda::DeviceBuffer;
 using ::tw::cuda::test::fresh_seed;
+using ::tw::cuda::test::in_test_shard;
 
 inline const char* dtype_name(KvDtype t) { return t == KvDtype::F16 ? "f16" : "bf16"; }
 inline uint16_t to_bits(KvDtype t, float x) { return t == KvDtype::F16 ? fp32_to_fp16(x) : fp32_to_bf16(x); }

@@ -164,11 +164,13 @@ TEST(QuestCuda, MatchesCpuSelectQuest) {
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int> len(40, 3000), long_len(3000, 40000);
   const std::vector<int64_t> budgets = {1, 16, 17, 40, 100, 256, 1000, 2999, 20000, 1 << 20};
-  int exact = 0, total = 0;
+  int exact = 0, total = 0, config = -1, run = 0;
   for (KvDtype dt : {KvDtype::F16, KvDtype::BF16})
     for (int d : {64, 128})
       for (int G : {1, 3, 4, 6, 7, 8})
         for (Values v : {Values::Dyadic, Values::Gaussian, Values::DyadicWithInf}) {
+          if (!in_test_shard(++config)) continue;
+          ++run;
           const int hkv = 1 + (int)(rng() % 2);
           // Tiny contexts (one page, one token, two pages, 33 tokens) next to long ones. With dyadic
           // values the longest (up to 2500 pages) spreads its pages over a cluster of several blocks,
@@ -179,6 +181,8 @@ TEST(QuestCuda, MatchesCpuSelectQuest) {
           if (HasFatalFailure()) return;
           total += (int)(lens.size() * hkv * budgets.size());
         }
+  EXPECT_GT(run, 0) << "no config in this TW_TEST_SHARD";
+  if (run <= config) std::printf("TW_TEST_SHARD: %d of %d configs\n", run, config + 1);
   EXPECT_EQ(exact, total) << exact << " of " << total << " lists compared exactly";
 }
 

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -29,6 +30,19 @@ namespace tw::cuda::test {
 inline uint64_t fresh_seed() {
   if (const char* s = std::getenv("TW_TEST_SEED"); s && *s) return std::stoull(s);
   return (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}();
+}
+
+// Config-level sharding of a sweep test, for runs too slow to take the whole sweep at once
+// (compute-sanitizer's racecheck: scripts/gpu_sanitize.sh). TW_TEST_SHARD="i/n" runs the configs whose
+// index % n == i; unset, every config. A malformed value is an error, not a silent full run.
+inline bool in_test_shard(int index) {
+  const char* s = std::getenv("TW_TEST_SHARD");
+  if (!s || !*s) return true;
+  int i = -1, n = 0;
+  char tail = 0;
+  TW_CHECK(std::sscanf(s, "%d/%d%c", &i, &n, &tail) == 2 && n > 0 && i >= 0 && i < n, "TW_TEST_SHARD=", s,
+           ": expected i/n with 0 <= i < n");
+  return index % n == i;
 }
 
 inline std::vector<float> random_normal(std::mt19937_64& rng, size_t n, float stddev = 1.f) {
