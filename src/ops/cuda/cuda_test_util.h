@@ -34,7 +34,9 @@ inline uint64_t fresh_seed() {
 
 // Config-level sharding of a sweep test, for runs too slow to take the whole sweep at once
 // (compute-sanitizer's racecheck: scripts/gpu_sanitize.sh). TW_TEST_SHARD="i/n" runs the configs whose
-// index % n == i; unset, every config. A malformed value is an error, not a silent full run.
+// index % n == i; unset, every config. A malformed value is an error, not a silent full run. The
+// skipped configs draw no random numbers, so a failing shard replays with its seed (TW_TEST_SEED) and
+// the same TW_TEST_SHARD.
 inline bool in_test_shard(int index) {
   const char* s = std::getenv("TW_TEST_SHARD");
   if (!s || !*s) return true;
