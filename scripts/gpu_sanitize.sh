@@ -3,9 +3,11 @@
 # misaligned global / shared accesses, leaks) on every GPU test; racecheck (shared-memory hazards) and
 # synccheck (barrier misuse) on every test but the real-model ones, whose kernels are the same as the
 # random tests' at larger sizes. One process per test and tool, JOBS at a time on the one GPU; a
-# table per test on stdout, each run's log in $OUT/logs.
+# table per test on stdout and in $OUT/summary.txt, each run's log in $LOG (default $OUT/logs), all of
+# them also in $OUT/sanitizer_logs.tgz.
 #
-#   device tool: run command="bash scripts/gpu_sanitize.sh" carry=["build-gtest-src","build-dumps"]
+#   device tool: run command="OUT=$OUT LOG=/tmp/san_logs PART=1/2 bash scripts/gpu_sanitize.sh"
+#                carry=["build-gtest-src","build-dumps"]   (then PART=2/2; the tool brings back few files)
 #   REAL_KV=build-dumps/qwen15b-emma-8192.kv   the *.RealModelDump tests too (memcheck)
 #   TESTS_BIN=path                             a cuda_tests built elsewhere for sm_90a (no build here)
 #   TOOLS="memcheck racecheck synccheck"       FILTER=gtest filter (default: every GPU test)
@@ -24,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_sanitize}
-LOG=$OUT/logs
+LOG=${LOG:-$OUT/logs}
 BUILD=${BUILD:-build-gpu}
 JOBS=${JOBS:-12}
 LIMIT=${LIMIT:-540}
@@ -38,7 +40,8 @@ HEAVY=${HEAVY:-'racecheck [0-9]|PageInputMatchesTokenInput racecheck|LongListOve
 [[ $PART =~ ^([0-9]+)/([0-9]+)$ ]] && [ "${BASH_REMATCH[1]}" -ge 1 ] && [ "${BASH_REMATCH[1]}" -le "${BASH_REMATCH[2]}" ] ||
   { echo "PART=$PART: expected k/n with 1 <= k <= n"; exit 2; }
 part_k=${BASH_REMATCH[1]} part_n=${BASH_REMATCH[2]}
-mkdir -p "$LOG"
+mkdir -p "$OUT" "$LOG"
+rm -f "$LOG"/*.log  # a previous sweep's logs would go into this one's tarball
 t0=$(date +%s)
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 [ -x "$SAN" ] || { echo "compute-sanitizer not found"; exit 2; }
@@ -104,5 +107,6 @@ count() { awk -v s="$1" '$3 == s' "$OUT/summary.txt" | wc -l; }
 bad=$(awk '$3 != "clean" && $3 != "skipped" && $3 != "host"' "$OUT/summary.txt" | wc -l)
 echo "runs: $n, clean: $(count clean), host only: $(count host), skipped: $(count skipped), failed or timed out: $bad;" \
   "total $(( $(date +%s) - t0 )) s"
+tar czf "$OUT/sanitizer_logs.tgz" -C "$(dirname "$LOG")" "$(basename "$LOG")"
 # Nothing checked (no GPU: every test skipped) is a failure too, not a clean sweep.
 [ "$bad" = 0 ] && [ "$(count clean)" -gt 0 ]
