@@ -367,7 +367,7 @@ void run_gpu_attention_bench(const GpuAttnBenchOptions& o, std::ostream& table, 
       DeviceBuffer dws(std::max<size_t>(dws_b, 16)), sws(std::max<size_t>(sws_b, 16));
       auto dense = [&](int i) { dense_decode(sets[i]->kv, dplan, sets[i]->q.as<float>(), sets[i]->out.as<float>(), dws.get(), dws_b, st); };
       // TW_BENCH_STEP_ONLY (a profiling aid): only the Twilight step's graph runs, so a profiler's first
-      // kernels are one step's (select, prune, plan, attend, combine); every other time reads 0.
+      // kernels are one step's (select, prune, attend, combine); every other time reads 0.
       static const bool step_only = bench_knob("TW_BENCH_STEP_ONLY") > 0;
       const double t_dense = step_only ? 0.0 : time_graphs(dense, n_sets, o.reps, o.trials, st);
 

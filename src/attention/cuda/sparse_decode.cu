@@ -23,32 +23,34 @@ namespace {
 // always split).
 constexpr int kMinChunk = 256;
 constexpr int kMaxChunk = 2048;
-constexpr int kWaveChunk = 1024;  // at least this many tokens per item once the lists fill a wave (plan_kernel)
+constexpr int kWaveChunk = 1024;  // at least this many tokens per item once the lists fill a wave (min_T)
 constexpr int kPlanThreads = 1024;
 constexpr int kAttnWarps = 4;
 constexpr int kAttnThreads = 32 * kAttnWarps;
-constexpr int kItemsPerSm = 4;     // the planner aims at this many work items per SM (H200: 4 beat 2, 8, 16)
-constexpr int kWhole = 1 << 30;    // item flag: the list's only item, which writes the output itself (no combine)
+constexpr int kItemsPerSm = 4;     // the split aims at this many work items per SM (H200: 4 beat 2, 8, 16)
+constexpr int kWhole = 1 << 30;    // planned item flag: the list's only item, which writes the output itself
 
 // Programmatic dependent launch of the attend and combine kernels: each may start (blocks resident,
 // parameters loaded) while the kernel before it still runs, and waits (griddepcontrol.wait, which
 // returns once that grid has finished and its writes are visible) before its first read of them. In
-// the graph-replayed step it hides about one launch latency per edge (H200, one call, two alternations:
+// the graph-replayed step it hid about one launch latency per edge (H200, one call, two alternations:
 // concentrated 16 x 32k p 0.85 92.9 / 92.7 -> 92.0 / 91.6 us, diffuse 16 x 128k p 0.95 198.0 / 197.9 ->
-// 197.1 / 196.9). Not used before the pruner or the plan: every kernel of the step launched this way
+// 197.1 / 196.9); after the pruner (no plan kernel below a wave of lists) it is ~0.3 us faster than a
+// plain launch. The pruner and the plan kernel themselves are launched plainly: launched early, each
 // made the step slower (docs/BENCHMARKS.md).
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
-// Workspace layout (all int32 / float, 16-byte aligned pieces).
+// Workspace layout (16-byte aligned pieces). Item c of list i keeps its state in part slot
+// i * per_list + c.
 struct Layout {
-  size_t hdr = 0;        // int[4]: n_items
-  size_t start = 0;      // int[n_lists + 1]: first work item of each list
-  size_t items = 0;      // int4[max_items]: list, first entry j0, end j1, listed count n (entries >= n: the
-                         // current token) | kWhole when the item is the list's only one
-  size_t part = 0;       // float[max_items][G][d + 2]: o[d], m, l
+  size_t hdr = 0;        // int[4]: the planned items' number (plan_kernel)
+  size_t n_items = 0;    // int[n_lists]: each list's items (the plan, or the list's first item; read by the combine)
+  size_t items = 0;      // int4[max_items]: planned items: part slot, first entry j0, end j1, listed count n
+                         // (entries >= n: the current token) | kWhole when the item is the list's only one
+  size_t part = 0;       // float[n_lists * per_list][G][d + 2]: o[d], m, l
   size_t total = 0;
-  int max_items = 0;
+  int per_list = 0;      // items a list can have at most: ceil((capacity + 1) / kMinChunk)
 };
 
 size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
@@ -58,15 +60,15 @@ Layout layout_for(const PagedKV& kv, int cap) {
   const int n_lists = kv.batch * kv.n_kv_heads;
   const int G = kv.n_heads / kv.n_kv_heads;
   const int64_t per_list = (int64_t(cap) + 1 + kMinChunk - 1) / kMinChunk;
-  const int64_t max_items = per_list * n_lists;
-  TW_CHECK(max_items < (int64_t(1) << 30), "sparse decode: ", n_lists, " lists of capacity ", cap,
+  TW_CHECK(per_list * n_lists < (int64_t(1) << 30), "sparse decode: ", n_lists, " lists of capacity ", cap,
            " need too many work items");
-  L.max_items = (int)max_items;
+  const size_t max_items = size_t(per_list) * n_lists;
+  L.per_list = (int)per_list;
   L.hdr = 0;
-  L.start = align16(16);
-  L.items = L.start + align16(size_t(n_lists + 1) * 4);
-  L.part = L.items + align16(size_t(max_items) * 16);
-  L.total = L.part + align16(size_t(max_items) * G * (kv.head_dim + 2) * 4);
+  L.n_items = 16;
+  L.items = L.n_items + align16(size_t(n_lists) * 4);
+  L.part = L.items + align16(max_items * 16);
+  L.total = L.part + align16(max_items * G * (kv.head_dim + 2) * 4);
   return L;
 }
 
@@ -80,12 +82,16 @@ struct Args {
   const int32_t* tokens;
   float* out;
   int* hdr;
-  int* start;
+  int* n_items;
   int4* items;
   float* part;
   int64_t n_pages;
-  int batch, n_kv_heads, group, max_pages, cap, max_items, sm_count, items_per_sm;
-  int slots;  // attend blocks resident at once (SMs x blocks per SM)
+  int batch, n_kv_heads, group, max_pages, cap;
+  int n_lists, per_list;
+  int want;      // work items the split aims at for the whole batch (SMs x items per SM)
+  int min_T;     // kMinChunk, or kWaveChunk once the lists fill a wave of attend blocks
+  int planned;   // 1: plan_kernel made the items (a wave of lists or more); 0: each list splits itself
+  int max_c;     // unplanned: items any list can have (<= per_list; the attend grid is n_lists x max_c)
 };
 
 __device__ __forceinline__ int list_len(const Args& a, int list, int* extra_out) {
@@ -97,13 +103,48 @@ __device__ __forceinline__ int list_len(const Args& a, int list, int* extra_out)
   return n + extra;
 }
 
-// One block: tokens per item from the total, then the per-list prefix of item counts and the items.
+// T for `total` entries: about `want` items, in whole 16-token tiles two per warp, in [min_T, kMaxChunk].
+// Once the lists fill a wave (min_T = kWaveChunk), splitting a shorter list adds a combine and a second
+// item's fixed costs, not parallelism (H200, concentrated 64 x 32k p 0.85, ~500 entries per list: T 512
+// split the lists over 640 in two); longer lists still split at T: items of the cap instead left a tail
+// of long single items (diffuse 64 x 128k p 0.85, ~1000 per list).
+__device__ __forceinline__ int tokens_per_item(long long total, const Args& a) {
+  long long T = (total + a.want - 1) / a.want;
+  T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;
+  return (int)min(max(T, (long long)a.min_T), (long long)kMaxChunk);
+}
+
+// A list of len entries in items of T entries and the rest, except that a rest under T / 4 entries is
+// spread over the other items (whole tiles, at most kMaxChunk entries): a list of T + 8 entries was two
+// items, the second of 8, which cost a whole item's row lookups and merge, and a combine, for half a
+// tile. Equal items of len / T rounded to the nearest (up to 1.5 T) balanced worse (H200, 16 x 128k p
+// 0.95: attend +2 us). n: items, per: entries per item (>= T).
+struct Split {
+  int n, per;
+};
+
+__device__ __forceinline__ Split split_list(int len, int T) {
+  int nc = (len + T - 1) / T, per = T;
+  if (nc > 1 && len - (nc - 1) * T < T / 4 && (len + nc - 2) / (nc - 1) <= kMaxChunk) {
+    --nc;
+    per = ((len + nc - 1) / nc + 15) / 16 * 16;  // <= kMaxChunk (a multiple of 16)
+    nc = (len + per - 1) / per;                  // <= the count above
+  }
+  return {nc, per};
+}
+
+// A wave of lists or more: one block plans the batch. T from the total, then the per-list prefix of
+// item counts and the items, in list order, so that the attend grid takes them one after another with
+// no empty blocks among them. (Below a wave each list splits itself in the attend kernel, with no kernel
+// between the pruner and the attention: 1-3.5 us faster at batch 1-16 on the H200. Per-list splits in
+// a wave of lists gave long lists long single items, and their grid of slots (list, item) many empty
+// blocks among the items: diffuse 64 x 128k p 0.85 +4 us; docs/BENCHMARKS.md.)
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
   __shared__ long long red[kPlanThreads / 32];
   __shared__ int sc[kPlanThreads / 32];
   __shared__ int s_T, s_carry;
   pdl_launch_dependents();  // the attend grid may start now; it waits for this grid's end before its reads
-  const int n_lists = a.batch * a.n_kv_heads;
+  const int n_lists = a.n_lists;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   long long tot = 0;
   int len0 = 0, extra0 = 0;  // list tid's, kept for the second pass (its loads are dependent: count, then the last token)
@@ -120,15 +161,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
   if (tid == 0) {
     long long s = 0;
     for (int w = 0; w < kPlanThreads / 32; ++w) s += red[w];
-    const long long want = (long long)a.sm_count * a.items_per_sm;
-    long long T = (s + want - 1) / want;
-    T = (T + kAttnThreads - 1) / kAttnThreads * kAttnThreads;  // whole 16-token tiles, two per warp
-    s_T = (int)std::min<long long>(std::max<long long>(T, kMinChunk), kMaxChunk);
-    // A wave of lists or more: items of at least kWaveChunk entries, since splitting a shorter list adds
-    // a combine and a second item's fixed costs, not parallelism (H200, concentrated 64 x 32k p 0.85,
-    // ~500 entries per list: T 512 split the lists over 640 in two). Longer lists still split at T: items
-    // of the cap instead left a tail of long single items (diffuse 64 x 128k p 0.85, ~1000 per list).
-    if (n_lists >= a.slots) s_T = max(s_T, kWaveChunk);
+    s_T = tokens_per_item(s, a);
     s_carry = 0;
   }
   __syncthreads();
@@ -137,18 +170,8 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
     const int i = base + tid;
     int extra = extra0;
     const int len = i >= n_lists ? 0 : base == 0 ? len0 : list_len(a, i, &extra);
-    // Items per list: items of T entries and the rest, except that a rest under T / 4 entries is spread
-    // over the other items (whole tiles, at most kMaxChunk entries): a list of T + 8 entries was two
-    // items, the second of 8, which cost a whole item's row lookups and merge, and a combine, for half
-    // a tile. Equal items of len / T rounded to the nearest (up to 1.5 T) balanced worse (H200, 16 x 128k
-    // p 0.95: attend +2 us).
-    int nc = (len + T - 1) / T, per = T;
-    if (nc > 1 && len - (nc - 1) * T < T / 4 && (len + nc - 2) / (nc - 1) <= kMaxChunk) {
-      --nc;
-      per = ((len + nc - 1) / nc + 15) / 16 * 16;  // <= kMaxChunk (a multiple of 16)
-      nc = (len + per - 1) / per;                  // <= the count above
-    }
-    int x = nc;
+    const Split sp = split_list(len, T);
+    int x = sp.n;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
       const int u = __shfl_up_sync(0xffffffffu, x, o);
@@ -158,20 +181,18 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
     __syncthreads();
     int off = s_carry;
     for (int w = 0; w < warp; ++w) off += sc[w];
-    const int first = off + x - nc;
+    const int first = off + x - sp.n;
     if (i < n_lists) {
-      a.start[i] = first;
-      for (int c = 0; c < nc; ++c)
-        a.items[first + c] = make_int4(i, c * per, min(len, (c + 1) * per), (len - extra) | (nc == 1 ? kWhole : 0));
+      a.n_items[i] = sp.n;
+      for (int c = 0; c < sp.n; ++c)
+        a.items[first + c] = make_int4(i * a.per_list + c, c * sp.per, min(len, (c + 1) * sp.per),
+                                       (len - extra) | (sp.n == 1 ? kWhole : 0));
     }
     __syncthreads();
-    if (tid == kPlanThreads - 1) s_carry = first + nc;
+    if (tid == kPlanThreads - 1) s_carry = first + sp.n;
     __syncthreads();
   }
-  if (tid == 0) {
-    a.start[n_lists] = s_carry;
-    a.hdr[0] = s_carry;
-  }
+  if (tid == 0) a.hdr[0] = s_carry;
 }
 
 // One item = entries [j0, j1) of a list (the current token appended as the last entry when the
@@ -186,19 +207,39 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
   __shared__ float smem[kAttnWarps * kMaxGroup * (D + 2)];
   using Tile = tile::Acc<E, D>;
   __shared__ uint4 s_q[kAttnWarps][Tile::kQSmem];
-  pdl_wait();               // the plan's items, complete and visible
+  pdl_wait();               // the kernel before it (the plan, the pruner or the select) complete, its writes visible
   pdl_launch_dependents();  // the combine's blocks may start once every attend block has
-  const int n_items = a.hdr[0];
   const E* kpool = static_cast<const E*>(a.k);
   const E* vpool = static_cast<const E*>(a.v);
   const int tok[4] = {2 * ti, 2 * ti + 1, 2 * ti + 8, 2 * ti + 9};
 
-  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-    // The plan's item carries its bounds: the entries' loads need no list-length lookups (count, then
-    // the list's last token: two dependent loads before the first row).
-    const int4 it = a.items[item];
-    const int list = it.x, j0 = it.y, cnt = it.z - it.y, n = it.w & ~kWhole;
-    const bool whole = (it.w & kWhole) != 0;
+  // Planned: y is the plan's item y. Unplanned: y is slot (list y / max_c, item c), list-major, and the
+  // list splits itself by its own length: T = len x lists / want (tokens_per_item of len x lists), for
+  // lists of equal length the batch's T (about want items in all), for a ragged batch about want / lists
+  // items per list, longer ones longer (a plan over the total would make them all ~T). A slot past its
+  // list's items finds none after one load (the count: item c needs c x min_T < len, as per >= min_T).
+  // Bound: T >= len x lists / want gives ceil(len / T) <= ceil(want / lists), unless T is kMaxChunk,
+  // where it is ceil((cap + 1) / kMaxChunk); max_c is the larger.
+  const int n_slots = a.planned ? a.hdr[0] : a.n_lists * a.max_c;
+  for (int y = blockIdx.x; y < n_slots; y += gridDim.x) {
+    int list, slot, j0, cnt, n;
+    bool whole;
+    if (a.planned) {
+      const int4 it = a.items[y];  // the item carries its bounds: no list-length lookups
+      slot = it.x, list = slot / a.per_list, j0 = it.y, cnt = it.z - it.y, n = it.w & ~kWhole;
+      whole = (it.w & kWhole) != 0;
+    } else {
+      list = y / a.max_c;
+      const int c = y - list * a.max_c;
+      if (c > 0 && (long long)c * a.min_T >= (long long)min(max(a.count[list], 0), a.cap) + 1) continue;
+      int extra;
+      const int len = list_len(a, list, &extra);  // two dependent loads: the count, then the list's last token
+      const Split sp = split_list(len, tokens_per_item((long long)len * a.n_lists, a));
+      if (c == 0 && threadIdx.x == 0) a.n_items[list] = sp.n;  // for the combine
+      if (c >= sp.n) continue;
+      slot = list * a.per_list + c, j0 = c * sp.per, cnt = min(len, j0 + sp.per) - j0, n = len - extra;
+      whole = sp.n == 1;
+    }
     const int b = list / a.n_kv_heads, h = list % a.n_kv_heads;
     const int cur = a.seq_len[b] - 1;
     const int32_t* toks = a.tokens + (size_t)list * a.cap;
@@ -265,7 +306,7 @@ __global__ void __launch_bounds__(kAttnThreads) attend_kernel(const Args a) {
     }
     acc.finish();
 
-    float* part = a.part + (size_t)item * G * (D + 2);
+    float* part = a.part + (size_t)slot * G * (D + 2);
     float* out = a.out + ((size_t)b * a.n_kv_heads + h) * G * D;
     tile::block_merge<kAttnWarps>(acc, G, smem, [&](int g, int d, float O, float mm, float L) {
       if (whole) {  // the list's only item: its state is the output (the combine skips the list)
@@ -296,9 +337,10 @@ __global__ void __launch_bounds__(kCombThreads) combine_kernel(const Args a) {
   pdl_wait();  // the items' partial states
   const int G = a.group, h = hq / G, r = hq % G;
   const int list = b * a.n_kv_heads + h;
-  const int i0 = a.start[list], n = a.start[list + 1] - i0;
-  if (n == 1) return;  // written by its only item (kWhole)
-  auto part_of = [&](int i) { return a.part + ((size_t)(i0 + i) * G + r) * (D + 2); };  // o[D], m, l
+  const int n = a.n_items[list];
+  if (n == 1) return;  // written by its only item
+  const float* part0 = a.part + ((size_t)list * a.per_list * G + r) * (D + 2);
+  auto part_of = [&](int i) { return part0 + (size_t)i * G * (D + 2); };  // o[D], m, l
   float* out = a.out + ((size_t)b * a.n_kv_heads * G + hq) * D;
 
   auto ml_of = [&](int i) { return *reinterpret_cast<const float2*>(part_of(i) + D); };  // m in log2 units
@@ -354,7 +396,7 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   a.tokens = lists.tokens;
   a.out = out;
   a.hdr = reinterpret_cast<int*>(ws + L.hdr);
-  a.start = reinterpret_cast<int*>(ws + L.start);
+  a.n_items = reinterpret_cast<int*>(ws + L.n_items);
   a.items = reinterpret_cast<int4*>(ws + L.items);
   a.part = reinterpret_cast<float*>(ws + L.part);
   a.n_pages = kv.n_pages;
@@ -363,34 +405,43 @@ void sparse_decode(const PagedKV& kv, const float* q, const TokenLists& lists, f
   a.group = kv.n_heads / kv.n_kv_heads;
   a.max_pages = kv.max_pages;
   a.cap = lists.capacity;
-  a.max_items = L.max_items;
-  a.sm_count = sm_count();
+  a.n_lists = kv.batch * kv.n_kv_heads;
+  a.per_list = L.per_list;
   static const int ips = bench_knob("TW_SPARSE_ITEMS_PER_SM");
-  a.items_per_sm = ips > 0 ? ips : kItemsPerSm;
-
-  // Fixed grid (shapes only): blocks loop over however many items the plan made.
-  const int grid = std::min(L.max_items, a.sm_count * 16);
+  const int sms = sm_count();
+  a.want = sms * (ips > 0 ? ips : kItemsPerSm);
   const bool bf = kv.dtype == KvDtype::BF16;
+  // A/B aid: TW_SPARSE_SPLIT=1 plans at every size, 2 never (each list splits itself).
+  static const int split_knob = bench_knob("TW_SPARSE_SPLIT");
   auto by_dtype = [&](auto d_tag) {
     constexpr int D = decltype(d_tag)::value;
-    a.slots = a.sm_count * (bf ? resident_blocks<attend_kernel<D, __nv_bfloat16>>(kAttnThreads)
-                               : resident_blocks<attend_kernel<D, __half>>(kAttnThreads));
-    plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
-    TW_CUDA_CHECK_LAUNCH();
-    if (bf)
-      launch_pdl(attend_kernel<D, __nv_bfloat16>, dim3(grid), dim3(kAttnThreads), stream, a);
-    else
-      launch_pdl(attend_kernel<D, __half>, dim3(grid), dim3(kAttnThreads), stream, a);
+    const int slots = sms * (bf ? resident_blocks<attend_kernel<D, __nv_bfloat16>>(kAttnThreads)
+                                : resident_blocks<attend_kernel<D, __half>>(kAttnThreads));
+    const bool wave = a.n_lists >= slots;
+    a.min_T = wave ? kWaveChunk : kMinChunk;
+    a.planned = split_knob == 1 || (split_knob != 2 && wave);
+    // Unplanned: the attend kernel's bound on a list's items (the workspace holds per_list >= it).
+    const int64_t by_want = (int64_t(a.want) + a.n_lists - 1) / a.n_lists;
+    const int64_t by_cap = (int64_t(a.cap) + 1 + kMaxChunk - 1) / kMaxChunk;
+    a.max_c = (int)std::min<int64_t>(std::max(by_want, by_cap), L.per_list);
+    // Fixed grids (shapes only). Planned: blocks loop over however many items the plan made, 16 per SM
+    // at most, the surplus exiting at once. Unplanned: one block per slot. Either way the hardware hands
+    // blocks out as others finish, which balances unequal items better than blocks looping over a
+    // fixed share (docs/BENCHMARKS.md).
+    const int grid = a.planned ? (int)std::min<int64_t>(int64_t(a.n_lists) * L.per_list, int64_t(sms) * 16)
+                               : a.n_lists * a.max_c;  // < 2^30 (layout_for)
+    if (a.planned) {
+      plan_kernel<<<1, kPlanThreads, 0, stream>>>(a);
+      TW_CUDA_CHECK_LAUNCH();
+    }
+    launch_pdl(bf ? attend_kernel<D, __nv_bfloat16> : attend_kernel<D, __half>, dim3(grid), dim3(kAttnThreads),
+               stream, a);
+    launch_pdl(combine_kernel<D>, dim3(kv.n_heads, kv.batch), dim3(kCombThreads), stream, a);
   };
-  using D128 = std::integral_constant<int, 128>;
-  using D64 = std::integral_constant<int, 64>;
-  if (kv.head_dim == 128) {
-    by_dtype(D128{});
-    launch_pdl(combine_kernel<128>, dim3(kv.n_heads, kv.batch), dim3(kCombThreads), stream, a);
-  } else {
-    by_dtype(D64{});
-    launch_pdl(combine_kernel<64>, dim3(kv.n_heads, kv.batch), dim3(kCombThreads), stream, a);
-  }
+  if (kv.head_dim == 128)
+    by_dtype(std::integral_constant<int, 128>{});
+  else
+    by_dtype(std::integral_constant<int, 64>{});
 }
 
 }  // namespace tw::attn::cuda

@@ -5,11 +5,13 @@
 //   list (b, h), plus the current token seq_len[b] - 1 when the list lacks it (never twice).
 // All G query heads of a group are served from one read of each K / V row (online softmax).
 //
-// Three launches, all sizes on the device (no host synchronisation, fixed shapes: capturable in a
-// CUDA graph):
-//   1. plan: counts -> tokens per work item T (from the total, so that the batch fills the GPU;
-//      at least kMinChunk) -> per-list prefix of item counts -> the work items, each with its bounds;
-//   2. attend: a fixed grid loops over the work items; each item is ~T tokens of one list and
+// Two or three launches, all sizes on the device (no host synchronisation, fixed shapes: capturable in
+// a CUDA graph):
+//   1. plan (only from a wave of lists, more lists than the attend blocks resident at once): counts ->
+//      tokens per item T (from the total, so that the batch fills the GPU; at least kMinChunk) ->
+//      per-list prefix of item counts -> the work items, each with its bounds. Below a wave there is
+//      no plan: each list splits itself by its own length in the attend kernel;
+//   2. attend: a fixed grid of blocks takes the work items; each item is ~T tokens of one list and
 //      writes one partial softmax state {m, l, o[d]} per query head of the group, or, when it is its
 //      list's only item, the output itself;
 //   3. combine: per query head of a list of several items, the log-sum-exp merge of their states.

@@ -89,33 +89,54 @@ const std::vector<Cfg> kCfgs = {
                                 260, 4500, 8,   1600, 2200, 480, 3600, 75, 950,  2300}},
 };
 
+// Random lists of every kind (Quest-like runs, random, without the current token, every position, one
+// empty list) against sparse_reference.
+void check_random_lists(const Cfg& c, int capacity, std::mt19937_64& rng) {
+  SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, c.dtype == KvDtype::F16 ? " f16" : " bf16", " batch ",
+                   c.lens.size(), " capacity ", capacity));
+  BatchSpec spec;
+  spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens;
+  spec.kscale = 1.2f;
+  auto B = make_batch(spec, rng);
+  HostLists lists;
+  lists.capacity = capacity;
+  const ListKind kinds[] = {ListKind::QuestLike, ListKind::Random, ListKind::NoCurrent, ListKind::All};
+  for (int s = 0; s < B->batch; ++s)
+    for (int h = 0; h < c.Hkv; ++h)
+      lists.lists.push_back(make_candidates(kinds[(s + h) % 4], c.lens[s], lists.capacity, rng));
+  lists.lists[0].clear();  // an empty list: the current token alone
+  const std::vector<float> got = run_sparse(*B, lists);
+  std::vector<float> ref(got.size());
+  for (int s = 0; s < B->batch; ++s) {
+    const Selection sel = selection_of(lists, s, c.Hkv);
+    const size_t off = (size_t)s * c.H * c.d;
+    sparse_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, sel, c.lens[s], ref.data() + off);
+  }
+  compare_rows(got, ref, c.d, c.dtype, "sparse");
+}
+
 TEST(SparseDecodeCuda, RandomListsMatchCpu) {
   TW_REQUIRE_CUDA_DEVICE();
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
   std::mt19937_64 rng(seed);
-  for (const Cfg& c : kCfgs) {
-    SCOPED_TRACE(cat("H ", c.H, " Hkv ", c.Hkv, " d ", c.d, c.dtype == KvDtype::F16 ? " f16" : " bf16"));
-    BatchSpec spec;
-    spec.n_heads = c.H, spec.n_kv_heads = c.Hkv, spec.head_dim = c.d, spec.dtype = c.dtype, spec.seq_len = c.lens;
-    spec.kscale = 1.2f;
-    auto B = make_batch(spec, rng);
-    HostLists lists;
-    lists.capacity = 3000;
-    const ListKind kinds[] = {ListKind::QuestLike, ListKind::Random, ListKind::NoCurrent, ListKind::All};
-    for (int s = 0; s < B->batch; ++s)
-      for (int h = 0; h < c.Hkv; ++h)
-        lists.lists.push_back(make_candidates(kinds[(s + h) % 4], c.lens[s], lists.capacity, rng));
-    lists.lists[0].clear();  // an empty list: the current token alone
-    const std::vector<float> got = run_sparse(*B, lists);
-    std::vector<float> ref(got.size());
-    for (int s = 0; s < B->batch; ++s) {
-      const Selection sel = selection_of(lists, s, c.Hkv);
-      const size_t off = (size_t)s * c.H * c.d;
-      sparse_reference(*B->pool, B->seqs[s], 0, B->hs(), B->q.data() + off, sel, c.lens[s], ref.data() + off);
-    }
-    compare_rows(got, ref, c.d, c.dtype, "sparse");
-  }
+  for (const Cfg& c : kCfgs) check_random_lists(c, 3000, rng);
+}
+
+// More lists than a wave of attend blocks (480 >= the H200's 2 x 132): the batch's tokens per item
+// from total_kernel (at least 1024), so the capacity-8193 lists have up to nine items; most lists are
+// short (one item each), four sequences' long (eight or nine items). kCfgs' last configuration (272
+// lists) is the same regime at capacity 3000.
+TEST(SparseDecodeCuda, WaveOfLongAndShortLists) {
+  TW_REQUIRE_CUDA_DEVICE();
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(cat("seed ", seed, " (rerun with TW_TEST_SEED)"));
+  std::mt19937_64 rng(seed);
+  Cfg c{8, 8, 64, KvDtype::F16, {}};
+  std::uniform_int_distribution<int> short_len(20, 700);
+  for (int s = 0; s < 56; ++s) c.lens.push_back(short_len(rng));
+  for (int len : {8200, 9000, 5000, 2100}) c.lens.push_back(len);
+  check_random_lists(c, 8193, rng);
 }
 
 TEST(SparseDecodeCuda, SelectAllEqualsDense) {
@@ -177,12 +198,13 @@ TEST(SparseDecodeCuda, RealModelDump) {
   }
 }
 
-// The plan's item boundaries (sparse_decode.cu): with these totals the tokens per item T is its floor of
-// 256. Lists of T + 1 .. T + 63 entries are one item (the rest under T / 4 is spread), which writes the
-// output itself; T + 64 is two; 2049 .. 2111 entries are eight equal items, 2112 nine (the last of 64),
-// 4150 sixteen; the one-entry and T-entry lists are single items too. Every list holds every position
-// (so the reference is dense attention), the current token included or, for odd sequences, appended by
-// the kernel.
+// The item boundaries (sparse_decode.cu, split_of): for these 24 lists the tokens per item T is its
+// floor of 256 on the H200 (len x 24 / want <= 189 with want = 132 SMs x 4; on a GPU of under 98 SMs
+// the longest lists get larger items, still checked against the reference). Lists of T + 1 .. T + 63 entries are
+// one item (the rest under T / 4 is spread), which writes the output itself; T + 64 is two; 2049 ..
+// 2111 entries are eight equal items, 2112 nine (the last of 64), 4150 sixteen; the one-entry and
+// T-entry lists are single items too. Every list holds every position (so the reference is dense
+// attention), the current token included or, for odd sequences, appended by the kernel.
 TEST(SparseDecodeCuda, ItemBoundaries) {
   TW_REQUIRE_CUDA_DEVICE();
   const uint64_t seed = fresh_seed();
