@@ -136,7 +136,7 @@ __device__ __forceinline__ Split split_list(int len, int T) {
 // A wave of lists or more: one block plans the batch. T from the total, then the per-list prefix of
 // item counts and the items, in list order, so that the attend grid takes them one after another with
 // no empty blocks among them. (Below a wave each list splits itself in the attend kernel, with no kernel
-// between the pruner and the attention: 1-3.5 us faster at batch 1-16 on the H200. Per-list splits in
+// between the pruner and the attention: 0-3.8 us faster at batch 1-16 on the H200. Per-list splits in
 // a wave of lists gave long lists long single items, and their grid of slots (list, item) many empty
 // blocks among the items: diffuse 64 x 128k p 0.85 +4 us; docs/BENCHMARKS.md.)
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const Args a) {
