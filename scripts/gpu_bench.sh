@@ -104,6 +104,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     grep -E '^\[ *(PASSED|FAILED|SKIPPED) *\]|tests ran|^real-model' "$OUT/tests.log" | head -40
     [ -n "${REAL_KV:-}" ] || echo "real-model kernel tests (*.RealModelDump) skipped: no REAL_KV"
     echo "cuda_tests rc=$rc"
+    gpu_sparse_split_tests "$BUILD/cuda_tests" "$OUT" || rc=1
     # The read ceiling of scattered chunks (the side structures' gathers): GatherCudaBench.
     "$BUILD/cuda_tests" --gtest_also_run_disabled_tests --gtest_filter='GatherCudaBench.*' 2>&1 |
       grep BENCH | tee "$OUT/gather.log"

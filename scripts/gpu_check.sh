@@ -29,6 +29,7 @@ rc=0
 "$BUILD/cuda_tests" --gtest_filter='-QmatvecCudaModel.*:QmatvecCudaFixture.*' >"$OUT/tests.log" 2>&1 || rc=$?
 grep -E '^\[ *(OK|PASSED|FAILED|SKIPPED) *\]|Failure|error|seed' "$OUT/tests.log" | head -40
 echo "tests rc=$rc"
+gpu_sparse_split_tests "$BUILD/cuda_tests" "$OUT" || rc=1
 
 if command -v compute-sanitizer >/dev/null; then
   timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$BUILD/cuda_tests" \

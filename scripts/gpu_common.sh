@@ -1,5 +1,6 @@
 # Sourced by the GPU machine's scripts (gpu_check.sh, gpu_bench.sh, gpu_sanitize.sh): configure the
-# CUDA build for sm_90a into $BUILD. Needs $BUILD and $LOG (where the configure logs go).
+# CUDA build for sm_90a into $BUILD (needs $BUILD and $LOG, where the configure logs go), and the sparse
+# attention's tests in its two work-split modes.
 # GoogleTest: the system one when cmake finds it, else built from the source in build-gtest-src (a
 # copy of /usr/src/googletest; /build*/ is git-ignored, so it must be carried).
 gpu_configure() {
@@ -15,4 +16,22 @@ gpu_configure() {
   fi
   cmake -S . -B "$BUILD" -G Ninja -DTWILIGHT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a "${prefix[@]}" >"$LOG/configure.log" 2>&1 ||
     { tail -30 "$LOG/configure.log"; return 3; }
+}
+
+# The sparse attention plans its work split only from a wave of lists (sparse_decode.cu); a plain test
+# run takes the planned path in two configurations only. This runs the sparse and step tests again with
+# the split forced each way (TW_SPARSE_SPLIT=1: planned at every size, 2: never). Args: the cuda_tests
+# binary, the log folder. Returns non-zero when either run fails.
+gpu_sparse_split_tests() {
+  local bin=$1 dir=$2 r=0 m
+  for m in 1 2; do
+    if TW_SPARSE_SPLIT=$m TW_REAL_KV="${REAL_KV:-}" "$bin" --gtest_filter='SparseDecodeCuda.*:StepCuda.*' \
+        >"$dir/tests_split$m.log" 2>&1; then
+      echo "sparse tests, TW_SPARSE_SPLIT=$m: $(grep -E '^\[ *(PASSED|SKIPPED) *\] [0-9]' "$dir/tests_split$m.log" | tr '\n' ' ')"
+    else
+      r=1
+      echo "sparse tests, TW_SPARSE_SPLIT=$m: FAILED"; grep -E '^\[ *FAILED *\]|Failure' "$dir/tests_split$m.log" | head -10
+    fi
+  done
+  return $r
 }
